@@ -1,0 +1,79 @@
+"""Operations: /health (no auth), /status, /load/{model}, /unload and /unload/{model}."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.api.common import guarded, services
+from proxy.auth import Role
+from proxy.keepalive import format_keep_alive, parse_keep_alive
+from proxy.manager import ModelStatus
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+def _status(s: ModelStatus) -> dict[str, Any]:
+    expires: float | str | None = s.expires_at
+    if expires is not None and math.isinf(expires):
+        expires = "never"
+    return {
+        "name": s.name,
+        "aliases": list(s.config.aliases),
+        "backend": s.backend,
+        "state": s.state,
+        "pid": s.pid,
+        "memory_bytes": s.rss_bytes,
+        "in_flight": s.in_flight,
+        "keep_alive": format_keep_alive(s.keep_alive),
+        "expires_at": expires,
+        "loaded_at": s.loaded_at,
+        "last_error": s.last_error,
+    }
+
+
+@guarded(Role.USER)
+async def status(request: Request) -> Response:
+    manager = services(request).manager
+    return JSONResponse(
+        {
+            "models": [_status(s) for s in manager.status()],
+            "queued": manager.queued,
+            "max_loaded_models": services(request).settings.max_loaded_models,
+        }
+    )
+
+
+@guarded(Role.ADMIN)
+async def load(request: Request) -> Response:
+    manager = services(request).manager
+    cfg = manager.resolve(request.path_params["model"])
+    keep_alive = parse_keep_alive(request.query_params.get("keep_alive"))
+    await manager.preload(cfg.name, keep_alive)
+    return JSONResponse({"loaded": cfg.name})
+
+
+@guarded(Role.ADMIN)
+async def unload(request: Request) -> Response:
+    manager = services(request).manager
+    name = request.path_params.get("model")
+    if name is None:
+        return JSONResponse({"unloaded": await manager.unload_all()})
+    cfg = manager.resolve(name)
+    done = await manager.unload(cfg.name)
+    return JSONResponse({"unloaded": [cfg.name] if done else []})
+
+
+routes = [
+    Route("/health", health, methods=["GET", "HEAD"]),
+    Route("/status", status, methods=["GET"]),
+    Route("/load/{model:path}", load, methods=["POST"]),
+    Route("/unload", unload, methods=["POST", "GET"]),
+    Route("/unload/{model:path}", unload, methods=["POST", "GET"]),
+]

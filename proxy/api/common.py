@@ -1,0 +1,94 @@
+"""What every route shares: the app's services, body reading, auth, and lease-bound streams."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from proxy.auth import KeyRing, Role, key_from_headers
+from proxy.clock import Clock
+from proxy.config import Settings
+from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.manager import Lease, ModelManager
+from proxy.streaming import ClosingStream
+from proxy.upstream import UpstreamStream
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    manager: ModelManager
+    keys: KeyRing
+    clock: Clock
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+def guarded(role: Role) -> Callable[[Handler], Handler]:
+    """Check the caller's key before the handler runs (401/403 in the caller's dialect)."""
+
+    def wrap(handler: Handler) -> Handler:
+        async def checked(request: Request) -> Response:
+            services(request).keys.require(key_from_headers(request.headers), role)
+            return await handler(request)
+
+        checked.__name__ = handler.__name__
+        return checked
+
+    return wrap
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; 413 past the size limit, 400 when it is not a JSON object."""
+    limit = services(request).settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+        parts.append(chunk)
+    raw = b"".join(parts)
+    if not raw.strip():
+        raise BadRequest("the request body is empty; a JSON object is expected")
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def lease_stream(
+    lease: Lease,
+    upstream: UpstreamStream,
+    content: AsyncIterator[bytes],
+    media_type: str,
+) -> ClosingStream:
+    """A response that closes the upstream stream and releases the lease however it ends."""
+
+    async def close() -> None:
+        try:
+            await upstream.aclose()
+        finally:
+            lease.release()
+
+    return ClosingStream(content, on_close=close, media_type=media_type, headers=STREAM_HEADERS)
+
+
+def json_bytes(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()

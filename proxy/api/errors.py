@@ -1,0 +1,56 @@
+"""The one place where errors become HTTP responses, in the caller's dialect.
+
+Ollama's routes (``/api/*``) answer ``{"error": "..."}``; every other route answers OpenAI's
+``{"error": {"message", "type", "param", "code"}}``. The status comes from the exception class
+(``proxy.errors``); Starlette finds the handler by walking the exception's MRO.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from proxy.errors import ProxyError
+
+log = logging.getLogger("proxy.api")
+
+
+def _is_ollama(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def render(request: Request, status: int, message: str, *, kind: str, code: str | None, param: str | None,
+           headers: dict[str, str] | None = None) -> Response:
+    if _is_ollama(request):
+        return JSONResponse({"error": message}, status, headers=headers)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status, headers=headers)
+
+
+async def proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    if exc.status >= 500:
+        log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
+    return render(request, exc.status, exc.message, kind=exc.openai_type, code=exc.code, param=exc.param,
+                  headers=exc.headers())
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = exc.detail if exc.status_code != 404 else f"no route for {request.method} {request.url.path}"
+    if exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return render(request, exc.status_code, str(message), kind=kind, code=None, param=None, headers=exc.headers)
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return render(request, 500, f"internal error: {type(exc).__name__}", kind="server_error", code="internal_error",
+                  param=None)
+
+
+HANDLERS = {ProxyError: proxy_error, HTTPException: http_error, Exception: unexpected}

@@ -1,0 +1,291 @@
+"""Ollama's dialect: /api/chat, /api/generate, /api/embed(dings), /api/tags, /api/ps, /api/show,
+/api/version and ``/``. Requests are translated to OpenAI's format for the worker and the answers
+translated back chunk by chunk (``proxy.dialects.ollama``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from proxy import __version__
+from proxy.api.common import guarded, json_bytes, lease_stream, read_json, services
+from proxy.auth import Role
+from proxy.catalog import entry, tag_name
+from proxy.config import ModelConfig
+from proxy.dialects import ollama as dialect
+from proxy.dialects.shaping import (
+    apply_model_defaults,
+    check_embedding_input,
+    check_messages,
+    optional,
+    pop_keep_alive,
+    require_model,
+)
+from proxy.errors import BadRequest, ProxyError, UpstreamError
+from proxy.keepalive import format_keep_alive
+from proxy.manager import Lease, ModelStatus
+from proxy.upstream import UpstreamStream
+
+NDJSON = "application/x-ndjson"
+
+
+async def _events(upstream: UpstreamStream) -> AsyncIterator[dict[str, Any]]:
+    """The worker's SSE stream as parsed chunks; an error event becomes UpstreamError."""
+    async for line in upstream.lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:
+            err = chunk["error"]
+            raise UpstreamError(500, err.get("message", str(err)) if isinstance(err, dict) else str(err))
+        yield chunk
+
+
+async def _ndjson(lease: Lease, upstream: UpstreamStream, tr: dialect.StreamTranslator) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in _events(upstream):
+            out = tr.feed(chunk, time.perf_counter_ns())
+            if out is not None:
+                yield json_bytes(out) + b"\n"
+        yield json_bytes(tr.final(time.perf_counter_ns(), whole=False)) + b"\n"
+    except ProxyError as exc:
+        yield json_bytes({"error": exc.message}) + b"\n"
+
+
+async def _generation(request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool,
+                      keep_alive: float | None, generate: bool) -> Response:
+    started = time.perf_counter_ns()
+    lease = await services(request).manager.acquire(cfg.name, keep_alive)
+    tr = dialect.StreamTranslator(cfg.name, generate, started, load_ns=int(lease.load_duration * 1e9))
+    try:
+        upstream = await lease.upstream.open_stream(path, json_bytes(body))
+    except BaseException:
+        lease.release()
+        raise
+    if stream:
+        return lease_stream(lease, upstream, _ndjson(lease, upstream, tr), NDJSON)
+    try:
+        async for chunk in _events(upstream):
+            tr.feed(chunk, time.perf_counter_ns())
+    finally:
+        await upstream.aclose()
+        lease.release()
+    return JSONResponse(tr.final(time.perf_counter_ns(), whole=True))
+
+
+async def _load_or_unload(request: Request, cfg: ModelConfig, keep_alive: float | None, generate: bool) -> Response:
+    manager = services(request).manager
+    unload = keep_alive == 0
+    if unload:
+        await manager.unload(cfg.name)
+    else:
+        await manager.preload(cfg.name, keep_alive)
+    return JSONResponse(dialect.load_response(cfg.name, generate, unload))
+
+
+def _stream_flag(body: dict[str, Any]) -> bool:
+    stream = optional(body, "stream", bool, "a boolean")
+    return True if stream is None else stream
+
+
+def _chat_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:
+    model = require_model(body)
+    keep_alive = pop_keep_alive(body)
+    cfg = services(request).manager.resolve(model)
+    if "completion" not in cfg.capabilities:
+        raise BadRequest(f"model '{cfg.name}' does not support chat or generate", param="model")
+    return cfg, keep_alive
+
+
+@guarded(Role.USER)
+async def chat(request: Request) -> Response:
+    body = await read_json(request)
+    cfg, keep_alive = _chat_model(request, body)
+    stream = _stream_flag(body)
+    if not body.get("messages"):
+        return await _load_or_unload(request, cfg, keep_alive, generate=False)
+    openai = dialect.chat_request(body, cfg.name)
+    check_messages(openai["messages"], cfg)
+    apply_model_defaults(openai, cfg, services(request).clock.time())
+    return await _generation(request, cfg, "/v1/chat/completions", openai, stream, keep_alive, generate=False)
+
+
+@guarded(Role.USER)
+async def generate(request: Request) -> Response:
+    body = await read_json(request)
+    cfg, keep_alive = _chat_model(request, body)
+    stream = _stream_flag(body)
+    if not optional(body, "prompt", str, "a string") and not body.get("images"):
+        return await _load_or_unload(request, cfg, keep_alive, generate=True)
+    path, openai = dialect.generate_request(body, cfg.name, cfg)
+    if "messages" in openai:
+        check_messages(openai["messages"], cfg)
+    apply_model_defaults(openai, cfg, services(request).clock.time())
+    return await _generation(request, cfg, path, openai, stream, keep_alive, generate=True)
+
+
+async def _embed(request: Request, cfg: ModelConfig, inputs: list[str], keep_alive: float | None) -> tuple[dict[str, Any], int, int]:
+    started = time.perf_counter_ns()
+    lease = await services(request).manager.acquire(cfg.name, keep_alive)
+    try:
+        result = await lease.upstream.post_json("/v1/embeddings", {"model": cfg.name, "input": inputs})
+    finally:
+        lease.release()
+    return result, time.perf_counter_ns() - started, int(lease.load_duration * 1e9)
+
+
+def _embed_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:
+    model = require_model(body)
+    keep_alive = pop_keep_alive(body)
+    cfg = services(request).manager.resolve(model)
+    if "embedding" not in cfg.capabilities and "completion" not in cfg.capabilities:
+        raise BadRequest(f"model '{cfg.name}' does not make embeddings", param="model")
+    return cfg, keep_alive
+
+
+@guarded(Role.USER)
+async def embed(request: Request) -> Response:
+    body = await read_json(request)
+    cfg, keep_alive = _embed_model(request, body)
+    raw = body.get("input")
+    if raw is None or raw == [] or raw == "":
+        await services(request).manager.preload(cfg.name, keep_alive)
+        return JSONResponse({"model": cfg.name, "embeddings": []})
+    inputs = check_embedding_input(raw)
+    result, total, load = await _embed(request, cfg, inputs, keep_alive)
+    return JSONResponse(dialect.embed_response(cfg.name, result, total, load))
+
+
+@guarded(Role.USER)
+async def embeddings(request: Request) -> Response:
+    body = await read_json(request)
+    cfg, keep_alive = _embed_model(request, body)
+    prompt = optional(body, "prompt", str, "a string")
+    if not prompt:
+        await services(request).manager.preload(cfg.name, keep_alive)
+        return JSONResponse({"embedding": []})
+    result, _, _ = await _embed(request, cfg, [prompt], keep_alive)
+    return JSONResponse({"embedding": result["data"][0]["embedding"]})
+
+
+def _capabilities(cfg: ModelConfig) -> list[str]:
+    caps = list(cfg.capabilities)
+    if cfg.vision and "vision" not in caps:
+        caps.append("vision")
+    return caps
+
+
+def _tag(cfg: ModelConfig) -> dict[str, Any]:
+    e = entry(cfg)
+    return {
+        "name": tag_name(cfg.name),
+        "model": tag_name(cfg.name),
+        "modified_at": dialect.rfc3339(e.modified_at or None),
+        "size": e.size,
+        "digest": e.digest,
+        "details": e.details,
+        "capabilities": _capabilities(cfg),
+    }
+
+
+def _llm_configs(request: Request) -> list[ModelConfig]:
+    return [c for c in services(request).manager.configs if {"completion", "embedding"} & set(c.capabilities)]
+
+
+@guarded(Role.USER)
+async def tags(request: Request) -> Response:
+    return JSONResponse({"models": [_tag(cfg) for cfg in _llm_configs(request)]})
+
+
+def _expires(status: ModelStatus) -> str:
+    if status.expires_at is None:
+        return dialect.rfc3339()
+    if math.isinf(status.expires_at):
+        return "2318-01-01T00:00:00Z"  # Ollama shows "forever" as a far-future date too
+    return dialect.rfc3339(status.expires_at)
+
+
+@guarded(Role.USER)
+async def ps(request: Request) -> Response:
+    wanted = {c.name for c in _llm_configs(request)}
+    models = []
+    for status in services(request).manager.status():
+        if status.state != "ready" or status.name not in wanted:
+            continue
+        tag = _tag(status.config)
+        size = status.rss_bytes or tag["size"]
+        models.append(
+            {
+                **tag,
+                "expires_at": _expires(status),
+                "size": size,
+                "size_vram": 0,
+                "context_length": int(status.config.options.get("n_ctx") or 0),
+                "keep_alive": format_keep_alive(status.keep_alive),
+            }
+        )
+    return JSONResponse({"models": models})
+
+
+@guarded(Role.USER)
+async def show(request: Request) -> Response:
+    body = await read_json(request)
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("'model' is required", param="model")
+    cfg = services(request).manager.resolve(name)
+    e = entry(cfg)
+    params = "\n".join(f"{k:<20} {json.dumps(v)}" for k, v in cfg.sampling.items())
+    modelfile = f"# configured in {cfg.source}\nFROM {cfg.model_path or cfg.url or cfg.name}\n"
+    if cfg.system:
+        modelfile += f'SYSTEM """{cfg.system}"""\n'
+    modelfile += "".join(f"PARAMETER {k} {json.dumps(v)}\n" for k, v in cfg.sampling.items())
+    return JSONResponse(
+        {
+            "modelfile": modelfile,
+            "parameters": params,
+            "template": "",
+            "system": cfg.system or "",
+            "details": e.details,
+            "model_info": {
+                "general.architecture": e.details["family"],
+                "general.basename": cfg.name,
+                "general.file_type": e.details["quantization_level"],
+                f"{e.details['family']}.context_length": int(cfg.options.get("n_ctx") or 0),
+            },
+            "capabilities": _capabilities(cfg),
+            "modified_at": dialect.rfc3339(e.modified_at or None),
+        }
+    )
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": __version__})
+
+
+async def root(request: Request) -> Response:
+    return PlainTextResponse("Ollama is running")
+
+
+routes = [
+    Route("/api/chat", chat, methods=["POST"]),
+    Route("/api/generate", generate, methods=["POST"]),
+    Route("/api/embed", embed, methods=["POST"]),
+    Route("/api/embeddings", embeddings, methods=["POST"]),
+    Route("/api/tags", tags, methods=["GET", "HEAD"]),
+    Route("/api/ps", ps, methods=["GET"]),
+    Route("/api/show", show, methods=["POST"]),
+    Route("/api/version", version, methods=["GET", "HEAD"]),
+    Route("/", root, methods=["GET", "HEAD"]),
+]

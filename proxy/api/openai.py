@@ -1,0 +1,143 @@
+"""OpenAI's dialect: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+
+Bodies are validated and shaped here, then passed to the worker as they are; streamed answers
+are relayed byte for byte (the worker already speaks SSE), with an explicit error event if the
+worker goes away mid-stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.api.common import guarded, json_bytes, lease_stream, read_json, services
+from proxy.auth import Role
+from proxy.config import ModelConfig
+from proxy.dialects.shaping import (
+    apply_model_defaults,
+    check_common,
+    check_embedding_input,
+    check_messages,
+    optional,
+    pop_keep_alive,
+    require_model,
+)
+from proxy.errors import BadRequest, ProxyError
+from proxy.upstream import UpstreamStream
+
+
+def sse_error(exc: ProxyError) -> bytes:
+    payload = {"error": {"message": exc.message, "type": exc.openai_type, "param": None, "code": exc.code}}
+    return b"\n\ndata: " + json_bytes(payload) + b"\n\n"
+
+
+async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream.raw():
+            yield chunk
+    except ProxyError as exc:
+        yield sse_error(exc)
+
+
+async def forward(request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool,
+                  keep_alive: float | None) -> Response:
+    """Lease the model, send ``body`` to its worker, relay the answer; the lease ends with it."""
+    lease = await services(request).manager.acquire(cfg.name, keep_alive)
+    payload = json_bytes(body)
+    if not stream:
+        try:
+            content = await lease.upstream.post(path, payload)
+        finally:
+            lease.release()
+        return Response(content, media_type="application/json")
+    try:
+        upstream = await lease.upstream.open_stream(path, payload)
+    except BaseException:
+        lease.release()
+        raise
+    return lease_stream(lease, upstream, _relay(upstream), "text/event-stream")
+
+
+async def _prepare(request: Request) -> tuple[dict[str, Any], ModelConfig, float | None]:
+    body = await read_json(request)
+    model = require_model(body)
+    keep_alive = pop_keep_alive(body)
+    cfg = services(request).manager.resolve(model)
+    if "embedding" in cfg.capabilities and "completion" not in cfg.capabilities and request.url.path != "/v1/embeddings":
+        raise BadRequest(f"model '{cfg.name}' only makes embeddings", param="model")
+    body["model"] = cfg.name
+    return body, cfg, keep_alive
+
+
+@guarded(Role.USER)
+async def chat_completions(request: Request) -> Response:
+    body, cfg, keep_alive = await _prepare(request)
+    check_messages(body.get("messages"), cfg)
+    stream = check_common(body)
+    apply_model_defaults(body, cfg, services(request).clock.time())
+    return await forward(request, cfg, "/v1/chat/completions", body, stream, keep_alive)
+
+
+@guarded(Role.USER)
+async def completions(request: Request) -> Response:
+    body, cfg, keep_alive = await _prepare(request)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+        raise BadRequest("'prompt' must be a string", param="prompt")
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise BadRequest("'prompt' as an array must hold exactly one string here", param="prompt")
+        body["prompt"] = prompt[0]
+    stream = check_common(body)
+    apply_model_defaults(body, cfg)
+    return await forward(request, cfg, "/v1/completions", body, stream, keep_alive)
+
+
+@guarded(Role.USER)
+async def embeddings(request: Request) -> Response:
+    body, cfg, keep_alive = await _prepare(request)
+    check_embedding_input(body.get("input"))
+    fmt = optional(body, "encoding_format", str, "a string")
+    if fmt not in (None, "float"):
+        raise BadRequest("'encoding_format' must be \"float\" here", param="encoding_format")
+    return await forward(request, cfg, "/v1/embeddings", body, False, keep_alive)
+
+
+def model_object(request: Request, cfg: ModelConfig) -> dict[str, Any]:
+    manager = services(request).manager
+    return {
+        "id": cfg.name,
+        "object": "model",
+        "created": int(services(request).clock.time()),
+        "owned_by": "local",
+        "kind": cfg.kind,
+        "backend": cfg.backend,
+        "aliases": list(cfg.aliases),
+        "loaded": manager.is_loaded(cfg.name),
+    }
+
+
+@guarded(Role.USER)
+async def list_models(request: Request) -> Response:
+    data = [model_object(request, cfg) for cfg in services(request).manager.configs]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@guarded(Role.USER)
+async def get_model(request: Request) -> Response:
+    name = request.path_params["model"]
+    cfg = services(request).manager.resolve(name)
+    return JSONResponse(model_object(request, cfg))
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+]

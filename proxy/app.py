@@ -1,0 +1,63 @@
+"""create_app(settings): routes, middleware, lifespan. Nothing here is a module-level singleton."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from proxy.api import admin, ollama, openai
+from proxy.api.common import Services
+from proxy.api.errors import HANDLERS
+from proxy.auth import KeyRing
+from proxy.clock import Clock, SystemClock
+from proxy.config import Settings
+from proxy.manager import ModelManager, WorkerFactory
+
+log = logging.getLogger("proxy")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    keys: KeyRing | None = None,
+    clock: Clock | None = None,
+    worker_factory: WorkerFactory | None = None,
+) -> Starlette:
+    keyring = keys if keys is not None else KeyRing.load(settings.api_tokens)
+    clock = clock or SystemClock()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        manager = ModelManager(settings, clock=clock, worker_factory=worker_factory)
+        app.state.services = Services(settings=settings, manager=manager, keys=keyring, clock=clock)
+        if keyring.open:
+            log.warning("!!! no API keys in %s: the proxy is OPEN to anyone who can reach it !!!", settings.api_tokens)
+        names = ", ".join(c.name for c in settings.models) or "none"
+        log.info("serving models: %s", names)
+        try:
+            yield
+        finally:
+            await manager.shutdown()
+
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["*"],
+                allow_headers=["*"],
+                allow_credentials="*" not in settings.cors_origins,
+            )
+        )
+    return Starlette(
+        routes=[*openai.routes, *ollama.routes, *admin.routes],
+        middleware=middleware,
+        exception_handlers=HANDLERS,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )

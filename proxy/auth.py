@@ -1,0 +1,99 @@
+"""API keys from api_tokens.yml (TabbyAPI's shape): user keys and admin keys.
+
+``api_key`` may call model endpoints; ``admin_key`` may also load and unload, and is valid
+wherever ``api_key`` is. Keys are compared in constant time and never logged. With no keys at
+all the proxy runs open.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import yaml
+
+from proxy.errors import ConfigError, Forbidden, Unauthorized
+
+
+class Role(enum.IntEnum):
+    NONE = 0
+    USER = 1
+    ADMIN = 2
+
+
+class _TokensFile(msgspec.Struct, forbid_unknown_fields=True):
+    api_key: list[str] | str | None = None
+    admin_key: list[str] | str | None = None
+
+
+def _as_list(value: list[str] | str | None) -> tuple[bytes, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    return tuple(k.encode() for k in items if k)
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    user_keys: tuple[bytes, ...] = ()
+    admin_keys: tuple[bytes, ...] = ()
+
+    @property
+    def open(self) -> bool:
+        return not self.user_keys and not self.admin_keys
+
+    @classmethod
+    def load(cls, path: Path) -> KeyRing:
+        if not path.exists():
+            return cls()
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = msgspec.convert(data, _TokensFile, strict=True)
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(path), "", f"not valid YAML: {exc}") from exc
+        except msgspec.ValidationError as exc:
+            raise ConfigError(str(path), "", str(exc)) from exc
+        return cls(_as_list(raw.api_key), _as_list(raw.admin_key))
+
+    @staticmethod
+    def _matches(candidate: bytes, keys: Iterable[bytes]) -> bool:
+        found = False
+        for key in keys:  # no early exit: every key is compared
+            found |= hmac.compare_digest(candidate, key)
+        return found
+
+    def role_of(self, key: str | None) -> Role:
+        if self.open:
+            return Role.ADMIN
+        if not key:
+            return Role.NONE
+        candidate = key.encode()
+        if self._matches(candidate, self.admin_keys):
+            return Role.ADMIN
+        if self._matches(candidate, self.user_keys):
+            return Role.USER
+        return Role.NONE
+
+    def require(self, key: str | None, needed: Role) -> Role:
+        role = self.role_of(key)
+        if role is Role.NONE:
+            raise Unauthorized(
+                "missing API key" if not key else "invalid API key",
+            )
+        if role < needed:
+            raise Forbidden("this endpoint needs an admin key")
+        return role
+
+
+def key_from_headers(headers: Mapping[str, str]) -> str | None:
+    """The key from ``Authorization: Bearer ...`` or ``x-api-key``."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return headers.get("x-api-key") or None

@@ -1,0 +1,129 @@
+"""Validation and shaping of canonical (OpenAI-format) request bodies: pure functions.
+
+Both dialects end here: the Ollama side translates first, then the same checks and the same
+per-model defaults (sampling, system prompt) apply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.config import ModelConfig
+from proxy.errors import BadRequest, UnsupportedInput
+from proxy.keepalive import parse_keep_alive
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def require_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def require_model(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if model is None or model == "":
+        raise BadRequest("'model' is required", param="model")
+    if not isinstance(model, str):
+        raise BadRequest(f"'model' must be a string, got {type(model).__name__}", param="model")
+    return model
+
+
+def optional(body: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise BadRequest(f"'{key}' must be {what}, got a boolean", param=key)
+    if not isinstance(value, kinds):
+        raise BadRequest(f"'{key}' must be {what}, got {type(value).__name__}", param=key)
+    return value
+
+
+def pop_keep_alive(body: dict[str, Any]) -> float | None:
+    """keep_alive from the top level or from ``options`` (older proxies put it there); removed."""
+    value = body.pop("keep_alive", None)
+    options = body.get("options")
+    if isinstance(options, dict) and "keep_alive" in options:
+        inner = options.pop("keep_alive")
+        if value is None:
+            return parse_keep_alive(inner, "options.keep_alive")
+    return parse_keep_alive(value)
+
+
+def _has_image(content: Any) -> bool:
+    if isinstance(content, list):
+        return any(isinstance(p, dict) and p.get("type") in ("image_url", "input_image", "image") for p in content)
+    return False
+
+
+def check_messages(messages: Any, cfg: ModelConfig) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array of messages", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"'messages[{i}]' must be an object", param="messages")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise BadRequest(
+                f"'messages[{i}].role' must be one of {', '.join(sorted(_ROLES))}, got {role!r}", param="messages"
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise BadRequest(f"'messages[{i}].content' must be a string or an array of parts", param="messages")
+        if _has_image(content) and not cfg.vision:
+            raise UnsupportedInput(
+                f"model '{cfg.name}' cannot read images (messages[{i}] has one); configure a vision model",
+                param="messages",
+            )
+    return messages
+
+
+def _system_prompt(cfg: ModelConfig, clock_time: float | None) -> str | None:
+    if cfg.system is None:
+        return None
+    text = cfg.system
+    if cfg.system_time:
+        now = time.localtime(clock_time)
+        text = f"{text}\n\nThe current date and time is {time.strftime('%A, %Y-%m-%d %H:%M %Z', now)}."
+    return text
+
+
+def apply_model_defaults(body: dict[str, Any], cfg: ModelConfig, clock_time: float | None = None) -> None:
+    """Sampling defaults from the model's YAML (the request wins) and its system prompt."""
+    for key, value in cfg.sampling.items():
+        body.setdefault(key, value)
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        system = _system_prompt(cfg, clock_time)
+        if system and not any(isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages):
+            body["messages"] = [{"role": "system", "content": system}, *messages]
+
+
+def check_common(body: Mapping[str, Any]) -> bool:
+    """Checks every generation body shares; returns ``stream``."""
+    stream = optional(body, "stream", bool, "a boolean")
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        optional(body, key, int | float, "a number")
+    for key in ("max_tokens", "max_completion_tokens", "n", "seed", "top_k"):
+        optional(body, key, int, "an integer")
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
+        raise BadRequest("'stop' must be a string or an array of strings", param="stop")
+    optional(body, "tools", list, "an array of tools")
+    optional(body, "response_format", dict, "an object")
+    optional(body, "stream_options", dict, "an object")
+    return bool(stream)
+
+
+def check_embedding_input(value: Any, key: str = "input") -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise BadRequest(f"'{key}' must be a string or a non-empty array of strings", param=key)

@@ -1,0 +1,135 @@
+"""The domain exception tree.
+
+Everything the proxy refuses or fails at is one of these. Domain code raises them without knowing
+about HTTP; ``proxy.api.errors`` maps them to a status and to the caller's dialect in one place,
+by walking the exception's MRO, so a new subclass inherits its parent's status.
+
+::
+
+    ProxyError                      500  something we did not foresee
+    ├── BadRequest                  400  malformed JSON, missing or wrong-typed field, bad value
+    │   └── UnsupportedInput        400  valid, but this model cannot take it (images, ...)
+    ├── Unauthorized                401  no key or an unknown key
+    ├── Forbidden                   403  a user key on an admin endpoint
+    ├── NotFound                    404  unknown route
+    │   └── ModelNotFound           404  no model by that name or alias
+    ├── PayloadTooLarge             413  body over limits.max_body_bytes
+    ├── Unavailable                 503  (with Retry-After) the model cannot serve right now
+    │   ├── QueueFull                    more than limits.max_queue requests are waiting
+    │   ├── ModelLoadFailed              its worker failed to start (reason and log tail inside)
+    │   │   └── LoadTimeout              its worker did not become ready within load_timeout
+    │   └── WorkerUnavailable            its worker went away (crashed, killed) while we talked
+    └── UpstreamError               (the worker's status) the worker refused the request itself
+
+``ConfigError`` is apart: it stops start-up and never reaches a client.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error a client can see."""
+
+    status = 500
+    code = "internal_error"
+    openai_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "invalid_request"
+    openai_type = "invalid_request_error"
+
+
+class UnsupportedInput(BadRequest):
+    code = "unsupported_input"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "invalid_api_key"
+    openai_type = "authentication_error"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    code = "forbidden"
+    openai_type = "permission_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
+    openai_type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model '{model}' not found", param="model")
+        self.model = model
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    code = "payload_too_large"
+    openai_type = "invalid_request_error"
+
+
+class Unavailable(ProxyError):
+    status = 503
+    code = "unavailable"
+    openai_type = "server_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class QueueFull(Unavailable):
+    code = "queue_full"
+
+
+class ModelLoadFailed(Unavailable):
+    code = "model_load_failed"
+
+
+class LoadTimeout(ModelLoadFailed):
+    code = "load_timeout"
+
+
+class WorkerUnavailable(Unavailable):
+    code = "worker_unavailable"
+
+
+class UpstreamError(ProxyError):
+    """The worker answered with an error status; we relay its status and message."""
+
+    code = "upstream_error"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.openai_type = "invalid_request_error" if 400 <= status < 500 else "server_error"
+
+
+class ConfigError(Exception):
+    """A configuration problem found at start-up: names the file, the key and what is wrong."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        super().__init__(f"{file}: {key}: {problem}" if key else f"{file}: {problem}")
+        self.file = file
+        self.key = key
+        self.problem = problem

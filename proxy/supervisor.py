@@ -1,0 +1,226 @@
+"""A handle on one worker process: spawn, wait until ready, watch, stop, keep its log tail.
+
+No HTTP framework here and no policy: the manager decides when; this module knows how.
+Workers run in their own process group (stopped with SIGTERM to the group, then SIGKILL after the
+grace period) and die with the proxy (PR_SET_PDEATHSIG, see ``proxy.worker.guard``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+from proxy.config import ModelConfig
+from proxy.errors import LoadTimeout, ModelLoadFailed
+from proxy.upstream import Upstream
+
+log = logging.getLogger("proxy.supervisor")
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_HEALTH_POLL_FIRST = 0.02
+_HEALTH_POLL_MAX = 0.25
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Worker:
+    """One start of one model. A new start makes a new Worker."""
+
+    def __init__(self, config: ModelConfig, runtime_dir: Path, on_exit: Callable[[Worker], None]) -> None:
+        self.config = config
+        self.runtime_dir = runtime_dir
+        self.on_exit = on_exit
+        self.process: asyncio.subprocess.Process | None = None
+        self.upstream: Upstream | None = None
+        self.log: deque[str] = deque(maxlen=200)
+        self.stopping = False
+        self.returncode: int | None = None
+        self._readers: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(list(self.log)[-lines:])
+
+    # -- start --------------------------------------------------------------------------------
+    def _argv(self) -> tuple[list[str], str | None, str]:
+        """The command line, the Unix socket (internal workers) and the base URL."""
+        cfg = self.config
+        if cfg.backend == "external":
+            assert cfg.cmd is not None  # config guarantees cmd when there is no url
+            port = _free_port()
+            cmd = [part.replace("${PORT}", str(port)) for part in cfg.cmd]
+            argv = [sys.executable, "-m", "proxy.worker.guard", str(os.getpid()), "--", *cmd]
+            return argv, None, f"http://127.0.0.1:{port}"
+        sock = str(self.runtime_dir / f"{abs(hash((cfg.name, id(self))))}.sock")
+        spec = {
+            "backend": cfg.backend,
+            "name": cfg.name,
+            "model_path": str(cfg.model_path) if cfg.model_path else None,
+            "options": dict(cfg.options),
+            "parallel": cfg.parallel,
+        }
+        python = cfg.python or sys.executable
+        argv = [python, "-m", "proxy.worker", "--socket", sock, "--spec", json.dumps(spec)]
+        argv += ["--parent-pid", str(os.getpid())]
+        return argv, sock, "http://worker"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.config.env)
+        return env
+
+    async def _read(self, stream: asyncio.StreamReader | None, watch_ready: bool) -> None:
+        if stream is None:
+            return
+        while True:
+            line = await stream.readline()
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            if watch_ready and text.startswith('{"event": "ready"'):
+                self._ready.set()
+                continue
+            self.log.append(text)
+            log.debug("[%s] %s", self.config.name, text)
+
+    async def start(self) -> None:
+        """Spawn the worker and return when it is ready; on failure no process is left."""
+        cfg = self.config
+        if cfg.url is not None:  # already running elsewhere: only routed to
+            self.upstream = Upstream(cfg.url, name=cfg.name)
+            if not await self.upstream.health(cfg.health_path):
+                await self.upstream.aclose()
+                raise ModelLoadFailed(f"model '{cfg.name}': the server at {cfg.url} is not reachable")
+            return
+        argv, sock, base_url = self._argv()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                env=self._env(),
+            )
+        except OSError as exc:
+            raise ModelLoadFailed(f"model '{cfg.name}': cannot start its worker: {exc}") from exc
+        internal = sock is not None
+        self._readers = [
+            asyncio.create_task(self._read(self.process.stdout, watch_ready=internal)),
+            asyncio.create_task(self._read(self.process.stderr, watch_ready=False)),
+        ]
+        self.upstream = Upstream(base_url, uds=sock, name=cfg.name)
+        try:
+            await asyncio.wait_for(self._until_ready(internal), timeout=cfg.load_timeout)
+        except TimeoutError:
+            await self._kill_now()
+            raise LoadTimeout(
+                f"model '{cfg.name}' did not load within {cfg.load_timeout:g}s; its log ends:\n{self.log_tail()}",
+                retry_after=cfg.load_timeout,
+            ) from None
+        except BaseException:
+            await self._kill_now()
+            raise
+        self._watch = asyncio.create_task(self._watch_exit())
+
+    async def _until_ready(self, internal: bool) -> None:
+        assert self.process is not None
+        exited = asyncio.ensure_future(self.process.wait())
+        try:
+            if internal:
+                ready = asyncio.ensure_future(self._ready.wait())
+            else:
+                ready = asyncio.ensure_future(self._poll_health())
+            try:
+                await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+            if exited.done():
+                await asyncio.gather(*self._readers, return_exceptions=True)  # collect the last words
+                self.returncode = exited.result()
+                raise ModelLoadFailed(
+                    f"model '{self.config.name}': its worker exited with code {self.returncode} while loading; "
+                    f"its log ends:\n{self.log_tail()}",
+                )
+        finally:
+            if not exited.done():
+                exited.cancel()
+
+    async def _poll_health(self) -> None:
+        """External servers say nothing on stdout: ask their health endpoint until it is 200."""
+        assert self.upstream is not None
+        delay = _HEALTH_POLL_FIRST
+        while not await self.upstream.health(self.config.health_path):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _HEALTH_POLL_MAX)
+
+    async def _watch_exit(self) -> None:
+        assert self.process is not None
+        self.returncode = await self.process.wait()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        if not self.stopping:
+            log.warning("model %s: worker %s exited with code %s", self.config.name, self.pid, self.returncode)
+            self.on_exit(self)
+
+    # -- stop ---------------------------------------------------------------------------------
+    def _signal_group(self, sig: int) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+    async def _kill_now(self) -> None:
+        self.stopping = True
+        self._signal_group(signal.SIGKILL)
+        await self._reap()
+
+    async def _reap(self) -> None:
+        if self.process is not None:
+            self.returncode = await self.process.wait()
+            # children that outlived the leader (an external server's helpers) go too
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        if self.upstream is not None:
+            await self.upstream.aclose()
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM to the group, up to ``grace`` seconds, then SIGKILL. Idempotent."""
+        self.stopping = True
+        if self.process is None:
+            if self.upstream is not None:
+                await self.upstream.aclose()
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout=grace)
+        except TimeoutError:
+            log.warning("model %s: worker %s ignored SIGTERM for %gs; killing", self.config.name, self.pid, grace)
+            self._signal_group(signal.SIGKILL)
+        await self._reap()
+
+    def kill_sync(self) -> None:
+        """Last resort at interpreter exit, when no event loop is left to await in."""
+        self._signal_group(signal.SIGKILL)

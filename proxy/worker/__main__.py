@@ -1,0 +1,102 @@
+"""``python -m proxy.worker``: one model in one process, serving the internal API on a socket.
+
+The proxy passes a JSON spec (backend, served name, model file, options). The socket is bound
+before the model loads, so nothing connects too early; when the model is loaded the worker
+writes one line, ``{"event": "ready"}``, on stdout. Its log goes to stderr, which the proxy keeps
+a tail of. If the model cannot be loaded the worker says why on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from proxy.worker.guard import die_with_parent
+
+log = logging.getLogger("proxy.worker")
+
+
+def make_backend(spec: dict[str, Any]) -> Any:
+    backend = spec["backend"]
+    if backend == "llama_cpp":
+        from proxy.worker.backends.llama_cpp import LlamaCppBackend
+
+        return LlamaCppBackend(spec["name"], spec["model_path"], spec.get("options", {}))
+    raise SystemExit(f"unknown backend {backend!r}")
+
+
+def _bind(path: str) -> socket.socket:
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(128)
+    return sock
+
+
+async def _serve(spec: dict[str, Any], sock: socket.socket) -> int:
+    import uvicorn
+
+    from proxy.worker.server import WorkerState, create_worker_app
+
+    backend = make_backend(spec)
+    state = WorkerState(backend, parallel=int(spec.get("parallel", 1)))
+    app = create_worker_app(state)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    loop = asyncio.get_running_loop()
+    loaded = loop.create_future()
+
+    def load() -> None:
+        try:
+            backend.load()
+        except BaseException as exc:  # reported to the proxy through the log and the exit code
+            loop.call_soon_threadsafe(loaded.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(loaded.set_result, None)
+
+    threading.Thread(target=load, name="load", daemon=True).start()
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    await asyncio.wait({loaded, serving}, return_when=asyncio.FIRST_COMPLETED)
+    if not loaded.done():  # told to stop while loading: the load thread may be deep in C code
+        os._exit(0)
+    try:
+        loaded.result()
+    except Exception as exc:
+        sys.stderr.write(f"failed to load model: {type(exc).__name__}: {exc}\n")
+        sys.stderr.flush()
+        server.should_exit = True
+        await serving
+        return 1
+    state.ready = True
+    sys.stdout.write(json.dumps({"event": "ready", "pid": os.getpid()}) + "\n")
+    sys.stdout.flush()
+    await serving
+    backend.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m proxy.worker")
+    parser.add_argument("--socket", required=True, help="Unix socket path to serve on")
+    parser.add_argument("--spec", required=True, help="JSON: backend, name, model_path, options, parallel")
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process exits")
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent_pid)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy stops us with SIGTERM
+    spec = json.loads(args.spec)
+    sock = _bind(args.socket)
+    raise SystemExit(asyncio.run(_serve(spec, sock)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The Backend protocol every worker backend implements, and the errors it may raise.
+
+Backends are plain Python: no HTTP. ``proxy.worker.server`` wraps one in the canonical internal API.
+Generation methods are synchronous (they run in a worker thread); streaming ones return an
+iterator of OpenAI-shaped chunk dicts, which the server closes when the client goes away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+
+class BackendError(Exception):
+    """The request cannot be served; ``status`` says whose fault it is."""
+
+    status = 500
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(BackendError):
+    status = 400
+
+
+class NotSupported(BackendError):
+    status = 404
+
+
+class Backend(Protocol):
+    """One loaded model inside a worker process."""
+
+    name: str
+
+    def load(self) -> None:
+        """Load the weights; called once, in a thread, before any request."""
+
+    def progress(self) -> float:
+        """0..1 while loading."""
+
+    def chat(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
+
+    def completion(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
+
+    def embeddings(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def info(self) -> dict[str, Any]:
+        """What /health reports beside the state (device, memory, ...)."""
+
+    def close(self) -> None:
+        """Free what can be freed; the process exits right after."""

@@ -1,0 +1,179 @@
+"""llama.cpp through llama-cpp-python, in-process in the worker.
+
+Chat and completions run on one ``Llama``; embeddings on a second one created on first use with
+``embedding=True`` (the weights are mmapped, so the pages are shared).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from proxy.worker.backends.base import InvalidRequest
+
+# Request fields passed on to llama-cpp-python when its method takes them.
+_RENAMES = {"max_completion_tokens": "max_tokens"}
+_POOLING_MEAN = 1  # llama_cpp.LLAMA_POOLING_TYPE_MEAN, without importing llama_cpp here
+# Never taken from a request: objects the wire cannot carry, or ours to set.
+_SKIP = ("model", "stream_options", "logits_processor", "grammar", "stopping_criteria", "logprobs_processor")
+
+
+class LlamaCppBackend:
+    def __init__(self, name: str, model_path: str, options: dict[str, Any]) -> None:
+        self.name = name
+        self.model_path = model_path
+        self.options = dict(options)
+        self._llm: Any = None
+        self._embedder: Any = None
+        self._embed_lock = threading.Lock()
+        self._loaded = False
+        self._chat_params: frozenset[str] = frozenset()
+        self._completion_params: frozenset[str] = frozenset()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _make(self, **extra: Any) -> Any:
+        from llama_cpp import Llama
+
+        opts = {k: v for k, v in self.options.items() if v is not None}
+        return Llama(model_path=self.model_path, verbose=False, **opts, **extra)
+
+    def load(self) -> None:
+        self._llm = self._make()
+        self._chat_params = frozenset(inspect.signature(self._llm.create_chat_completion).parameters)
+        self._completion_params = frozenset(inspect.signature(self._llm.create_completion).parameters)
+        self._loaded = True
+
+    def progress(self) -> float:
+        return 1.0 if self._loaded else 0.0
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": "llama_cpp", "device": "cuda" if self.options.get("n_gpu_layers") else "cpu"}
+
+    def close(self) -> None:
+        for llm in (self._llm, self._embedder):
+            if llm is not None:
+                llm.close()
+        self._llm = self._embedder = None
+
+    # -- requests ---------------------------------------------------------------------------
+    def _kwargs(self, body: dict[str, Any], allowed: frozenset[str], skip: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in body.items():
+            key = _RENAMES.get(key, key)
+            if key in allowed and key not in skip and value is not None:
+                out[key] = value
+        if "stop" in out and isinstance(out["stop"], str):
+            out["stop"] = [out["stop"]]
+        return out
+
+    def _run(self, fn: Any, kwargs: dict[str, Any], stream: bool, include_usage: bool) -> Any:
+        try:
+            result = fn(**kwargs)
+        except ValueError as exc:  # llama-cpp-python's way of saying "bad request"
+            raise InvalidRequest(str(exc)) from exc
+        if not stream:
+            result["model"] = self.name
+            return result
+        return self._stream(result, include_usage)
+
+    def _stream(self, chunks: Iterator[dict[str, Any]], include_usage: bool) -> Iterator[dict[str, Any]]:
+        completion_tokens = 0
+        prompt_tokens = 0
+        last: dict[str, Any] | None = None
+        start_tokens = 0
+        try:
+            for chunk in chunks:
+                if last is None:
+                    start_tokens = self._llm.n_tokens
+                chunk["model"] = self.name
+                choice = chunk["choices"][0] if chunk.get("choices") else None
+                delta = choice.get("delta") or {} if choice is not None else {}
+                if delta.get("content") or delta.get("tool_calls") or (choice or {}).get("text"):
+                    completion_tokens += 1
+                last = chunk
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        if include_usage and last is not None:
+            # llama-cpp-python's stream carries no usage: the context holds prompt + completion.
+            prompt_tokens = max(0, self._llm.n_tokens - completion_tokens + 1) if start_tokens else 0
+            yield {
+                "id": last.get("id"),
+                "object": last.get("object"),
+                "created": last.get("created"),
+                "model": self.name,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+
+    def chat(self, body: dict[str, Any]) -> Any:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+        kwargs = self._kwargs(body, self._chat_params, _SKIP)
+        if "response_format" in kwargs:
+            kwargs["response_format"] = _response_format(kwargs["response_format"])
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return self._run(self._llm.create_chat_completion, kwargs, stream, include_usage)
+
+    def completion(self, body: dict[str, Any]) -> Any:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str | list):
+            raise InvalidRequest("'prompt' must be a string", param="prompt")
+        kwargs = self._kwargs(body, self._completion_params, _SKIP)
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return self._run(self._llm.create_completion, kwargs, stream, include_usage)
+
+    def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+            raise InvalidRequest("'input' must be a string or a list of strings", param="input")
+        with self._embed_lock:
+            if self._embedder is None:
+                # A model without its own pooling (most chat models) is mean-pooled.
+                self._embedder = self._make(embedding=True, pooling_type=_POOLING_MEAN)
+        started = time.perf_counter_ns()
+        try:
+            vectors, tokens = self._embedder.embed(inputs, normalize=False, truncate=True, return_count=True)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        data = []
+        for i, vec in enumerate(vectors):
+            norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+            data.append({"object": "embedding", "index": i, "embedding": [x / norm for x in vec]})
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "duration_ns": time.perf_counter_ns() - started,
+        }
+
+
+def _response_format(value: Any) -> dict[str, Any]:
+    """OpenAI's response_format -> llama-cpp-python's (json_schema becomes json_object + schema)."""
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidRequest(
+            "'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
+            param="response_format",
+        )
+    if value["type"] == "json_schema":
+        schema = (value.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequest("'response_format.json_schema.schema' must be an object", param="response_format")
+        return {"type": "json_object", "schema": schema}
+    return dict(value)

@@ -1,0 +1,115 @@
+"""The canonical internal API around one Backend (DESIGN.md, "proxy <-> worker").
+
+``GET /health`` says loading/ready and how many requests are in flight; the LLM routes speak
+OpenAI's wire format, SSE when ``stream`` is true. Generation runs in a thread, one token per
+step, so a client that goes away stops it within a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from proxy.streaming import ClosingStream
+from proxy.worker.backends.base import Backend, BackendError
+
+_encode = msgspec.json.Encoder().encode
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+class WorkerState:
+    def __init__(self, backend: Backend, parallel: int = 1) -> None:
+        self.backend = backend
+        self.ready = False
+        self.error: str | None = None
+        self.in_flight = 0
+        self.slots = asyncio.Semaphore(parallel)
+
+
+def _next_or_stop(it: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+    return next(it, None)
+
+
+async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            chunk = await run_in_threadpool(_next_or_stop, chunks)
+            if chunk is None:
+                break
+            yield b"data: " + _encode(chunk) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    except BackendError as exc:
+        yield b"data: " + _encode({"error": {"message": exc.message, "type": "server_error"}}) + b"\n\n"
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await run_in_threadpool(close)
+
+
+def create_worker_app(state: WorkerState) -> Starlette:
+    async def health(request: Request) -> Response:
+        body = {
+            "status": "ready" if state.ready else "loading",
+            "progress": 1.0 if state.ready else state.backend.progress(),
+            "detail": state.error or "",
+            "in_flight": state.in_flight,
+            **state.backend.info(),
+        }
+        return JSONResponse(body, 200 if state.ready else 503)
+
+    def generation(method: Callable[[dict[str, Any]], Any]) -> Callable[[Request], Any]:
+        async def handler(request: Request) -> Response:
+            if not state.ready:
+                return _error(503, "model is still loading")
+            try:
+                body = json.loads(await request.body())
+            except ValueError as exc:
+                return _error(400, f"invalid JSON: {exc}")
+            if not isinstance(body, dict):
+                return _error(400, "the body must be a JSON object")
+            state.in_flight += 1
+            await state.slots.acquire()
+
+            async def release() -> None:
+                state.slots.release()
+                state.in_flight -= 1
+
+            handed_over = False
+            try:
+                result = await run_in_threadpool(method, body)
+                if isinstance(result, dict):
+                    return Response(_encode(result), media_type="application/json")
+                handed_over = True
+                return ClosingStream(_sse(result), on_close=release, headers=_STREAM_HEADERS)
+            except BackendError as exc:
+                return _error(exc.status, exc.message, exc.param)
+            except Exception as exc:  # a backend bug: report it, keep serving
+                return _error(500, f"{type(exc).__name__}: {exc}")
+            finally:
+                if not handed_over:
+                    await release()
+
+        return handler
+
+    backend = state.backend
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/chat/completions", generation(backend.chat), methods=["POST"]),
+        Route("/v1/completions", generation(backend.completion), methods=["POST"]),
+        Route("/v1/embeddings", generation(backend.embeddings), methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
