@@ -98,15 +98,15 @@ class LiveProxy:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LiveProxy:
-        log = self.log_path.open("ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--config", str(self.root / "config.yml"), "--port", str(self.port)],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "--config", str(self.root / "config.yml"), "--port", str(self.port)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
 
         def up() -> bool:
             assert self.proc is not None

@@ -1,0 +1,238 @@
+"""Lifecycle edge cases against a live proxy with fake worker processes (tests/fake_worker.py).
+
+Each rule is also covered once on the real SmolLM2 worker in test_lifecycle_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.harness import FAKE_WORKER, LiveProxy, fake_config, free_port, gone, wait_until
+
+MakeProxy = Callable[..., LiveProxy]
+
+
+def chat(proxy: LiveProxy, model: str, **extra: object) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def worker_health(proxy: LiveProxy, name: str) -> dict:
+    """The fake worker's own /health (in_flight, generated), found from its command line."""
+    pid = proxy.status()[name]["pid"]
+    cmdline = psutil.Process(pid).cmdline()
+    port = cmdline[cmdline.index("--port") + 1]
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+
+
+def test_concurrent_first_requests_start_exactly_one_worker(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    proxy = make_proxy([fake_config("slow", "--load-time", "1", "--pidfile", str(pidfile))])
+    results: list[int] = []
+
+    def one() -> None:
+        results.append(chat(proxy, "slow").status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 8
+    assert len(pidfile.read_text().split()) == 1
+
+
+def test_idle_timer_starts_when_in_flight_reaches_zero(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("f", "--rate", "20", "--tokens", "30")])
+    with httpx.stream(
+        "POST", proxy.url + "/v1/chat/completions",
+        json={"model": "f", "messages": [{"role": "user", "content": "x"}], "stream": True, "keep_alive": "200ms"},
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()
+        for _ in range(20):  # ~1 s into the stream: far past the 200 ms keep_alive
+            next(lines)
+        assert proxy.status()["f"]["state"] == "ready"
+        assert proxy.status()["f"]["in_flight"] == 1
+        pid = proxy.status()["f"]["pid"]
+        for _ in lines:
+            pass
+    wait_until(lambda: proxy.status()["f"]["state"] == "stopped", timeout=10)
+    wait_until(lambda: gone([pid]))
+
+
+def test_keep_alive_zero_negative_and_absent(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("f")], defaults={"keep_alive": "5m"})
+    assert chat(proxy, "f", keep_alive=-1).status_code == 200
+    assert proxy.status()["f"]["expires_at"] == "never"
+    assert chat(proxy, "f").status_code == 200  # absent keeps the current value
+    assert proxy.status()["f"]["keep_alive"] == "-1"
+    assert chat(proxy, "f", keep_alive="10m").status_code == 200
+    assert proxy.status()["f"]["keep_alive"] == "10m"
+    pid = proxy.status()["f"]["pid"]
+    assert chat(proxy, "f", keep_alive=0).status_code == 200
+    wait_until(lambda: proxy.status()["f"]["state"] == "stopped", timeout=10)
+    wait_until(lambda: gone([pid]))
+
+
+def test_eviction_unloads_idle_model_with_shortest_keep_alive(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("a"), fake_config("b"), fake_config("c")], limits={"max_loaded_models": 2})
+    assert chat(proxy, "a", keep_alive="1h").status_code == 200
+    assert chat(proxy, "b", keep_alive="1m").status_code == 200
+    b_pid = proxy.status()["b"]["pid"]
+    assert chat(proxy, "c").status_code == 200
+    status = proxy.status()
+    assert (status["a"]["state"], status["b"]["state"], status["c"]["state"]) == ("ready", "stopped", "ready")
+    wait_until(lambda: gone([b_pid]))
+
+
+def test_busy_model_is_not_evicted_the_request_waits(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("a", "--rate", "20", "--tokens", "20"), fake_config("b")],
+                       limits={"max_loaded_models": 1})
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="none", max_retries=0)
+    stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], stream=True)
+    first = next(iter(stream))
+    assert first.choices[0].delta.content == "tok "
+    result: dict[str, int] = {}
+    waiter = threading.Thread(target=lambda: result.update(status=chat(proxy, "b").status_code))
+    waiter.start()
+    wait_until(lambda: httpx.get(proxy.url + "/status").json()["queued"] == 1)
+    assert proxy.status()["a"]["state"] == "ready"
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) == 19  # the busy stream was not cut
+    waiter.join(30)
+    assert result["status"] == 200
+    assert proxy.status()["b"]["state"] == "ready"
+
+
+def test_queue_beyond_max_queue_gets_503_with_retry_after(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("a", "--rate", "10", "--tokens", "30"), fake_config("b"), fake_config("c")],
+                       limits={"max_loaded_models": 1, "max_queue": 1})
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", timeout=60,
+                      json={"model": "a", "messages": [{"role": "user", "content": "x"}], "stream": True}) as busy:
+        next(busy.iter_lines())
+        waiter = threading.Thread(target=lambda: chat(proxy, "b"))
+        waiter.start()
+        wait_until(lambda: httpx.get(proxy.url + "/status").json()["queued"] == 1)
+        refused = chat(proxy, "c")
+        assert refused.status_code == 503
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert "waiting" in refused.json()["error"]["message"]
+        refused = httpx.post(proxy.url + "/api/chat", json={"model": "c", "messages": [{"role": "user", "content": "x"}]})
+        assert refused.status_code == 503 and "error" in refused.json()
+    waiter.join(30)
+
+
+def test_crash_on_load_reports_the_workers_reason(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("broken", "--crash-on-load")])
+    response = chat(proxy, "broken")
+    assert response.status_code == 503
+    message = response.json()["error"]["message"]
+    assert "exited with code 7" in message and "file is corrupt" in message
+    assert response.headers["Retry-After"]
+    assert proxy.workers() == []
+    status = proxy.status()["broken"]
+    assert status["state"] == "failed" and "file is corrupt" in status["last_error"]
+
+
+def test_hung_load_is_killed_at_the_load_timeout(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("hang", "--hang-on-load", load_timeout="1s")])
+    response = httpx.post(proxy.url + "/api/generate", json={"model": "hang", "prompt": "x"}, timeout=30)
+    assert response.status_code == 503
+    assert "did not load within 1s" in response.json()["error"]
+    wait_until(lambda: proxy.workers() == [], timeout=10)
+
+
+def test_worker_dying_mid_stream_ends_with_an_error_and_restarts(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("crashy", "--crash-after", "5", "--tokens", "20", "--rate", "50")])
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="none", max_retries=0)
+    got: list[str] = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in client.chat.completions.create(
+            model="crashy", messages=[{"role": "user", "content": "x"}], stream=True
+        ):
+            got.extend(c.delta.content or "" for c in chunk.choices)
+    assert len(got) == 5
+    assert "went away" in str(info.value)
+    wait_until(lambda: proxy.status()["crashy"]["state"] == "stopped")
+    assert "exited unexpectedly" in proxy.status()["crashy"]["last_error"]
+    # Ollama's dialect: an NDJSON {"error": ...} line ends the stream
+    lines = []
+    with httpx.stream("POST", proxy.url + "/api/chat", timeout=60,
+                      json={"model": "crashy", "messages": [{"role": "user", "content": "x"}]}) as response:
+        assert response.status_code == 200
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert "error" in lines[-1] and all(not line.get("done") for line in lines)
+    # and the next request starts it again
+    response = chat(proxy, "crashy", max_tokens=3)
+    assert response.status_code == 200
+
+
+def test_client_disconnect_stops_generation_and_releases_the_lease(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("long", "--rate", "100", "--tokens", "100000")])
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", timeout=60,
+                      json={"model": "long", "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert worker_health(proxy, "long")["in_flight"] == 1
+    wait_until(lambda: worker_health(proxy, "long")["in_flight"] == 0, timeout=2)
+    generated = worker_health(proxy, "long")["generated"]
+    assert generated < 1000
+    wait_until(lambda: proxy.status()["long"]["in_flight"] == 0, timeout=2)
+    # generation really stopped: the count stays put while the fake would make 100 chunks/s
+    assert wait_until(lambda: worker_health(proxy, "long")["generated"] == generated or None, timeout=1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_the_proxy_stops_every_worker(make_proxy: MakeProxy, sig: int) -> None:
+    proxy = make_proxy([fake_config("a"), fake_config("b", "--ignore-sigterm")], defaults={"unload_grace": "1s"})
+    assert chat(proxy, "a").status_code == 200 and chat(proxy, "b").status_code == 200
+    pids = [p.pid for p in proxy.workers()]
+    assert len(pids) >= 2
+    assert proxy.stop(sig) in (0, -sig)  # uvicorn re-raises the signal once it has shut down
+    wait_until(lambda: gone(pids), timeout=10)
+
+
+def test_killing_the_proxy_leaves_no_worker(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("a"), fake_config("b", "--ignore-sigterm")])
+    assert chat(proxy, "a").status_code == 200 and chat(proxy, "b").status_code == 200
+    pids = [p.pid for p in proxy.workers()]
+    proxy.stop(signal.SIGKILL)
+    wait_until(lambda: gone(pids), timeout=10)
+
+
+def test_external_server_at_a_url_is_routed_to_but_never_stopped(make_proxy: MakeProxy) -> None:
+    import subprocess
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, FAKE_WORKER, "--port", str(port)])
+    try:
+        wait_until(lambda: _up(port), timeout=20)
+        proxy = make_proxy([{"name": "remote", "backend": "external", "url": f"http://127.0.0.1:{port}"}])
+        assert chat(proxy, "remote").json()["choices"][0]["message"]["content"].startswith("tok")
+        lines = httpx.post(proxy.url + "/api/chat", timeout=30,
+                           json={"model": "remote", "messages": [{"role": "user", "content": "x"}]}).text
+        assert json.loads(lines.splitlines()[-1])["done"] is True
+        assert httpx.post(proxy.url + "/unload/remote").status_code == 200
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _up(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

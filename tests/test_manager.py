@@ -1,0 +1,251 @@
+"""ModelManager's rules with injected time and in-process fake workers (no processes, no sleeps).
+
+Every rule here is also covered once on the real path (test_lifecycle.py, test_lifecycle_real.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.clock import ManualClock
+from proxy.config import DetailsSection, ModelConfig, Settings
+from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull
+from proxy.manager import ModelManager
+
+
+def model(name: str, keep_alive: float | None = None, **kw: Any) -> ModelConfig:
+    base: dict[str, Any] = dict(
+        name=name, aliases=(), backend="external", source="test", options={}, model_path=None, cmd=("x",),
+        url=None, health_path="/health", python=None, env={}, sampling={}, system=None, system_time=False,
+        keep_alive=keep_alive, pin_keep_alive=False, parallel=1, load_timeout=5.0, unload_grace=1.0,
+        capabilities=("completion",), vision=False, details=DetailsSection(),
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def settings(*models: ModelConfig, max_loaded: int = 3, max_queue: int = 8, keep_alive: float = 300.0) -> Settings:
+    return Settings(
+        host="127.0.0.1", port=0, cors_origins=(), models_dir=Path("."), configs_dir=Path("."),
+        api_tokens=Path("none"), keep_alive=keep_alive, load_timeout=5.0, unload_grace=1.0,
+        max_loaded_models=max_loaded, max_queue=max_queue, max_body_bytes=1 << 20, log_level="info",
+        models=tuple(models),
+    )
+
+
+class FakeWorker:
+    """Stands in for supervisor.Worker: starts when its gate opens, stops at once."""
+
+    instances: list[FakeWorker] = []
+
+    def __init__(self, config: ModelConfig, runtime_dir: Path, on_exit: Callable[[Any], None]) -> None:
+        self.config = config
+        self.on_exit = on_exit
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail: str | None = None
+        self.stopped = False
+        self.pid = 1000 + len(FakeWorker.instances)
+        self.upstream = object()
+        self.returncode: int | None = None
+        FakeWorker.instances.append(self)
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "fake log"
+
+    async def start(self) -> None:
+        await self.gate.wait()
+        if self.fail:
+            raise ModelLoadFailed(self.fail)
+
+    async def stop(self, grace: float) -> None:
+        self.stopped = True
+
+    def kill_sync(self) -> None:
+        self.stopped = True
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    FakeWorker.instances.clear()
+
+
+def make(*models: ModelConfig, **kw: Any) -> tuple[ModelManager, ManualClock]:
+    clock = ManualClock()
+    manager = ModelManager(settings(*models, **kw), clock=clock, worker_factory=FakeWorker)  # type: ignore[arg-type]
+    return manager, clock
+
+
+def state(manager: ModelManager, name: str) -> str:
+    return next(s.state for s in manager.status() if s.name == name)
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_concurrent_acquires_share_one_start() -> None:
+    manager, _ = make(model("a"))
+    leases = await asyncio.gather(*(manager.acquire("a") for _ in range(10)))
+    assert len(FakeWorker.instances) == 1
+    assert all(lease.worker is FakeWorker.instances[0] for lease in leases)
+    for lease in leases:
+        lease.release()
+    await manager.shutdown()
+
+
+async def test_idle_timer_starts_when_in_flight_reaches_zero() -> None:
+    manager, clock = make(model("a", keep_alive=10))
+    first = await manager.acquire("a")
+    second = await manager.acquire("a")
+    clock.advance(100)  # busy: no timer runs while requests are in flight
+    assert state(manager, "a") == "ready"
+    first.release()
+    clock.advance(100)
+    assert state(manager, "a") == "ready"
+    second.release()  # in-flight reaches zero: now the 10 s start
+    clock.advance(9.9)
+    assert state(manager, "a") == "ready"
+    clock.advance(0.2)
+    await settle()
+    assert state(manager, "a") == "stopped"
+    assert FakeWorker.instances[0].stopped
+    await manager.shutdown()
+
+
+async def test_keep_alive_zero_negative_and_absent() -> None:
+    manager, clock = make(model("a"), model("b"))
+    lease = await manager.acquire("a", keep_alive=0)
+    lease.release()
+    await settle()
+    assert state(manager, "a") == "stopped"
+
+    lease = await manager.acquire("b", keep_alive=float("inf"))
+    lease.release()
+    clock.advance(10**9)
+    await settle()
+    assert state(manager, "b") == "ready"
+    lease = await manager.acquire("b")  # absent: keeps "forever"
+    lease.release()
+    clock.advance(10**9)
+    assert state(manager, "b") == "ready"
+    assert next(s.keep_alive for s in manager.status() if s.name == "b") == float("inf")
+    await manager.shutdown()
+
+
+async def test_pinned_keep_alive_ignores_the_client() -> None:
+    manager, clock = make(model("a", keep_alive=5, pin_keep_alive=True))
+    lease = await manager.acquire("a", keep_alive=float("inf"))
+    lease.release()
+    clock.advance(6)
+    await settle()
+    assert state(manager, "a") == "stopped"
+    await manager.shutdown()
+
+
+async def test_eviction_prefers_shortest_keep_alive_then_lru() -> None:
+    manager, clock = make(model("a"), model("b"), model("c"), model("d"), max_loaded=2)
+    (await manager.acquire("a", keep_alive=600)).release()
+    (await manager.acquire("b", keep_alive=60)).release()
+    lease = await manager.acquire("c")  # full: b (shorter keep_alive) makes room
+    assert state(manager, "b") == "stopped" and state(manager, "a") == "ready"
+    lease.release()
+    manager.set_keep_alive("c", 600)
+    clock.advance(1)
+    (await manager.acquire("a")).release()  # a is now the most recently used
+    lease = await manager.acquire("d")
+    assert state(manager, "c") == "stopped" and state(manager, "a") == "ready"
+    lease.release()
+    await manager.shutdown()
+
+
+async def test_busy_model_is_never_evicted_and_queue_is_bounded() -> None:
+    manager, _ = make(model("a"), model("b"), model("c"), max_loaded=1, max_queue=1)
+    busy = await manager.acquire("a")
+    waiting = asyncio.create_task(manager.acquire("b"))
+    await settle()
+    assert not waiting.done() and manager.queued == 1
+    assert state(manager, "a") == "ready"
+    with pytest.raises(QueueFull) as info:
+        await manager.acquire("c")
+    assert info.value.headers()["Retry-After"]
+    busy.release()
+    lease = await asyncio.wait_for(waiting, 5)
+    assert state(manager, "a") == "stopped" and state(manager, "b") == "ready"
+    lease.release()
+    await manager.shutdown()
+
+
+async def test_failed_start_reaches_every_waiter_and_backs_off() -> None:
+    manager, clock = make(model("a"))
+    original = FakeWorker.__init__
+
+    def failing(self: FakeWorker, *args: Any) -> None:
+        original(self, *args)
+        self.fail = "weights are corrupt"
+        self.gate.clear()
+
+    FakeWorker.__init__ = failing  # type: ignore[method-assign]
+    try:
+        waiters = [asyncio.create_task(manager.acquire("a")) for _ in range(3)]
+        await settle()
+        FakeWorker.instances[0].gate.set()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert all(isinstance(r, ModelLoadFailed) and "corrupt" in r.message for r in results)
+        assert len(FakeWorker.instances) == 1
+        with pytest.raises(ModelLoadFailed):  # within the backoff: no new start
+            await manager.acquire("a")
+        assert len(FakeWorker.instances) == 1
+        clock.advance(2)
+        with pytest.raises(ModelLoadFailed):
+            task = asyncio.create_task(manager.acquire("a"))
+            await settle()
+            FakeWorker.instances[-1].gate.set()
+            await task
+        assert len(FakeWorker.instances) == 2
+    finally:
+        FakeWorker.__init__ = original  # type: ignore[method-assign]
+    await manager.shutdown()
+
+
+async def test_worker_exit_marks_stopped_and_next_request_restarts() -> None:
+    manager, _ = make(model("a"))
+    lease = await manager.acquire("a")
+    lease.release()
+    worker = FakeWorker.instances[0]
+    worker.returncode = -9
+    worker.on_exit(worker)
+    assert state(manager, "a") == "stopped"
+    assert "exited unexpectedly" in (next(s.last_error for s in manager.status()) or "")
+    lease = await manager.acquire("a")
+    assert len(FakeWorker.instances) == 2
+    lease.release()
+    await manager.shutdown()
+
+
+async def test_unload_waits_for_in_flight() -> None:
+    manager, _ = make(model("a"))
+    lease = await manager.acquire("a")
+    unloading = asyncio.create_task(manager.unload("a"))
+    await settle()
+    assert not unloading.done() and state(manager, "a") == "ready"
+    lease.release()
+    assert await asyncio.wait_for(unloading, 5) is True
+    assert state(manager, "a") == "stopped"
+    assert await manager.unload("a") is False
+    await manager.shutdown()
+
+
+async def test_aliases_and_latest_tag_resolve() -> None:
+    manager, _ = make(model("smol:135m", aliases=("smol",)), model("plain"))
+    assert manager.resolve("smol").name == "smol:135m"
+    assert manager.resolve("plain:latest").name == "plain"
+    with pytest.raises(ModelNotFound):
+        manager.resolve("nope")
+    await manager.shutdown()
