@@ -7,6 +7,8 @@ worker goes away mid-stream.
 
 from __future__ import annotations
 
+import base64
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -102,9 +104,21 @@ async def embeddings(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request)
     check_embedding_input(body.get("input"))
     fmt = optional(body, "encoding_format", str, "a string")
-    if fmt not in (None, "float"):
-        raise BadRequest("'encoding_format' must be \"float\" here", param="encoding_format")
-    return await forward(request, cfg, "/v1/embeddings", body, False, keep_alive)
+    if fmt not in (None, "float", "base64"):
+        raise BadRequest("'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
+    body.pop("encoding_format", None)
+    if fmt != "base64":
+        return await forward(request, cfg, "/v1/embeddings", body, False, keep_alive)
+    lease = await services(request).manager.acquire(cfg.name, keep_alive)
+    try:
+        result = await lease.upstream.post_json("/v1/embeddings", body)
+    finally:
+        lease.release()
+    for item in result.get("data") or []:
+        # what the openai SDK asks for by default: little-endian float32, base64
+        vector = item["embedding"]
+        item["embedding"] = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return Response(json_bytes(result), media_type="application/json")
 
 
 def model_object(request: Request, cfg: ModelConfig) -> dict[str, Any]:
