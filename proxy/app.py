@@ -58,6 +58,6 @@ def create_app(
     return Starlette(
         routes=[*openai.routes, *ollama.routes, *admin.routes],
         middleware=middleware,
-        exception_handlers=HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=HANDLERS,
         lifespan=lifespan,
     )

@@ -25,7 +25,7 @@ Duration = str | int | float
 Backend = Literal["llama_cpp", "external"]
 
 
-class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
@@ -48,12 +48,12 @@ class LimitsSection(_Strict):
 
 
 class ConfigFile(_Strict):
-    server: ServerSection = ServerSection()
+    server: ServerSection = msgspec.field(default_factory=ServerSection)
     models_dir: str = "models"
     configs_dir: str = "configs"
     api_tokens: str = "api_tokens.yml"
-    defaults: DefaultsSection = DefaultsSection()
-    limits: LimitsSection = LimitsSection()
+    defaults: DefaultsSection = msgspec.field(default_factory=DefaultsSection)
+    limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     log_level: str = "info"
 
 
@@ -95,14 +95,14 @@ class ModelFile(_Strict):
     python: str | None = None
     env: dict[str, str] = {}
     sampling: dict[str, Any] = {}
-    template: TemplateSection = TemplateSection()
+    template: TemplateSection = msgspec.field(default_factory=TemplateSection)
     keep_alive: Duration | None = None
     pin_keep_alive: bool = False
     parallel: int = 1
     load_timeout: Duration | None = None
     capabilities: list[str] | None = None
     vision: bool = False
-    details: DetailsSection = DetailsSection()
+    details: DetailsSection = msgspec.field(default_factory=DetailsSection)
 
 
 @dataclass(frozen=True)

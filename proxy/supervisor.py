@@ -18,6 +18,7 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from proxy.config import ModelConfig
 from proxy.errors import LoadTimeout, ModelLoadFailed
@@ -147,10 +148,9 @@ class Worker:
         assert self.process is not None
         exited = asyncio.ensure_future(self.process.wait())
         try:
-            if internal:
-                ready = asyncio.ensure_future(self._ready.wait())
-            else:
-                ready = asyncio.ensure_future(self._poll_health())
+            ready: asyncio.Future[Any] = asyncio.ensure_future(
+                self._ready.wait() if internal else self._poll_health()
+            )
             try:
                 await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
             finally:

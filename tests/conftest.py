@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from tests.harness import LiveProxy, gone, smollm2_config, wait_until
@@ -31,6 +32,21 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[..., LiveProxy]]:
 
     yield make
     for proxy in started:
-        pids = [p.pid for p in proxy.workers()]
+        leftovers = [p.pid for p in proxy.workers()]
         proxy.stop()
-        wait_until(lambda: gone(pids), timeout=15)
+        wait_until(lambda pids=leftovers: gone(pids), timeout=15)
+
+
+@pytest.fixture
+def openai_for() -> Iterator[Callable[[LiveProxy], openai.OpenAI]]:
+    """An `openai` SDK client for a live proxy (no retries), closed after the test."""
+    clients: list[openai.OpenAI] = []
+
+    def make(proxy: LiveProxy, api_key: str = "unused") -> openai.OpenAI:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=api_key, max_retries=0)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

@@ -54,7 +54,9 @@ def build(args: argparse.Namespace) -> Starlette:
                     "object": "chat.completion",
                     "created": 0,
                     "model": "fake",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    ],
                     "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
                 }
             )

@@ -20,6 +20,7 @@ import pytest
 from tests.harness import FAKE_WORKER, LiveProxy, fake_config, free_port, gone, wait_until
 
 MakeProxy = Callable[..., LiveProxy]
+OpenAIFor = Callable[[LiveProxy], openai.OpenAI]
 
 
 def chat(proxy: LiveProxy, model: str, **extra: object) -> httpx.Response:
@@ -96,10 +97,10 @@ def test_eviction_unloads_idle_model_with_shortest_keep_alive(make_proxy: MakePr
     wait_until(lambda: gone([b_pid]))
 
 
-def test_busy_model_is_not_evicted_the_request_waits(make_proxy: MakeProxy) -> None:
+def test_busy_model_is_not_evicted_the_request_waits(make_proxy: MakeProxy, openai_for: OpenAIFor) -> None:
     proxy = make_proxy([fake_config("a", "--rate", "20", "--tokens", "20"), fake_config("b")],
                        limits={"max_loaded_models": 1})
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="none", max_retries=0)
+    client = openai_for(proxy)
     stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], stream=True)
     first = next(iter(stream))
     assert first.choices[0].delta.content == "tok "
@@ -128,7 +129,8 @@ def test_queue_beyond_max_queue_gets_503_with_retry_after(make_proxy: MakeProxy)
         assert refused.status_code == 503
         assert int(refused.headers["Retry-After"]) >= 1
         assert "waiting" in refused.json()["error"]["message"]
-        refused = httpx.post(proxy.url + "/api/chat", json={"model": "c", "messages": [{"role": "user", "content": "x"}]})
+        body = {"model": "c", "messages": [{"role": "user", "content": "x"}]}
+        refused = httpx.post(proxy.url + "/api/chat", json=body)
         assert refused.status_code == 503 and "error" in refused.json()
     waiter.join(30)
 
@@ -153,9 +155,9 @@ def test_hung_load_is_killed_at_the_load_timeout(make_proxy: MakeProxy) -> None:
     wait_until(lambda: proxy.workers() == [], timeout=10)
 
 
-def test_worker_dying_mid_stream_ends_with_an_error_and_restarts(make_proxy: MakeProxy) -> None:
+def test_worker_dying_mid_stream_ends_with_an_error_and_restarts(make_proxy: MakeProxy, openai_for: OpenAIFor) -> None:
     proxy = make_proxy([fake_config("crashy", "--crash-after", "5", "--tokens", "20", "--rate", "50")])
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="none", max_retries=0)
+    client = openai_for(proxy)
     got: list[str] = []
     with pytest.raises(openai.APIError) as info:
         for chunk in client.chat.completions.create(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -15,8 +16,9 @@ MODEL = "smollm2:135m"
 
 
 @pytest.fixture
-def client(smollm2_proxy: LiveProxy) -> openai.OpenAI:
-    return openai.OpenAI(base_url=smollm2_proxy.url + "/v1", api_key="unused", max_retries=0)
+def client(smollm2_proxy: LiveProxy) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=smollm2_proxy.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:

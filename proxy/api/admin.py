@@ -21,7 +21,7 @@ async def health(request: Request) -> Response:
 
 def _status(s: ModelStatus) -> dict[str, Any]:
     expires: float | str | None = s.expires_at
-    if expires is not None and math.isinf(expires):
+    if s.expires_at is not None and math.isinf(s.expires_at):
         expires = "never"
     return {
         "name": s.name,

@@ -31,7 +31,8 @@ class Services:
 
 
 def services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    services: Services = request.app.state.services
+    return services
 
 
 def guarded(role: Role) -> Callable[[Handler], Handler]:

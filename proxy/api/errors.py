@@ -8,6 +8,7 @@ Ollama's routes (``/api/*``) answer ``{"error": "..."}``; every other route answ
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,7 +24,7 @@ def _is_ollama(request: Request) -> bool:
 
 
 def render(request: Request, status: int, message: str, *, kind: str, code: str | None, param: str | None,
-           headers: dict[str, str] | None = None) -> Response:
+           headers: Mapping[str, str] | None = None) -> Response:
     if _is_ollama(request):
         return JSONResponse({"error": message}, status, headers=headers)
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}

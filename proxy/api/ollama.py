@@ -135,7 +135,9 @@ async def generate(request: Request) -> Response:
     return await _generation(request, cfg, path, openai, stream, keep_alive, generate=True)
 
 
-async def _embed(request: Request, cfg: ModelConfig, inputs: list[str], keep_alive: float | None) -> tuple[dict[str, Any], int, int]:
+async def _embed(
+    request: Request, cfg: ModelConfig, inputs: list[str], keep_alive: float | None
+) -> tuple[dict[str, Any], int, int]:
     started = time.perf_counter_ns()
     lease = await services(request).manager.acquire(cfg.name, keep_alive)
     try:

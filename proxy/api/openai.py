@@ -69,7 +69,8 @@ async def _prepare(request: Request) -> tuple[dict[str, Any], ModelConfig, float
     model = require_model(body)
     keep_alive = pop_keep_alive(body)
     cfg = services(request).manager.resolve(model)
-    if "embedding" in cfg.capabilities and "completion" not in cfg.capabilities and request.url.path != "/v1/embeddings":
+    embeds_only = "completion" not in cfg.capabilities
+    if embeds_only and request.url.path != "/v1/embeddings":
         raise BadRequest(f"model '{cfg.name}' only makes embeddings", param="model")
     body["model"] = cfg.name
     return body, cfg, keep_alive

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy.config import ModelConfig
-from proxy.errors import BadRequest
 from proxy.dialects.shaping import optional
+from proxy.errors import BadRequest
 
 # Ollama option -> OpenAI / llama-cpp-python field
 _OPTIONS = {

@@ -107,7 +107,7 @@ def check_common(body: Mapping[str, Any]) -> bool:
     """Checks every generation body shares; returns ``stream``."""
     stream = optional(body, "stream", bool, "a boolean")
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        optional(body, key, int | float, "a number")
+        optional(body, key, (int, float), "a number")
     for key in ("max_tokens", "max_completion_tokens", "n", "seed", "top_k"):
         optional(body, key, int, "an integer")
     stop = body.get("stop")

@@ -1,0 +1,72 @@
+"""API keys: user and admin keys, Bearer and x-api-key, errors in the caller's dialect."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tests.harness import LiveProxy, fake_config
+
+MakeProxy = Callable[..., LiveProxy]
+TOKENS = {"api_key": ["user-key-1", "user-key-2"], "admin_key": ["admin-key"]}
+
+
+def test_keys_are_required_and_checked(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("fake")], tokens=TOKENS)
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(proxy.url + "/api/chat", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "invalid API key" in r.json()["error"]
+    for headers in ({"Authorization": "Bearer user-key-2"}, {"x-api-key": "user-key-1"},
+                    {"Authorization": "Bearer admin-key"}):
+        assert httpx.post(proxy.url + "/v1/chat/completions", json=body, headers=headers).status_code == 200
+    # open endpoints
+    assert httpx.get(proxy.url + "/health").status_code == 200
+    assert httpx.get(proxy.url + "/").text == "Ollama is running"
+    assert httpx.get(proxy.url + "/api/version").status_code == 200
+    assert httpx.get(proxy.url + "/status").status_code == 401
+    assert "user-key" not in proxy.log() and "admin-key" not in proxy.log()
+
+
+def test_admin_endpoints_need_an_admin_key(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("fake")], tokens=TOKENS)
+    user = {"Authorization": "Bearer user-key-1"}
+    admin = {"Authorization": "Bearer admin-key"}
+    r = httpx.post(proxy.url + "/load/fake", headers=user)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert httpx.post(proxy.url + "/load/fake", headers=admin, timeout=30).status_code == 200
+    assert httpx.post(proxy.url + "/unload", headers=user).status_code == 403
+    assert httpx.post(proxy.url + "/unload", headers=admin, timeout=30).json() == {"unloaded": ["fake"]}
+
+
+def test_sdks_send_their_keys(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("fake")], tokens=TOKENS)
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="user-key-1", max_retries=0) as good:
+        assert good.models.list().data[0].id == "fake"
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="nope", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    with ollama.Client(host=proxy.url, headers={"Authorization": "Bearer user-key-2"}) as client:
+        assert [m.model for m in client.list().models] == ["fake:latest"]
+    with ollama.Client(host=proxy.url) as anonymous, pytest.raises(ollama.ResponseError) as info:
+        anonymous.list()
+    assert info.value.status_code == 401
+
+
+def test_open_proxy_says_so(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("fake")])
+    assert "OPEN" in proxy.log()
+
+
+def test_cors_origins_from_config(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("fake")], cors=["http://ui.example"])
+    r = httpx.options(proxy.url + "/v1/models", headers={
+        "Origin": "http://ui.example", "Access-Control-Request-Method": "GET"})
+    assert r.headers["access-control-allow-origin"] == "http://ui.example"
+    r = httpx.get(proxy.url + "/v1/models", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in r.headers

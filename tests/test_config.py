@@ -1,0 +1,77 @@
+"""Configuration errors stop start-up with one message naming the file, the key and the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.config import load_settings
+from proxy.errors import ConfigError
+from tests.harness import REPO
+
+
+def write(tmp_path: Path, config: dict, models: dict[str, dict]) -> Path:
+    (tmp_path / "configs").mkdir(exist_ok=True)
+    for name, data in models.items():
+        (tmp_path / "configs" / name).write_text(yaml.safe_dump(data))
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+GOOD = {"name": "m", "backend": "external", "url": "http://127.0.0.1:1"}
+
+
+def test_the_shipped_configuration_loads() -> None:
+    settings = load_settings(REPO / "config.yml")
+    model = next(m for m in settings.models if m.name == "smollm2:135m")
+    assert model.model_path is not None and model.model_path.is_file()
+    assert model.keep_alive == 600 and settings.keep_alive == 300 and settings.port == 11434
+
+
+@pytest.mark.parametrize(
+    ("config", "models", "file", "key"),
+    [
+        ({"server": {"port": "x"}}, {}, "config.yml", "server.port"),
+        ({"bogus": 1}, {}, "config.yml", "bogus"),
+        ({"limits": {"max_queue": 1, "zz": 2}}, {}, "config.yml", "limits.zz"),
+        ({"defaults": {"keep_alive": "forever"}}, {}, "config.yml", "defaults.keep_alive"),
+        ({"limits": {"max_loaded_models": 0}}, {}, "config.yml", "limits.max_loaded_models"),
+        ({}, {"a.yaml": {**GOOD, "colour": "red"}}, "a.yaml", "colour"),
+        ({}, {"a.yaml": {**GOOD, "keep_alive": "soon"}}, "a.yaml", "keep_alive"),
+        ({}, {"a.yaml": {**GOOD, "template": {"sys": "x"}}}, "a.yaml", "template.sys"),
+        ({}, {"a.yaml": {"name": "m", "backend": "llama_cpp", "model": {"n_ctx": "big", "path": "x"}}},
+         "a.yaml", "model.n_ctx"),
+        ({}, {"a.yaml": {"name": "m", "backend": "llama_cpp", "model": {"package": "no_such_pkg", "file": "x"}}},
+         "a.yaml", "model.package"),
+        ({}, {"a.yaml": {"name": "m", "backend": "external"}}, "a.yaml", "cmd"),
+        ({}, {"a.yaml": {"name": "m", "backend": "vllm"}}, "a.yaml", "backend"),
+        ({}, {"a.yaml": GOOD, "b.yaml": GOOD}, "b.yaml", "name"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, config: dict, models: dict, file: str, key: str) -> None:
+    path = write(tmp_path, config, models)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert info.value.file.endswith(file)
+    assert info.value.key == key
+    assert file in str(info.value) and key in str(info.value)
+
+
+def test_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, {"server": {"prot": 1}}, {})
+    result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(path)], capture_output=True,
+                            text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2
+    assert "config.yml: server.prot: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_is_the_console_script() -> None:
+    result = subprocess.run([str(Path(sys.executable).parent / "proxy"), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and "--config" in result.stdout and "--port" in result.stdout
