@@ -20,6 +20,9 @@ from proxy.manager import ModelManager, WorkerFactory
 
 log = logging.getLogger("proxy")
 
+# each API module brings its own routes (one module per dialect or kind of model)
+ROUTE_MODULES = [openai, ollama, admin]
+
 
 def create_app(
     settings: Settings,
@@ -56,7 +59,7 @@ def create_app(
             )
         )
     return Starlette(
-        routes=[*openai.routes, *ollama.routes, *admin.routes],
+        routes=[route for module in ROUTE_MODULES for route in module.routes],
         middleware=middleware,
         exception_handlers=HANDLERS,
         lifespan=lifespan,

@@ -22,7 +22,25 @@ from proxy.errors import BadRequest, ConfigError
 from proxy.keepalive import parse_keep_alive
 
 Duration = str | int | float
-Backend = Literal["llama_cpp", "external"]
+Backend = Literal["llama_cpp", "external", "diffusers", "piper", "xtts", "whisper"]
+Kind = Literal["llm", "embedding", "image", "speech", "transcription"]
+
+# What each backend is, and what it can do unless its config says otherwise.
+BACKEND_KIND: dict[str, str] = {
+    "llama_cpp": "llm",
+    "external": "llm",
+    "diffusers": "image",
+    "piper": "speech",
+    "xtts": "speech",
+    "whisper": "transcription",
+}
+DEFAULT_CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "llm": ("completion", "tools"),
+    "embedding": ("embedding",),
+    "image": ("image",),
+    "speech": ("speech",),
+    "transcription": ("transcription",),
+}
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -57,12 +75,21 @@ class ConfigFile(_Strict):
     log_level: str = "info"
 
 
-class LlamaCppOptions(_Strict):
-    """``model:`` of a llama_cpp model; anything beyond the file goes to ``llama_cpp.Llama``."""
+class ModelFileOptions(_Strict):
+    """Where a backend's weights are: ``path`` (under models/ or absolute) or ``package`` + ``file``.
+
+    Every backend's options struct derives from this one; what is left after the file goes to the
+    worker as its options.
+    """
 
     path: str | None = None
     package: str | None = None
     file: str | None = None
+
+
+class LlamaCppOptions(ModelFileOptions):
+    """``model:`` of a llama_cpp model; anything beyond the file goes to ``llama_cpp.Llama``."""
+
     n_ctx: int = 4096
     n_gpu_layers: int = -1
     n_threads: int | None = None
@@ -70,6 +97,12 @@ class LlamaCppOptions(_Strict):
     chat_format: str | None = None
     seed: int | None = None
     flash_attn: bool = False
+
+
+# backend -> the struct its ``model:`` section must match (backends not listed take no ``model:``)
+BACKEND_OPTIONS: dict[str, type[ModelFileOptions]] = {
+    "llama_cpp": LlamaCppOptions,
+}
 
 
 class TemplateSection(_Strict):
@@ -101,6 +134,7 @@ class ModelFile(_Strict):
     parallel: int = 1
     load_timeout: Duration | None = None
     capabilities: list[str] | None = None
+    kind: Kind | None = None
     vision: bool = False
     details: DetailsSection = msgspec.field(default_factory=DetailsSection)
 
@@ -131,10 +165,7 @@ class ModelConfig:
     capabilities: tuple[str, ...]
     vision: bool
     details: DetailsSection
-
-    @property
-    def kind(self) -> str:
-        return "embedding" if self.capabilities == ("embedding",) else "llm"
+    kind: str = "llm"
 
 
 @dataclass(frozen=True)
@@ -199,7 +230,7 @@ def _positive(value: int, file: str, key: str) -> int:
     return value
 
 
-def resolve_model_file(opts: LlamaCppOptions, models_dir: Path, file: str) -> Path:
+def resolve_model_file(opts: ModelFileOptions, models_dir: Path, file: str) -> Path:
     """A model file relative to models/, absolute, or inside an installed package."""
     if opts.package:
         if not opts.file:
@@ -222,18 +253,27 @@ def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], model
     options: dict[str, Any] = dict(raw.model)
     model_path: Path | None = None
     cmd: tuple[str, ...] | None = None
-    if raw.backend == "llama_cpp":
-        opts = _convert(raw.model, LlamaCppOptions, file, "model.")
+    options_cls = BACKEND_OPTIONS.get(raw.backend)
+    if options_cls is not None:
+        opts = _convert(raw.model, options_cls, file, "model.")
         model_path = resolve_model_file(opts, models_dir, file)
         options = {k: v for k, v in msgspec.structs.asdict(opts).items() if k not in ("path", "package", "file")}
-    elif raw.backend == "external":
+    if raw.backend == "external":
         if (raw.cmd is None) == (raw.url is None):
             raise ConfigError(file, "cmd", "an external model needs exactly one of cmd (to start) or url")
         if raw.cmd is not None:
             cmd = tuple(raw.cmd.split()) if isinstance(raw.cmd, str) else tuple(raw.cmd)
             if not cmd:
                 raise ConfigError(file, "cmd", "must not be empty")
-    capabilities = tuple(raw.capabilities) if raw.capabilities is not None else ("completion", "tools")
+    kind = raw.kind or BACKEND_KIND[raw.backend]
+    if raw.capabilities is not None:
+        capabilities = tuple(raw.capabilities)
+    elif raw.kind is None and raw.backend in ("llama_cpp", "external"):
+        capabilities = DEFAULT_CAPABILITIES["llm"]
+    else:
+        capabilities = DEFAULT_CAPABILITIES[kind]
+    if kind == "llm" and capabilities == ("embedding",):
+        kind = "embedding"
     keep_alive = _seconds(raw.keep_alive, file, "keep_alive")
     load_timeout = _seconds(raw.load_timeout, file, "load_timeout")
     if load_timeout is not None and math.isinf(load_timeout):
@@ -261,6 +301,7 @@ def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], model
         capabilities=capabilities,
         vision=raw.vision,
         details=raw.details,
+        kind=kind,
     )
 
 

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
@@ -421,6 +422,20 @@ class ModelManager:
                 rss_bytes=_rss(worker.pid) if worker is not None and worker.pid else None,
                 config=rt.config,
             )
+
+    async def worker_reports(self) -> dict[str, dict[str, Any]]:
+        """Each ready worker's own /health (progress of a running job, device, ...), asked at once."""
+        ready = [
+            rt for rt in self._runtimes.values()
+            if rt.state is State.READY and rt.worker is not None and rt.worker.upstream is not None
+        ]
+
+        async def ask(rt: Runtime) -> dict[str, Any] | None:
+            assert rt.worker is not None and rt.worker.upstream is not None
+            return await rt.worker.upstream.health_report(rt.config.health_path)
+
+        reports = await asyncio.gather(*(ask(rt) for rt in ready))
+        return {rt.config.name: r for rt, r in zip(ready, reports, strict=True) if r is not None}
 
     def is_loaded(self, name: str) -> bool:
         return self._runtime(name).state is State.READY

@@ -71,7 +71,12 @@ class Upstream:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
         )
 
+    def _check_open(self) -> None:
+        if self._client.is_closed:  # the worker died and was reaped between lease and request
+            raise WorkerUnavailable(f"model '{self.name}' went away; try again")
+
     async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        self._check_open()
         try:
             response = await self._client.request(method, path, content=body, headers=_JSON if body else None)
         except httpx.TransportError as exc:
@@ -92,6 +97,7 @@ class Upstream:
         return data
 
     async def open_stream(self, path: str, body: bytes) -> UpstreamStream:
+        self._check_open()
         request = self._client.build_request("POST", path, content=body, headers=_JSON)
         try:
             response = await self._client.send(request, stream=True)
@@ -106,6 +112,15 @@ class Upstream:
                 await response.aclose()
             raise UpstreamError(response.status_code, _message_of(response.status_code, content))
         return UpstreamStream(response)
+
+    async def health_report(self, path: str = "/health") -> dict[str, Any] | None:
+        """What the worker says of itself (state, progress, device, ...); None if it cannot say."""
+        try:
+            response = await self._client.get(path, timeout=1.0)
+            data = response.json()
+        except (httpx.TransportError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     async def health(self, path: str = "/health") -> bool:
         try:

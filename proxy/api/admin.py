@@ -19,7 +19,7 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def _status(s: ModelStatus) -> dict[str, Any]:
+def _status(s: ModelStatus, worker: dict[str, Any] | None) -> dict[str, Any]:
     expires: float | str | None = s.expires_at
     if s.expires_at is not None and math.isinf(s.expires_at):
         expires = "never"
@@ -35,15 +35,18 @@ def _status(s: ModelStatus) -> dict[str, Any]:
         "expires_at": expires,
         "loaded_at": s.loaded_at,
         "last_error": s.last_error,
+        "kind": s.config.kind,
+        "worker": worker,
     }
 
 
 @guarded(Role.USER)
 async def status(request: Request) -> Response:
     manager = services(request).manager
+    reports = await manager.worker_reports()
     return JSONResponse(
         {
-            "models": [_status(s) for s in manager.status()],
+            "models": [_status(s, reports.get(s.name)) for s in manager.status()],
             "queued": manager.queued,
             "max_loaded_models": services(request).settings.max_loaded_models,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -24,13 +25,20 @@ from proxy.worker.guard import die_with_parent
 log = logging.getLogger("proxy.worker")
 
 
-def make_backend(spec: dict[str, Any]) -> Any:
-    backend = spec["backend"]
-    if backend == "llama_cpp":
-        from proxy.worker.backends.llama_cpp import LlamaCppBackend
+# backend name -> "module:Class"; imported only in the worker that runs it
+BACKENDS = {
+    "llama_cpp": "proxy.worker.backends.llama_cpp:LlamaCppBackend",
+}
 
-        return LlamaCppBackend(spec["name"], spec["model_path"], spec.get("options", {}))
-    raise SystemExit(f"unknown backend {backend!r}")
+
+def make_backend(spec: dict[str, Any]) -> Any:
+    """Every Backend class takes (served name, model path, options)."""
+    target = BACKENDS.get(spec["backend"])
+    if target is None:
+        raise SystemExit(f"unknown backend {spec['backend']!r}")
+    module_name, _, class_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(spec["name"], spec["model_path"], spec.get("options", {}))
 
 
 def _bind(path: str) -> socket.socket:

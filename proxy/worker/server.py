@@ -106,10 +106,11 @@ def create_worker_app(state: WorkerState) -> Starlette:
         return handler
 
     backend = state.backend
-    routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/chat/completions", generation(backend.chat), methods=["POST"]),
-        Route("/v1/completions", generation(backend.completion), methods=["POST"]),
-        Route("/v1/embeddings", generation(backend.embeddings), methods=["POST"]),
-    ]
+    routes = [Route("/health", health, methods=["GET"])]
+    if hasattr(backend, "chat"):  # an LLM backend
+        routes += [
+            Route("/v1/chat/completions", generation(backend.chat), methods=["POST"]),
+            Route("/v1/completions", generation(backend.completion), methods=["POST"]),
+            Route("/v1/embeddings", generation(backend.embeddings), methods=["POST"]),
+        ]
     return Starlette(routes=routes)
