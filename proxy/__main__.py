@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     level = (args.log_level or settings.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     import uvicorn
 

@@ -1,21 +1,24 @@
-"""The client to one worker (or external server): httpx, over a Unix socket or TCP.
+"""The client to one worker (or external server): aiohttp, over a Unix socket or TCP.
 
-httpx errors are translated here, once, into the domain tree: a worker that cannot be reached or
-goes away mid-answer is ``WorkerUnavailable``; an error status it sends is ``UpstreamError`` with
-its own message.
+aiohttp rather than httpx here: on the streaming hot path its C parser costs a fraction of
+httpcore's per chunk (see bench/proxy_overhead.py). Its errors are translated here, once, into
+the domain tree: a worker that cannot be reached or goes away mid-answer is ``WorkerUnavailable``;
+an error status it sends is ``UpstreamError`` with its own message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from proxy.errors import UpstreamError, WorkerUnavailable
 
 _JSON = {"content-type": "application/json"}
+_GONE = (aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError)
 
 
 def _message_of(status: int, body: bytes) -> str:
@@ -37,51 +40,62 @@ def _message_of(status: int, body: bytes) -> str:
 class UpstreamStream:
     """An open streamed answer; whoever opened it closes it (``aclose`` in a finally)."""
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
 
     async def raw(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self.response.aiter_raw():
+            async for chunk in self.response.content.iter_any():
                 yield chunk
-        except httpx.TransportError as exc:
+        except _GONE as exc:
             raise WorkerUnavailable("the worker went away mid-answer") from exc
 
     async def lines(self) -> AsyncIterator[str]:
         try:
-            async for line in self.response.aiter_lines():
-                yield line
-        except httpx.TransportError as exc:
+            async for line in self.response.content:
+                yield line.decode("utf-8").rstrip("\r\n")
+        except _GONE as exc:
             raise WorkerUnavailable("the worker went away mid-answer") from exc
 
     async def aclose(self) -> None:
-        await self.response.aclose()
+        self.response.close()  # drops the connection: the worker sees its client go away
 
 
 class Upstream:
     def __init__(self, base_url: str, *, uds: str | None = None, name: str = "worker") -> None:
-        transport = httpx.AsyncHTTPTransport(uds=uds, retries=0) if uds else None
         self.name = name
-        self.base_url = base_url
+        self.base_url = base_url.rstrip("/")
         self.uds = uds
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            transport=transport,
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        )
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
-    def _check_open(self) -> None:
-        if self._client.is_closed:  # the worker died and was reaped between lease and request
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Made on first use, inside the event loop that will use it."""
+        if self._closed:  # the worker died and was reaped between lease and request
             raise WorkerUnavailable(f"model '{self.name}' went away; try again")
+        if self._session is None:
+            connector: aiohttp.BaseConnector
+            if self.uds:
+                connector = aiohttp.UnixConnector(path=self.uds, limit=0)
+            else:
+                connector = aiohttp.TCPConnector(limit=0, use_dns_cache=False)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, connect=10.0),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            )
+        return self._session
 
     async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        self._check_open()
         try:
-            response = await self._client.request(method, path, content=body, headers=_JSON if body else None)
-        except httpx.TransportError as exc:
+            async with self.session.request(
+                method, self.base_url + path, data=body, headers=_JSON if body else None
+            ) as response:
+                return response.status, await response.read()
+        except _GONE as exc:
             raise WorkerUnavailable(f"model '{self.name}' is not reachable: {type(exc).__name__}") from exc
-        return response.status_code, response.content
 
     async def post(self, path: str, body: bytes) -> bytes:
         """POST and return the body of a 2xx answer; an error status becomes UpstreamError."""
@@ -96,38 +110,38 @@ class Upstream:
             raise UpstreamError(502, "the worker answered something other than a JSON object")
         return data
 
-    async def open_stream(self, path: str, body: bytes) -> UpstreamStream:
-        self._check_open()
-        request = self._client.build_request("POST", path, content=body, headers=_JSON)
+    async def open_stream(self, path: str, body: bytes, content_type: str = "application/json") -> UpstreamStream:
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TransportError as exc:
+            response = await self.session.post(self.base_url + path, data=body, headers={"content-type": content_type})
+        except _GONE as exc:
             raise WorkerUnavailable(f"model '{self.name}' is not reachable: {type(exc).__name__}") from exc
-        if response.status_code >= 400:
+        if response.status >= 400:
             try:
-                content = await response.aread()
-            except httpx.TransportError as exc:
+                content = await response.read()
+            except _GONE as exc:
                 raise WorkerUnavailable("the worker went away mid-answer") from exc
             finally:
-                await response.aclose()
-            raise UpstreamError(response.status_code, _message_of(response.status_code, content))
+                response.close()
+            raise UpstreamError(response.status, _message_of(response.status, content))
         return UpstreamStream(response)
 
     async def health_report(self, path: str = "/health") -> dict[str, Any] | None:
         """What the worker says of itself (state, progress, device, ...); None if it cannot say."""
         try:
-            response = await self._client.get(path, timeout=1.0)
-            data = response.json()
-        except (httpx.TransportError, ValueError):
+            async with self.session.get(self.base_url + path, timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+                data = await r.json(content_type=None)
+        except (*_GONE, TimeoutError, ValueError, WorkerUnavailable):
             return None
         return data if isinstance(data, dict) else None
 
     async def health(self, path: str = "/health") -> bool:
         try:
-            response = await self._client.get(path, timeout=2.0)
-        except httpx.TransportError:
+            async with self.session.get(self.base_url + path, timeout=aiohttp.ClientTimeout(total=2.0)) as r:
+                return r.status == 200
+        except (*_GONE, TimeoutError, WorkerUnavailable):
             return False
-        return response.status_code == 200
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
