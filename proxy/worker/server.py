@@ -1,8 +1,8 @@
 """The canonical internal API around one Backend (DESIGN.md, "proxy <-> worker").
 
 ``GET /health`` says loading/ready and how many requests are in flight; the LLM routes speak
-OpenAI's wire format, SSE when ``stream`` is true. Generation runs in a thread, one token per
-step, so a client that goes away stops it within a token.
+OpenAI's wire format, SSE when ``stream`` is true. Generation runs in its own thread
+(``proxy.worker.pump``), so a client that goes away stops it within a token.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from proxy.streaming import ClosingStream
 from proxy.worker.backends.base import Backend, BackendError
+from proxy.worker.pump import pump
 
 _encode = msgspec.json.Encoder().encode
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -40,24 +41,17 @@ class WorkerState:
         self.slots = asyncio.Semaphore(parallel)
 
 
-def _next_or_stop(it: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
-    return next(it, None)
-
-
 async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    items = pump(chunks)
     try:
-        while True:
-            chunk = await run_in_threadpool(_next_or_stop, chunks)
-            if chunk is None:
-                break
+        async for chunk in items:
             yield b"data: " + _encode(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
-    except BackendError as exc:
-        yield b"data: " + _encode({"error": {"message": exc.message, "type": "server_error"}}) + b"\n\n"
+    except Exception as exc:  # the stream has started: the error can only travel as an event
+        message = exc.message if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
+        yield b"data: " + _encode({"error": {"message": message, "type": "server_error"}}) + b"\n\n"
     finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            await run_in_threadpool(close)
+        await items.aclose()
 
 
 def create_worker_app(state: WorkerState) -> Starlette:

@@ -1,0 +1,1 @@
+"""Benchmarks: the proxy measured against its workers reached directly (see bench/README.md)."""

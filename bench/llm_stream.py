@@ -1,0 +1,122 @@
+"""Streaming tokens/s of SmolLM2: through the proxy, the same worker reached directly, and in-process.
+
+Interleaved rounds (proxy, direct, in-process, ...), medians. Goals: proxy/direct >= 0.99,
+proxy/in-process >= 0.97.
+
+    .venv/bin/python -m bench.llm_stream [--rounds N] [--tokens N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from bench.common import load, median, save, start_proxy, table, worker_arg
+from tests.harness import smollm2_config, smollm2_path
+
+MODEL = "smollm2:135m"
+# With its own system message the proxy adds none, so all three paths see the very same prompt (and the
+# same llama.cpp prompt cache state).
+PROMPT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."},
+]
+
+
+def _content_times(lines: Iterator[str]) -> list[float]:
+    times = []
+    for line in lines:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+            times.append(time.perf_counter())
+    return times
+
+
+def over_http(client: httpx.Client, url: str, body: dict[str, Any]) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        return start, _content_times(r.iter_lines())
+
+
+def in_process(llm: Any, body: dict[str, Any]) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    times = []
+    for chunk in llm.create_chat_completion(
+        messages=body["messages"], max_tokens=body["max_tokens"], temperature=0, seed=1, stream=True
+    ):
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            times.append(time.perf_counter())
+    return start, times
+
+
+def rates(start: float, times: list[float]) -> tuple[float, float]:
+    """(tokens/s from request to last token, tokens/s from first to last token)."""
+    total = len(times) / (times[-1] - start)
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return total, decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 48 tokens")
+    args = parser.parse_args()
+    rounds, tokens = (3, 48) if args.quick else (args.rounds, args.tokens)
+
+    from llama_cpp import Llama
+
+    proxy = start_proxy([smollm2_config()])
+    try:
+        status = load(proxy, MODEL)
+        sock = worker_arg(status["pid"], "--socket")
+        llm = Llama(model_path=str(smollm2_path()), n_ctx=2048, n_threads=2, verbose=False)
+        body = {"model": MODEL, "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "seed": 1,
+                "stream": True}
+        results: dict[str, list[tuple[float, float, int]]] = {"proxy": [], "direct": [], "in_process": []}
+        with httpx.Client(timeout=120) as via_proxy, httpx.Client(
+            transport=httpx.HTTPTransport(uds=sock), base_url="http://worker", timeout=120
+        ) as direct:
+            runs = {
+                "proxy": lambda: over_http(via_proxy, proxy.url + "/v1/chat/completions", body),
+                "direct": lambda: over_http(direct, "/v1/chat/completions", body),
+                "in_process": lambda: in_process(llm, body),
+            }
+            for run in runs.values():  # warm up every path once (prompt cache, connections)
+                run()
+            for _ in range(rounds):
+                for name, run in runs.items():
+                    start, times = run()
+                    results[name].append((*rates(start, times), len(times)))
+        llm.close()
+    finally:
+        proxy.stop()
+
+    med = {name: (median([r[0] for r in rs]), median([r[1] for r in rs])) for name, rs in results.items()}
+    summary = {
+        "rounds": rounds,
+        "max_tokens": tokens,
+        "tokens_per_s": {k: {"request_to_last": v[0], "first_to_last": v[1]} for k, v in med.items()},
+        "ratio_proxy_direct": med["proxy"][0] / med["direct"][0],
+        "ratio_proxy_in_process": med["proxy"][0] / med["in_process"][0],
+        "raw": results,
+    }
+    path = save("llm_stream", summary)
+    print(table([
+        *[(f"{k} tok/s (request->last, first->last)", f"{v[0]:.1f}, {v[1]:.1f}") for k, v in med.items()],
+        ("proxy / direct (goal >= 0.99)", f"{summary['ratio_proxy_direct']:.3f}"),
+        ("proxy / in-process (goal >= 0.97)", f"{summary['ratio_proxy_in_process']:.3f}"),
+        ("results", str(path)),
+    ]))
+
+
+if __name__ == "__main__":
+    main()
