@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import importlib
 import json
 import logging
@@ -50,28 +51,33 @@ def _bind(path: str) -> socket.socket:
     return sock
 
 
-async def _serve(spec: dict[str, Any], sock: socket.socket) -> int:
-    import uvicorn
-
-    from proxy.worker.server import WorkerState, create_worker_app
-
-    backend = make_backend(spec)
-    state = WorkerState(backend, parallel=int(spec.get("parallel", 1)))
-    app = create_worker_app(state)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    loop = asyncio.get_running_loop()
-    loaded = loop.create_future()
+def _start_loading(backend: Any) -> concurrent.futures.Future[None]:
+    """Load the weights in a thread, begun before the HTTP stack is imported so the two overlap."""
+    loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def load() -> None:
         try:
             backend.load()
         except BaseException as exc:  # reported to the proxy through the log and the exit code
-            loop.call_soon_threadsafe(loaded.set_exception, exc)
+            loaded.set_exception(exc)
         else:
-            loop.call_soon_threadsafe(loaded.set_result, None)
+            loaded.set_result(None)
 
     threading.Thread(target=load, name="load", daemon=True).start()
+    return loaded
+
+
+async def _serve(backend: Any, loading: concurrent.futures.Future[None], parallel: int,
+                 sock: socket.socket) -> int:
+    import uvicorn
+
+    from proxy.worker.server import WorkerState, create_worker_app
+
+    state = WorkerState(backend, parallel=parallel)
+    app = create_worker_app(state)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    loaded = asyncio.wrap_future(loading)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     await asyncio.wait({loaded, serving}, return_when=asyncio.FIRST_COMPLETED)
     if not loaded.done():  # told to stop while loading: the load thread may be deep in C code
@@ -103,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy stops us with SIGTERM
     spec = json.loads(args.spec)
     sock = _bind(args.socket)
-    raise SystemExit(asyncio.run(_serve(spec, sock)))
+    backend = make_backend(spec)
+    loading = _start_loading(backend)
+    raise SystemExit(asyncio.run(_serve(backend, loading, int(spec.get("parallel", 1)), sock)))
 
 
 if __name__ == "__main__":
