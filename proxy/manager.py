@@ -47,6 +47,7 @@ class Runtime:
 
     def __init__(self, config: ModelConfig, keep_alive: float) -> None:
         self.config = config
+        self.default_keep_alive = keep_alive
         self.state = State.STOPPED
         self.worker: Worker | None = None
         self.in_flight = 0
@@ -319,6 +320,7 @@ class ModelManager:
             rt.stop_task = None
             rt.evicting_for = None
             rt.loaded_at = None
+            rt.keep_alive = rt.default_keep_alive  # the next load is a first load again
             log.info("model %s: stopped", rt.config.name)
             self._notify()
 
@@ -333,6 +335,7 @@ class ModelManager:
                 rt.worker = None
                 rt.state = State.STOPPED
                 rt.loaded_at = None
+                rt.keep_alive = rt.default_keep_alive
                 asyncio.get_running_loop().create_task(worker.stop(0))  # reap, close its client
                 self._notify()
 

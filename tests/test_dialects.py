@@ -58,12 +58,12 @@ def test_bad_fields_are_named(body: dict, field: str) -> None:
 
 
 def test_generate_request_templated_raw_and_images() -> None:
-    path, out = d.generate_request({"prompt": "hi", "system": "be brief"}, "m", None)  # type: ignore[arg-type]
+    path, out = d.generate_request({"prompt": "hi", "system": "be brief"}, "m")
     assert path == "/v1/chat/completions"
     assert out["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    path, out = d.generate_request({"prompt": "raw text", "raw": True}, "m", None)  # type: ignore[arg-type]
+    path, out = d.generate_request({"prompt": "raw text", "raw": True}, "m")
     assert path == "/v1/completions" and out["prompt"] == "raw text"
-    _, out = d.generate_request({"prompt": "what", "images": ["QUJD"]}, "m", None)  # type: ignore[arg-type]
+    _, out = d.generate_request({"prompt": "what", "images": ["QUJD"]}, "m")
     parts = out["messages"][-1]["content"]
     assert parts[1]["image_url"]["url"] == "data:image/png;base64,QUJD"
 

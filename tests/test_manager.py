@@ -249,3 +249,15 @@ async def test_aliases_and_latest_tag_resolve() -> None:
     with pytest.raises(ModelNotFound):
         manager.resolve("nope")
     await manager.shutdown()
+
+
+async def test_a_new_load_starts_from_the_configured_keep_alive() -> None:
+    manager, _ = make(model("a", keep_alive=600))
+    lease = await manager.acquire("a", keep_alive=0)
+    lease.release()
+    await settle()
+    assert state(manager, "a") == "stopped"
+    lease = await manager.acquire("a")
+    assert next(s.keep_alive for s in manager.status()) == 600
+    lease.release()
+    await manager.shutdown()

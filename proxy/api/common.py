@@ -12,7 +12,8 @@ from starlette.responses import Response
 
 from proxy.auth import KeyRing, Role, key_from_headers
 from proxy.clock import Clock
-from proxy.config import Settings
+from proxy.config import ModelConfig, Settings
+from proxy.dialects.shaping import pop_keep_alive, require_model
 from proxy.errors import BadRequest, PayloadTooLarge
 from proxy.manager import Lease, ModelManager
 from proxy.streaming import ClosingStream
@@ -72,6 +73,17 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
+
+
+def model_for(request: Request, body: dict[str, Any], needs: tuple[str, ...],
+              refusal: str) -> tuple[ModelConfig, float | None]:
+    """The model a body names and its keep_alive (taken out of the body), if it can do one of ``needs``."""
+    model = require_model(body)
+    keep_alive = pop_keep_alive(body)
+    cfg = services(request).manager.resolve(model)
+    if not set(needs) & set(cfg.capabilities):
+        raise BadRequest(f"model '{cfg.name}' {refusal}", param="model")
+    return cfg, keep_alive
 
 
 def lease_stream(

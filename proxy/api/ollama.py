@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from proxy import __version__
-from proxy.api.common import guarded, json_bytes, lease_stream, read_json, services
+from proxy.api.common import guarded, json_bytes, lease_stream, model_for, read_json, services
 from proxy.auth import Role
 from proxy.catalog import entry, tag_name
 from proxy.config import ModelConfig
@@ -26,12 +26,10 @@ from proxy.dialects.shaping import (
     check_embedding_input,
     check_messages,
     optional,
-    pop_keep_alive,
-    require_model,
 )
 from proxy.errors import BadRequest, ProxyError, UpstreamError
 from proxy.keepalive import format_keep_alive
-from proxy.manager import Lease, ModelStatus
+from proxy.manager import ModelStatus
 from proxy.upstream import UpstreamStream
 
 NDJSON = "application/x-ndjson"
@@ -52,7 +50,7 @@ async def _events(upstream: UpstreamStream) -> AsyncIterator[dict[str, Any]]:
         yield chunk
 
 
-async def _ndjson(lease: Lease, upstream: UpstreamStream, tr: dialect.StreamTranslator) -> AsyncIterator[bytes]:
+async def _ndjson(upstream: UpstreamStream, tr: dialect.StreamTranslator) -> AsyncIterator[bytes]:
     try:
         async for chunk in _events(upstream):
             out = tr.feed(chunk, time.perf_counter_ns())
@@ -74,7 +72,7 @@ async def _generation(request: Request, cfg: ModelConfig, path: str, body: dict[
         lease.release()
         raise
     if stream:
-        return lease_stream(lease, upstream, _ndjson(lease, upstream, tr), NDJSON)
+        return lease_stream(lease, upstream, _ndjson(upstream, tr), NDJSON)
     try:
         async for chunk in _events(upstream):
             tr.feed(chunk, time.perf_counter_ns())
@@ -100,12 +98,7 @@ def _stream_flag(body: dict[str, Any]) -> bool:
 
 
 def _chat_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:
-    model = require_model(body)
-    keep_alive = pop_keep_alive(body)
-    cfg = services(request).manager.resolve(model)
-    if "completion" not in cfg.capabilities:
-        raise BadRequest(f"model '{cfg.name}' does not support chat or generate", param="model")
-    return cfg, keep_alive
+    return model_for(request, body, ("completion",), "does not support chat or generate")
 
 
 @guarded(Role.USER)
@@ -128,7 +121,7 @@ async def generate(request: Request) -> Response:
     stream = _stream_flag(body)
     if not optional(body, "prompt", str, "a string") and not body.get("images"):
         return await _load_or_unload(request, cfg, keep_alive, generate=True)
-    path, openai = dialect.generate_request(body, cfg.name, cfg)
+    path, openai = dialect.generate_request(body, cfg.name)
     if "messages" in openai:
         check_messages(openai["messages"], cfg)
     apply_model_defaults(openai, cfg, services(request).clock.time())
@@ -148,12 +141,7 @@ async def _embed(
 
 
 def _embed_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:
-    model = require_model(body)
-    keep_alive = pop_keep_alive(body)
-    cfg = services(request).manager.resolve(model)
-    if "embedding" not in cfg.capabilities and "completion" not in cfg.capabilities:
-        raise BadRequest(f"model '{cfg.name}' does not make embeddings", param="model")
-    return cfg, keep_alive
+    return model_for(request, body, ("embedding", "completion"), "does not make embeddings")
 
 
 @guarded(Role.USER)

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, lease_stream, read_json, services
+from proxy.api.common import guarded, json_bytes, lease_stream, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects.shaping import (
@@ -25,8 +25,6 @@ from proxy.dialects.shaping import (
     check_embedding_input,
     check_messages,
     optional,
-    pop_keep_alive,
-    require_model,
 )
 from proxy.errors import BadRequest, ProxyError
 from proxy.upstream import UpstreamStream
@@ -64,21 +62,17 @@ async def forward(request: Request, cfg: ModelConfig, path: str, body: dict[str,
     return lease_stream(lease, upstream, _relay(upstream), "text/event-stream")
 
 
-async def _prepare(request: Request) -> tuple[dict[str, Any], ModelConfig, float | None]:
+async def _prepare(request: Request, needs: tuple[str, ...],
+                   refusal: str) -> tuple[dict[str, Any], ModelConfig, float | None]:
     body = await read_json(request)
-    model = require_model(body)
-    keep_alive = pop_keep_alive(body)
-    cfg = services(request).manager.resolve(model)
-    embeds_only = "completion" not in cfg.capabilities
-    if embeds_only and request.url.path != "/v1/embeddings":
-        raise BadRequest(f"model '{cfg.name}' only makes embeddings", param="model")
+    cfg, keep_alive = model_for(request, body, needs, refusal)
     body["model"] = cfg.name
     return body, cfg, keep_alive
 
 
 @guarded(Role.USER)
 async def chat_completions(request: Request) -> Response:
-    body, cfg, keep_alive = await _prepare(request)
+    body, cfg, keep_alive = await _prepare(request, ("completion",), "does not support chat completions")
     check_messages(body.get("messages"), cfg)
     stream = check_common(body)
     apply_model_defaults(body, cfg, services(request).clock.time())
@@ -87,7 +81,7 @@ async def chat_completions(request: Request) -> Response:
 
 @guarded(Role.USER)
 async def completions(request: Request) -> Response:
-    body, cfg, keep_alive = await _prepare(request)
+    body, cfg, keep_alive = await _prepare(request, ("completion",), "does not support completions")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
         raise BadRequest("'prompt' must be a string", param="prompt")
@@ -102,7 +96,7 @@ async def completions(request: Request) -> Response:
 
 @guarded(Role.USER)
 async def embeddings(request: Request) -> Response:
-    body, cfg, keep_alive = await _prepare(request)
+    body, cfg, keep_alive = await _prepare(request, ("embedding", "completion"), "does not make embeddings")
     check_embedding_input(body.get("input"))
     fmt = optional(body, "encoding_format", str, "a string")
     if fmt not in (None, "float", "base64"):

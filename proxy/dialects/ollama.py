@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.config import ModelConfig
 from proxy.dialects.shaping import optional
 from proxy.errors import BadRequest
 
@@ -132,7 +131,7 @@ def chat_request(body: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
-def generate_request(body: dict[str, Any], model: str, cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
+def generate_request(body: dict[str, Any], model: str) -> tuple[str, dict[str, Any]]:
     """/api/generate -> /v1/chat/completions (templated), or /v1/completions when ``raw``."""
     prompt = optional(body, "prompt", str, "a string") or ""
     system = optional(body, "system", str, "a string")
