@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads(args.spec)
     sock = _bind(args.socket)
     backend = make_backend(spec)
+    # Imports first, in this thread (they hold the GIL); then the weights load in a thread, mostly in C
+    # with the GIL released, while this thread imports the HTTP stack: the two overlap instead of contending.
+    prepare = getattr(backend, "prepare", None)
+    if prepare is not None:
+        prepare()
     loading = _start_loading(backend)
     raise SystemExit(asyncio.run(_serve(backend, loading, int(spec.get("parallel", 1)), sock)))
 

@@ -35,6 +35,9 @@ class Backend(Protocol):
 
     name: str
 
+    def prepare(self) -> None:
+        """Optional: import the backend's libraries (called in the main thread before ``load``)."""
+
     def load(self) -> None:
         """Load the weights; called once, in a thread, before any request."""
 
