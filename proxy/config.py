@@ -99,9 +99,22 @@ class LlamaCppOptions(ModelFileOptions):
     flash_attn: bool = False
 
 
+class WhisperOptions(ModelFileOptions):
+    """``model:`` of a whisper model: a CTranslate2 folder (or one split over several packages)."""
+
+    part_packages: list[str] = []  # packages whose data folder holds more model.bin.partN files
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compute_type: str = "auto"  # auto: int8 on CPU, float16 on CUDA
+    cpu_threads: int = 0
+    beam_size: int = 5
+    vad_filter: bool = False
+    language: str | None = None
+
+
 # backend -> the struct its ``model:`` section must match (backends not listed take no ``model:``)
 BACKEND_OPTIONS: dict[str, type[ModelFileOptions]] = {
     "llama_cpp": LlamaCppOptions,
+    "whisper": WhisperOptions,
 }
 
 
@@ -166,6 +179,7 @@ class ModelConfig:
     vision: bool
     details: DetailsSection
     kind: str = "llm"
+    cache_dir: Path | None = None  # where a worker may keep what it derives from the weights
 
 
 @dataclass(frozen=True)
@@ -240,7 +254,7 @@ def resolve_model_file(opts: ModelFileOptions, models_dir: Path, file: str) -> P
             raise ConfigError(file, "model.package", f"package '{opts.package}' is not installed")
         for location in spec.submodule_search_locations:
             candidate = Path(location) / opts.file
-            if candidate.is_file():
+            if candidate.exists():  # a file, or a folder for backends that load one
                 return candidate
         raise ConfigError(file, "model.file", f"'{opts.file}' not found in package '{opts.package}'")
     if not opts.path:
@@ -302,6 +316,7 @@ def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], model
         vision=raw.vision,
         details=raw.details,
         kind=kind,
+        cache_dir=models_dir / ".cache",
     )
 
 

@@ -77,6 +77,7 @@ class Worker:
             "model_path": str(cfg.model_path) if cfg.model_path else None,
             "options": dict(cfg.options),
             "parallel": cfg.parallel,
+            "cache_dir": str(cfg.cache_dir) if cfg.cache_dir else None,
         }
         python = cfg.python or sys.executable
         argv = [python, "-m", "proxy.worker", "--socket", sock, "--spec", json.dumps(spec)]

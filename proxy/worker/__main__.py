@@ -29,6 +29,7 @@ log = logging.getLogger("proxy.worker")
 # backend name -> "module:Class"; imported only in the worker that runs it
 BACKENDS = {
     "llama_cpp": "proxy.worker.backends.llama_cpp:LlamaCppBackend",
+    "whisper": "proxy.worker.backends.whisper:WhisperBackend",
 }
 
 
@@ -39,7 +40,10 @@ def make_backend(spec: dict[str, Any]) -> Any:
         raise SystemExit(f"unknown backend {spec['backend']!r}")
     module_name, _, class_name = target.partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(spec["name"], spec["model_path"], spec.get("options", {}))
+    options = dict(spec.get("options", {}))
+    if spec.get("cache_dir"):
+        options.setdefault("cache_dir", spec["cache_dir"])
+    return cls(spec["name"], spec["model_path"], options)
 
 
 def _bind(path: str) -> socket.socket:

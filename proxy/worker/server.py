@@ -15,12 +15,13 @@ from typing import Any
 import msgspec
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.streaming import ClosingStream
-from proxy.worker.backends.base import Backend, BackendError
+from proxy.worker.backends.base import Backend, BackendError, Transcriber
 from proxy.worker.pump import pump
 
 _encode = msgspec.json.Encoder().encode
@@ -99,6 +100,38 @@ def create_worker_app(state: WorkerState) -> Starlette:
 
         return handler
 
+    def transcription(task: str, backend: Transcriber) -> Callable[[Request], Any]:
+        async def handler(request: Request) -> Response:
+            if not state.ready:
+                return _error(503, "model is still loading")
+            async with request.form(max_files=1) as form:
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    return _error(400, "'file' is required", "file")
+                params: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+                params["task"] = task
+                params["temperature"] = float(params.get("temperature") or 0.0)
+                params["word_timestamps"] = "word" in form.getlist("timestamp_granularities[]")
+                state.in_flight += 1
+                await state.slots.acquire()
+                try:
+                    header, segments = await run_in_threadpool(backend.transcribe, upload.file, params)
+                    found = [segment async for segment in pump(segments)]
+                except BackendError as exc:
+                    return _error(exc.status, exc.message, exc.param)
+                except Exception as exc:  # a backend bug: report it, keep serving
+                    return _error(500, f"{type(exc).__name__}: {exc}")
+                finally:
+                    state.slots.release()
+                    state.in_flight -= 1
+            body = {**header, "text": "".join(s["text"] for s in found).strip(), "segments": found}
+            words = [w for s in found for w in s.get("words", [])]
+            if words:
+                body["words"] = words
+            return Response(_encode(body), media_type="application/json")
+
+        return handler
+
     backend = state.backend
     routes = [Route("/health", health, methods=["GET"])]
     if hasattr(backend, "chat"):  # an LLM backend
@@ -106,5 +139,10 @@ def create_worker_app(state: WorkerState) -> Starlette:
             Route("/v1/chat/completions", generation(backend.chat), methods=["POST"]),
             Route("/v1/completions", generation(backend.completion), methods=["POST"]),
             Route("/v1/embeddings", generation(backend.embeddings), methods=["POST"]),
+        ]
+    if isinstance(backend, Transcriber):  # a speech-to-text backend
+        routes += [
+            Route("/v1/audio/transcriptions", transcription("transcribe", backend), methods=["POST"]),
+            Route("/v1/audio/translations", transcription("translate", backend), methods=["POST"]),
         ]
     return Starlette(routes=routes)

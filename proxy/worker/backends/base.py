@@ -8,7 +8,7 @@ iterator of OpenAI-shaped chunk dicts, which the server closes when the client g
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class BackendError(Exception):
@@ -55,3 +55,10 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free what can be freed; the process exits right after."""
+
+
+@runtime_checkable
+class Transcriber(Protocol):
+    """A speech-to-text backend: decode and transcribe one audio file (path or binary file object)."""
+
+    def transcribe(self, audio: Any, params: dict[str, Any]) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]: ...

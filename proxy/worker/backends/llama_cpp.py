@@ -26,7 +26,7 @@ class LlamaCppBackend:
     def __init__(self, name: str, model_path: str, options: dict[str, Any]) -> None:
         self.name = name
         self.model_path = model_path
-        self.options = dict(options)
+        self.options = {k: v for k, v in options.items() if k != "cache_dir"}  # the rest is for Llama()
         self._llm: Any = None
         self._embedder: Any = None
         self._embed_lock = threading.Lock()

