@@ -111,10 +111,26 @@ class WhisperOptions(ModelFileOptions):
     language: str | None = None
 
 
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
+
+
+class PiperOptions(ModelFileOptions):
+    """``model:`` of a piper voice: the ``.onnx`` file (its ``.onnx.json`` beside it, or ``config_file``)."""
+
+    config_file: str | None = None
+    default_voice: str | None = None  # a speaker of a multi-speaker voice; else the voice itself
+    openai_voices: dict[str, str] = {}  # alloy, echo, ... -> one of our voices (default: the default voice)
+    speed: float = 1.0
+    noise_scale: float | None = None
+    noise_w_scale: float | None = None
+    use_cuda: bool = False
+
+
 # backend -> the struct its ``model:`` section must match (backends not listed take no ``model:``)
 BACKEND_OPTIONS: dict[str, type[ModelFileOptions]] = {
     "llama_cpp": LlamaCppOptions,
     "whisper": WhisperOptions,
+    "piper": PiperOptions,
 }
 
 

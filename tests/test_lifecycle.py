@@ -121,7 +121,8 @@ def test_queue_beyond_max_queue_gets_503_with_retry_after(make_proxy: MakeProxy)
                        limits={"max_loaded_models": 1, "max_queue": 1})
     with httpx.stream("POST", proxy.url + "/v1/chat/completions", timeout=60,
                       json={"model": "a", "messages": [{"role": "user", "content": "x"}], "stream": True}) as busy:
-        next(busy.iter_lines())
+        lines = busy.iter_lines()  # (kept: a dropped generator would close the response at once)
+        next(lines)
         waiter = threading.Thread(target=lambda: chat(proxy, "b"))
         waiter.start()
         wait_until(lambda: httpx.get(proxy.url + "/status").json()["queued"] == 1)

@@ -30,6 +30,7 @@ log = logging.getLogger("proxy.worker")
 BACKENDS = {
     "llama_cpp": "proxy.worker.backends.llama_cpp:LlamaCppBackend",
     "whisper": "proxy.worker.backends.whisper:WhisperBackend",
+    "piper": "proxy.worker.backends.piper:PiperBackend",
 }
 
 

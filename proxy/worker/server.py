@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -21,9 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.streaming import ClosingStream
-from proxy.worker.backends.base import Backend, BackendError, Transcriber
+from proxy.worker.audio import MEDIA_TYPES
+from proxy.worker.backends.base import Backend, BackendError, Speaker, Transcriber
 from proxy.worker.pump import pump
 
+log = logging.getLogger("proxy.worker")
 _encode = msgspec.json.Encoder().encode
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -51,6 +54,19 @@ async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     except Exception as exc:  # the stream has started: the error can only travel as an event
         message = exc.message if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
         yield b"data: " + _encode({"error": {"message": message, "type": "server_error"}}) + b"\n\n"
+    finally:
+        await items.aclose()
+
+
+async def _audio(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """Audio bytes as they are made; a failure mid-way can only end the stream early (and says so)."""
+    items = pump(chunks)
+    try:
+        async for chunk in items:
+            yield chunk
+    except Exception:
+        log.exception("synthesis failed mid-stream")
+        raise
     finally:
         await items.aclose()
 
@@ -132,6 +148,36 @@ def create_worker_app(state: WorkerState) -> Starlette:
 
         return handler
 
+    def speech(backend: Speaker) -> Callable[[Request], Any]:
+        async def handler(request: Request) -> Response:
+            if not state.ready:
+                return _error(503, "model is still loading")
+            try:
+                body = json.loads(await request.body())
+                fmt = str(body.get("response_format") or "wav")
+                media_type = MEDIA_TYPES[fmt]
+            except (ValueError, AttributeError, KeyError):
+                return _error(400, "the body must be a JSON speech request with a known response_format")
+            state.in_flight += 1
+            await state.slots.acquire()
+
+            async def release() -> None:
+                state.slots.release()
+                state.in_flight -= 1
+
+            handed_over = False
+            try:
+                chunks = await run_in_threadpool(backend.speech, body)
+                handed_over = True
+                return ClosingStream(_audio(chunks), on_close=release, media_type=media_type, headers=_STREAM_HEADERS)
+            except BackendError as exc:
+                return _error(exc.status, exc.message, exc.param)
+            finally:
+                if not handed_over:
+                    await release()
+
+        return handler
+
     backend = state.backend
     routes = [Route("/health", health, methods=["GET"])]
     if hasattr(backend, "chat"):  # an LLM backend
@@ -140,6 +186,8 @@ def create_worker_app(state: WorkerState) -> Starlette:
             Route("/v1/completions", generation(backend.completion), methods=["POST"]),
             Route("/v1/embeddings", generation(backend.embeddings), methods=["POST"]),
         ]
+    if isinstance(backend, Speaker):  # a text-to-speech backend
+        routes.append(Route("/v1/audio/speech", speech(backend), methods=["POST"]))
     if isinstance(backend, Transcriber):  # a speech-to-text backend
         routes += [
             Route("/v1/audio/transcriptions", transcription("transcribe", backend), methods=["POST"]),

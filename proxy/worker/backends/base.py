@@ -62,3 +62,10 @@ class Transcriber(Protocol):
     """A speech-to-text backend: decode and transcribe one audio file (path or binary file object)."""
 
     def transcribe(self, audio: Any, params: dict[str, Any]) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]: ...
+
+
+@runtime_checkable
+class Speaker(Protocol):
+    """A text-to-speech backend: encoded audio for OpenAI's speech request, chunk by chunk."""
+
+    def speech(self, body: dict[str, Any]) -> Iterator[bytes]: ...

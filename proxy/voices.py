@@ -1,0 +1,60 @@
+"""Which voices a speech model has, read from its files without loading it, and what a request's
+voice name means: ``default``, one of the model's speakers, or an OpenAI voice name mapped by the
+model's YAML (to its default voice unless it says otherwise)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from proxy.config import OPENAI_VOICES, ModelConfig
+from proxy.errors import BadRequest
+
+
+def _piper_config(cfg: ModelConfig) -> Path | None:
+    explicit = cfg.options.get("config_file")
+    if explicit:
+        return Path(explicit)
+    if cfg.model_path is None:
+        return None
+    return cfg.model_path.with_name(cfg.model_path.name + ".json")
+
+
+def speakers(cfg: ModelConfig) -> list[str]:
+    """The model's own voice names (a single-speaker voice has just ``default``)."""
+    if cfg.backend == "piper":
+        path = _piper_config(cfg)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path else {}
+        except (OSError, ValueError):
+            data = {}
+        names = list((data.get("speaker_id_map") or {}).keys())
+        return names or ["default"]
+    return ["default"]
+
+
+def default_voice(cfg: ModelConfig) -> str:
+    configured = cfg.options.get("default_voice")
+    return str(configured) if configured else speakers(cfg)[0]
+
+
+def listed(cfg: ModelConfig) -> list[str]:
+    """Every name a client may send: default, the speakers, and OpenAI's voice names."""
+    return ["default", *[s for s in speakers(cfg) if s != "default"], *OPENAI_VOICES]
+
+
+def resolve(cfg: ModelConfig, requested: str | None) -> str:
+    """The speaker a voice name means; BadRequest listing the voices there are."""
+    own = speakers(cfg)
+    if requested in (None, "", "default"):
+        return default_voice(cfg)
+    assert requested is not None
+    if requested in own:
+        return requested
+    mapping = dict(cfg.options.get("openai_voices") or {})
+    if requested in OPENAI_VOICES:
+        target = mapping.get(requested) or default_voice(cfg)
+        return target
+    raise BadRequest(
+        f"unknown voice '{requested}' for model '{cfg.name}'; voices: {', '.join(listed(cfg))}", param="voice"
+    )
