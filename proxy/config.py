@@ -121,9 +121,26 @@ class PiperOptions(ModelFileOptions):
     default_voice: str | None = None  # a speaker of a multi-speaker voice; else the voice itself
     openai_voices: dict[str, str] = {}  # alloy, echo, ... -> one of our voices (default: the default voice)
     speed: float = 1.0
+    sample_rate: int | None = None  # resample the voice's output to this rate
     noise_scale: float | None = None
     noise_w_scale: float | None = None
     use_cuda: bool = False
+
+
+class XttsOptions(ModelFileOptions):
+    """``model:`` of an XTTS v2 model: its checkpoint folder (config.json, model.pth, vocab.json, speakers)."""
+
+    speakers: list[str] = []  # the named speakers of its speakers file that clients may ask for
+    default_voice: str | None = None  # one of the speakers (default: the first)
+    openai_voices: dict[str, str] = {}
+    voices_dir: str | None = None  # reference wavs clients may name in speaker_wav (default: <folder>/voices)
+    language: str = "en"
+    speed: float = 1.0
+    temperature: float = 0.7
+    stream_chunk_size: int = 20
+    sample_rate: int | None = None  # resample the model's output (24000 Hz) to this rate
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None  # torch threads; pinned for repeatable output
 
 
 # backend -> the struct its ``model:`` section must match (backends not listed take no ``model:``)
@@ -131,6 +148,7 @@ BACKEND_OPTIONS: dict[str, type[ModelFileOptions]] = {
     "llama_cpp": LlamaCppOptions,
     "whisper": WhisperOptions,
     "piper": PiperOptions,
+    "xtts": XttsOptions,
 }
 
 

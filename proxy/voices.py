@@ -30,7 +30,35 @@ def speakers(cfg: ModelConfig) -> list[str]:
             data = {}
         names = list((data.get("speaker_id_map") or {}).keys())
         return names or ["default"]
+    if cfg.backend == "xtts":
+        return list(cfg.options.get("speakers") or []) or ["default"]
     return ["default"]
+
+
+def voices_dir(cfg: ModelConfig) -> Path | None:
+    """Where an XTTS model's reference voices are (clients name them in speaker_wav)."""
+    if cfg.backend != "xtts" or cfg.model_path is None:
+        return None
+    configured = cfg.options.get("voices_dir")
+    return Path(configured) if configured else cfg.model_path / "voices"
+
+
+def voice_files(cfg: ModelConfig) -> list[str]:
+    folder = voices_dir(cfg)
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".wav", ".flac", ".ogg", ".mp3"))
+
+
+def languages(cfg: ModelConfig) -> list[str]:
+    """The languages an XTTS model's config.json lists (empty when it does not say)."""
+    if cfg.backend != "xtts" or cfg.model_path is None:
+        return []
+    try:
+        data = json.loads((cfg.model_path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(lang) for lang in data.get("languages") or []]
 
 
 def default_voice(cfg: ModelConfig) -> str:

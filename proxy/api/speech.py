@@ -7,6 +7,8 @@ request; the worker's audio is relayed chunk by chunk, bound to the lease.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -46,7 +48,12 @@ def _check(body: dict[str, Any], cfg: ModelConfig, text_key: str, format_key: st
     if speaker_wav and cfg.backend != "xtts":
         raise BadRequest(f"model '{cfg.name}' cannot clone voices (speaker_wav is for XTTS models)",
                          param="speaker_wav")
+    if speaker_wav:
+        _check_speaker_wav(cfg, speaker_wav)
     language = optional(body, "language", str, "a string")
+    known = voices.languages(cfg)
+    if language and known and language not in known:
+        raise BadRequest(f"'language' must be one of {', '.join(known)}, got {language!r}", param="language")
     out: dict[str, Any] = {"model": cfg.name, "input": text, "voice": voices.resolve(cfg, voice),
                            "response_format": fmt, "speed": float(speed or 1.0)}
     if language:
@@ -61,6 +68,20 @@ def sized_wav(data: bytes) -> bytes:
     if len(data) < 44 or data[:4] != b"RIFF" or data[36:40] != b"data":
         return data
     return data[:4] + struct.pack("<I", len(data) - 8) + data[8:40] + struct.pack("<I", len(data) - 44) + data[44:]
+
+
+def _check_speaker_wav(cfg: ModelConfig, speaker_wav: str) -> None:
+    """A voice file's name in the model's voices folder, or base64 audio (decoded by the worker)."""
+    if speaker_wav in voices.voice_files(cfg):
+        return
+    try:
+        audio = base64.b64decode(speaker_wav, validate=True)
+    except (binascii.Error, ValueError):
+        files = ", ".join(voices.voice_files(cfg)) or "none"
+        raise BadRequest(f"'speaker_wav' is neither a voice file of this model ({files}) nor base64 audio",
+                         param="speaker_wav") from None
+    if len(audio) < 64:
+        raise BadRequest("'speaker_wav' is too short to be audio", param="speaker_wav")
 
 
 async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:

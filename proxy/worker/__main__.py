@@ -31,6 +31,7 @@ BACKENDS = {
     "llama_cpp": "proxy.worker.backends.llama_cpp:LlamaCppBackend",
     "whisper": "proxy.worker.backends.whisper:WhisperBackend",
     "piper": "proxy.worker.backends.piper:PiperBackend",
+    "xtts": "proxy.worker.backends.xtts:XttsBackend",
 }
 
 

@@ -73,8 +73,27 @@ def _av_stream(chunks: Iterator[bytes], sample_rate: int, fmt: str) -> Iterator[
         yield tail
 
 
-def encode(chunks: Iterator[bytes], sample_rate: int, fmt: str) -> Iterator[bytes]:
-    """The encoded stream of ``chunks`` (int16 mono PCM at ``sample_rate``) in ``fmt``."""
+def resample(chunks: Iterator[bytes], source: int, target: int) -> Iterator[bytes]:
+    """int16 mono PCM chunks at ``source`` Hz as int16 mono PCM at ``target`` Hz (PyAV's resampler)."""
+    import av
+    import numpy as np
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=target)
+    for chunk in [*chunks, None]:
+        frame = None
+        if chunk is not None:
+            frame = av.AudioFrame.from_ndarray(np.frombuffer(chunk, dtype=np.int16).reshape(1, -1), format="s16",
+                                               layout="mono")
+            frame.sample_rate = source
+        out = b"".join(bytes(f.to_ndarray().astype("<i2").tobytes()) for f in resampler.resample(frame))
+        if out:
+            yield out
+
+
+def encode(chunks: Iterator[bytes], sample_rate: int, fmt: str, target_rate: int | None = None) -> Iterator[bytes]:
+    """The encoded stream of ``chunks`` (int16 mono PCM at ``sample_rate``) in ``fmt``, at ``target_rate``."""
+    if target_rate and target_rate != sample_rate:
+        chunks, sample_rate = resample(chunks, sample_rate, target_rate), target_rate
     if fmt == "pcm":
         yield from chunks
     elif fmt == "wav":

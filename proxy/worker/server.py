@@ -172,6 +172,9 @@ def create_worker_app(state: WorkerState) -> Starlette:
                 return ClosingStream(_audio(chunks), on_close=release, media_type=media_type, headers=_STREAM_HEADERS)
             except BackendError as exc:
                 return _error(exc.status, exc.message, exc.param)
+            except Exception as exc:  # a backend bug: report it, keep serving
+                log.exception("speech request failed")
+                return _error(500, f"{type(exc).__name__}: {exc}")
             finally:
                 if not handed_over:
                     await release()

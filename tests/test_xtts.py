@@ -1,0 +1,117 @@
+"""XTTS on the real path: a tiny random-weight XTTS v2 checkpoint, built with coqui-tts' own classes,
+loaded by a worker running under its own venv (`python:` in the model config), through a live proxy.
+
+The output is noise (random weights) but goes through the real loading, conditioning and streaming
+code. Needs `.venv-xtts` (scripts/setup_xtts.sh); skipped, saying so, when it is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.harness import REPO, LiveProxy, gone, wait_until
+
+XTTS_PYTHON = REPO / ".venv-xtts" / "bin" / "python"
+SPEAKERS = ["Ana Florence", "Claribel Dervla"]
+
+pytestmark = pytest.mark.skipif(not XTTS_PYTHON.exists(), reason="no .venv-xtts: run scripts/setup_xtts.sh")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("xtts") / "tiny-xtts"
+    subprocess.run([str(XTTS_PYTHON), str(REPO / "tests" / "xtts_build.py"), str(folder)], check=True,
+                   capture_output=True, timeout=300)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[LiveProxy]:
+    model = {
+        "name": "xtts-tiny",
+        "backend": "xtts",
+        "python": str(XTTS_PYTHON),
+        "model": {"path": str(checkpoint), "speakers": SPEAKERS, "threads": 2, "stream_chunk_size": 5,
+                  "sample_rate": 16000},
+        "load_timeout": "180s",
+    }
+    live = LiveProxy(tmp_path_factory.mktemp("xtts-proxy"), [model]).start()
+    yield live
+    leftovers = [p.pid for p in live.workers()]
+    live.stop()
+    wait_until(lambda: gone(leftovers), timeout=15)
+
+
+def wav_info(data: bytes) -> tuple[int, int]:
+    with wave.open(io.BytesIO(data)) as w:
+        return w.getframerate(), w.getnframes()
+
+
+def test_named_speakers_through_the_openai_sdk(proxy: LiveProxy) -> None:
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
+        default = client.audio.speech.create(model="xtts-tiny", voice="alloy", input="hello world",
+                                             response_format="wav").content
+        named = client.audio.speech.create(model="xtts-tiny", voice="Claribel Dervla", input="hello world",
+                                           response_format="wav").content
+    for data in (default, named):
+        rate, frames = wav_info(data)
+        assert rate == 16000 and frames > 1000  # the model's 24 kHz, resampled as its YAML asks
+    status = proxy.status()["xtts-tiny"]
+    assert status["worker"]["backend"] == "xtts" and status["worker"]["device"] == "cpu"
+    assert ".venv-xtts" in " ".join(p.cmdline()[0] for p in proxy.workers())
+
+
+def test_cloning_from_speaker_wav_and_voice_files(proxy: LiveProxy, checkpoint: Path) -> None:
+    reference = base64.b64encode((checkpoint / "voices" / "ref.wav").read_bytes()).decode()
+    for speaker_wav in (reference, "ref.wav"):
+        r = httpx.post(proxy.url + "/api/tts", timeout=120,
+                       json={"model": "xtts-tiny", "text": "hello world", "speaker_wav": speaker_wav})
+        assert r.status_code == 200, r.text
+        assert wav_info(r.content)[0] == 16000
+
+
+def test_streaming_delivers_several_chunks(proxy: LiveProxy) -> None:
+    with httpx.stream("POST", proxy.url + "/api/tts", timeout=120,
+                      json={"model": "xtts-tiny", "text": "hello world this is a test", "stream": True,
+                            "format": "pcm"}) as r:
+        assert r.status_code == 200
+        chunks = [c for c in r.iter_raw() if c]
+    assert len(chunks) >= 2 and sum(map(len, chunks)) % 2 == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"voice": "Nobody"}, ("Nobody", "Ana Florence", "default")),
+        ({"speaker_wav": "not base64 !!"}, ("speaker_wav", "ref.wav")),
+        ({"language": "xx"}, ("language", "en")),
+    ],
+)
+def test_bad_input_is_refused_before_the_worker(proxy: LiveProxy, body: dict, words: tuple[str, ...]) -> None:
+    r = httpx.post(proxy.url + "/api/tts", json={"model": "xtts-tiny", "text": "hello", **body}, timeout=60)
+    assert r.status_code == 400
+    assert all(w in r.json()["error"] for w in words), r.json()
+
+
+def test_undecodable_reference_is_a_400_from_the_worker(proxy: LiveProxy) -> None:
+    junk = base64.b64encode(b"this is not audio at all" * 10).decode()
+    r = httpx.post(proxy.url + "/api/tts", json={"model": "xtts-tiny", "text": "hello", "speaker_wav": junk},
+                   timeout=120)
+    assert r.status_code == 400 and "speaker_wav" in r.json()["error"]
+
+
+def test_unload_returns_the_process(proxy: LiveProxy) -> None:
+    r = httpx.post(proxy.url + "/api/tts", json={"model": "xtts-tiny", "text": "hi"}, timeout=120)
+    assert r.status_code == 200
+    pid = proxy.status()["xtts-tiny"]["pid"]
+    assert httpx.post(proxy.url + "/unload/xtts-tiny", timeout=60).json() == {"unloaded": ["xtts-tiny"]}
+    assert gone([pid])
