@@ -143,12 +143,28 @@ class XttsOptions(ModelFileOptions):
     threads: int | None = None  # torch threads; pinned for repeatable output
 
 
+class DiffusersOptions(ModelFileOptions):
+    """``model:`` of a diffusers model: a diffusers folder, or a .safetensors / .ckpt single file."""
+
+    config: str | None = None  # for a single file: a local diffusers folder with the pipeline's configs
+    steps: int = 30
+    guidance_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    scheduler: str | None = None  # euler, euler_a, ddim, pndm, lms, dpm++_2m, unipc (default: the model's)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int | None = None  # torch threads: the same seed gives the same bytes only with the same count
+    max_size: int = 1024
+
+
 # backend -> the struct its ``model:`` section must match (backends not listed take no ``model:``)
 BACKEND_OPTIONS: dict[str, type[ModelFileOptions]] = {
     "llama_cpp": LlamaCppOptions,
     "whisper": WhisperOptions,
     "piper": PiperOptions,
     "xtts": XttsOptions,
+    "diffusers": DiffusersOptions,
 }
 
 

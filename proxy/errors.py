@@ -19,6 +19,7 @@ by walking the exception's MRO, so a new subclass inherits its parent's status.
     │   ├── ModelLoadFailed              its worker failed to start (reason and log tail inside)
     │   │   └── LoadTimeout              its worker did not become ready within load_timeout
     │   └── WorkerUnavailable            its worker went away (crashed, killed) while we talked
+    ├── ClientGone                  499  the client went away first (nginx's code; nobody reads it)
     └── UpstreamError               (the worker's status) the worker refused the request itself
 
 ``ConfigError`` is apart: it stops start-up and never reaches a client.
@@ -112,6 +113,14 @@ class LoadTimeout(ModelLoadFailed):
 
 class WorkerUnavailable(Unavailable):
     code = "worker_unavailable"
+
+
+class ClientGone(ProxyError):
+    """The client went away before its answer was ready (nobody reads this answer)."""
+
+    status = 499
+    code = "client_closed_request"
+    openai_type = "invalid_request_error"
 
 
 class UpstreamError(ProxyError):

@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 extras="llama,whisper,speech"
-if [ "${1:-}" = "--test" ]; then extras="llama,whisper,speech,test"; fi
+if [ "${1:-}" = "--test" ]; then extras="llama,whisper,speech,images,test"; fi
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   .venv/bin/python -m pip install --quiet -e ".[${extras}]"
 if [ "${1:-}" = "--test" ]; then

@@ -10,13 +10,13 @@ import httpx
 from tests.harness import LiveProxy
 
 HEAVY = ("torch", "diffusers", "llama_cpp", "numpy", "transformers", "faster_whisper", "ctranslate2", "piper",
-         "onnxruntime", "av")
+         "onnxruntime", "av", "PIL", "TTS")
 
 
 def test_proxy_side_imports_no_backend() -> None:
     code = (
         "import sys, proxy.app, proxy.__main__, proxy.manager, proxy.supervisor, proxy.dialects.ollama,"
-        " proxy.api.transcription;"
+        " proxy.api.transcription, proxy.api.speech, proxy.api.images;"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

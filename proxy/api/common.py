@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,11 +16,12 @@ from proxy.auth import KeyRing, Role, key_from_headers
 from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.shaping import pop_keep_alive, require_model
-from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.errors import BadRequest, ClientGone, PayloadTooLarge
 from proxy.manager import Lease, ModelManager
 from proxy.streaming import ClosingStream
 from proxy.upstream import UpstreamStream
 
+T = TypeVar("T")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -84,6 +87,28 @@ def model_for(request: Request, body: dict[str, Any], needs: tuple[str, ...],
     if not set(needs) & set(cfg.capabilities):
         raise BadRequest(f"model '{cfg.name}' {refusal}", param="model")
     return cfg, keep_alive
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first (the worker then sees its own client
+    go and stops). A non-streaming handler's request is otherwise never told of the disconnect."""
+    job = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+            raise ClientGone("the client went away")
+        return job.result()
+    finally:
+        watch.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def lease_stream(

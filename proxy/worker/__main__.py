@@ -32,6 +32,7 @@ BACKENDS = {
     "whisper": "proxy.worker.backends.whisper:WhisperBackend",
     "piper": "proxy.worker.backends.piper:PiperBackend",
     "xtts": "proxy.worker.backends.xtts:XttsBackend",
+    "diffusers": "proxy.worker.backends.diffusers:DiffusersBackend",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -23,7 +24,7 @@ from starlette.routing import Route
 
 from proxy.streaming import ClosingStream
 from proxy.worker.audio import MEDIA_TYPES
-from proxy.worker.backends.base import Backend, BackendError, Speaker, Transcriber
+from proxy.worker.backends.base import Backend, BackendError, ImageMaker, Speaker, Transcriber
 from proxy.worker.pump import pump
 
 log = logging.getLogger("proxy.worker")
@@ -56,6 +57,12 @@ async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         yield b"data: " + _encode({"error": {"message": message, "type": "server_error"}}) + b"\n\n"
     finally:
         await items.aclose()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has gone away (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _audio(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
@@ -181,6 +188,38 @@ def create_worker_app(state: WorkerState) -> Starlette:
 
         return handler
 
+    def images(backend: ImageMaker) -> Callable[[Request], Any]:
+        async def handler(request: Request) -> Response:
+            if not state.ready:
+                return _error(503, "model is still loading")
+            try:
+                body = json.loads(await request.body())
+            except ValueError as exc:
+                return _error(400, f"invalid JSON: {exc}")
+            cancel = threading.Event()
+            state.in_flight += 1
+            await state.slots.acquire()
+            try:
+                job = asyncio.ensure_future(run_in_threadpool(backend.images, body, cancel))
+                gone = asyncio.ensure_future(_disconnected(request))
+                await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not job.done():  # the client went away: stop at the next step, then free the slot
+                    cancel.set()
+                    await asyncio.wait({job})
+                    return _error(499, "the client went away")
+                gone.cancel()
+                return Response(_encode(job.result()), media_type="application/json")
+            except BackendError as exc:
+                return _error(exc.status, exc.message, exc.param)
+            except Exception as exc:  # a backend bug (or the job cancelled): report it, keep serving
+                log.exception("image request failed")
+                return _error(500, f"{type(exc).__name__}: {exc}")
+            finally:
+                state.slots.release()
+                state.in_flight -= 1
+
+        return handler
+
     backend = state.backend
     routes = [Route("/health", health, methods=["GET"])]
     if hasattr(backend, "chat"):  # an LLM backend
@@ -189,6 +228,8 @@ def create_worker_app(state: WorkerState) -> Starlette:
             Route("/v1/completions", generation(backend.completion), methods=["POST"]),
             Route("/v1/embeddings", generation(backend.embeddings), methods=["POST"]),
         ]
+    if isinstance(backend, ImageMaker):  # an image backend
+        routes.append(Route("/v1/images", images(backend), methods=["POST"]))
     if isinstance(backend, Speaker):  # a text-to-speech backend
         routes.append(Route("/v1/audio/speech", speech(backend), methods=["POST"]))
     if isinstance(backend, Transcriber):  # a speech-to-text backend

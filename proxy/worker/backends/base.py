@@ -7,6 +7,7 @@ iterator of OpenAI-shaped chunk dicts, which the server closes when the client g
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -69,3 +70,13 @@ class Speaker(Protocol):
     """A text-to-speech backend: encoded audio for OpenAI's speech request, chunk by chunk."""
 
     def speech(self, body: dict[str, Any]) -> Iterator[bytes]: ...
+
+
+@runtime_checkable
+class ImageMaker(Protocol):
+    """An image backend: the canonical image request in, PNGs (base64) with their seeds out.
+
+    ``cancel`` is set when the client goes away; the backend stops at its next step.
+    """
+
+    def images(self, body: dict[str, Any], cancel: threading.Event) -> dict[str, Any]: ...

@@ -1,0 +1,113 @@
+"""Images: /txt2img and /img2img (the older inference API), AUTOMATIC1111's /sdapi/v1/*, and OpenAI's
+/v1/images/generations, all translated (``proxy.dialects.images``) to the worker's one canonical
+request; validation happens here, before any worker sees the request."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.api.common import guarded, json_bytes, model_for, read_json, services, unless_gone
+from proxy.auth import Role
+from proxy.config import ModelConfig
+from proxy.dialects import images as dialect
+from proxy.errors import BadRequest
+from proxy.keepalive import parse_keep_alive
+
+REFUSAL = "does not make images"
+
+
+async def _generate(request: Request, cfg: ModelConfig, keep_alive: float | None,
+                    canonical: dict[str, Any]) -> dict[str, Any]:
+    lease = await services(request).manager.acquire(cfg.name, keep_alive)
+    try:
+        return await unless_gone(request, lease.upstream.post_json("/v1/images", canonical))
+    finally:
+        lease.release()
+
+
+def _image_models(request: Request) -> list[ModelConfig]:
+    return [c for c in services(request).manager.configs if "image" in c.capabilities]
+
+
+def _a1111_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:
+    """A1111 requests rarely name a model: override_settings, then `model`, then the first image model."""
+    named = (body.get("override_settings") or {}).get("sd_model_checkpoint") or body.get("model")
+    keep_alive = parse_keep_alive(body.pop("keep_alive", None))
+    if named:
+        body = {**body, "model": named}
+        cfg, _ = model_for(request, body, ("image",), REFUSAL)
+        return cfg, keep_alive
+    models = _image_models(request)
+    if not models:
+        raise BadRequest("no image model is configured", param="model")
+    return models[0], keep_alive
+
+
+def inference_route(img2img: bool) -> Callable[[Request], Any]:
+    @guarded(Role.USER)
+    async def handler(request: Request) -> Response:
+        body = await read_json(request)
+        cfg, keep_alive = model_for(request, body, ("image",), REFUSAL)
+        canonical = dialect.from_inference(body, cfg, img2img)
+        result = await _generate(request, cfg, keep_alive, canonical)
+        if "image/png" in request.headers.get("accept", ""):
+            return Response(base64.b64decode(result["images"][0]["base64"]), media_type="image/png")
+        return JSONResponse({"images": result["images"], "processing_time": result["processing_time"],
+                             "parameters": dialect.parameters(canonical)})
+
+    return handler
+
+
+def a1111_route(img2img: bool) -> Callable[[Request], Any]:
+    @guarded(Role.USER)
+    async def handler(request: Request) -> Response:
+        body = await read_json(request)
+        cfg, keep_alive = _a1111_model(request, body)
+        canonical = dialect.from_a1111(body, cfg, img2img)
+        result = await _generate(request, cfg, keep_alive, canonical)
+        return Response(json_bytes(dialect.a1111_response(body, canonical, result)), media_type="application/json")
+
+    return handler
+
+
+@guarded(Role.USER)
+async def sd_models(request: Request) -> Response:
+    return JSONResponse([
+        {"title": c.name, "model_name": c.name, "hash": None, "sha256": None,
+         "filename": str(c.model_path) if c.model_path else "", "config": None}
+        for c in _image_models(request)
+    ])
+
+
+@guarded(Role.USER)
+async def sd_options(request: Request) -> Response:
+    models = _image_models(request)
+    return JSONResponse({"sd_model_checkpoint": models[0].name if models else None})
+
+
+@guarded(Role.USER)
+async def openai_generations(request: Request) -> Response:
+    body = await read_json(request)
+    cfg, keep_alive = model_for(request, body, ("image",), REFUSAL)
+    canonical = dialect.from_openai(body, cfg)
+    result = await _generate(request, cfg, keep_alive, canonical)
+    data = [{"b64_json": img["base64"], "revised_prompt": canonical["prompt"]} for img in result["images"]]
+    return JSONResponse({"created": int(time.time()), "data": data})
+
+
+routes = [
+    Route("/txt2img", inference_route(False), methods=["POST"]),
+    Route("/img2img", inference_route(True), methods=["POST"]),
+    Route("/sdapi/v1/txt2img", a1111_route(False), methods=["POST"]),
+    Route("/sdapi/v1/img2img", a1111_route(True), methods=["POST"]),
+    Route("/sdapi/v1/sd-models", sd_models, methods=["GET"]),
+    Route("/sdapi/v1/options", sd_options, methods=["GET"]),
+    Route("/v1/images/generations", openai_generations, methods=["POST"]),
+]

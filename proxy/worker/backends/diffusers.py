@@ -1,0 +1,157 @@
+"""Images with diffusers: a Stable Diffusion pipeline from a diffusers folder or a single-file checkpoint.
+
+The device is chosen here: CUDA, then Apple MPS, then the CPU, with a dtype that suits it. img2img
+reuses the loaded components (``from_pipe``), never the weights a second time. Each step reports
+progress, and a job whose client went away stops at the next step.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from proxy.dialects.images import SAMPLERS
+from proxy.worker.backends.base import InvalidRequest
+
+
+class Cancelled(Exception):
+    """The client went away; the job stopped at a step boundary."""
+
+
+class DiffusersBackend:
+    def __init__(self, name: str, model_path: str, options: dict[str, Any]) -> None:
+        self.name = name
+        self.path = Path(model_path)
+        self.options = dict(options)
+        self.pipe: Any = None
+        self._img2img: Any = None
+        self.device = "cpu"
+        self.dtype = "float32"
+        self.step = 0
+        self.total = 0
+        self.busy = False
+
+    def prepare(self) -> None:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+
+    def _device(self, torch: Any) -> tuple[str, Any]:
+        wanted = self.options.get("device", "auto")
+        if wanted == "auto":
+            if torch.cuda.is_available():
+                wanted = "cuda"
+            elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                wanted = "mps"
+            else:
+                wanted = "cpu"
+        dtype_name = self.options.get("dtype", "auto")
+        if dtype_name == "auto":
+            dtype_name = "float16" if wanted in ("cuda", "mps") else "float32"
+        return wanted, getattr(torch, dtype_name)
+
+    def load(self) -> None:
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        if self.options.get("threads"):
+            torch.set_num_threads(int(self.options["threads"]))
+        device, dtype = self._device(torch)
+        common = {"torch_dtype": dtype, "local_files_only": True, "safety_checker": None,
+                  "requires_safety_checker": False}
+        if self.path.is_dir():
+            pipe = StableDiffusionPipeline.from_pretrained(self.path, **common)
+        else:
+            config = self.options.get("config")
+            if not config:
+                raise FileNotFoundError("a single-file checkpoint needs model.config: a local diffusers folder")
+            pipe = StableDiffusionPipeline.from_single_file(str(self.path), config=config, **common)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(device)
+        self.device, self.dtype = device, str(dtype).removeprefix("torch.")
+
+    def progress(self) -> float:
+        return 1.0 if self.pipe is not None else 0.0
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"backend": "diffusers", "device": self.device, "dtype": self.dtype,
+                               "job": {"step": self.step, "total_steps": self.total} if self.busy else None}
+        if self.device == "cuda":
+            import torch
+
+            out["vram_bytes"] = int(torch.cuda.memory_allocated())
+        return out
+
+    def close(self) -> None:
+        self.pipe = self._img2img = None
+
+    def _scheduler(self, name: str | None) -> None:
+        import diffusers
+
+        wanted = (name or self.options.get("scheduler") or "").lower()
+        if not wanted:
+            return
+        cls_name = SAMPLERS.get(wanted)
+        if cls_name is None:
+            raise InvalidRequest(f"unknown sampler '{name}'; samplers: {', '.join(SAMPLERS)}", param="sampler")
+        if type(self.pipe.scheduler).__name__ != cls_name:
+            self.pipe.scheduler = getattr(diffusers, cls_name).from_config(self.pipe.scheduler.config)
+            self._img2img = None
+
+    def _init_image(self, data: str, width: int, height: int) -> Any:
+        from PIL import Image
+
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1]))).convert("RGB")
+        except Exception as exc:  # PIL's errors for anything it cannot read
+            raise InvalidRequest(f"'init_image' is not an image: {exc}", param="init_image") from exc
+        return image.resize((width, height))
+
+    def images(self, body: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+        """Generate ``n`` images for the canonical request; PNGs as base64 with the seed of each."""
+        import torch
+        from diffusers import AutoPipelineForImage2Image
+
+        started = time.perf_counter()
+        self._scheduler(body.get("scheduler"))
+        width, height = int(body["width"]), int(body["height"])
+        steps = int(body["steps"])
+        init = body.get("init_image")
+        pipe = self.pipe
+        kwargs: dict[str, Any] = {}
+        if init:
+            if self._img2img is None:
+                self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
+            pipe = self._img2img
+            kwargs = {"image": self._init_image(init, width, height), "strength": float(body.get("strength", 0.75))}
+        else:
+            kwargs = {"width": width, "height": height}
+        seed = int(body["seed"])
+
+        def on_step(p: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            self.step = step + 1
+            if cancel.is_set():
+                p._interrupt = True
+            return tensors
+
+        out = []
+        self.busy = True
+        try:
+            for i in range(int(body.get("n", 1))):
+                self.step, self.total = 0, steps
+                generator = torch.Generator(device="cpu").manual_seed(seed + i)
+                result = pipe(prompt=body["prompt"], negative_prompt=body.get("negative_prompt") or None,
+                              num_inference_steps=steps, guidance_scale=float(body["guidance_scale"]),
+                              generator=generator, callback_on_step_end=on_step, **kwargs)
+                if cancel.is_set():
+                    raise Cancelled()
+                buf = io.BytesIO()
+                result.images[0].save(buf, format="PNG")
+                out.append({"base64": base64.b64encode(buf.getvalue()).decode(), "seed": seed + i,
+                            "width": width, "height": height})
+        finally:
+            self.busy = False
+        return {"images": out, "processing_time": time.perf_counter() - started}

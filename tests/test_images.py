@@ -1,0 +1,179 @@
+"""Images on the real path: a tiny random-weight Stable Diffusion pipeline (tests/sd_build.py, diffusers'
+and transformers' own classes, saved with save_pretrained) loaded by the real diffusers worker, through
+a live proxy; every endpoint through its own client shape (the `openai` SDK for OpenAI's)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.harness import REPO, LiveProxy, fake_config, gone, wait_until
+
+MODEL = "tiny-sd"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sd")
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "sd_build.py"), str(out)], capture_output=True,
+                            text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, pipeline: Path) -> Iterator[LiveProxy]:
+    model = {"name": MODEL, "backend": "diffusers", "load_timeout": "120s",
+             "model": {"path": str(pipeline), "threads": 2, "width": 256, "height": 256, "steps": 3}}
+    live = LiveProxy(tmp_path_factory.mktemp("sd-proxy"), [model, fake_config("chatty")]).start()
+    yield live
+    leftovers = [p.pid for p in live.workers()]
+    live.stop()
+    wait_until(lambda: gone(leftovers), timeout=15)
+
+
+def post(proxy: LiveProxy, path: str, body: dict, **kw: object) -> httpx.Response:
+    kw.setdefault("timeout", 120)
+    return httpx.post(proxy.url + path, json=body, **kw)  # type: ignore[arg-type]
+
+
+def test_openai_sdk_generates_pngs(proxy: LiveProxy) -> None:
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
+        result = client.images.generate(model=MODEL, prompt="a red cat", n=2, size="256x256",
+                                        response_format="b64_json")
+    assert len(result.data) == 2
+    for image in result.data:
+        assert png_size(base64.b64decode(image.b64_json or "")) == (256, 256)
+    worker = proxy.status()[MODEL]["worker"]
+    assert worker["device"] == "cpu" and worker["dtype"] == "float32"
+    assert proxy.status()[MODEL]["memory_bytes"] > 10_000_000
+
+
+def test_txt2img_seed_determinism_and_sizes(proxy: LiveProxy) -> None:
+    body = {"model": MODEL, "prompt": "a lighthouse", "seed": 42, "num_inference_steps": 2, "width": 256,
+            "height": 320}
+    first, second = post(proxy, "/txt2img", body).json(), post(proxy, "/txt2img", body).json()
+    assert first["images"][0]["base64"] == second["images"][0]["base64"]
+    assert first["images"][0]["seed"] == 42 and first["parameters"]["steps"] == 2
+    assert png_size(base64.b64decode(first["images"][0]["base64"])) == (256, 320)
+    assert first["processing_time"] > 0
+    other = post(proxy, "/txt2img", {**body, "seed": 43}).json()
+    assert other["images"][0]["base64"] != first["images"][0]["base64"]
+    random_seed = post(proxy, "/txt2img", {"model": MODEL, "prompt": "x", "num_inference_steps": 1}).json()
+    assert isinstance(random_seed["images"][0]["seed"], int)
+
+
+def test_img2img_and_raw_png(proxy: LiveProxy) -> None:
+    init = post(proxy, "/txt2img", {"model": MODEL, "prompt": "a tree", "seed": 1}).json()["images"][0]["base64"]
+    result = post(proxy, "/img2img", {"model": MODEL, "prompt": "a tree in snow", "init_image": init,
+                                      "strength": 0.6, "num_inference_steps": 4, "seed": 2})
+    assert result.status_code == 200, result.text
+    image = result.json()["images"][0]
+    assert png_size(base64.b64decode(image["base64"])) == (256, 256) and image["base64"] != init
+    raw = post(proxy, "/txt2img", {"model": MODEL, "prompt": "a tree", "seed": 1}, headers={"Accept": "image/png"})
+    assert raw.headers["content-type"] == "image/png" and base64.b64encode(raw.content).decode() == init
+
+
+def test_automatic1111_api(proxy: LiveProxy) -> None:
+    models = httpx.get(proxy.url + "/sdapi/v1/sd-models").json()
+    assert [m["model_name"] for m in models] == [MODEL]
+    assert httpx.get(proxy.url + "/sdapi/v1/options").json()["sd_model_checkpoint"] == MODEL
+    r = post(proxy, "/sdapi/v1/txt2img", {"prompt": "a boat", "steps": 2, "cfg_scale": 5, "seed": -1,
+                                         "batch_size": 2, "width": 256, "height": 256, "sampler_name": "Euler a"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    info = json.loads(body["info"])
+    assert len(body["images"]) == 2 and len(info["all_seeds"]) == 2 and info["all_seeds"][1] == info["seed"] + 1
+    assert body["parameters"]["cfg_scale"] == 5 and info["sampler_name"] == "euler a"
+    r = post(proxy, "/sdapi/v1/img2img", {"prompt": "a boat at night", "init_images": [body["images"][0]],
+                                         "denoising_strength": 0.5, "steps": 3, "seed": 7})
+    assert r.status_code == 200 and png_size(base64.b64decode(r.json()["images"][0])) == (256, 256)
+
+
+def test_progress_in_status_and_disconnect_stops_the_job(proxy: LiveProxy) -> None:
+    seen: dict = {}
+
+    def long_job() -> None:
+        try:
+            post(proxy, "/txt2img", {"model": MODEL, "prompt": "a storm", "num_inference_steps": 150},
+                 timeout=httpx.Timeout(120, read=3))
+        except httpx.ReadTimeout:
+            seen["gone"] = True
+
+    thread = threading.Thread(target=long_job)
+    thread.start()
+
+    def job() -> dict | None:
+        worker = proxy.status()[MODEL].get("worker") or {}
+        return worker.get("job") if worker.get("job") and worker["job"]["step"] > 0 else None
+
+    progress = wait_until(job, timeout=30)
+    assert progress["total_steps"] == 150 and 0 < progress["step"] < 150
+    thread.join(60)
+    assert seen.get("gone")
+    # the client went away after 3 s: the job stops at its next step, long before its 150 steps
+    wait_until(lambda: proxy.status()[MODEL]["worker"]["in_flight"] == 0, timeout=10)
+    assert proxy.status()[MODEL]["in_flight"] == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/txt2img", {"prompt": "x", "num_inference_steps": 0}, ("num_inference_steps", "1", "150")),
+        ("/txt2img", {"prompt": "x", "num_inference_steps": 151}, ("num_inference_steps",)),
+        ("/txt2img", {"prompt": "x", "width": 300}, ("width", "multiple of 8")),
+        ("/txt2img", {"prompt": "x", "height": 2048}, ("height", "1024")),
+        ("/txt2img", {"prompt": "x" * 1001}, ("prompt", "1000")),
+        ("/txt2img", {"prompt": "x", "num_images": 5}, ("num_images",)),
+        ("/txt2img", {"prompt": ""}, ("prompt",)),
+        ("/txt2img", {"prompt": "x", "scheduler": "magic"}, ("scheduler", "euler")),
+        ("/img2img", {"prompt": "x", "init_image": "!!not base64!!"}, ("init_image", "base64")),
+        ("/img2img", {"prompt": "x", "init_image": base64.b64encode(b"just text, no image").decode()},
+         ("init_image", "PNG")),
+        ("/img2img", {"prompt": "x"}, ("init_image",)),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "high"}, ("cfg_scale",)),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 3, "n_iter": 2}, ("batch_size",)),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Heun++"}, ("sampler_name",)),
+        ("/sdapi/v1/img2img", {"prompt": "x", "init_images": []}, ("init_images",)),
+        ("/v1/images/generations", {"prompt": "x", "size": "big"}, ("size",)),
+        ("/v1/images/generations", {"prompt": "x", "response_format": "url"}, ("b64_json",)),
+        ("/v1/images/generations", {"prompt": "x", "n": 9}, ("n",)),
+    ],
+)
+def test_bad_input_never_reaches_the_worker(proxy: LiveProxy, path: str, body: dict, words: tuple[str, ...]) -> None:
+    httpx.post(proxy.url + "/unload/" + MODEL, timeout=60)
+    r = post(proxy, path, {"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert all(w in message for w in words), message
+    assert proxy.status()[MODEL]["state"] == "stopped"
+
+
+def test_not_an_image_model_and_lists(proxy: LiveProxy) -> None:
+    r = post(proxy, "/v1/images/generations", {"model": "chatty", "prompt": "x"})
+    assert r.status_code == 400 and "does not make images" in r.json()["error"]["message"]
+    kinds = {m["id"]: m["kind"] for m in httpx.get(proxy.url + "/v1/models").json()["data"]}
+    assert kinds[MODEL] == "image"
+    assert f"{MODEL}:latest" not in [m["name"] for m in httpx.get(proxy.url + "/api/tags").json()["models"]]
+
+
+def test_keep_alive_zero_unloads(proxy: LiveProxy) -> None:
+    r = post(proxy, "/txt2img", {"model": MODEL, "prompt": "x", "num_inference_steps": 1, "keep_alive": 0})
+    assert r.status_code == 200
+    wait_until(lambda: proxy.status()[MODEL]["state"] == "stopped", timeout=15)
