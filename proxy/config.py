@@ -322,6 +322,8 @@ def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], model
         opts = _convert(raw.model, options_cls, file, "model.")
         model_path = resolve_model_file(opts, models_dir, file)
         options = {k: v for k, v in msgspec.structs.asdict(opts).items() if k not in ("path", "package", "file")}
+        if isinstance(options.get("config"), str):  # a single file's diffusers config folder, like path:
+            options["config"] = str(models_dir / Path(options["config"]).expanduser())
     if raw.backend == "external":
         if (raw.cmd is None) == (raw.url is None):
             raise ConfigError(file, "cmd", "an external model needs exactly one of cmd (to start) or url")

@@ -66,5 +66,105 @@ def build(out: Path) -> Path:
     return target
 
 
+
+
+# -- the single-file export ------------------------------------------------------------------------
+# diffusers ships only the converters from the original (LDM) layout to its own; this is the way back,
+# after diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, for any number of blocks.
+
+def _unet_map(unet: UNet2DConditionModel) -> list[tuple[str, str]]:
+    """(original prefix, diffusers prefix) pairs for a UNet of this config."""
+    cfg = unet.config
+    layers = cfg.layers_per_block
+    blocks = len(cfg.block_out_channels)
+    pairs = []
+    for i, kind in enumerate(cfg.down_block_types):
+        for j in range(layers):
+            pairs.append((f"input_blocks.{(layers + 1) * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if kind.startswith("CrossAttn"):
+                pairs.append((f"input_blocks.{(layers + 1) * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+        if i < blocks - 1:
+            pairs.append((f"input_blocks.{(layers + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+    for i, kind in enumerate(cfg.up_block_types):
+        for j in range(layers + 1):
+            pairs.append((f"output_blocks.{(layers + 1) * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if kind.startswith("CrossAttn"):
+                pairs.append((f"output_blocks.{(layers + 1) * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < blocks - 1:
+            slot = 2 if kind.startswith("CrossAttn") else 1
+            pairs.append((f"output_blocks.{(layers + 1) * i + layers}.{slot}.", f"up_blocks.{i}.upsamplers.0."))
+    pairs.append(("middle_block.1.", "mid_block.attentions.0."))
+    pairs += [(f"middle_block.{2 * j}.", f"mid_block.resnets.{j}.") for j in range(2)]
+    return pairs
+
+
+_UNET_TOP = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"),
+           ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+
+
+def _rename(key: str, pairs: list[tuple[str, str]]) -> str:
+    for original, ours in pairs:
+        if key.startswith(ours):
+            return original + key[len(ours):]
+    return key
+
+
+def _unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    out = {}
+    pairs = _unet_map(unet)
+    for key, value in unet.state_dict().items():
+        name = _rename(key, _UNET_TOP)
+        if "resnets" in key:
+            for original, ours in _RESNET:
+                name = name.replace(ours, original)
+        out["model.diffusion_model." + _rename(name, pairs)] = value
+    return out
+
+
+def _vae_state(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    cfg = vae.config
+    blocks = len(cfg.block_out_channels)
+    layers = cfg.layers_per_block
+    pairs = [("encoder.norm_out.", "encoder.conv_norm_out."), ("decoder.norm_out.", "decoder.conv_norm_out.")]
+    for part in ("encoder", "decoder"):
+        pairs.append((f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0."))
+        pairs += [(f"{part}.mid.block_{i + 1}.", f"{part}.mid_block.resnets.{i}.") for i in range(2)]
+    for i in range(blocks):
+        pairs += [(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.") for j in range(layers)]
+        pairs += [(f"decoder.up.{blocks - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.")
+                  for j in range(layers + 1)]
+        if i < blocks - 1:
+            pairs.append((f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."))
+            pairs.append((f"decoder.up.{blocks - 1 - i}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0."))
+    attn = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
+    out = {}
+    for key, value in vae.state_dict().items():
+        name = _rename(key, pairs).replace("conv_shortcut", "nin_shortcut")
+        if ".attn_1." in name:
+            head, _, tail = name.partition(".attn_1.")
+            tail = _rename(tail, attn)
+            name = f"{head}.attn_1.{tail}"
+            if value.ndim == 2:  # the original attention uses 1x1 convolutions
+                value = value[:, :, None, None]
+        out["first_stage_model." + name] = value
+    return out
+
+
+def export_single_file(pipeline_dir: Path, target: Path) -> Path:
+    """The pipeline as one .safetensors in the original Stable Diffusion layout."""
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)
+    state = {**_unet_state(pipe.unet), **_vae_state(pipe.vae)}
+    for key, value in pipe.text_encoder.state_dict().items():  # transformers 5 drops the text_model. prefix
+        key = key if key.startswith("text_model.") else "text_model." + key
+        state["cond_stage_model.transformer." + key] = value
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    return target
+
+
 if __name__ == "__main__":
-    print(build(Path(sys.argv[1])))
+    folder = build(Path(sys.argv[1]))
+    print(export_single_file(folder, Path(sys.argv[1]) / "tiny-sd.safetensors"))

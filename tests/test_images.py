@@ -41,7 +41,11 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def proxy(tmp_path_factory: pytest.TempPathFactory, pipeline: Path) -> Iterator[LiveProxy]:
     model = {"name": MODEL, "backend": "diffusers", "load_timeout": "120s",
              "model": {"path": str(pipeline), "threads": 2, "width": 256, "height": 256, "steps": 3}}
-    live = LiveProxy(tmp_path_factory.mktemp("sd-proxy"), [model, fake_config("chatty")]).start()
+    single = {"name": "tiny-sd-file", "backend": "diffusers", "load_timeout": "120s",
+              "model": {"path": str(pipeline.parent / "tiny-sd.safetensors"), "config": str(pipeline), "threads": 2,
+                        "width": 256, "height": 256, "steps": 3}}
+    live = LiveProxy(tmp_path_factory.mktemp("sd-proxy"), [model, single, fake_config("chatty")],
+                     limits={"max_loaded_models": 2}).start()
     yield live
     leftovers = [p.pid for p in live.workers()]
     live.stop()
@@ -92,9 +96,10 @@ def test_img2img_and_raw_png(proxy: LiveProxy) -> None:
 
 def test_automatic1111_api(proxy: LiveProxy) -> None:
     models = httpx.get(proxy.url + "/sdapi/v1/sd-models").json()
-    assert [m["model_name"] for m in models] == [MODEL]
-    assert httpx.get(proxy.url + "/sdapi/v1/options").json()["sd_model_checkpoint"] == MODEL
+    assert sorted(m["model_name"] for m in models) == [MODEL, "tiny-sd-file"]
+    assert httpx.get(proxy.url + "/sdapi/v1/options").json()["sd_model_checkpoint"] in (MODEL, "tiny-sd-file")
     r = post(proxy, "/sdapi/v1/txt2img", {"prompt": "a boat", "steps": 2, "cfg_scale": 5, "seed": -1,
+                                         "override_settings": {"sd_model_checkpoint": MODEL},
                                          "batch_size": 2, "width": 256, "height": 256, "sampler_name": "Euler a"})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -177,3 +182,11 @@ def test_keep_alive_zero_unloads(proxy: LiveProxy) -> None:
     r = post(proxy, "/txt2img", {"model": MODEL, "prompt": "x", "num_inference_steps": 1, "keep_alive": 0})
     assert r.status_code == 200
     wait_until(lambda: proxy.status()[MODEL]["state"] == "stopped", timeout=15)
+
+
+def test_single_file_checkpoint_gives_the_same_image(proxy: LiveProxy) -> None:
+    body = {"prompt": "a lighthouse", "seed": 5, "num_inference_steps": 2}
+    from_folder = post(proxy, "/txt2img", {"model": MODEL, **body}).json()["images"][0]["base64"]
+    from_file = post(proxy, "/txt2img", {"model": "tiny-sd-file", **body})
+    assert from_file.status_code == 200, from_file.text
+    assert from_file.json()["images"][0]["base64"] == from_folder  # the same weights, the same bytes
