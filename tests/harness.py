@@ -5,6 +5,7 @@ Tests talk to it over HTTP with the official SDKs (or httpx for raw checks); not
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,15 @@ def gone(pids: list[int]) -> bool:
         except psutil.NoSuchProcess:
             continue
     return True
+
+
+@contextlib.contextmanager
+def running(root: Path, models: list[dict[str, Any]], **kw: Any) -> Iterator[LiveProxy]:
+    """A live proxy for the length of a block; afterwards it is stopped and none of its workers is left."""
+    proxy = LiveProxy(root, models, **kw).start()
+    try:
+        yield proxy
+    finally:
+        leftovers = [p.pid for p in proxy.workers()]
+        proxy.stop()
+        wait_until(lambda: gone(leftovers), timeout=15)

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import REPO, LiveProxy, fake_config, gone, wait_until
+from tests.harness import REPO, LiveProxy, fake_config, running, wait_until
 
 MODEL = "tiny-sd"
 
@@ -44,12 +44,9 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, pipeline: Path) -> Iterator[
     single = {"name": "tiny-sd-file", "backend": "diffusers", "load_timeout": "120s",
               "model": {"path": str(pipeline.parent / "tiny-sd.safetensors"), "config": str(pipeline), "threads": 2,
                         "width": 256, "height": 256, "steps": 3}}
-    live = LiveProxy(tmp_path_factory.mktemp("sd-proxy"), [model, single, fake_config("chatty")],
-                     limits={"max_loaded_models": 2}).start()
-    yield live
-    leftovers = [p.pid for p in live.workers()]
-    live.stop()
-    wait_until(lambda: gone(leftovers), timeout=15)
+    with running(tmp_path_factory.mktemp("sd-proxy"), [model, single, fake_config("chatty")],
+                 limits={"max_loaded_models": 2}) as live:
+        yield live
 
 
 def post(proxy: LiveProxy, path: str, body: dict, **kw: object) -> httpx.Response:

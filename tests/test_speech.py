@@ -12,7 +12,7 @@ import openai
 import pytest
 import yaml
 
-from tests.harness import REPO, LiveProxy, fake_config, gone, wait_until
+from tests.harness import REPO, LiveProxy, fake_config, running, wait_until
 
 SHORT = "Hello there."
 LONG = ("Hello there. This is a longer text, spoken in several sentences. Each sentence is made on its own. "
@@ -22,11 +22,8 @@ LONG = ("Hello there. This is a longer text, spoken in several sentences. Each s
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
     piper = yaml.safe_load((REPO / "configs" / "piper.yaml").read_text())
-    live = LiveProxy(tmp_path_factory.mktemp("piper"), [piper, fake_config("chatty")]).start()
-    yield live
-    leftovers = [p.pid for p in live.workers()]
-    live.stop()
-    wait_until(lambda: gone(leftovers), timeout=15)
+    with running(tmp_path_factory.mktemp("piper"), [piper, fake_config("chatty")]) as live:
+        yield live
 
 
 @pytest.fixture

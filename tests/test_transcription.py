@@ -13,7 +13,7 @@ import openai
 import pytest
 import yaml
 
-from tests.harness import REPO, LiveProxy, fake_config, gone, wait_until
+from tests.harness import REPO, LiveProxy, fake_config, running, wait_until
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 WORDS = ["quick", "brown", "fox", "jumps", "over", "lazy", "dog", "river"]
@@ -58,12 +58,9 @@ def wav() -> bytes:
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
     whisper = yaml.safe_load((REPO / "configs" / "whisper.yaml").read_text())
-    live = LiveProxy(tmp_path_factory.mktemp("whisper"), [whisper, fake_config("chatty")],
-                     limits={"max_body_bytes": LIMIT}).start()
-    yield live
-    leftovers = [p.pid for p in live.workers()]
-    live.stop()
-    wait_until(lambda: gone(leftovers), timeout=15)
+    with running(tmp_path_factory.mktemp("whisper"), [whisper, fake_config("chatty")],
+                 limits={"max_body_bytes": LIMIT}) as live:
+        yield live
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import REPO, LiveProxy, gone, wait_until
+from tests.harness import REPO, LiveProxy, gone, running
 
 XTTS_PYTHON = REPO / ".venv-xtts" / "bin" / "python"
 SPEAKERS = ["Ana Florence", "Claribel Dervla"]
@@ -44,11 +44,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
                   "sample_rate": 16000},
         "load_timeout": "180s",
     }
-    live = LiveProxy(tmp_path_factory.mktemp("xtts-proxy"), [model]).start()
-    yield live
-    leftovers = [p.pid for p in live.workers()]
-    live.stop()
-    wait_until(lambda: gone(leftovers), timeout=15)
+    with running(tmp_path_factory.mktemp("xtts-proxy"), [model]) as live:
+        yield live
 
 
 def wav_info(data: bytes) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -44,6 +44,43 @@ class WorkerState:
         self.error: str | None = None
         self.in_flight = 0
         self.slots = asyncio.Semaphore(parallel)
+
+    def slot(self) -> Slot:
+        return Slot(self)
+
+
+class Slot:
+    """One of the backend's ``parallel`` slots, held for a request; released once, when the request
+    ends or, for a stream, when the stream it was handed over to closes."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+        self.handed_over = False
+
+    async def __aenter__(self) -> Slot:
+        self.state.in_flight += 1
+        await self.state.slots.acquire()
+        return self
+
+    async def release(self) -> None:
+        self.state.slots.release()
+        self.state.in_flight -= 1
+
+    def hand_over(self) -> Callable[[], Awaitable[None]]:
+        self.handed_over = True
+        return self.release
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.handed_over:
+            await self.release()
+
+
+def _failure(exc: Exception) -> JSONResponse:
+    """A request the backend could not serve: its own status for a BackendError, else a logged 500."""
+    if isinstance(exc, BackendError):
+        return _error(exc.status, exc.message, exc.param)
+    log.exception("request failed")
+    return _error(500, f"{type(exc).__name__}: {exc}")
 
 
 async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -99,27 +136,14 @@ def create_worker_app(state: WorkerState) -> Starlette:
                 return _error(400, f"invalid JSON: {exc}")
             if not isinstance(body, dict):
                 return _error(400, "the body must be a JSON object")
-            state.in_flight += 1
-            await state.slots.acquire()
-
-            async def release() -> None:
-                state.slots.release()
-                state.in_flight -= 1
-
-            handed_over = False
-            try:
-                result = await run_in_threadpool(method, body)
+            async with state.slot() as slot:
+                try:
+                    result = await run_in_threadpool(method, body)
+                except Exception as exc:  # a backend error or bug: report it, keep serving
+                    return _failure(exc)
                 if isinstance(result, dict):
                     return Response(_encode(result), media_type="application/json")
-                handed_over = True
-                return ClosingStream(_sse(result), on_close=release, headers=_STREAM_HEADERS)
-            except BackendError as exc:
-                return _error(exc.status, exc.message, exc.param)
-            except Exception as exc:  # a backend bug: report it, keep serving
-                return _error(500, f"{type(exc).__name__}: {exc}")
-            finally:
-                if not handed_over:
-                    await release()
+                return ClosingStream(_sse(result), on_close=slot.hand_over(), headers=_STREAM_HEADERS)
 
         return handler
 
@@ -135,18 +159,12 @@ def create_worker_app(state: WorkerState) -> Starlette:
                 params["task"] = task
                 params["temperature"] = float(params.get("temperature") or 0.0)
                 params["word_timestamps"] = "word" in form.getlist("timestamp_granularities[]")
-                state.in_flight += 1
-                await state.slots.acquire()
-                try:
-                    header, segments = await run_in_threadpool(backend.transcribe, upload.file, params)
-                    found = [segment async for segment in pump(segments)]
-                except BackendError as exc:
-                    return _error(exc.status, exc.message, exc.param)
-                except Exception as exc:  # a backend bug: report it, keep serving
-                    return _error(500, f"{type(exc).__name__}: {exc}")
-                finally:
-                    state.slots.release()
-                    state.in_flight -= 1
+                async with state.slot():
+                    try:
+                        header, segments = await run_in_threadpool(backend.transcribe, upload.file, params)
+                        found = [segment async for segment in pump(segments)]
+                    except Exception as exc:  # a backend error or bug: report it, keep serving
+                        return _failure(exc)
             body = {**header, "text": "".join(s["text"] for s in found).strip(), "segments": found}
             words = [w for s in found for w in s.get("words", [])]
             if words:
@@ -165,26 +183,13 @@ def create_worker_app(state: WorkerState) -> Starlette:
                 media_type = MEDIA_TYPES[fmt]
             except (ValueError, AttributeError, KeyError):
                 return _error(400, "the body must be a JSON speech request with a known response_format")
-            state.in_flight += 1
-            await state.slots.acquire()
-
-            async def release() -> None:
-                state.slots.release()
-                state.in_flight -= 1
-
-            handed_over = False
-            try:
-                chunks = await run_in_threadpool(backend.speech, body)
-                handed_over = True
-                return ClosingStream(_audio(chunks), on_close=release, media_type=media_type, headers=_STREAM_HEADERS)
-            except BackendError as exc:
-                return _error(exc.status, exc.message, exc.param)
-            except Exception as exc:  # a backend bug: report it, keep serving
-                log.exception("speech request failed")
-                return _error(500, f"{type(exc).__name__}: {exc}")
-            finally:
-                if not handed_over:
-                    await release()
+            async with state.slot() as slot:
+                try:
+                    chunks = await run_in_threadpool(backend.speech, body)
+                except Exception as exc:  # a backend error or bug: report it, keep serving
+                    return _failure(exc)
+                return ClosingStream(_audio(chunks), on_close=slot.hand_over(), media_type=media_type,
+                                     headers=_STREAM_HEADERS)
 
         return handler
 
@@ -197,26 +202,19 @@ def create_worker_app(state: WorkerState) -> Starlette:
             except ValueError as exc:
                 return _error(400, f"invalid JSON: {exc}")
             cancel = threading.Event()
-            state.in_flight += 1
-            await state.slots.acquire()
-            try:
+            async with state.slot():
                 job = asyncio.ensure_future(run_in_threadpool(backend.images, body, cancel))
                 gone = asyncio.ensure_future(_disconnected(request))
                 await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+                gone.cancel()
                 if not job.done():  # the client went away: stop at the next step, then free the slot
                     cancel.set()
                     await asyncio.wait({job})
                     return _error(499, "the client went away")
-                gone.cancel()
-                return Response(_encode(job.result()), media_type="application/json")
-            except BackendError as exc:
-                return _error(exc.status, exc.message, exc.param)
-            except Exception as exc:  # a backend bug (or the job cancelled): report it, keep serving
-                log.exception("image request failed")
-                return _error(500, f"{type(exc).__name__}: {exc}")
-            finally:
-                state.slots.release()
-                state.in_flight -= 1
+                try:
+                    return Response(_encode(job.result()), media_type="application/json")
+                except Exception as exc:  # a backend error or bug (or the job cancelled): report it
+                    return _failure(exc)
 
         return handler
 
