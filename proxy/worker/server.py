@@ -126,16 +126,23 @@ def create_worker_app(state: WorkerState) -> Starlette:
         }
         return JSONResponse(body, 200 if state.ready else 503)
 
+    async def json_request(request: Request) -> dict[str, Any] | Response:
+        """The request's JSON object once the model is ready, or the error answer to send instead."""
+        if not state.ready:
+            return _error(503, "model is still loading")
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            return _error(400, f"invalid JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        return body
+
     def generation(method: Callable[[dict[str, Any]], Any]) -> Callable[[Request], Any]:
         async def handler(request: Request) -> Response:
-            if not state.ready:
-                return _error(503, "model is still loading")
-            try:
-                body = json.loads(await request.body())
-            except ValueError as exc:
-                return _error(400, f"invalid JSON: {exc}")
-            if not isinstance(body, dict):
-                return _error(400, "the body must be a JSON object")
+            body = await json_request(request)
+            if isinstance(body, Response):
+                return body
             async with state.slot() as slot:
                 try:
                     result = await run_in_threadpool(method, body)
@@ -175,14 +182,12 @@ def create_worker_app(state: WorkerState) -> Starlette:
 
     def speech(backend: Speaker) -> Callable[[Request], Any]:
         async def handler(request: Request) -> Response:
-            if not state.ready:
-                return _error(503, "model is still loading")
-            try:
-                body = json.loads(await request.body())
-                fmt = str(body.get("response_format") or "wav")
-                media_type = MEDIA_TYPES[fmt]
-            except (ValueError, AttributeError, KeyError):
-                return _error(400, "the body must be a JSON speech request with a known response_format")
+            body = await json_request(request)
+            if isinstance(body, Response):
+                return body
+            media_type = MEDIA_TYPES.get(str(body.get("response_format") or "wav"))
+            if media_type is None:
+                return _error(400, f"unknown response_format; known: {', '.join(MEDIA_TYPES)}", "response_format")
             async with state.slot() as slot:
                 try:
                     chunks = await run_in_threadpool(backend.speech, body)
@@ -195,12 +200,9 @@ def create_worker_app(state: WorkerState) -> Starlette:
 
     def images(backend: ImageMaker) -> Callable[[Request], Any]:
         async def handler(request: Request) -> Response:
-            if not state.ready:
-                return _error(503, "model is still loading")
-            try:
-                body = json.loads(await request.body())
-            except ValueError as exc:
-                return _error(400, f"invalid JSON: {exc}")
+            body = await json_request(request)
+            if isinstance(body, Response):
+                return body
             cancel = threading.Event()
             async with state.slot():
                 job = asyncio.ensure_future(run_in_threadpool(backend.images, body, cancel))
