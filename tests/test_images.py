@@ -94,7 +94,6 @@ def test_img2img_and_raw_png(proxy: LiveProxy) -> None:
 def test_automatic1111_api(proxy: LiveProxy) -> None:
     models = httpx.get(proxy.url + "/sdapi/v1/sd-models").json()
     assert sorted(m["model_name"] for m in models) == [MODEL, "tiny-sd-file"]
-    assert httpx.get(proxy.url + "/sdapi/v1/options").json()["sd_model_checkpoint"] in (MODEL, "tiny-sd-file")
     r = post(proxy, "/sdapi/v1/txt2img", {"prompt": "a boat", "steps": 2, "cfg_scale": 5, "seed": -1,
                                          "override_settings": {"sd_model_checkpoint": MODEL},
                                          "batch_size": 2, "width": 256, "height": 256, "sampler_name": "Euler a"})
@@ -106,6 +105,31 @@ def test_automatic1111_api(proxy: LiveProxy) -> None:
     r = post(proxy, "/sdapi/v1/img2img", {"prompt": "a boat at night", "init_images": [body["images"][0]],
                                          "denoising_strength": 0.5, "steps": 3, "seed": 7})
     assert r.status_code == 200 and png_size(base64.b64decode(r.json()["images"][0])) == (256, 256)
+
+
+def test_automatic1111_checkpoint_switch(proxy: LiveProxy) -> None:
+    """What A1111 clients (Open WebUI among them) do to switch models: GET options, change
+    sd_model_checkpoint, POST them back; later requests that name no model use that checkpoint."""
+    options_url = proxy.url + "/sdapi/v1/options"
+    options = httpx.get(options_url).json()
+    first = options["sd_model_checkpoint"]
+    other = {MODEL: "tiny-sd-file", "tiny-sd-file": MODEL}[first]
+    try:
+        r = httpx.post(options_url, json={**options, "sd_model_checkpoint": other, "CLIP_stop_at_last_layers": 1})
+        assert r.status_code == 200 and r.json() is None
+        assert httpx.get(options_url).json()["sd_model_checkpoint"] == other
+        httpx.post(proxy.url + "/unload", timeout=30).raise_for_status()
+        r = post(proxy, "/sdapi/v1/txt2img", {"prompt": "a boat", "steps": 1, "width": 256, "height": 256})
+        assert r.status_code == 200, r.text
+        states = {name: proxy.status()[name]["state"] for name in (MODEL, "tiny-sd-file")}
+        assert states == {other: "ready", first: "stopped"}
+        missing = httpx.post(options_url, json={"sd_model_checkpoint": "no-such-model"})
+        assert missing.status_code == 404 and "no-such-model" in missing.json()["error"]["message"]
+        not_image = httpx.post(options_url, json={"sd_model_checkpoint": "chatty"})
+        assert not_image.status_code == 400 and "does not make images" in not_image.json()["error"]["message"]
+        assert httpx.get(options_url).json()["sd_model_checkpoint"] == other  # refusals change nothing
+    finally:
+        httpx.post(options_url, json={"sd_model_checkpoint": first}).raise_for_status()
 
 
 def test_progress_in_status_and_disconnect_stops_the_job(proxy: LiveProxy) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -26,12 +26,22 @@ STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+@dataclass
+class ClientOptions:
+    """Settings a client API keeps across requests: AUTOMATIC1111's selected checkpoint (POST
+    /sdapi/v1/options), used by its requests that name no model. Preferences, not model state: the
+    manager still decides what loads."""
+
+    sd_model_checkpoint: str | None = None
+
+
 @dataclass(frozen=True)
 class Services:
     settings: Settings
     manager: ModelManager
     keys: KeyRing
     clock: Clock
+    options: ClientOptions = field(default_factory=ClientOptions)
 
 
 def services(request: Request) -> Services:

@@ -36,18 +36,28 @@ def _image_models(request: Request) -> list[ModelConfig]:
     return [c for c in services(request).manager.configs if "image" in c.capabilities]
 
 
+def _image_model(request: Request, name: str) -> ModelConfig:
+    cfg, _ = model_for(request, {"model": name}, ("image",), REFUSAL)
+    return cfg
+
+
+def _selected(request: Request) -> ModelConfig | None:
+    """The checkpoint A1111 clients selected (POST /sdapi/v1/options), else the first image model."""
+    chosen = services(request).options.sd_model_checkpoint
+    if chosen is not None:
+        return _image_model(request, chosen)
+    models = _image_models(request)
+    return models[0] if models else None
+
+
 def _a1111_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:
-    """A1111 requests rarely name a model: override_settings, then `model`, then the first image model."""
+    """A1111 requests rarely name a model: override_settings, then `model`, then the selected checkpoint."""
     named = (body.get("override_settings") or {}).get("sd_model_checkpoint") or body.get("model")
     keep_alive = parse_keep_alive(body.pop("keep_alive", None))
-    if named:
-        body = {**body, "model": named}
-        cfg, _ = model_for(request, body, ("image",), REFUSAL)
-        return cfg, keep_alive
-    models = _image_models(request)
-    if not models:
+    cfg = _image_model(request, named) if named else _selected(request)
+    if cfg is None:
         raise BadRequest("no image model is configured", param="model")
-    return models[0], keep_alive
+    return cfg, keep_alive
 
 
 def inference_route(img2img: bool) -> Callable[[Request], Any]:
@@ -88,8 +98,22 @@ async def sd_models(request: Request) -> Response:
 
 @guarded(Role.USER)
 async def sd_options(request: Request) -> Response:
-    models = _image_models(request)
-    return JSONResponse({"sd_model_checkpoint": models[0].name if models else None})
+    cfg = _selected(request)
+    return JSONResponse({"sd_model_checkpoint": cfg.name if cfg else None})
+
+
+@guarded(Role.USER)
+async def set_sd_options(request: Request) -> Response:
+    """A1111's way to switch checkpoints (what Open WebUI does when its image model is changed): only
+    `sd_model_checkpoint` means something here; other options are accepted and ignored, as A1111 answers
+    `null`. The model loads on its next request, like any other."""
+    body = await read_json(request)
+    name = body.get("sd_model_checkpoint")
+    if name is not None:
+        if not isinstance(name, str) or not name:
+            raise BadRequest("'sd_model_checkpoint' must be a model name", param="sd_model_checkpoint")
+        services(request).options.sd_model_checkpoint = _image_model(request, name).name
+    return JSONResponse(None)
 
 
 @guarded(Role.USER)
@@ -109,5 +133,6 @@ routes = [
     Route("/sdapi/v1/img2img", a1111_route(True), methods=["POST"]),
     Route("/sdapi/v1/sd-models", sd_models, methods=["GET"]),
     Route("/sdapi/v1/options", sd_options, methods=["GET"]),
+    Route("/sdapi/v1/options", set_sd_options, methods=["POST"]),
     Route("/v1/images/generations", openai_generations, methods=["POST"]),
 ]
