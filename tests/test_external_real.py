@@ -1,0 +1,93 @@
+"""`backend: external` on the real path: llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`)
+on the SmolLM2 GGUF, the common case of an OpenAI-compatible server the proxy fronts.
+
+Started by the proxy from a `cmd` with `${PORT}` (health-checked on `/v1/models`, stopped on unload), and
+already running at a `url` (routed to, never stopped). Reached with the `openai` and `ollama` SDKs: the
+Ollama dialect is translated in front of it, the server itself only speaks OpenAI's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import psutil
+import pytest
+
+from tests.harness import LiveProxy, free_port, gone, smollm2_path, wait_until
+
+MakeProxy = Callable[..., LiveProxy]
+OpenAIFor = Callable[[LiveProxy], openai.OpenAI]
+MESSAGES: Any = [{"role": "user", "content": "Name a colour."}]
+
+
+def server_cmd(port: str) -> list[str]:
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()), "--host", "127.0.0.1",
+            "--port", port, "--n_ctx", "2048", "--n_threads", "2", "--verbose", "false"]
+
+
+def external(name: str, **how: Any) -> dict[str, Any]:
+    return {"name": name, "backend": "external", "health_path": "/v1/models", "load_timeout": "60s",
+            "details": {"family": "llama", "parameter_size": "135M"}, **how}
+
+
+def answers_both_dialects(proxy: LiveProxy, client: openai.OpenAI, name: str) -> None:
+    stream = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8, stream=True, temperature=0)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed.strip()
+    with ollama.Client(host=proxy.url, timeout=60) as ollama_client:
+        reply = ollama_client.chat(model=name, messages=MESSAGES, options={"num_predict": 8, "temperature": 0})
+        chunks = list(ollama_client.generate(model=name, prompt="Say hi.", stream=True, options={"num_predict": 6}))
+    assert reply.message.content and reply.done
+    assert reply.message.content == streamed  # the same server, the same greedy tokens, either dialect
+    assert chunks[-1].done and "".join(c.response for c in chunks).strip()
+
+
+def test_started_from_a_cmd_answers_both_dialects_and_stops_on_unload(
+    make_proxy: MakeProxy, openai_for: OpenAIFor
+) -> None:
+    proxy = make_proxy([external("llama-server", cmd=server_cmd("${PORT}"))])
+    answers_both_dialects(proxy, openai_for(proxy), "llama-server")
+    status = proxy.status()["llama-server"]
+    assert status["state"] == "ready" and status["pid"]
+    server = psutil.Process(status["pid"])
+    assert "llama_cpp.server" in server.cmdline()
+    assert httpx.post(proxy.url + "/unload/llama-server", timeout=30).status_code == 200
+    wait_until(lambda: gone([server.pid]), timeout=15)
+    assert proxy.status()["llama-server"]["state"] == "stopped"
+
+
+@pytest.fixture
+def running_server() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    server = subprocess.Popen(server_cmd(str(port)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _up(port) or server.poll() is not None, timeout=60)
+        assert server.poll() is None, "llama_cpp.server did not start"
+        yield port, server
+    finally:
+        server.terminate()
+        server.wait(15)
+
+
+def test_already_running_at_a_url_is_routed_to_and_never_stopped(
+    make_proxy: MakeProxy, openai_for: OpenAIFor, running_server: tuple[int, subprocess.Popen[bytes]]
+) -> None:
+    port, server = running_server
+    proxy = make_proxy([external("remote", url=f"http://127.0.0.1:{port}")])
+    answers_both_dialects(proxy, openai_for(proxy), "remote")
+    assert httpx.post(proxy.url + "/unload/remote", timeout=30).status_code == 200
+    assert server.poll() is None and _up(port)  # unloading a url model only forgets the route
+    assert httpx.post(proxy.url + "/v1/completions", timeout=60,
+                      json={"model": "remote", "prompt": "Once", "max_tokens": 4}).status_code == 200
+
+
+def _up(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
