@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.common import load, median, quartiles, save, start_proxy, table, worker_arg
 from tests.harness import smollm2_config, smollm2_path
@@ -100,9 +101,15 @@ def main() -> None:
             }
             for run in runs.values():  # warm up every path once (prompt cache, connections)
                 run()
+            assert proxy.proc is not None
+            proxy_process = psutil.Process(proxy.proc.pid)
+            proxy_cpu = 0.0
             for _ in range(rounds):
                 for name, run in runs.items():
+                    before = sum(proxy_process.cpu_times()[:2])
                     start, times = run()
+                    if name == "proxy":
+                        proxy_cpu += sum(proxy_process.cpu_times()[:2]) - before
                     results[name].append((*rates(start, times), len(times)))
         llm.close()
     finally:
@@ -121,6 +128,7 @@ def main() -> None:
         "ratio_proxy_direct": med["proxy"][0] / med["direct"][0],
         "ratio_proxy_in_process": med["proxy"][0] / med["in_process"][0],
         "paired_ratio_quartiles": paired,
+        "proxy_cpu_us_per_token": proxy_cpu / sum(r[2] for r in results["proxy"]) * 1e6,
         "raw": results,
     }
     path = save("llm_stream", summary)
@@ -131,6 +139,7 @@ def main() -> None:
         ("  round by round: q1, median, q3", ", ".join(f"{q:.3f}" for q in paired["direct"])),
         ("proxy / in-process (goal >= 0.97): of medians", f"{summary['ratio_proxy_in_process']:.3f}"),
         ("  round by round: q1, median, q3", ", ".join(f"{q:.3f}" for q in paired["in_process"])),
+        ("proxy CPU per streamed token (user + system)", f"{summary['proxy_cpu_us_per_token']:.0f} us"),
         ("results", str(path)),
     ]))
 
