@@ -5,7 +5,6 @@ request; validation happens here, before any worker sees the request."""
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -123,7 +122,7 @@ async def openai_generations(request: Request) -> Response:
     canonical = dialect.from_openai(body, cfg)
     result = await _generate(request, cfg, keep_alive, canonical)
     data = [{"b64_json": img["base64"], "revised_prompt": canonical["prompt"]} for img in result["images"]]
-    return JSONResponse({"created": int(time.time()), "data": data})
+    return JSONResponse({"created": int(services(request).clock.time()), "data": data})
 
 
 routes = [
