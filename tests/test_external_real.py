@@ -18,7 +18,7 @@ import openai
 import psutil
 import pytest
 
-from tests.harness import LiveProxy, free_port, gone, smollm2_path, wait_until
+from tests.harness import LiveProxy, answers, free_port, gone, smollm2_path, wait_until
 
 MakeProxy = Callable[..., LiveProxy]
 OpenAIFor = Callable[[LiveProxy], openai.OpenAI]
@@ -87,7 +87,4 @@ def test_already_running_at_a_url_is_routed_to_and_never_stopped(
 
 
 def _up(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
+    return answers(f"http://127.0.0.1:{port}/v1/models")

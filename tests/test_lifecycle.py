@@ -17,7 +17,7 @@ import openai
 import psutil
 import pytest
 
-from tests.harness import FAKE_WORKER, LiveProxy, fake_config, free_port, gone, wait_until
+from tests.harness import FAKE_WORKER, LiveProxy, answers, fake_config, free_port, gone, wait_until
 
 MakeProxy = Callable[..., LiveProxy]
 OpenAIFor = Callable[[LiveProxy], openai.OpenAI]
@@ -221,7 +221,7 @@ def test_external_server_at_a_url_is_routed_to_but_never_stopped(make_proxy: Mak
     port = free_port()
     server = subprocess.Popen([sys.executable, FAKE_WORKER, "--port", str(port)])
     try:
-        wait_until(lambda: _up(port), timeout=20)
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), timeout=20)
         proxy = make_proxy([{"name": "remote", "backend": "external", "url": f"http://127.0.0.1:{port}"}])
         assert chat(proxy, "remote").json()["choices"][0]["message"]["content"].startswith("tok")
         lines = httpx.post(proxy.url + "/api/chat", timeout=30,
@@ -232,10 +232,3 @@ def test_external_server_at_a_url_is_routed_to_but_never_stopped(make_proxy: Mak
     finally:
         server.terminate()
         server.wait(10)
-
-
-def _up(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
