@@ -2,8 +2,8 @@
 
 Run as an ``external`` model's cmd: ``python tests/fake_worker.py --port ${PORT} [flags]``.
 It streams ``--tokens`` chunks of ``tok`` at ``--rate`` per second (0: as fast as it can), and
-can be told to load slowly, crash while loading, hang while loading, crash mid-stream or ignore
-SIGTERM. ``GET /health`` reports ``in_flight`` and the number of chunks generated so far, so a
+can be told to load slowly, crash while loading, hang while loading, crash, hang or end early
+mid-stream, or ignore SIGTERM. ``GET /health`` reports ``in_flight`` and the number of chunks generated so far, so a
 test can see generation stop when its client goes away.
 """
 
@@ -44,6 +44,9 @@ def build(args: argparse.Namespace) -> Starlette:
     async def chat(request: Request) -> Response:
         body = json.loads(await request.body())
         state["requests"] += 1
+        if args.record:
+            with open(args.record, "a") as fh:
+                fh.write(json.dumps({"path": request.url.path, "body": body}) + "\n")
         n = int(body.get("max_tokens") or args.tokens)
         if not body.get("stream"):
             await asyncio.sleep(args.delay)
@@ -66,7 +69,13 @@ def build(args: argparse.Namespace) -> Starlette:
             try:
                 for i in range(n):
                     if args.crash_after is not None and i == args.crash_after:
+                        sys.stderr.write(f"fake worker: crashing after {i} chunks\n")
+                        sys.stderr.flush()
                         os._exit(3)
+                    if args.hang_after is not None and i == args.hang_after:
+                        await asyncio.Event().wait()  # stuck, using no CPU, /health still answering
+                    if args.end_after is not None and i == args.end_after:
+                        return  # a clean end of the HTTP answer, without finish_reason or [DONE]
                     if args.rate:
                         await asyncio.sleep(1.0 / args.rate)
                     state["generated"] += 1
@@ -107,6 +116,9 @@ def main() -> None:
     p.add_argument("--crash-on-load", action="store_true")
     p.add_argument("--hang-on-load", action="store_true")
     p.add_argument("--crash-after", type=int, default=None, help="exit after this many streamed chunks")
+    p.add_argument("--hang-after", type=int, default=None, help="stop making progress after this many chunks")
+    p.add_argument("--end-after", type=int, default=None, help="end the stream after this many chunks, no [DONE]")
+    p.add_argument("--record", default=None, help="append each generation request (path, body) to this file")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--pidfile", default=None, help="write our pid here")
     args = p.parse_args()

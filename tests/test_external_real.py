@@ -36,14 +36,22 @@ def external(name: str, **how: Any) -> dict[str, Any]:
 
 
 def answers_both_dialects(proxy: LiveProxy, client: openai.OpenAI, name: str) -> None:
+    """The same greedy request through both dialects: each answers in full and stops at the token limit.
+
+    Not compared: the texts. llama-cpp-python's server reuses the previous request's KV cache for the
+    common prefix of the prompt, so the same request evaluates its prompt in different batch shapes
+    depending on what came before, and greedy decoding flips at near-ties (seen here: the same OpenAI
+    request sent twice in a row gave two texts). That both dialects send the server the same request is
+    proven on a recording worker (test_lifecycle.py, test_both_dialects_send_the_worker_the_same_request).
+    """
     stream = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8, stream=True, temperature=0)
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    assert streamed.strip()
+    chunks_openai = [chunk for chunk in stream if chunk.choices]
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks_openai)
+    assert streamed.strip() and chunks_openai[-1].choices[0].finish_reason == "length"
     with ollama.Client(host=proxy.url, timeout=60) as ollama_client:
         reply = ollama_client.chat(model=name, messages=MESSAGES, options={"num_predict": 8, "temperature": 0})
         chunks = list(ollama_client.generate(model=name, prompt="Say hi.", stream=True, options={"num_predict": 6}))
-    assert reply.message.content and reply.done
-    assert reply.message.content == streamed  # the same server, the same greedy tokens, either dialect
+    assert reply.message.content and reply.done and reply.done_reason == "length"
     assert chunks[-1].done and "".join(c.response for c in chunks).strip()
 
 

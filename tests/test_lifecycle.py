@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import ollama as ollama_sdk
 import openai
 import psutil
 import pytest
@@ -232,3 +233,70 @@ def test_external_server_at_a_url_is_routed_to_but_never_stopped(make_proxy: Mak
     finally:
         server.terminate()
         server.wait(10)
+
+
+def _openai_stream_lines(proxy: LiveProxy, model: str) -> list[str]:
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", timeout=60,
+                      json={"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+        assert r.status_code == 200
+        return [line for line in r.iter_lines() if line]
+
+
+def _ollama_stream_lines(proxy: LiveProxy, model: str) -> list[dict]:
+    with httpx.stream("POST", proxy.url + "/api/chat", timeout=60,
+                      json={"model": model, "messages": [{"role": "user", "content": "x"}]}) as r:
+        assert r.status_code == 200
+        return [json.loads(line) for line in r.iter_lines() if line]
+
+
+def test_a_stream_its_worker_ends_early_ends_with_an_error_not_silently(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("short", "--end-after", "3", "--tokens", "10")])
+    lines = _openai_stream_lines(proxy, "short")
+    assert len(lines) == 4 and "data: [DONE]" not in lines
+    assert "ended the answer early" in json.loads(lines[-1][len("data: "):])["error"]["message"]
+    out = _ollama_stream_lines(proxy, "short")
+    assert "ended the answer early" in out[-1]["error"] and not any(line.get("done") for line in out)
+    response = httpx.post(proxy.url + "/api/chat", timeout=60,
+                          json={"model": "short", "messages": [{"role": "user", "content": "x"}], "stream": False})
+    assert response.status_code == 503 and "ended the answer early" in response.json()["error"]
+
+
+def test_a_worker_that_stops_making_progress_is_killed_and_its_streams_get_an_error(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("stuck", "--hang-after", "3", "--tokens", "10")],
+                       limits={"stall_timeout": "2s"})
+    assert chat(proxy, "stuck", max_tokens=2).status_code == 200
+    pid = proxy.status()["stuck"]["pid"]
+    # idle, it uses no CPU, as it should: left alone past the stall timeout (polled, not slept)
+    with pytest.raises(AssertionError):
+        wait_until(lambda: proxy.status()["stuck"]["pid"] != pid, timeout=3)
+    lines = _openai_stream_lines(proxy, "stuck")  # ends once the watchdog has killed the stuck worker
+    assert len(lines) == 4 and "went away" in json.loads(lines[-1][len("data: "):])["error"]["message"]
+    wait_until(lambda: proxy.status()["stuck"]["state"] == "stopped")
+    assert "made no progress for 2s" in proxy.status()["stuck"]["last_error"]
+    assert not psutil.pid_exists(pid)
+    assert "made no progress" in proxy.log()
+
+
+def test_a_worker_crash_reaches_the_log_at_warning_level_with_its_last_words(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("crashy", "--crash-after", "2", "--tokens", "10")])
+    lines = _openai_stream_lines(proxy, "crashy")
+    assert "error" in lines[-1]
+    wait_until(lambda: "fake worker: crashing after 2 chunks" in proxy.log(), timeout=10)
+    entry = next(line for line in proxy.log().splitlines() if "exited with code 3" in line)
+    assert "WARNING" in entry and "crashy" in entry
+
+
+def test_both_dialects_send_the_worker_the_same_request(make_proxy: MakeProxy, tmp_path: Path,
+                                                         openai_for: OpenAIFor) -> None:
+    record = tmp_path / "bodies.jsonl"
+    proxy = make_proxy([fake_config("rec", "--record", str(record))])
+    messages = [{"role": "user", "content": "Name a colour."}]
+    list(openai_for(proxy).chat.completions.create(model="rec", messages=messages,  # type: ignore[arg-type]
+                                                   max_tokens=8, temperature=0, stream=True))
+    with ollama_sdk.Client(host=proxy.url, timeout=60) as client:
+        client.chat(model="rec", messages=messages, options={"num_predict": 8, "temperature": 0})
+    sent = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [s["path"] for s in sent] == ["/v1/chat/completions"] * 2
+    ignore = ("stream", "stream_options")  # how the answer travels back, not what is asked
+    openai_body, ollama_body = ({k: v for k, v in s["body"].items() if k not in ignore} for s in sent)
+    assert openai_body == ollama_body == {"model": "rec", "messages": messages, "max_tokens": 8, "temperature": 0}
