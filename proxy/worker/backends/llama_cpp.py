@@ -2,6 +2,13 @@
 
 Chat and completions run on one ``Llama``; embeddings on a second one created on first use with
 ``embedding=True`` (the weights are mmapped, so the pages are shared).
+
+A ``Llama`` (its context, batch, sampler and prompt cache) must be used by one thread at a time:
+two generations interleaved on it corrupt its state and end in a GGML_ASSERT (issue 16: a stream
+cancelled by its client was still being generated when the next request began). So each context has
+a lock, taken before a request touches it and released only when that request has let go of it: at
+the end of a non-streamed call, or when a stream is exhausted or closed (``_Held``). This holds
+however the server schedules its threads and however a cancelled consumer behaves.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ class LlamaCppBackend:
         self.options = {k: v for k, v in options.items() if k != "cache_dir"}  # the rest is for Llama()
         self._llm: Any = None
         self._embedder: Any = None
-        self._embed_lock = threading.Lock()
+        self._embed_lock = threading.Lock()  # creates the embedder once
+        self._context = threading.Lock()  # one user of self._llm at a time
+        self._embed_context = threading.Lock()  # one user of self._embedder at a time
         self._loaded = False
         self._chat_params: frozenset[str] = frozenset()
         self._completion_params: frozenset[str] = frozenset()
@@ -57,7 +66,7 @@ class LlamaCppBackend:
         return {"backend": "llama_cpp", "device": "cuda" if self.options.get("n_gpu_layers") else "cpu"}
 
     def close(self) -> None:
-        for llm in (self._llm, self._embedder):
+        for llm in (self._llm, self._embedder):  # at exit: a generation still running is abandoned
             if llm is not None:
                 llm.close()
         self._llm = self._embedder = None
@@ -74,14 +83,21 @@ class LlamaCppBackend:
         return out
 
     def _run(self, fn: Any, kwargs: dict[str, Any], stream: bool, include_usage: bool) -> Any:
+        self._context.acquire()
         try:
             result = fn(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "bad request"
+            self._context.release()
             raise InvalidRequest(str(exc)) from exc
+        except BaseException:
+            self._context.release()
+            raise
         if not stream:
+            self._context.release()
             result["model"] = self.name
             return result
-        return self._stream(result, include_usage)
+        # the stream holds the context until it ends or is closed, in whatever thread that happens
+        return _Held(self._stream(result, include_usage), self._context)
 
     def _stream(self, chunks: Iterator[dict[str, Any]], include_usage: bool) -> Iterator[dict[str, Any]]:
         completion_tokens = 0
@@ -151,7 +167,8 @@ class LlamaCppBackend:
                 self._embedder = self._make(embedding=True, pooling_type=_POOLING_MEAN)
         started = time.perf_counter_ns()
         try:
-            vectors, tokens = self._embedder.embed(inputs, normalize=False, truncate=True, return_count=True)
+            with self._embed_context:
+                vectors, tokens = self._embedder.embed(inputs, normalize=False, truncate=True, return_count=True)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
         data = []
@@ -180,3 +197,35 @@ def _response_format(value: Any) -> dict[str, Any]:
             raise InvalidRequest("'response_format.json_schema.schema' must be an object", param="response_format")
         return {"type": "json_object", "schema": schema}
     return dict(value)
+
+
+class _Held:
+    """An iterator that holds ``lock`` until it is exhausted or closed (once), from any thread; one
+    that is dropped unstarted lets go when it is collected."""
+
+    def __init__(self, items: Iterator[dict[str, Any]], lock: Any) -> None:
+        self._items = items
+        self._lock: Any = lock
+
+    def __iter__(self) -> _Held:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            return next(self._items)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            try:
+                close = getattr(self._items, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                lock.release()
+
+    def __del__(self) -> None:
+        self.close()
