@@ -63,6 +63,9 @@ class LimitsSection(_Strict):
     max_loaded_models: int = 3
     max_queue: int = 512
     max_body_bytes: int = 32 * 1024 * 1024
+    # a worker with requests in flight that uses no CPU for this long is stuck: it is killed and its
+    # requests get an error ("0" turns the watchdog off)
+    stall_timeout: Duration = "60s"
 
 
 class ConfigFile(_Strict):
@@ -249,6 +252,7 @@ class Settings:
     log_level: str
     models: tuple[ModelConfig, ...] = field(default=())
     source: str = "config.yml"
+    stall_timeout: float = 60.0  # 0 or inf: no stall watchdog
 
 
 def _read_yaml(path: Path) -> Any:
@@ -424,4 +428,5 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         log_level=raw.log_level,
         models=tuple(models),
         source=file,
+        stall_timeout=_seconds(raw.limits.stall_timeout, file, "limits.stall_timeout") or 0.0,
     )

@@ -31,6 +31,10 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.manager")
 
+_STALL_CHECKS = 4  # progress checks per stall_timeout (at most every _STALL_CHECK_MAX seconds)
+_STALL_CHECK_MAX = 5.0
+_MIN_CPU_SHARE = 0.01  # less CPU than this share of one core between two checks is "no progress"
+
 WorkerFactory = Callable[[ModelConfig, Path, Callable[[Worker], None]], Worker]
 
 
@@ -65,6 +69,7 @@ class Runtime:
         self.retry_at = 0.0
         self.loaded_at: float | None = None  # wall clock
         self.load_duration = 0.0
+        self.watchdog: Timer | None = None
 
     @property
     def occupies_slot(self) -> bool:
@@ -297,8 +302,41 @@ class ModelManager:
         rt.loaded_at = self.clock.time()
         rt.last_used = self.clock.monotonic()
         log.info("model %s: ready in %.2fs (pid %s)", rt.config.name, rt.load_duration, worker.pid)
+        self._watch_progress(rt, worker)
         self._maybe_idle(rt)
         self._notify()
+
+    # -- stall watchdog ---------------------------------------------------------------------
+    def _watch_progress(self, rt: Runtime, worker: Worker) -> None:
+        """Kill a worker that has requests in flight and makes no progress (uses no CPU) for
+        ``stall_timeout``: a deadlock or a hung abort would otherwise hold its requests for ever.
+        Its exit then takes the crash path: in-flight requests get an explicit error."""
+        limit = self.settings.stall_timeout
+        if limit <= 0 or math.isinf(limit) or worker.cpu_seconds() is None:
+            return  # off, or nothing here to measure (a server at a url)
+        interval = min(_STALL_CHECK_MAX, limit / _STALL_CHECKS)
+        last = worker.cpu_seconds()
+        quiet = 0.0
+
+        def check() -> None:
+            nonlocal last, quiet
+            rt.watchdog = None
+            if rt.worker is not worker or rt.state is not State.READY:
+                return
+            cpu = worker.cpu_seconds()
+            if cpu is None:
+                return
+            stalled = rt.in_flight > 0 and last is not None and cpu - last < interval * _MIN_CPU_SHARE
+            quiet = quiet + interval if stalled else 0.0
+            last = cpu
+            if quiet >= limit:
+                why = f"the worker made no progress for {quiet:g}s with {rt.in_flight} requests in flight; killed"
+                log.warning("model %s: worker %s: %s", rt.config.name, worker.pid, why)
+                worker.kill(why)
+                return
+            rt.watchdog = self.clock.call_later(interval, check)
+
+        rt.watchdog = self.clock.call_later(interval, check)
 
     def _begin_stop(self, rt: Runtime) -> asyncio.Task[None]:
         if rt.stop_task is not None:
@@ -327,10 +365,8 @@ class ModelManager:
     def _on_worker_exit(self, worker: Worker) -> None:
         for rt in self._runtimes.values():
             if rt.worker is worker and rt.state is State.READY:
-                rt.last_error = (
-                    f"the worker exited unexpectedly with code {worker.returncode}; its log ends:\n"
-                    f"{worker.log_tail()}"
-                )
+                why = worker.kill_reason or f"the worker exited unexpectedly with code {worker.returncode}"
+                rt.last_error = f"{why}; its log ends:\n{worker.log_tail()}"
                 self._cancel_idle(rt)
                 rt.worker = None
                 rt.state = State.STOPPED

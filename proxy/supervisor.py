@@ -49,6 +49,7 @@ class Worker:
         self.log: deque[str] = deque(maxlen=200)
         self.stopping = False
         self.returncode: int | None = None
+        self.kill_reason: str | None = None  # why we killed it, when we did (the stall watchdog)
         self._readers: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
@@ -88,6 +89,10 @@ class Worker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
+        # A failed GGML_ASSERT prints a backtrace by forking a debugger and waiting for it; in a
+        # multi-threaded worker that child can hang for ever, leaving a stuck worker and an orphan
+        # (issue 16). Without the backtrace, an assertion ends the worker at once.
+        env.setdefault("GGML_NO_BACKTRACE", "1")
         env.update(self.config.env)
         return env
 
@@ -102,8 +107,20 @@ class Worker:
             if watch_ready and text.startswith('{"event": "ready"'):
                 self._ready.set()
                 continue
+            if watch_ready and text.startswith('{"event": "error"'):
+                text = self._failure(text)
             self.log.append(text)
             log.debug("[%s] %s", self.config.name, text)
+
+    def _failure(self, line: str) -> str:
+        """A request the worker failed (its one-line report): logged at warning level, kept in the tail."""
+        try:
+            event = json.loads(line)
+            text = f"{event['what']}: {event['traceback']}"
+        except (ValueError, KeyError, TypeError):
+            text = line
+        log.warning("model %s: worker %s: %s", self.config.name, self.pid, text)
+        return text
 
     async def start(self) -> None:
         """Spawn the worker and return when it is ready; on failure no process is left."""
@@ -180,7 +197,8 @@ class Worker:
         self.returncode = await self.process.wait()
         await asyncio.gather(*self._readers, return_exceptions=True)
         if not self.stopping:
-            log.warning("model %s: worker %s exited with code %s", self.config.name, self.pid, self.returncode)
+            log.warning("model %s: worker %s exited with code %s; its output ends:\n%s",
+                        self.config.name, self.pid, self.returncode, self.log_tail())
             self.on_exit(self)
 
     # -- stop ---------------------------------------------------------------------------------
@@ -221,6 +239,24 @@ class Worker:
             log.warning("model %s: worker %s ignored SIGTERM for %gs; killing", self.config.name, self.pid, grace)
             self._signal_group(signal.SIGKILL)
         await self._reap()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the worker and its children have used so far; None with no process to measure."""
+        if self.process is None or self.process.returncode is not None:
+            return None
+        import psutil
+
+        try:
+            proc = psutil.Process(self.process.pid)
+            times = [p.cpu_times() for p in (proc, *proc.children(recursive=True))]
+        except psutil.Error:
+            return None
+        return sum(t.user + t.system for t in times)
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the group now, as a crash would: the exit is reported through ``on_exit``."""
+        self.kill_reason = reason
+        self._signal_group(signal.SIGKILL)
 
     def kill_sync(self) -> None:
         """Last resort at interpreter exit, when no event loop is left to await in."""

@@ -29,12 +29,13 @@ def model(name: str, keep_alive: float | None = None, **kw: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def settings(*models: ModelConfig, max_loaded: int = 3, max_queue: int = 8, keep_alive: float = 300.0) -> Settings:
+def settings(*models: ModelConfig, max_loaded: int = 3, max_queue: int = 8, keep_alive: float = 300.0,
+             stall_timeout: float = 0.0) -> Settings:
     return Settings(
         host="127.0.0.1", port=0, cors_origins=(), models_dir=Path("."), configs_dir=Path("."),
         api_tokens=Path("none"), keep_alive=keep_alive, load_timeout=5.0, unload_grace=1.0,
         max_loaded_models=max_loaded, max_queue=max_queue, max_body_bytes=1 << 20, log_level="info",
-        models=tuple(models),
+        models=tuple(models), stall_timeout=stall_timeout,
     )
 
 
@@ -53,7 +54,17 @@ class FakeWorker:
         self.pid = 1000 + len(FakeWorker.instances)
         self.upstream = object()
         self.returncode: int | None = None
+        self.cpu: float | None = 0.0  # what cpu_seconds() reports; a test moves it
+        self.kill_reason: str | None = None
         FakeWorker.instances.append(self)
+
+    def cpu_seconds(self) -> float | None:
+        return self.cpu
+
+    def kill(self, reason: str) -> None:
+        self.kill_reason = reason
+        self.returncode = -9
+        self.on_exit(self)
 
     def log_tail(self, lines: int = 20) -> str:
         return "fake log"
@@ -259,5 +270,37 @@ async def test_a_new_load_starts_from_the_configured_keep_alive() -> None:
     assert state(manager, "a") == "stopped"
     lease = await manager.acquire("a")
     assert next(s.keep_alive for s in manager.status()) == 600
+    lease.release()
+    await manager.shutdown()
+
+
+async def test_a_busy_worker_without_progress_is_killed_an_idle_or_working_one_is_not() -> None:
+    manager, clock = make(model("a"), stall_timeout=20.0)  # checks every 5 s
+    lease = await manager.acquire("a")
+    worker = FakeWorker.instances[0]
+    for _ in range(10):  # busy and working: 1 s of CPU per 5 s check
+        worker.cpu = (worker.cpu or 0.0) + 1.0
+        clock.advance(5.0)
+    assert worker.kill_reason is None and state(manager, "a") == "ready"
+    lease.release()
+    clock.advance(100.0)  # idle and using nothing: fine (keep_alive is 300 s)
+    assert worker.kill_reason is None and state(manager, "a") == "ready"
+    lease = await manager.acquire("a")
+    clock.advance(15.0)  # busy, no progress, for less than the timeout
+    assert worker.kill_reason is None
+    worker.cpu = (worker.cpu or 0.0) + 0.01  # below 1% of a core over 5 s: still no progress
+    clock.advance(5.0)
+    assert worker.kill_reason is not None and "no progress for 20s" in worker.kill_reason
+    assert state(manager, "a") == "stopped"
+    assert "no progress" in (next(s.last_error for s in manager.status()) or "")
+    lease.release()
+    await manager.shutdown()
+
+
+async def test_the_stall_watchdog_is_off_at_zero() -> None:
+    manager, clock = make(model("a"), stall_timeout=0.0)
+    lease = await manager.acquire("a")
+    clock.advance(1000.0)
+    assert FakeWorker.instances[0].kill_reason is None and state(manager, "a") == "ready"
     lease.release()
     await manager.shutdown()

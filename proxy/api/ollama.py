@@ -27,7 +27,7 @@ from proxy.dialects.shaping import (
     check_messages,
     optional,
 )
-from proxy.errors import BadRequest, ProxyError, UpstreamError
+from proxy.errors import BadRequest, ProxyError, UpstreamError, WorkerUnavailable
 from proxy.keepalive import format_keep_alive
 from proxy.manager import ModelStatus
 from proxy.upstream import UpstreamStream
@@ -36,7 +36,8 @@ NDJSON = "application/x-ndjson"
 
 
 async def _events(upstream: UpstreamStream) -> AsyncIterator[dict[str, Any]]:
-    """The worker's SSE stream as parsed chunks; an error event becomes UpstreamError."""
+    """The worker's SSE stream as parsed chunks; an error event becomes UpstreamError, and a stream that
+    ends without ``[DONE]`` (its worker died or cut it) WorkerUnavailable, never a silent end."""
     async for line in upstream.lines():
         if not line.startswith("data:"):
             continue
@@ -48,6 +49,7 @@ async def _events(upstream: UpstreamStream) -> AsyncIterator[dict[str, Any]]:
             err = chunk["error"]
             raise UpstreamError(500, err.get("message", str(err)) if isinstance(err, dict) else str(err))
         yield chunk
+    raise WorkerUnavailable("the worker ended the answer early")
 
 
 async def _ndjson(upstream: UpstreamStream, tr: dialect.StreamTranslator) -> AsyncIterator[bytes]:

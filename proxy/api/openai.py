@@ -26,7 +26,7 @@ from proxy.dialects.shaping import (
     check_messages,
     optional,
 )
-from proxy.errors import BadRequest, ProxyError
+from proxy.errors import BadRequest, ProxyError, WorkerUnavailable
 from proxy.upstream import UpstreamStream
 
 
@@ -35,10 +35,19 @@ def sse_error(exc: ProxyError) -> bytes:
     return b"\n\ndata: " + json_bytes(payload) + b"\n\n"
 
 
+_DONE = b"data: [DONE]"
+
+
 async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
+    """The worker's SSE bytes as they come; a stream that ends without ``[DONE]`` (its worker died
+    or cut it) ends with an explicit error event, never silently."""
+    tail = b""
     try:
         async for chunk in stream.raw():
+            tail = (tail + chunk)[-32:] if len(chunk) < 32 else chunk[-32:]
             yield chunk
+        if not tail.rstrip().endswith(_DONE):
+            raise WorkerUnavailable("the worker ended the answer early")
     except ProxyError as exc:
         yield sse_error(exc)
 

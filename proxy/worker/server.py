@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -75,11 +77,20 @@ class Slot:
             await self.release()
 
 
+def report_failure(exc: BaseException, what: str) -> None:
+    """Tell the proxy, in one line on stdout, that a request failed and why: it logs that at warning
+    level with the model's name (a traceback on stderr would reach its log only line by line)."""
+    trace = "".join(traceback.format_exception(exc)).rstrip()
+    line = json.dumps({"event": "error", "what": what, "message": f"{type(exc).__name__}: {exc}", "traceback": trace})
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _failure(exc: Exception) -> JSONResponse:
-    """A request the backend could not serve: its own status for a BackendError, else a logged 500."""
+    """A request the backend could not serve: its own status for a BackendError, else a reported 500."""
     if isinstance(exc, BackendError):
         return _error(exc.status, exc.message, exc.param)
-    log.exception("request failed")
+    report_failure(exc, "request failed")
     return _error(500, f"{type(exc).__name__}: {exc}")
 
 
@@ -90,6 +101,8 @@ async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
             yield b"data: " + _encode(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
     except Exception as exc:  # the stream has started: the error can only travel as an event
+        if not isinstance(exc, BackendError):
+            report_failure(exc, "stream failed")
         message = exc.message if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
         yield b"data: " + _encode({"error": {"message": message, "type": "server_error"}}) + b"\n\n"
     finally:
@@ -108,8 +121,8 @@ async def _audio(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     try:
         async for chunk in items:
             yield chunk
-    except Exception:
-        log.exception("synthesis failed mid-stream")
+    except Exception as exc:
+        report_failure(exc, "synthesis failed mid-stream")
         raise
     finally:
         await items.aclose()
