@@ -38,11 +38,13 @@ def external(name: str, **how: Any) -> dict[str, Any]:
 def answers_both_dialects(proxy: LiveProxy, client: openai.OpenAI, name: str) -> None:
     """The same greedy request through both dialects: each answers in full and stops at the token limit.
 
-    Not compared: the texts. llama-cpp-python's server reuses the previous request's KV cache for the
-    common prefix of the prompt, so the same request evaluates its prompt in different batch shapes
-    depending on what came before, and greedy decoding flips at near-ties (seen here: the same OpenAI
-    request sent twice in a row gave two texts). That both dialects send the server the same request is
-    proven on a recording worker (test_lifecycle.py, test_both_dialects_send_the_worker_the_same_request).
+    Not compared: the texts. They agreed on this machine in every try, but on a fresh machine the OpenAI
+    stream said "The colour I'm referring to is a" and the Ollama chat "The colour is a rare and precious
+    gem" (issue 9). The requests are the same (proven on a recording worker: test_lifecycle.py,
+    test_both_dialects_send_the_worker_the_same_request); the numbers are not: llama-cpp-python reuses the
+    previous request's KV cache for the common prompt prefix, so the second request evaluates its prompt in
+    other batch shapes than the first, llama.cpp is compiled for the machine's own CPU (other kernels
+    elsewhere), and greedy decoding flips at near-ties.
     """
     stream = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=8, stream=True, temperature=0)
     chunks_openai = [chunk for chunk in stream if chunk.choices]
