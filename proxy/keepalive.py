@@ -86,3 +86,15 @@ def format_keep_alive(seconds: float | None) -> str:
     m, s = divmod(rest, 60)
     out = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s else "")
     return out or "0s"
+
+
+def keep_alive_of(body: dict[str, Any]) -> float | None:
+    """A request's keep_alive, from the top level or from ``options`` (older clients put it there),
+    taken out of the body: the one way every route reads it."""
+    value = body.pop("keep_alive", None)
+    options = body.get("options")
+    if isinstance(options, dict) and "keep_alive" in options:
+        inner = options.pop("keep_alive")
+        if value is None:
+            return parse_keep_alive(inner, "options.keep_alive")
+    return parse_keep_alive(value)

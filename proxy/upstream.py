@@ -57,6 +57,23 @@ class UpstreamStream:
         except _GONE as exc:
             raise WorkerUnavailable("the worker went away mid-answer") from exc
 
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """An OpenAI-style SSE stream as parsed chunks: an error event becomes UpstreamError, and a
+        stream that ends without ``[DONE]`` (its worker died or cut it) WorkerUnavailable, never a
+        silent end."""
+        async for line in self.lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                err = chunk["error"]
+                raise UpstreamError(500, err.get("message", str(err)) if isinstance(err, dict) else str(err))
+            yield chunk
+        raise WorkerUnavailable("the worker ended the answer early")
+
     async def aclose(self) -> None:
         self.response.close()  # drops the connection: the worker sees its client go away
 

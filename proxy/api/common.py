@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message
 
 from proxy.auth import KeyRing, Role, key_from_headers
 from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
-from proxy.dialects.shaping import pop_keep_alive, require_model
-from proxy.errors import BadRequest, ClientGone, PayloadTooLarge
-from proxy.manager import Lease, ModelManager
-from proxy.streaming import ClosingStream
-from proxy.upstream import UpstreamStream
+from proxy.dialects.shaping import require_model
+from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.keepalive import keep_alive_of
+from proxy.manager import ModelManager
 
 T = TypeVar("T")
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -63,19 +60,30 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
     return wrap
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    """The body as a JSON object; 413 past the size limit, 400 when it is not a JSON object."""
+def size_limited(request: Request) -> Request:
+    """The same request, whose body raises PayloadTooLarge (413) past ``limits.max_body_bytes``: by its
+    declared length at once, else as it is read. Every route reads its body through this."""
     limit = services(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+    seen = 0
+    receive = request.receive
+
+    async def counting() -> Message:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
             raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
-        parts.append(chunk)
+        return message
+
+    return Request(request.scope, counting)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; 413 past the size limit, 400 when it is not a JSON object."""
+    parts = [chunk async for chunk in size_limited(request).stream()]
     raw = b"".join(parts)
     if not raw.strip():
         raise BadRequest("the request body is empty; a JSON object is expected")
@@ -92,50 +100,11 @@ def model_for(request: Request, body: dict[str, Any], needs: tuple[str, ...],
               refusal: str) -> tuple[ModelConfig, float | None]:
     """The model a body names and its keep_alive (taken out of the body), if it can do one of ``needs``."""
     model = require_model(body)
-    keep_alive = pop_keep_alive(body)
+    keep_alive = keep_alive_of(body)
     cfg = services(request).manager.resolve(model)
     if not set(needs) & set(cfg.capabilities):
         raise BadRequest(f"model '{cfg.name}' {refusal}", param="model")
     return cfg, keep_alive
-
-
-async def unless_gone(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client goes away first (the worker then sees its own client
-    go and stops). A non-streaming handler's request is otherwise never told of the disconnect."""
-    job = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if not job.done():
-            job.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
-            raise ClientGone("the client went away")
-        return job.result()
-    finally:
-        watch.cancel()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def lease_stream(
-    lease: Lease,
-    upstream: UpstreamStream,
-    content: AsyncIterator[bytes],
-    media_type: str,
-) -> ClosingStream:
-    """A response that closes the upstream stream and releases the lease however it ends."""
-
-    async def close() -> None:
-        try:
-            await upstream.aclose()
-        finally:
-            lease.release()
-
-    return ClosingStream(content, on_close=close, media_type=media_type, headers=STREAM_HEADERS)
 
 
 def json_bytes(data: Any) -> bytes:

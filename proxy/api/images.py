@@ -12,23 +12,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, model_for, read_json, services, unless_gone
+from proxy.api.common import guarded, json_bytes, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects import images as dialect
 from proxy.errors import BadRequest
-from proxy.keepalive import parse_keep_alive
+from proxy.keepalive import keep_alive_of
+from proxy.relay import LeasedCall
 
 REFUSAL = "does not make images"
 
 
 async def _generate(request: Request, cfg: ModelConfig, keep_alive: float | None,
                     canonical: dict[str, Any]) -> dict[str, Any]:
-    lease = await services(request).manager.acquire(cfg.name, keep_alive)
-    try:
-        return await unless_gone(request, lease.upstream.post_json("/v1/images", canonical))
-    finally:
-        lease.release()
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+        return await call.post_json("/v1/images", canonical, until_gone=request)
 
 
 def _image_models(request: Request) -> list[ModelConfig]:
@@ -52,7 +50,7 @@ def _selected(request: Request) -> ModelConfig | None:
 def _a1111_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:
     """A1111 requests rarely name a model: override_settings, then `model`, then the selected checkpoint."""
     named = (body.get("override_settings") or {}).get("sd_model_checkpoint") or body.get("model")
-    keep_alive = parse_keep_alive(body.pop("keep_alive", None))
+    keep_alive = keep_alive_of(body)
     cfg = _image_model(request, named) if named else _selected(request)
     if cfg is None:
         raise BadRequest("no image model is configured", param="model")

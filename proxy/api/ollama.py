@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from proxy import __version__
-from proxy.api.common import guarded, json_bytes, lease_stream, model_for, read_json, services
+from proxy.api.common import guarded, json_bytes, model_for, read_json, services
 from proxy.auth import Role
 from proxy.catalog import entry, tag_name
 from proxy.config import ModelConfig
@@ -27,34 +27,18 @@ from proxy.dialects.shaping import (
     check_messages,
     optional,
 )
-from proxy.errors import BadRequest, ProxyError, UpstreamError, WorkerUnavailable
+from proxy.errors import BadRequest, ProxyError
 from proxy.keepalive import format_keep_alive
 from proxy.manager import ModelStatus
+from proxy.relay import LeasedCall
 from proxy.upstream import UpstreamStream
 
 NDJSON = "application/x-ndjson"
 
 
-async def _events(upstream: UpstreamStream) -> AsyncIterator[dict[str, Any]]:
-    """The worker's SSE stream as parsed chunks; an error event becomes UpstreamError, and a stream that
-    ends without ``[DONE]`` (its worker died or cut it) WorkerUnavailable, never a silent end."""
-    async for line in upstream.lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        chunk = json.loads(data)
-        if "error" in chunk:
-            err = chunk["error"]
-            raise UpstreamError(500, err.get("message", str(err)) if isinstance(err, dict) else str(err))
-        yield chunk
-    raise WorkerUnavailable("the worker ended the answer early")
-
-
 async def _ndjson(upstream: UpstreamStream, tr: dialect.StreamTranslator) -> AsyncIterator[bytes]:
     try:
-        async for chunk in _events(upstream):
+        async for chunk in upstream.events():
             out = tr.feed(chunk, time.perf_counter_ns())
             if out is not None:
                 yield json_bytes(out) + b"\n"
@@ -66,21 +50,12 @@ async def _ndjson(upstream: UpstreamStream, tr: dialect.StreamTranslator) -> Asy
 async def _generation(request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool,
                       keep_alive: float | None, generate: bool) -> Response:
     started = time.perf_counter_ns()
-    lease = await services(request).manager.acquire(cfg.name, keep_alive)
-    tr = dialect.StreamTranslator(cfg.name, generate, started, load_ns=int(lease.load_duration * 1e9))
-    try:
-        upstream = await lease.upstream.open_stream(path, json_bytes(body))
-    except BaseException:
-        lease.release()
-        raise
-    if stream:
-        return lease_stream(lease, upstream, _ndjson(upstream, tr), NDJSON)
-    try:
-        async for chunk in _events(upstream):
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+        tr = dialect.StreamTranslator(cfg.name, generate, started, load_ns=int(call.load_duration * 1e9))
+        if stream:
+            return await call.stream(path, json_bytes(body), lambda upstream: _ndjson(upstream, tr), NDJSON)
+        async for chunk in (await call.open(path, json_bytes(body))).events():
             tr.feed(chunk, time.perf_counter_ns())
-    finally:
-        await upstream.aclose()
-        lease.release()
     return JSONResponse(tr.final(time.perf_counter_ns(), whole=True))
 
 
@@ -134,12 +109,10 @@ async def _embed(
     request: Request, cfg: ModelConfig, inputs: list[str], keep_alive: float | None
 ) -> tuple[dict[str, Any], int, int]:
     started = time.perf_counter_ns()
-    lease = await services(request).manager.acquire(cfg.name, keep_alive)
-    try:
-        result = await lease.upstream.post_json("/v1/embeddings", {"model": cfg.name, "input": inputs})
-    finally:
-        lease.release()
-    return result, time.perf_counter_ns() - started, int(lease.load_duration * 1e9)
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+        result = await call.post_json("/v1/embeddings", {"model": cfg.name, "input": inputs})
+        load_ns = int(call.load_duration * 1e9)
+    return result, time.perf_counter_ns() - started, load_ns
 
 
 def _embed_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:

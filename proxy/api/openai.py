@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, lease_stream, model_for, read_json, services
+from proxy.api.common import guarded, json_bytes, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects.shaping import (
@@ -24,9 +24,11 @@ from proxy.dialects.shaping import (
     check_common,
     check_embedding_input,
     check_messages,
-    optional,
+    check_prompt,
+    pop_encoding_format,
 )
-from proxy.errors import BadRequest, ProxyError, WorkerUnavailable
+from proxy.errors import ProxyError, WorkerUnavailable
+from proxy.relay import LeasedCall
 from proxy.upstream import UpstreamStream
 
 
@@ -55,20 +57,11 @@ async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
 async def forward(request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool,
                   keep_alive: float | None) -> Response:
     """Lease the model, send ``body`` to its worker, relay the answer; the lease ends with it."""
-    lease = await services(request).manager.acquire(cfg.name, keep_alive)
-    payload = json_bytes(body)
-    if not stream:
-        try:
-            content = await lease.upstream.post(path, payload)
-        finally:
-            lease.release()
-        return Response(content, media_type="application/json")
-    try:
-        upstream = await lease.upstream.open_stream(path, payload)
-    except BaseException:
-        lease.release()
-        raise
-    return lease_stream(lease, upstream, _relay(upstream), "text/event-stream")
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+        if stream:
+            return await call.stream(path, json_bytes(body), _relay, "text/event-stream")
+        content = await call.post(path, json_bytes(body))
+    return Response(content, media_type="application/json")
 
 
 async def _prepare(request: Request, needs: tuple[str, ...],
@@ -91,13 +84,7 @@ async def chat_completions(request: Request) -> Response:
 @guarded(Role.USER)
 async def completions(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request, ("completion",), "does not support completions")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
-        raise BadRequest("'prompt' must be a string", param="prompt")
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise BadRequest("'prompt' as an array must hold exactly one string here", param="prompt")
-        body["prompt"] = prompt[0]
+    check_prompt(body)
     stream = check_common(body)
     apply_model_defaults(body, cfg)
     return await forward(request, cfg, "/v1/completions", body, stream, keep_alive)
@@ -107,17 +94,11 @@ async def completions(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request, ("embedding", "completion"), "does not make embeddings")
     check_embedding_input(body.get("input"))
-    fmt = optional(body, "encoding_format", str, "a string")
-    if fmt not in (None, "float", "base64"):
-        raise BadRequest("'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
-    body.pop("encoding_format", None)
+    fmt = pop_encoding_format(body)
     if fmt != "base64":
         return await forward(request, cfg, "/v1/embeddings", body, False, keep_alive)
-    lease = await services(request).manager.acquire(cfg.name, keep_alive)
-    try:
-        result = await lease.upstream.post_json("/v1/embeddings", body)
-    finally:
-        lease.release()
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+        result = await call.post_json("/v1/embeddings", body)
     for item in result.get("data") or []:
         # what the openai SDK asks for by default: little-endian float32, base64
         vector = item["embedding"]

@@ -18,11 +18,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import voices
-from proxy.api.common import guarded, json_bytes, lease_stream, model_for, read_json, services
+from proxy.api.common import guarded, json_bytes, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects.shaping import optional
 from proxy.errors import BadRequest, ProxyError
+from proxy.relay import LeasedCall
 from proxy.upstream import UpstreamStream
 
 MAX_CHARS = 4096
@@ -94,20 +95,12 @@ async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
 
 async def _speak(request: Request, cfg: ModelConfig, keep_alive: float | None, body: dict[str, Any],
                  stream: bool) -> Response:
-    lease = await services(request).manager.acquire(cfg.name, keep_alive)
-    try:
-        upstream = await lease.upstream.open_stream("/v1/audio/speech", json_bytes(body))
-    except BaseException:
-        lease.release()
-        raise
     media_type = MEDIA_TYPES[body["response_format"]]
-    if stream:
-        return lease_stream(lease, upstream, _relay(upstream), media_type)
-    try:
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+        if stream:
+            return await call.stream("/v1/audio/speech", json_bytes(body), _relay, media_type)
+        upstream = await call.open("/v1/audio/speech", json_bytes(body))
         audio = b"".join([chunk async for chunk in upstream.raw()])
-    finally:
-        await upstream.aclose()
-        lease.release()
     return Response(sized_wav(audio) if body["response_format"] == "wav" else audio, media_type=media_type)
 
 

@@ -12,7 +12,6 @@ from typing import Any
 
 from proxy.config import ModelConfig
 from proxy.errors import BadRequest, UnsupportedInput
-from proxy.keepalive import parse_keep_alive
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -41,17 +40,6 @@ def optional(body: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], 
     if not isinstance(value, kinds):
         raise BadRequest(f"'{key}' must be {what}, got {type(value).__name__}", param=key)
     return value
-
-
-def pop_keep_alive(body: dict[str, Any]) -> float | None:
-    """keep_alive from the top level or from ``options`` (older proxies put it there); removed."""
-    value = body.pop("keep_alive", None)
-    options = body.get("options")
-    if isinstance(options, dict) and "keep_alive" in options:
-        inner = options.pop("keep_alive")
-        if value is None:
-            return parse_keep_alive(inner, "options.keep_alive")
-    return parse_keep_alive(value)
 
 
 def _has_image(content: Any) -> bool:
@@ -119,6 +107,26 @@ def check_common(body: Mapping[str, Any]) -> bool:
     optional(body, "response_format", dict, "an object")
     optional(body, "stream_options", dict, "an object")
     return bool(stream)
+
+
+def check_prompt(body: dict[str, Any]) -> None:
+    """A completion's prompt: a string, or an array of exactly one (which becomes that string)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)):
+        raise BadRequest("'prompt' must be a string", param="prompt")
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise BadRequest("'prompt' as an array must hold exactly one string here", param="prompt")
+        body["prompt"] = prompt[0]
+
+
+def pop_encoding_format(body: dict[str, Any]) -> str | None:
+    """OpenAI's embeddings ``encoding_format`` (float or base64), taken out of the body."""
+    fmt = optional(body, "encoding_format", str, "a string")
+    if fmt not in (None, "float", "base64"):
+        raise BadRequest("'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
+    body.pop("encoding_format", None)
+    return fmt
 
 
 def check_embedding_input(value: Any, key: str = "input") -> list[str]:

@@ -1,8 +1,11 @@
-"""A worker's canonical transcript (text, language, duration, segments) in OpenAI's response formats."""
+"""OpenAI's transcription request checked, and a worker's canonical transcript (text, language,
+duration, segments) in OpenAI's response formats."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from proxy.errors import BadRequest
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 MEDIA_TYPES = {
@@ -12,6 +15,32 @@ MEDIA_TYPES = {
     "srt": "application/x-subrip; charset=utf-8",
     "vtt": "text/vtt; charset=utf-8",
 }
+
+
+_GRANULARITIES = {"segment", "word"}
+
+
+def check_request(fields: dict[str, str], granularities: list[str], file_size: int | None) -> str:
+    """Check a transcription request's form fields (the audio's size, its text fields, its
+    ``timestamp_granularities[]``); returns the response format."""
+    if not file_size:
+        raise BadRequest("'file' is empty", param="file")
+    fmt = fields.get("response_format") or "json"
+    if fmt not in FORMATS:
+        raise BadRequest(f"'response_format' must be one of {', '.join(FORMATS)}, got {fmt!r}",
+                         param="response_format")
+    if "temperature" in fields:
+        try:
+            temperature = float(fields["temperature"])
+        except ValueError:
+            raise BadRequest("'temperature' must be a number", param="temperature") from None
+        if not 0.0 <= temperature <= 1.0:
+            raise BadRequest("'temperature' must be between 0 and 1", param="temperature")
+    unknown = [g for g in granularities if g not in _GRANULARITIES]
+    if unknown:
+        raise BadRequest(f"'timestamp_granularities[]' must be segment or word, got {unknown[0]!r}",
+                         param="timestamp_granularities")
+    return fmt
 
 
 def _clock(seconds: float, sep: str) -> str:

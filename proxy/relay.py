@@ -1,0 +1,125 @@
+"""The leased call: one request to a model's worker, from lease to release, in one place.
+
+    async with LeasedCall(manager, cfg.name, keep_alive) as call:
+        data = await call.post_json("/v1/embeddings", body)            # answered in full
+    async with LeasedCall(manager, cfg.name, keep_alive) as call:
+        return await call.stream("/v1/chat/completions", payload, relay, "text/event-stream")
+
+Entering acquires the lease (starting the model, queueing for room); leaving releases it, unless a
+stream was handed to the response: then the response's close releases it, after closing the upstream
+stream. Either way the release happens once, in ``_close``. Like httpx's ``stream()``, the call is a
+context manager over its transport; handlers only parse, translate, call and shape.
+No HTTP framework here but Starlette's response class (``proxy.streaming``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Any, BinaryIO, TypeVar
+
+from starlette.requests import Request
+
+from proxy.errors import ClientGone
+from proxy.manager import Lease, ModelManager
+from proxy.streaming import ClosingStream
+from proxy.upstream import Upstream, UpstreamStream
+
+T = TypeVar("T")
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class LeasedCall:
+    def __init__(self, manager: ModelManager, name: str, keep_alive: float | None) -> None:
+        self._manager = manager
+        self._name = name
+        self._keep_alive = keep_alive
+        self._lease: Lease | None = None
+        self._stream: UpstreamStream | None = None
+        self._handed_over = False
+
+    async def __aenter__(self) -> LeasedCall:
+        self._lease = await self._manager.acquire(self._name, self._keep_alive)
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if not self._handed_over:
+            await self._close()
+
+    async def _close(self) -> None:
+        """Close the upstream stream (if one was opened) and release the lease: exactly once."""
+        stream, self._stream = self._stream, None
+        lease, self._lease = self._lease, None
+        try:
+            if stream is not None:
+                await stream.aclose()
+        finally:
+            if lease is not None:
+                lease.release()
+
+    @property
+    def lease(self) -> Lease:
+        assert self._lease is not None, "a LeasedCall is used inside its async with"
+        return self._lease
+
+    @property
+    def upstream(self) -> Upstream:
+        return self.lease.upstream
+
+    @property
+    def load_duration(self) -> float:
+        """Seconds this call waited for the model to load (0 when it was loaded already)."""
+        return self.lease.load_duration
+
+    # -- answered in full ---------------------------------------------------------------------
+    async def post(self, path: str, body: bytes) -> bytes:
+        return await self.upstream.post(path, body)
+
+    async def post_json(self, path: str, payload: dict[str, Any], *,
+                        until_gone: Request | None = None) -> dict[str, Any]:
+        """POST JSON, the JSON answer; with ``until_gone``, cancelled if that client goes away first."""
+        work = self.upstream.post_json(path, payload)
+        return await (unless_gone(until_gone, work) if until_gone is not None else work)
+
+    async def post_file(self, path: str, fields: dict[str, str], repeated: list[tuple[str, str]],
+                        file: tuple[str, str, BinaryIO, str | None]) -> dict[str, Any]:
+        return await self.upstream.post_file(path, fields, repeated, file)
+
+    # -- streamed -----------------------------------------------------------------------------
+    async def open(self, path: str, body: bytes) -> UpstreamStream:
+        """Open a streamed answer that this call closes when it ends (read it inside the block)."""
+        self._stream = await self.upstream.open_stream(path, body)
+        return self._stream
+
+    async def stream(self, path: str, body: bytes, relay: Callable[[UpstreamStream], AsyncIterator[bytes]],
+                     media_type: str) -> ClosingStream:
+        """Open a streamed answer and hand it, with the lease, to the response: ``relay`` turns the
+        worker's stream into the client's bytes; the response's close releases both however it ends."""
+        upstream = await self.open(path, body)
+        self._handed_over = True
+        return ClosingStream(relay(upstream), on_close=self._close, media_type=media_type, headers=STREAM_HEADERS)
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first (the worker then sees its own client
+    go and stops). A non-streaming handler's request is otherwise never told of the disconnect."""
+    job = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+            raise ClientGone("the client went away")
+        return job.result()
+    finally:
+        watch.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
