@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
@@ -26,9 +26,9 @@ from proxy.errors import ClientGone
 from proxy.manager import Lease, ModelManager
 from proxy.streaming import ClosingStream
 from proxy.upstream import Upstream, UpstreamStream
+from proxy.wire import STREAM_HEADERS, client_gone
 
 T = TypeVar("T")
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class LeasedCall:
@@ -78,7 +78,7 @@ class LeasedCall:
     async def post(self, path: str, body: bytes) -> bytes:
         return await self.upstream.post(path, body)
 
-    async def post_json(self, path: str, payload: dict[str, Any], *,
+    async def post_json(self, path: str, payload: Mapping[str, Any], *,
                         until_gone: Request | None = None) -> dict[str, Any]:
         """POST JSON, the JSON answer; with ``until_gone``, cancelled if that client goes away first."""
         work = self.upstream.post_json(path, payload)
@@ -107,7 +107,7 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``, cancelling it if the client goes away first (the worker then sees its own client
     go and stops). A non-streaming handler's request is otherwise never told of the disconnect."""
     job = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
+    watch = asyncio.ensure_future(client_gone(request.receive))
     try:
         await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
         if not job.done():
@@ -118,8 +118,3 @@ async def unless_gone(request: Request, work: Awaitable[T]) -> T:
         return job.result()
     finally:
         watch.cancel()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, BinaryIO
 
 import aiohttp
 
 from proxy.errors import UpstreamError, WorkerUnavailable
+from proxy.wire import StreamEnd, sse_data
 
 _JSON = {"content-type": "application/json"}
 _GONE = (aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError)
@@ -62,12 +63,12 @@ class UpstreamStream:
         stream that ends without ``[DONE]`` (its worker died or cut it) WorkerUnavailable, never a
         silent end."""
         async for line in self.lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+            try:
+                chunk = sse_data(line)
+            except StreamEnd:
                 return
-            chunk = json.loads(data)
+            if chunk is None:
+                continue
             if "error" in chunk:
                 err = chunk["error"]
                 raise UpstreamError(500, err.get("message", str(err)) if isinstance(err, dict) else str(err))
@@ -121,7 +122,7 @@ class Upstream:
             raise UpstreamError(status, _message_of(status, content))
         return content
 
-    async def post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def post_json(self, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         data = json.loads(await self.post(path, json.dumps(payload).encode()))
         if not isinstance(data, dict):
             raise UpstreamError(502, "the worker answered something other than a JSON object")

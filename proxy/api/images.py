@@ -19,12 +19,13 @@ from proxy.dialects import images as dialect
 from proxy.errors import BadRequest
 from proxy.keepalive import keep_alive_of
 from proxy.relay import LeasedCall
+from proxy.wire import ImageRequest
 
 REFUSAL = "does not make images"
 
 
 async def _generate(request: Request, cfg: ModelConfig, keep_alive: float | None,
-                    canonical: dict[str, Any]) -> dict[str, Any]:
+                    canonical: ImageRequest) -> dict[str, Any]:
     async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
         return await call.post_json("/v1/images", canonical, until_gone=request)
 

@@ -30,14 +30,15 @@ from proxy.dialects.shaping import (
 from proxy.errors import ProxyError, WorkerUnavailable
 from proxy.relay import LeasedCall
 from proxy.upstream import UpstreamStream
+from proxy.wire import SSE_DONE, error_body, sse_event
 
 
 def sse_error(exc: ProxyError) -> bytes:
-    payload = {"error": {"message": exc.message, "type": exc.openai_type, "param": None, "code": exc.code}}
-    return b"\n\ndata: " + json_bytes(payload) + b"\n\n"
+    payload = error_body(exc.message, kind=exc.openai_type, code=exc.code)
+    return b"\n\n" + sse_event(json_bytes(payload))
 
 
-_DONE = b"data: [DONE]"
+_DONE = SSE_DONE.rstrip()
 
 
 async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:

@@ -25,11 +25,11 @@ from proxy.dialects.shaping import optional
 from proxy.errors import BadRequest, ProxyError
 from proxy.relay import LeasedCall
 from proxy.upstream import UpstreamStream
+from proxy.wire import AUDIO_FORMATS, AUDIO_MEDIA_TYPES
 
 MAX_CHARS = 4096
-FORMATS = ("wav", "pcm", "mp3", "opus", "flac", "aac")
-MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "mp3": "audio/mpeg", "opus": "audio/ogg",
-               "flac": "audio/flac", "aac": "audio/aac"}
+FORMATS = AUDIO_FORMATS
+MEDIA_TYPES = AUDIO_MEDIA_TYPES
 
 
 def _check(body: dict[str, Any], cfg: ModelConfig, text_key: str, format_key: str, default_format: str) -> dict:

@@ -16,19 +16,8 @@ from typing import Any
 
 from proxy.config import ModelConfig
 from proxy.errors import BadRequest
+from proxy.wire import SAMPLERS, ImageRequest
 
-# sampler / scheduler names clients send (A1111's and short ones) -> diffusers scheduler class
-SAMPLERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler a": "EulerAncestralDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "dpm++ 2m": "DPMSolverMultistepScheduler",
-    "dpm++_2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 MAX_PROMPT = 1000
 MAX_IMAGES = 4
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM")
@@ -95,8 +84,8 @@ def _seed(value: Any, key: str = "seed") -> int:
 
 
 def _canonical(cfg: ModelConfig, prompt: str, negative: str, steps: int, guidance: float, width: int, height: int,
-               seed: int, n: int, init: str | None, strength: float, sampler: str | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative, "steps": steps,
+               seed: int, n: int, init: str | None, strength: float, sampler: str | None) -> ImageRequest:
+    out: ImageRequest = {"prompt": prompt, "negative_prompt": negative, "steps": steps,
                            "guidance_scale": float(guidance), "width": width, "height": height, "seed": seed, "n": n,
                            "scheduler": sampler}
     if init is not None:
@@ -105,7 +94,7 @@ def _canonical(cfg: ModelConfig, prompt: str, negative: str, steps: int, guidanc
     return out
 
 
-def from_inference(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> dict[str, Any]:
+def from_inference(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> ImageRequest:
     """The older inference API's /txt2img and /img2img."""
     o = cfg.options
     return _canonical(
@@ -119,7 +108,7 @@ def from_inference(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> 
     )
 
 
-def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> dict[str, Any]:
+def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> ImageRequest:
     """AUTOMATIC1111's /sdapi/v1/txt2img and /sdapi/v1/img2img."""
     o = cfg.options
     batch = _number(body, "batch_size", 1, 1, MAX_IMAGES)
@@ -143,7 +132,7 @@ def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> dict
     )
 
 
-def from_openai(body: Mapping[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+def from_openai(body: Mapping[str, Any], cfg: ModelConfig) -> ImageRequest:
     """OpenAI's /v1/images/generations (``size`` as "WxH"; only b64_json answers)."""
     o = cfg.options
     fmt = body.get("response_format") or "b64_json"

@@ -10,14 +10,8 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-MEDIA_TYPES = {
-    "wav": "audio/wav",
-    "pcm": "audio/pcm",
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "flac": "audio/flac",
-    "aac": "audio/aac",
-}
+from proxy.wire import AUDIO_MEDIA_TYPES as MEDIA_TYPES  # noqa: F401  (re-exported)
+
 # format -> (container, codec, sample rate (None: the voice's), bit rate)
 _AV = {"mp3": ("mp3", "mp3", None, 64000), "opus": ("ogg", "libopus", 48000, 32000),
        "flac": ("flac", "flac", None, None), "aac": ("adts", "aac", None, 64000)}

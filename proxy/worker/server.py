@@ -1,15 +1,19 @@
-"""The canonical internal API around one Backend (DESIGN.md, "proxy <-> worker").
+"""The canonical internal API around one Backend (ARCHITECTURE.md, "proxy <-> worker").
 
 ``GET /health`` says loading/ready and how many requests are in flight; the LLM routes speak
-OpenAI's wire format, SSE when ``stream`` is true. Generation runs in its own thread
-(``proxy.worker.pump``), so a client that goes away stops it within a token.
+OpenAI's wire format, SSE when ``stream`` is true; images, speech and transcription speak the
+payloads in ``proxy.wire``. Generation runs in its own thread (``proxy.worker.pump``), so a client
+that goes away stops it within a token.
+
+Endpoints are module-level functions; the app's state holds the one ``WorkerState``. Failures are
+exceptions, mapped to responses in one place (``HANDLERS``): a ``BackendError`` is the backend's own
+status; anything else is reported to the proxy (``report_failure``) and answered 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 import threading
 import traceback
@@ -25,18 +29,39 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.streaming import ClosingStream
-from proxy.worker.audio import MEDIA_TYPES
-from proxy.worker.backends.base import Backend, BackendError, ImageMaker, Speaker, Transcriber
+from proxy.wire import (
+    AUDIO_MEDIA_TYPES,
+    SSE_DONE,
+    STREAM_HEADERS,
+    Health,
+    ImageRequest,
+    SpeechRequest,
+    Transcript,
+    client_gone,
+    error_body,
+    sse_event,
+)
+from proxy.worker.backends.base import (
+    Backend,
+    BackendError,
+    BackendFailure,
+    Generator,
+    ImageMaker,
+    InvalidRequest,
+    Speaker,
+    Transcriber,
+)
 from proxy.worker.pump import pump
 
-log = logging.getLogger("proxy.worker")
 _encode = msgspec.json.Encoder().encode
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+class NotReady(BackendError):
+    status = 503
+
+
+class ClientWentAway(BackendError):
+    status = 499
 
 
 class WorkerState:
@@ -86,33 +111,48 @@ def report_failure(exc: BaseException, what: str) -> None:
     sys.stdout.flush()
 
 
-def _failure(exc: Exception) -> JSONResponse:
-    """A request the backend could not serve: its own status for a BackendError, else a reported 500."""
-    if isinstance(exc, BackendError):
-        return _error(exc.status, exc.message, exc.param)
-    report_failure(exc, "request failed")
-    return _error(500, f"{type(exc).__name__}: {exc}")
+def _state(request: Request) -> WorkerState:
+    state: WorkerState = request.app.state.worker
+    return state
 
 
+def _ready(request: Request) -> WorkerState:
+    state = _state(request)
+    if not state.ready:
+        raise NotReady("model is still loading")
+    return state
+
+
+def _json(data: Any) -> Response:
+    return Response(_encode(data), media_type="application/json")
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, once the model is ready."""
+    _ready(request)
+    try:
+        body = json.loads(await request.body())
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
+
+
+# -- streams ---------------------------------------------------------------------------------------
 async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     items = pump(chunks)
     try:
         async for chunk in items:
-            yield b"data: " + _encode(chunk) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+            yield sse_event(_encode(chunk))
+        yield SSE_DONE
     except Exception as exc:  # the stream has started: the error can only travel as an event
         if not isinstance(exc, BackendError):
             report_failure(exc, "stream failed")
         message = exc.message if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
-        yield b"data: " + _encode({"error": {"message": message, "type": "server_error"}}) + b"\n\n"
+        yield sse_event(_encode(error_body(message)))
     finally:
         await items.aclose()
-
-
-async def _disconnected(request: Request) -> None:
-    """Return when the client has gone away (the body was read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _audio(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
@@ -128,126 +168,137 @@ async def _audio(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
         await items.aclose()
 
 
-def create_worker_app(state: WorkerState) -> Starlette:
-    async def health(request: Request) -> Response:
-        body = {
-            "status": "ready" if state.ready else "loading",
-            "progress": 1.0 if state.ready else state.backend.progress(),
-            "detail": state.error or "",
-            "in_flight": state.in_flight,
-            **state.backend.info(),
-        }
-        return JSONResponse(body, 200 if state.ready else 503)
+# -- endpoints -------------------------------------------------------------------------------------
+async def health(request: Request) -> Response:
+    state = _state(request)
+    report: Health = {
+        "status": "ready" if state.ready else "loading",
+        "progress": 1.0 if state.ready else state.backend.progress(),
+        "detail": state.error or "",
+        "in_flight": state.in_flight,
+    }
+    return JSONResponse({**report, **state.backend.info()}, 200 if state.ready else 503)
 
-    async def json_request(request: Request) -> dict[str, Any] | Response:
-        """The request's JSON object once the model is ready, or the error answer to send instead."""
-        if not state.ready:
-            return _error(503, "model is still loading")
-        try:
-            body = json.loads(await request.body())
-        except ValueError as exc:
-            return _error(400, f"invalid JSON: {exc}")
-        if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
-        return body
 
-    def generation(method: Callable[[dict[str, Any]], Any]) -> Callable[[Request], Any]:
-        async def handler(request: Request) -> Response:
-            body = await json_request(request)
-            if isinstance(body, Response):
-                return body
-            async with state.slot() as slot:
-                try:
-                    result = await run_in_threadpool(method, body)
-                except Exception as exc:  # a backend error or bug: report it, keep serving
-                    return _failure(exc)
-                if isinstance(result, dict):
-                    return Response(_encode(result), media_type="application/json")
-                return ClosingStream(_sse(result), on_close=slot.hand_over(), headers=_STREAM_HEADERS)
+def _generation(method: str) -> Callable[[Request], Awaitable[Response]]:
+    """An LLM route: a JSON answer, or SSE when the backend returns an iterator of chunks."""
 
-        return handler
+    async def endpoint(request: Request) -> Response:
+        body = await _body(request)
+        state = _state(request)
+        async with state.slot() as slot:
+            result = await run_in_threadpool(getattr(state.backend, method), body)
+            if isinstance(result, dict):
+                return _json(result)
+            return ClosingStream(_sse(result), on_close=slot.hand_over(), headers=STREAM_HEADERS)
 
-    def transcription(task: str, backend: Transcriber) -> Callable[[Request], Any]:
-        async def handler(request: Request) -> Response:
-            if not state.ready:
-                return _error(503, "model is still loading")
-            async with request.form(max_files=1) as form:
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile):
-                    return _error(400, "'file' is required", "file")
-                params: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
-                params["task"] = task
-                params["temperature"] = float(params.get("temperature") or 0.0)
-                params["word_timestamps"] = "word" in form.getlist("timestamp_granularities[]")
-                async with state.slot():
-                    try:
-                        header, segments = await run_in_threadpool(backend.transcribe, upload.file, params)
-                        found = [segment async for segment in pump(segments)]
-                    except Exception as exc:  # a backend error or bug: report it, keep serving
-                        return _failure(exc)
-            body = {**header, "text": "".join(s["text"] for s in found).strip(), "segments": found}
-            words = [w for s in found for w in s.get("words", [])]
-            if words:
-                body["words"] = words
-            return Response(_encode(body), media_type="application/json")
+    return endpoint
 
-        return handler
 
-    def speech(backend: Speaker) -> Callable[[Request], Any]:
-        async def handler(request: Request) -> Response:
-            body = await json_request(request)
-            if isinstance(body, Response):
-                return body
-            media_type = MEDIA_TYPES.get(str(body.get("response_format") or "wav"))
-            if media_type is None:
-                return _error(400, f"unknown response_format; known: {', '.join(MEDIA_TYPES)}", "response_format")
-            async with state.slot() as slot:
-                try:
-                    chunks = await run_in_threadpool(backend.speech, body)
-                except Exception as exc:  # a backend error or bug: report it, keep serving
-                    return _failure(exc)
-                return ClosingStream(_audio(chunks), on_close=slot.hand_over(), media_type=media_type,
-                                     headers=_STREAM_HEADERS)
-
-        return handler
-
-    def images(backend: ImageMaker) -> Callable[[Request], Any]:
-        async def handler(request: Request) -> Response:
-            body = await json_request(request)
-            if isinstance(body, Response):
-                return body
-            cancel = threading.Event()
-            async with state.slot():
-                job = asyncio.ensure_future(run_in_threadpool(backend.images, body, cancel))
-                gone = asyncio.ensure_future(_disconnected(request))
-                await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
-                gone.cancel()
-                if not job.done():  # the client went away: stop at the next step, then free the slot
-                    cancel.set()
-                    await asyncio.wait({job})
-                    return _error(499, "the client went away")
-                try:
-                    return Response(_encode(job.result()), media_type="application/json")
-                except Exception as exc:  # a backend error or bug (or the job cancelled): report it
-                    return _failure(exc)
-
-        return handler
-
+async def speech(request: Request) -> Response:
+    body = await _body(request)
+    media_type = AUDIO_MEDIA_TYPES.get(str(body.get("response_format") or "wav"))
+    if media_type is None:
+        raise InvalidRequest(f"unknown response_format; known: {', '.join(AUDIO_MEDIA_TYPES)}",
+                             param="response_format")
+    state = _state(request)
     backend = state.backend
+    assert isinstance(backend, Speaker)
+    async with state.slot() as slot:
+        request_: SpeechRequest = body  # type: ignore[assignment]  # shaped by the proxy (proxy.wire)
+        chunks = await run_in_threadpool(backend.speech, request_)
+        return ClosingStream(_audio(chunks), on_close=slot.hand_over(), media_type=media_type,
+                             headers=STREAM_HEADERS)
+
+
+async def images(request: Request) -> Response:
+    body: ImageRequest = await _body(request)  # type: ignore[assignment]  # shaped by the proxy (proxy.wire)
+    state = _state(request)
+    backend = state.backend
+    assert isinstance(backend, ImageMaker)
+    cancel = threading.Event()
+    async with state.slot():
+        job = asyncio.ensure_future(run_in_threadpool(backend.images, body, cancel))
+        gone = asyncio.ensure_future(client_gone(request.receive))
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not job.done():  # the client went away: stop at the next step, then free the slot
+            cancel.set()
+            await asyncio.wait({job})
+            raise ClientWentAway("the client went away")
+        return _json(job.result())
+
+
+def _transcription(task: str) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        state = _ready(request)
+        backend = state.backend
+        assert isinstance(backend, Transcriber)
+        async with request.form(max_files=1) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise InvalidRequest("'file' is required", param="file")
+            params: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+            params["task"] = task
+            params["temperature"] = float(params.get("temperature") or 0.0)
+            params["word_timestamps"] = "word" in form.getlist("timestamp_granularities[]")
+            async with state.slot():
+                header, segments = await run_in_threadpool(backend.transcribe, upload.file, params)
+                found = [segment async for segment in pump(segments)]
+        transcript: Transcript = {
+            "language": header["language"], "duration": header["duration"],
+            "text": "".join(s["text"] for s in found).strip(), "segments": found,
+        }
+        words = [w for s in found for w in s.get("words", [])]
+        if words:
+            transcript["words"] = words
+        return _json(transcript)
+
+    return endpoint
+
+
+# -- errors ----------------------------------------------------------------------------------------
+async def _backend_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BackendError)
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    return JSONResponse(error_body(exc.message, kind=kind, param=exc.param), exc.status)
+
+
+def _reported(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """A backend bug becomes a reported BackendFailure (500): the worker keeps serving, and the proxy
+    logs why (Starlette would re-raise a bare Exception after answering it)."""
+
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except BackendError:
+            raise
+        except Exception as exc:
+            report_failure(exc, "request failed")
+            raise BackendFailure(f"{type(exc).__name__}: {exc}") from exc
+
+    return guarded
+
+
+HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {BackendError: _backend_error}
+
+
+def create_worker_app(state: WorkerState) -> Starlette:
+    """The routes this backend can serve, by the protocols it implements."""
+    backend = state.backend
+    endpoints: list[tuple[str, Callable[[Request], Awaitable[Response]]]] = []
+    if isinstance(backend, Generator):
+        endpoints += [("/v1/chat/completions", _generation("chat")), ("/v1/completions", _generation("completion")),
+                      ("/v1/embeddings", _generation("embeddings"))]
+    if isinstance(backend, ImageMaker):
+        endpoints.append(("/v1/images", images))
+    if isinstance(backend, Speaker):
+        endpoints.append(("/v1/audio/speech", speech))
+    if isinstance(backend, Transcriber):
+        endpoints += [("/v1/audio/transcriptions", _transcription("transcribe")),
+                      ("/v1/audio/translations", _transcription("translate"))]
     routes = [Route("/health", health, methods=["GET"])]
-    if hasattr(backend, "chat"):  # an LLM backend
-        routes += [
-            Route("/v1/chat/completions", generation(backend.chat), methods=["POST"]),
-            Route("/v1/completions", generation(backend.completion), methods=["POST"]),
-            Route("/v1/embeddings", generation(backend.embeddings), methods=["POST"]),
-        ]
-    if isinstance(backend, ImageMaker):  # an image backend
-        routes.append(Route("/v1/images", images(backend), methods=["POST"]))
-    if isinstance(backend, Speaker):  # a text-to-speech backend
-        routes.append(Route("/v1/audio/speech", speech(backend), methods=["POST"]))
-    if isinstance(backend, Transcriber):  # a speech-to-text backend
-        routes += [
-            Route("/v1/audio/transcriptions", transcription("transcribe", backend), methods=["POST"]),
-            Route("/v1/audio/translations", transcription("translate", backend), methods=["POST"]),
-        ]
-    return Starlette(routes=routes)
+    routes += [Route(path, _reported(endpoint), methods=["POST"]) for path, endpoint in endpoints]
+    app = Starlette(routes=routes, exception_handlers=HANDLERS)
+    app.state.worker = state
+    return app

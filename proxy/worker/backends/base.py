@@ -11,6 +11,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
+from proxy.wire import ImageRequest, ImageResult, Segment, SpeechRequest
+
 
 class BackendError(Exception):
     """The request cannot be served; ``status`` says whose fault it is."""
@@ -45,12 +47,6 @@ class Backend(Protocol):
     def progress(self) -> float:
         """0..1 while loading."""
 
-    def chat(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
-
-    def completion(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
-
-    def embeddings(self, body: dict[str, Any]) -> dict[str, Any]: ...
-
     def info(self) -> dict[str, Any]:
         """What /health reports beside the state (device, memory, ...)."""
 
@@ -58,18 +54,35 @@ class Backend(Protocol):
         """Free what can be freed; the process exits right after."""
 
 
+class BackendFailure(BackendError):
+    """A backend bug or an unexpected failure: reported to the proxy, answered 500."""
+
+
+# What a backend can do is the protocols it implements; the worker serves the routes that go with them.
+@runtime_checkable
+class Generator(Protocol):
+    """An LLM backend: OpenAI's chat, completions and embeddings (a dict, or an iterator of SSE chunks)."""
+
+    def chat(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
+
+    def completion(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
+
+    def embeddings(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
 @runtime_checkable
 class Transcriber(Protocol):
-    """A speech-to-text backend: decode and transcribe one audio file (path or binary file object)."""
+    """A speech-to-text backend: decode and transcribe one audio file (path or binary file object);
+    returns the language and duration, and the segments as they are made."""
 
-    def transcribe(self, audio: Any, params: dict[str, Any]) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]: ...
+    def transcribe(self, audio: Any, params: dict[str, Any]) -> tuple[dict[str, Any], Iterator[Segment]]: ...
 
 
 @runtime_checkable
 class Speaker(Protocol):
-    """A text-to-speech backend: encoded audio for OpenAI's speech request, chunk by chunk."""
+    """A text-to-speech backend: encoded audio for the canonical speech request, chunk by chunk."""
 
-    def speech(self, body: dict[str, Any]) -> Iterator[bytes]: ...
+    def speech(self, body: SpeechRequest) -> Iterator[bytes]: ...
 
 
 @runtime_checkable
@@ -79,4 +92,4 @@ class ImageMaker(Protocol):
     ``cancel`` is set when the client goes away; the backend stops at its next step.
     """
 
-    def images(self, body: dict[str, Any], cancel: threading.Event) -> dict[str, Any]: ...
+    def images(self, body: ImageRequest, cancel: threading.Event) -> ImageResult: ...

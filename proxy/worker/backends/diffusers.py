@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.dialects.images import SAMPLERS
+from proxy.wire import SAMPLERS, Image, ImageRequest, ImageResult
 from proxy.worker.backends.base import InvalidRequest
 
 
@@ -110,7 +110,7 @@ class DiffusersBackend:
             raise InvalidRequest(f"'init_image' is not an image: {exc}", param="init_image") from exc
         return image.resize((width, height))
 
-    def images(self, body: dict[str, Any], cancel: threading.Event) -> dict[str, Any]:
+    def images(self, body: ImageRequest, cancel: threading.Event) -> ImageResult:
         """Generate ``n`` images for the canonical request; PNGs as base64 with the seed of each."""
         import torch
         from diffusers import AutoPipelineForImage2Image
@@ -137,7 +137,7 @@ class DiffusersBackend:
                 p._interrupt = True
             return tensors
 
-        out = []
+        out: list[Image] = []
         self.busy = True
         try:
             for i in range(int(body.get("n", 1))):

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from proxy.wire import SpeechRequest
 from proxy.worker.audio import encode
 from proxy.worker.backends.base import InvalidRequest
 
@@ -56,7 +57,7 @@ class PiperBackend:
         for chunk in self.voice.synthesize(text, syn_config=syn):
             yield chunk.audio_int16_bytes
 
-    def speech(self, body: dict[str, Any]) -> Iterator[bytes]:
+    def speech(self, body: SpeechRequest) -> Iterator[bytes]:
         """Encoded audio for ``body`` (input, voice, response_format, speed), chunk by chunk."""
         speaker = body.get("voice") or "default"
         if self.speakers and speaker not in self.speakers:

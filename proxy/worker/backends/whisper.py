@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from proxy.wire import Segment
 from proxy.worker.backends.base import InvalidRequest
 
 log = logging.getLogger("proxy.worker.whisper")
@@ -119,7 +120,7 @@ class WhisperBackend:
     def close(self) -> None:
         self.model = None
 
-    def transcribe(self, audio: Any, params: dict[str, Any]) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+    def transcribe(self, audio: Any, params: dict[str, Any]) -> tuple[dict[str, Any], Iterator[Segment]]:
         """Decode and start transcribing; returns the header (language, duration) and the segments."""
         from faster_whisper.audio import decode_audio
 
@@ -143,8 +144,8 @@ class WhisperBackend:
         return header, (_segment(s) for s in segments)
 
 
-def _segment(s: Any) -> dict[str, Any]:
-    out = {
+def _segment(s: Any) -> Segment:
+    out: Segment = {
         "id": s.id - 1 if s.id else 0,
         "seek": s.seek,
         "start": round(float(s.start), 3),

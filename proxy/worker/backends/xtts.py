@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from proxy.wire import SpeechRequest
 from proxy.worker.audio import encode
 from proxy.worker.backends.base import InvalidRequest
 
@@ -132,7 +133,7 @@ class XttsBackend:
                 samples = chunk.detach().cpu().numpy().reshape(-1)
                 yield (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
-    def speech(self, body: dict[str, Any]) -> Iterator[bytes]:
+    def speech(self, body: SpeechRequest) -> Iterator[bytes]:
         latents = self._conditioning(str(body.get("voice") or "default"), body.get("speaker_wav"))
         language = str(body.get("language") or self.options.get("language") or "en")
         speed = float(body.get("speed") or 1.0) * float(self.options.get("speed") or 1.0)

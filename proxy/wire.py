@@ -1,0 +1,180 @@
+"""The proxy–worker wire contract: what crosses the socket between the proxy and a worker.
+
+Both sides import this module, and it imports nothing but the standard library: a worker may run
+under another interpreter (``python:`` in a model's YAML) that has none of the proxy's dependencies.
+It holds the typed payloads of the canonical internal API (ARCHITECTURE.md), the names both sides
+must agree on (samplers, audio formats and their media types), the stream headers, the error body,
+SSE framing, and how either side notices that its client has gone.
+
+LLM requests and answers are OpenAI's own wire format and are not restated here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal, NotRequired, TypedDict
+
+# -- names both sides agree on -----------------------------------------------------------------
+
+# sampler / scheduler names clients send (A1111's and short ones) -> diffusers scheduler class
+SAMPLERS: Mapping[str, str] = {
+    "euler": "EulerDiscreteScheduler",
+    "euler a": "EulerAncestralDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "dpm++ 2m": "DPMSolverMultistepScheduler",
+    "dpm++_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+AudioFormat = Literal["wav", "pcm", "mp3", "opus", "flac", "aac"]
+AUDIO_MEDIA_TYPES: Mapping[str, str] = {
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "flac": "audio/flac",
+    "aac": "audio/aac",
+}
+AUDIO_FORMATS: tuple[str, ...] = tuple(AUDIO_MEDIA_TYPES)
+
+# streamed answers are flushed as they are made, by us and by any reverse proxy in front
+STREAM_HEADERS: Mapping[str, str] = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# -- payloads ------------------------------------------------------------------------------------
+
+
+class Health(TypedDict):
+    """``GET /health``: 200 when ready, 503 while loading; a backend adds its own keys (device, ...)."""
+
+    status: Literal["loading", "ready"]
+    progress: float
+    detail: str
+    in_flight: int
+
+
+class ImageRequest(TypedDict):
+    """``POST /v1/images``: one canonical request for every image dialect."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int
+    n: int
+    scheduler: str | None  # a SAMPLERS key, or None for the model's own
+    init_image: NotRequired[str]  # base64 (img2img)
+    strength: NotRequired[float]
+
+
+class Image(TypedDict):
+    base64: str  # PNG
+    seed: int
+    width: int
+    height: int
+
+
+class ImageResult(TypedDict):
+    images: list[Image]
+    processing_time: float
+
+
+class SpeechRequest(TypedDict):
+    """``POST /v1/audio/speech``: OpenAI's request, shaped; answered with audio bytes, streamed."""
+
+    model: str
+    input: str
+    voice: str
+    response_format: AudioFormat
+    speed: float
+    language: NotRequired[str]
+    speaker_wav: NotRequired[str]  # base64 audio, or a voice file's name (cloning backends)
+
+
+class TranscriptionFields(TypedDict, total=False):
+    """``POST /v1/audio/transcriptions`` (and ``/translations``): multipart, the audio in ``file``,
+    these text fields, and ``timestamp_granularities[]`` repeated."""
+
+    language: str
+    prompt: str
+    temperature: str
+
+
+class Word(TypedDict):
+    word: str
+    start: float
+    end: float
+
+
+class Segment(TypedDict):
+    """OpenAI's verbose_json segment."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: NotRequired[list[Word]]
+
+
+class Transcript(TypedDict):
+    """What a transcription worker answers; the proxy renders OpenAI's formats from it."""
+
+    language: str
+    duration: float
+    text: str
+    segments: list[Segment]
+    words: NotRequired[list[Word]]
+
+
+# -- errors and SSE ------------------------------------------------------------------------------
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def error_body(message: str, *, kind: str = "server_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, which workers answer in and the proxy reads."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def sse_event(data: bytes) -> bytes:
+    """One SSE event carrying ``data`` (a JSON document, on one line)."""
+    return b"data: " + data + b"\n\n"
+
+
+class StreamEnd(Exception):
+    """``[DONE]``: the stream is complete."""
+
+
+def sse_data(line: str) -> dict[str, Any] | None:
+    """The JSON document an SSE line carries; None for other lines (comments, blank, ``event:``);
+    raises StreamEnd at ``data: [DONE]``."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        raise StreamEnd
+    chunk = json.loads(data)
+    return chunk if isinstance(chunk, dict) else {"error": {"message": f"not a JSON object: {data[:100]}"}}
+
+
+# -- the client going away -----------------------------------------------------------------------
+
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+
+
+async def client_gone(receive: Receive) -> None:
+    """Return when the client has gone away (an ASGI ``receive``, once the body has been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
