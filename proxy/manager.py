@@ -139,7 +139,6 @@ class ModelManager:
         self._changed = asyncio.Event()
         self._queued = 0
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
-        self._closed = False
         atexit.register(self._kill_all_sync)
 
     # -- lookup -----------------------------------------------------------------------------
@@ -409,13 +408,7 @@ class ModelManager:
         lease.release()
         return lease
 
-    def set_keep_alive(self, name: str, keep_alive: float | None) -> None:
-        rt = self._runtime(name)
-        self._apply_keep_alive(rt, keep_alive)
-        self._maybe_idle(rt)
-
     async def shutdown(self) -> None:
-        self._closed = True
         for rt in self._runtimes.values():
             self._cancel_idle(rt)
         starting = [rt.start_task for rt in self._runtimes.values() if rt.start_task and not rt.start_task.done()]

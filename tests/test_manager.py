@@ -164,10 +164,10 @@ async def test_eviction_prefers_shortest_keep_alive_then_lru() -> None:
     manager, clock = make(model("a"), model("b"), model("c"), model("d"), max_loaded=2)
     (await manager.acquire("a", keep_alive=600)).release()
     (await manager.acquire("b", keep_alive=60)).release()
-    lease = await manager.acquire("c")  # full: b (shorter keep_alive) makes room
+    lease = await manager.acquire("c", keep_alive=600)  # full: b (shorter keep_alive) makes room
     assert state(manager, "b") == "stopped" and state(manager, "a") == "ready"
     lease.release()
-    manager.set_keep_alive("c", 600)
+    assert next(s.keep_alive for s in manager.status() if s.name == "c") == 600  # a tie with a: LRU decides
     clock.advance(1)
     (await manager.acquire("a")).release()  # a is now the most recently used
     lease = await manager.acquire("d")
