@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
@@ -35,7 +35,37 @@ _STALL_CHECKS = 4  # progress checks per stall_timeout (at most every _STALL_CHE
 _STALL_CHECK_MAX = 5.0
 _MIN_CPU_SHARE = 0.01  # less CPU than this share of one core between two checks is "no progress"
 
-WorkerFactory = Callable[[ModelConfig, Path, Callable[[Worker], None]], Worker]
+
+class WorkerHandle(Protocol):
+    """What the manager uses of a worker: ``supervisor.Worker``, or a test's fake."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def upstream(self) -> Upstream | None: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def kill_reason(self) -> str | None: ...
+
+    def log_tail(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+    def kill(self, reason: str) -> None: ...
+
+    def kill_sync(self) -> None: ...
+
+    def cpu_seconds(self) -> float | None: ...
+
+
+# (config, runtime dir, on_exit) -> a worker not yet started; on_exit is called when it exits on its own
+WorkerFactory = Callable[[ModelConfig, Path, Callable[[WorkerHandle], None]], WorkerHandle]
 
 
 class State(enum.StrEnum):
@@ -53,7 +83,7 @@ class Runtime:
         self.config = config
         self.default_keep_alive = keep_alive
         self.state = State.STOPPED
-        self.worker: Worker | None = None
+        self.worker: WorkerHandle | None = None
         self.in_flight = 0
         self.waiters = 0
         self.keep_alive = keep_alive
@@ -95,7 +125,7 @@ class ModelStatus:
 class Lease:
     """The right to send requests to a ready model, until ``release`` (idempotent)."""
 
-    def __init__(self, manager: ModelManager, runtime: Runtime, worker: Worker, load_duration: float) -> None:
+    def __init__(self, manager: ModelManager, runtime: Runtime, worker: WorkerHandle, load_duration: float) -> None:
         self._manager = manager
         self._runtime = runtime
         self.worker = worker
@@ -275,7 +305,7 @@ class ModelManager:
         rt.start_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._notify()
 
-    async def _start(self, rt: Runtime, worker: Worker) -> None:
+    async def _start(self, rt: Runtime, worker: WorkerHandle) -> None:
         began = self.clock.monotonic()
         log.info("model %s: starting", rt.config.name)
         try:
@@ -306,7 +336,7 @@ class ModelManager:
         self._notify()
 
     # -- stall watchdog ---------------------------------------------------------------------
-    def _watch_progress(self, rt: Runtime, worker: Worker) -> None:
+    def _watch_progress(self, rt: Runtime, worker: WorkerHandle) -> None:
         """Kill a worker that has requests in flight and makes no progress (uses no CPU) for
         ``stall_timeout``: a deadlock or a hung abort would otherwise hold its requests for ever.
         Its exit then takes the crash path: in-flight requests get an explicit error."""
@@ -346,7 +376,7 @@ class ModelManager:
         self._notify()
         return rt.stop_task
 
-    async def _stop(self, rt: Runtime, worker: Worker | None) -> None:
+    async def _stop(self, rt: Runtime, worker: WorkerHandle | None) -> None:
         try:
             if worker is not None:
                 await worker.stop(rt.config.unload_grace)
@@ -361,7 +391,7 @@ class ModelManager:
             log.info("model %s: stopped", rt.config.name)
             self._notify()
 
-    def _on_worker_exit(self, worker: Worker) -> None:
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
         for rt in self._runtimes.values():
             if rt.worker is worker and rt.state is State.READY:
                 why = worker.kill_reason or f"the worker exited unexpectedly with code {worker.returncode}"

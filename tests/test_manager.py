@@ -16,6 +16,7 @@ from proxy.clock import ManualClock
 from proxy.config import DetailsSection, ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull
 from proxy.manager import ModelManager
+from proxy.upstream import Upstream
 
 
 def model(name: str, keep_alive: float | None = None, **kw: Any) -> ModelConfig:
@@ -40,7 +41,7 @@ def settings(*models: ModelConfig, max_loaded: int = 3, max_queue: int = 8, keep
 
 
 class FakeWorker:
-    """Stands in for supervisor.Worker: starts when its gate opens, stops at once."""
+    """Stands in for supervisor.Worker (a manager.WorkerHandle): starts when its gate opens, stops at once."""
 
     instances: list[FakeWorker] = []
 
@@ -52,7 +53,7 @@ class FakeWorker:
         self.fail: str | None = None
         self.stopped = False
         self.pid = 1000 + len(FakeWorker.instances)
-        self.upstream = object()
+        self.upstream = Upstream("http://fake", name=config.name)  # never used: no session is made
         self.returncode: int | None = None
         self.cpu: float | None = 0.0  # what cpu_seconds() reports; a test moves it
         self.kill_reason: str | None = None
@@ -88,7 +89,7 @@ def _reset() -> None:
 
 def make(*models: ModelConfig, **kw: Any) -> tuple[ModelManager, ManualClock]:
     clock = ManualClock()
-    manager = ModelManager(settings(*models, **kw), clock=clock, worker_factory=FakeWorker)  # type: ignore[arg-type]
+    manager = ModelManager(settings(*models, **kw), clock=clock, worker_factory=FakeWorker)
     return manager, clock
 
 
