@@ -15,7 +15,7 @@ import pytest
 from proxy.clock import ManualClock
 from proxy.config import DetailsSection, ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull
-from proxy.manager import ModelManager
+from proxy.manager import ModelManager, WorkerFactory
 from proxy.upstream import Upstream
 
 
@@ -87,10 +87,18 @@ def _reset() -> None:
     FakeWorker.instances.clear()
 
 
-def make(*models: ModelConfig, **kw: Any) -> tuple[ModelManager, ManualClock]:
+def make(*models: ModelConfig, factory: WorkerFactory = FakeWorker, **kw: Any) -> tuple[ModelManager, ManualClock]:
     clock = ManualClock()
-    manager = ModelManager(settings(*models, **kw), clock=clock, worker_factory=FakeWorker)
+    manager = ModelManager(settings(*models, **kw), clock=clock, worker_factory=factory)
     return manager, clock
+
+
+def failing(config: ModelConfig, runtime_dir: Path, on_exit: Callable[[Any], None]) -> FakeWorker:
+    """A FakeWorker whose start fails when its gate opens."""
+    worker = FakeWorker(config, runtime_dir, on_exit)
+    worker.fail = "weights are corrupt"
+    worker.gate.clear()
+    return worker
 
 
 def state(manager: ModelManager, name: str) -> str:
@@ -195,34 +203,23 @@ async def test_busy_model_is_never_evicted_and_queue_is_bounded() -> None:
 
 
 async def test_failed_start_reaches_every_waiter_and_backs_off() -> None:
-    manager, clock = make(model("a"))
-    original = FakeWorker.__init__
-
-    def failing(self: FakeWorker, *args: Any) -> None:
-        original(self, *args)
-        self.fail = "weights are corrupt"
-        self.gate.clear()
-
-    FakeWorker.__init__ = failing  # type: ignore[method-assign]
-    try:
-        waiters = [asyncio.create_task(manager.acquire("a")) for _ in range(3)]
+    manager, clock = make(model("a"), factory=failing)
+    waiters = [asyncio.create_task(manager.acquire("a")) for _ in range(3)]
+    await settle()
+    FakeWorker.instances[0].gate.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, ModelLoadFailed) and "corrupt" in r.message for r in results)
+    assert len(FakeWorker.instances) == 1
+    with pytest.raises(ModelLoadFailed):  # within the backoff: no new start
+        await manager.acquire("a")
+    assert len(FakeWorker.instances) == 1
+    clock.advance(2)
+    with pytest.raises(ModelLoadFailed):
+        task = asyncio.create_task(manager.acquire("a"))
         await settle()
-        FakeWorker.instances[0].gate.set()
-        results = await asyncio.gather(*waiters, return_exceptions=True)
-        assert all(isinstance(r, ModelLoadFailed) and "corrupt" in r.message for r in results)
-        assert len(FakeWorker.instances) == 1
-        with pytest.raises(ModelLoadFailed):  # within the backoff: no new start
-            await manager.acquire("a")
-        assert len(FakeWorker.instances) == 1
-        clock.advance(2)
-        with pytest.raises(ModelLoadFailed):
-            task = asyncio.create_task(manager.acquire("a"))
-            await settle()
-            FakeWorker.instances[-1].gate.set()
-            await task
-        assert len(FakeWorker.instances) == 2
-    finally:
-        FakeWorker.__init__ = original  # type: ignore[method-assign]
+        FakeWorker.instances[-1].gate.set()
+        await task
+    assert len(FakeWorker.instances) == 2
     await manager.shutdown()
 
 
