@@ -5,7 +5,8 @@ it is serial on the event loop without a lock. Request handlers ask for a ``Leas
 it in one ``finally``; they never read-then-act on state themselves.
 
 States per model: stopped -> starting -> ready -> stopping -> stopped, and failed (with the
-reason; retried on a later request after a backoff).
+reason; retried on a later request after a backoff). ``TRANSITIONS`` lists every move allowed;
+each one goes through ``ModelManager._transition``, which refuses the others.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import enum
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,6 +75,28 @@ class State(enum.StrEnum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+
+
+# llama-swap's isValidTransition: the moves each state may make, and why it makes them.
+TRANSITIONS: Mapping[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING}),  # a request
+    State.STARTING: frozenset({
+        State.READY,  # the worker is up
+        State.FAILED,  # its start failed
+        State.STOPPED,  # its start was cancelled (shutdown) or raised something unforeseen
+        State.STOPPING,  # shutdown cancelled its start before it ran: the worker is stopped anyway
+    }),
+    State.READY: frozenset({
+        State.STOPPING,  # keep_alive ran out, eviction, unload, shutdown
+        State.STOPPED,  # the worker exited on its own (a crash, the stall watchdog)
+    }),
+    State.STOPPING: frozenset({State.STOPPED}),
+    State.FAILED: frozenset({State.STARTING}),  # a request after the backoff
+}
+
+
+class InvalidTransition(AssertionError):
+    """A state change ``TRANSITIONS`` does not allow: a bug in the manager, never a client's error."""
 
 
 class Runtime:
@@ -237,7 +260,7 @@ class ModelManager:
                         if victim is not None:
                             victim.evicting_for = rt
                             log.info("unloading %s to make room for %s", victim.config.name, rt.config.name)
-                            self._begin_stop(victim)
+                            self._begin_stop(victim, f"evicted for {rt.config.name}")
                     if not queued:
                         if self._queued >= self.settings.max_queue:
                             raise QueueFull(
@@ -286,7 +309,7 @@ class ModelManager:
             return
         self._cancel_idle(rt)
         if rt.keep_alive <= 0:
-            self._begin_stop(rt)
+            self._begin_stop(rt, "keep_alive is 0")
         elif not math.isinf(rt.keep_alive):
             rt.idle_deadline = self.clock.monotonic() + rt.keep_alive
             rt.idle_timer = self.clock.call_later(rt.keep_alive, lambda: self._expire(rt))
@@ -295,11 +318,19 @@ class ModelManager:
         rt.idle_timer = None
         if rt.state is State.READY and rt.in_flight == 0 and rt.waiters == 0:
             log.info("model %s: keep_alive of %gs ran out; unloading", rt.config.name, rt.keep_alive)
-            self._begin_stop(rt)
+            self._begin_stop(rt, "keep_alive ran out")
+
+    # -- state ------------------------------------------------------------------------------
+    def _transition(self, rt: Runtime, new: State, reason: str) -> None:
+        """The one place a model's state changes."""
+        if new not in TRANSITIONS[rt.state]:
+            raise InvalidTransition(f"model {rt.config.name}: {rt.state} -> {new} is not allowed ({reason})")
+        log.debug("model %s: %s -> %s (%s)", rt.config.name, rt.state, new, reason)
+        rt.state = new
 
     # -- start / stop -----------------------------------------------------------------------
     def _begin_start(self, rt: Runtime) -> None:
-        rt.state = State.STARTING
+        self._transition(rt, State.STARTING, "requested")
         rt.worker = self._factory(rt.config, self._runtime_dir, self._on_worker_exit)
         rt.start_task = asyncio.create_task(self._start(rt, rt.worker))
         rt.start_task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -311,7 +342,7 @@ class ModelManager:
         try:
             await worker.start()
         except ProxyError as exc:
-            rt.state = State.FAILED
+            self._transition(rt, State.FAILED, "its start failed")
             rt.worker = None
             rt.last_error = exc.message
             rt.failures += 1
@@ -319,12 +350,12 @@ class ModelManager:
             log.error("model %s: failed to start: %s", rt.config.name, exc.message)
             self._notify()
             raise
-        except BaseException:
-            rt.state = State.STOPPED
+        except BaseException as exc:
+            self._transition(rt, State.STOPPED, f"its start ended with {type(exc).__name__}")
             rt.worker = None
             self._notify()
             raise
-        rt.state = State.READY
+        self._transition(rt, State.READY, "the worker is up")
         rt.failures = 0
         rt.last_error = None
         rt.load_duration = self.clock.monotonic() - began
@@ -367,11 +398,11 @@ class ModelManager:
 
         rt.watchdog = self.clock.call_later(interval, check)
 
-    def _begin_stop(self, rt: Runtime) -> asyncio.Task[None]:
+    def _begin_stop(self, rt: Runtime, reason: str) -> asyncio.Task[None]:
         if rt.stop_task is not None:
             return rt.stop_task
         self._cancel_idle(rt)
-        rt.state = State.STOPPING
+        self._transition(rt, State.STOPPING, reason)
         rt.stop_task = asyncio.create_task(self._stop(rt, rt.worker))
         self._notify()
         return rt.stop_task
@@ -383,7 +414,7 @@ class ModelManager:
         finally:
             if rt.worker is worker:
                 rt.worker = None
-            rt.state = State.STOPPED
+            self._transition(rt, State.STOPPED, "the worker is stopped")
             rt.stop_task = None
             rt.evicting_for = None
             rt.loaded_at = None
@@ -398,7 +429,7 @@ class ModelManager:
                 rt.last_error = f"{why}; its log ends:\n{worker.log_tail()}"
                 self._cancel_idle(rt)
                 rt.worker = None
-                rt.state = State.STOPPED
+                self._transition(rt, State.STOPPED, why)
                 rt.loaded_at = None
                 rt.keep_alive = rt.default_keep_alive
                 asyncio.get_running_loop().create_task(worker.stop(0))  # reap, close its client
@@ -420,7 +451,7 @@ class ModelManager:
                 await self._changed.wait()
             task = rt.stop_task if rt.state is State.STOPPING else None
             if rt.state is State.READY:
-                task = self._begin_stop(rt)
+                task = self._begin_stop(rt, "unload")
             if task is not None:
                 await asyncio.shield(task)
         finally:
@@ -445,7 +476,7 @@ class ModelManager:
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
-        stops = [self._begin_stop(rt) for rt in self._runtimes.values() if rt.worker is not None]
+        stops = [self._begin_stop(rt, "shutdown") for rt in self._runtimes.values() if rt.worker is not None]
         await asyncio.gather(*stops, return_exceptions=True)
         with contextlib.suppress(OSError):
             for path in self._runtime_dir.iterdir():

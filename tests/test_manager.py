@@ -6,6 +6,8 @@ Every rule here is also covered once on the real path (test_lifecycle.py, test_l
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from proxy.clock import ManualClock
 from proxy.config import DetailsSection, ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull
-from proxy.manager import ModelManager, WorkerFactory
+from proxy.manager import TRANSITIONS, InvalidTransition, ModelManager, Runtime, State, WorkerFactory
 from proxy.upstream import Upstream
 
 
@@ -93,11 +95,17 @@ def make(*models: ModelConfig, factory: WorkerFactory = FakeWorker, **kw: Any) -
     return manager, clock
 
 
+def held(config: ModelConfig, runtime_dir: Path, on_exit: Callable[[Any], None]) -> FakeWorker:
+    """A FakeWorker whose start waits until the test opens its gate."""
+    worker = FakeWorker(config, runtime_dir, on_exit)
+    worker.gate.clear()
+    return worker
+
+
 def failing(config: ModelConfig, runtime_dir: Path, on_exit: Callable[[Any], None]) -> FakeWorker:
     """A FakeWorker whose start fails when its gate opens."""
-    worker = FakeWorker(config, runtime_dir, on_exit)
+    worker = held(config, runtime_dir, on_exit)
     worker.fail = "weights are corrupt"
-    worker.gate.clear()
     return worker
 
 
@@ -302,3 +310,77 @@ async def test_the_stall_watchdog_is_off_at_zero() -> None:
     assert FakeWorker.instances[0].kill_reason is None and state(manager, "a") == "ready"
     lease.release()
     await manager.shutdown()
+
+
+FORBIDDEN = [(a, b) for a, b in itertools.product(State, State) if b not in TRANSITIONS[a]]
+
+
+@pytest.mark.parametrize(("old", "new"), FORBIDDEN, ids=[f"{a}->{b}" for a, b in FORBIDDEN])
+async def test_a_forbidden_transition_is_refused(old: State, new: State) -> None:
+    manager, _ = make(model("a"))
+    rt = manager._runtimes["a"]
+    rt.state = old  # set by hand: no allowed path need lead here
+    with pytest.raises(InvalidTransition, match=f"{old} -> {new} is not allowed"):
+        manager._transition(rt, new, "test")
+    assert rt.state is old
+    await manager.shutdown()
+
+
+async def test_every_allowed_transition_is_made(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Walks the table: each move in TRANSITIONS happens on a path the manager really takes."""
+    moves: list[tuple[str, State, State]] = []
+    real = ModelManager._transition
+
+    def record(self: ModelManager, rt: Runtime, new: State, reason: str) -> None:
+        moves.append((rt.config.name, rt.state, new))
+        real(self, rt, new, reason)
+
+    monkeypatch.setattr(ModelManager, "_transition", record)
+    caplog.set_level(logging.DEBUG, logger="proxy.manager")
+
+    async def start(manager: ModelManager, name: str, fail: str | None = None) -> None:
+        task = asyncio.create_task(manager.acquire(name))
+        await settle()
+        FakeWorker.instances[-1].fail = fail
+        FakeWorker.instances[-1].gate.set()
+        (await task).release()
+
+    manager, clock = make(model("a"), factory=held)
+    with pytest.raises(ModelLoadFailed):
+        await start(manager, "a", fail="weights are corrupt")
+    clock.advance(2)  # past the backoff: the next request starts it again
+    await start(manager, "a")
+    worker = FakeWorker.instances[-1]
+    worker.returncode = -9
+    worker.on_exit(worker)  # a crash
+    await start(manager, "a")
+    assert await manager.unload("a")
+    await manager.shutdown()
+    S = State
+    assert moves == [
+        ("a", S.STOPPED, S.STARTING), ("a", S.STARTING, S.FAILED),
+        ("a", S.FAILED, S.STARTING), ("a", S.STARTING, S.READY),
+        ("a", S.READY, S.STOPPED),
+        ("a", S.STOPPED, S.STARTING), ("a", S.STARTING, S.READY),
+        ("a", S.READY, S.STOPPING), ("a", S.STOPPING, S.STOPPED),
+    ]
+    assert "model a: ready -> stopped (the worker exited unexpectedly with code -9)" in caplog.messages
+
+    manager, _ = make(model("b"), model("c"), factory=held)
+    loading = asyncio.create_task(manager.acquire("b"))
+    await settle()  # b's start is under way, waiting at its gate
+    waiting = asyncio.create_task(manager.acquire("c"))
+    await asyncio.sleep(0)  # one step: c's start task exists but has not run yet
+    await manager.shutdown()
+    for task in (loading, waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert moves[-5:] == [
+        ("b", S.STOPPED, S.STARTING), ("c", S.STOPPED, S.STARTING),
+        ("b", S.STARTING, S.STOPPED),  # its start, cancelled
+        ("c", S.STARTING, S.STOPPING), ("c", S.STOPPING, S.STOPPED),  # cancelled before it ran: stopped all the same
+    ]
+    made = {(old, new) for _, old, new in moves}
+    assert made == {(old, new) for old, targets in TRANSITIONS.items() for new in targets}
