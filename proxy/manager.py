@@ -5,7 +5,8 @@ it is serial on the event loop without a lock. Request handlers ask for a ``Leas
 it in one ``finally``; they never read-then-act on state themselves.
 
 States per model: stopped -> starting -> ready -> stopping -> stopped, and failed (with the
-reason; retried on a later request after a backoff).
+reason; retried on a later request after a backoff). ``TRANSITIONS`` lists every move allowed;
+each one goes through ``ModelManager._transition``, which refuses the others.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import enum
 import logging
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
@@ -35,7 +36,37 @@ _STALL_CHECKS = 4  # progress checks per stall_timeout (at most every _STALL_CHE
 _STALL_CHECK_MAX = 5.0
 _MIN_CPU_SHARE = 0.01  # less CPU than this share of one core between two checks is "no progress"
 
-WorkerFactory = Callable[[ModelConfig, Path, Callable[[Worker], None]], Worker]
+
+class WorkerHandle(Protocol):
+    """What the manager uses of a worker: ``supervisor.Worker``, or a test's fake."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def upstream(self) -> Upstream | None: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def kill_reason(self) -> str | None: ...
+
+    def log_tail(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+    def kill(self, reason: str) -> None: ...
+
+    def kill_sync(self) -> None: ...
+
+    def cpu_seconds(self) -> float | None: ...
+
+
+# (config, runtime dir, on_exit) -> a worker not yet started; on_exit is called when it exits on its own
+WorkerFactory = Callable[[ModelConfig, Path, Callable[[WorkerHandle], None]], WorkerHandle]
 
 
 class State(enum.StrEnum):
@@ -46,6 +77,28 @@ class State(enum.StrEnum):
     FAILED = "failed"
 
 
+# llama-swap's isValidTransition: the moves each state may make, and why it makes them.
+TRANSITIONS: Mapping[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING}),  # a request
+    State.STARTING: frozenset({
+        State.READY,  # the worker is up
+        State.FAILED,  # its start failed
+        State.STOPPED,  # its start was cancelled (shutdown) or raised something unforeseen
+        State.STOPPING,  # shutdown cancelled its start before it ran: the worker is stopped anyway
+    }),
+    State.READY: frozenset({
+        State.STOPPING,  # keep_alive ran out, eviction, unload, shutdown
+        State.STOPPED,  # the worker exited on its own (a crash, the stall watchdog)
+    }),
+    State.STOPPING: frozenset({State.STOPPED}),
+    State.FAILED: frozenset({State.STARTING}),  # a request after the backoff
+}
+
+
+class InvalidTransition(AssertionError):
+    """A state change ``TRANSITIONS`` does not allow: a bug in the manager, never a client's error."""
+
+
 class Runtime:
     """What the manager knows of one model. Only the manager writes it."""
 
@@ -53,7 +106,7 @@ class Runtime:
         self.config = config
         self.default_keep_alive = keep_alive
         self.state = State.STOPPED
-        self.worker: Worker | None = None
+        self.worker: WorkerHandle | None = None
         self.in_flight = 0
         self.waiters = 0
         self.keep_alive = keep_alive
@@ -95,7 +148,7 @@ class ModelStatus:
 class Lease:
     """The right to send requests to a ready model, until ``release`` (idempotent)."""
 
-    def __init__(self, manager: ModelManager, runtime: Runtime, worker: Worker, load_duration: float) -> None:
+    def __init__(self, manager: ModelManager, runtime: Runtime, worker: WorkerHandle, load_duration: float) -> None:
         self._manager = manager
         self._runtime = runtime
         self.worker = worker
@@ -139,7 +192,6 @@ class ModelManager:
         self._changed = asyncio.Event()
         self._queued = 0
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
-        self._closed = False
         atexit.register(self._kill_all_sync)
 
     # -- lookup -----------------------------------------------------------------------------
@@ -208,7 +260,7 @@ class ModelManager:
                         if victim is not None:
                             victim.evicting_for = rt
                             log.info("unloading %s to make room for %s", victim.config.name, rt.config.name)
-                            self._begin_stop(victim)
+                            self._begin_stop(victim, f"evicted for {rt.config.name}")
                     if not queued:
                         if self._queued >= self.settings.max_queue:
                             raise QueueFull(
@@ -257,7 +309,7 @@ class ModelManager:
             return
         self._cancel_idle(rt)
         if rt.keep_alive <= 0:
-            self._begin_stop(rt)
+            self._begin_stop(rt, "keep_alive is 0")
         elif not math.isinf(rt.keep_alive):
             rt.idle_deadline = self.clock.monotonic() + rt.keep_alive
             rt.idle_timer = self.clock.call_later(rt.keep_alive, lambda: self._expire(rt))
@@ -266,23 +318,31 @@ class ModelManager:
         rt.idle_timer = None
         if rt.state is State.READY and rt.in_flight == 0 and rt.waiters == 0:
             log.info("model %s: keep_alive of %gs ran out; unloading", rt.config.name, rt.keep_alive)
-            self._begin_stop(rt)
+            self._begin_stop(rt, "keep_alive ran out")
+
+    # -- state ------------------------------------------------------------------------------
+    def _transition(self, rt: Runtime, new: State, reason: str) -> None:
+        """The one place a model's state changes."""
+        if new not in TRANSITIONS[rt.state]:
+            raise InvalidTransition(f"model {rt.config.name}: {rt.state} -> {new} is not allowed ({reason})")
+        log.debug("model %s: %s -> %s (%s)", rt.config.name, rt.state, new, reason)
+        rt.state = new
 
     # -- start / stop -----------------------------------------------------------------------
     def _begin_start(self, rt: Runtime) -> None:
-        rt.state = State.STARTING
+        self._transition(rt, State.STARTING, "requested")
         rt.worker = self._factory(rt.config, self._runtime_dir, self._on_worker_exit)
         rt.start_task = asyncio.create_task(self._start(rt, rt.worker))
         rt.start_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._notify()
 
-    async def _start(self, rt: Runtime, worker: Worker) -> None:
+    async def _start(self, rt: Runtime, worker: WorkerHandle) -> None:
         began = self.clock.monotonic()
         log.info("model %s: starting", rt.config.name)
         try:
             await worker.start()
         except ProxyError as exc:
-            rt.state = State.FAILED
+            self._transition(rt, State.FAILED, "its start failed")
             rt.worker = None
             rt.last_error = exc.message
             rt.failures += 1
@@ -290,12 +350,12 @@ class ModelManager:
             log.error("model %s: failed to start: %s", rt.config.name, exc.message)
             self._notify()
             raise
-        except BaseException:
-            rt.state = State.STOPPED
+        except BaseException as exc:
+            self._transition(rt, State.STOPPED, f"its start ended with {type(exc).__name__}")
             rt.worker = None
             self._notify()
             raise
-        rt.state = State.READY
+        self._transition(rt, State.READY, "the worker is up")
         rt.failures = 0
         rt.last_error = None
         rt.load_duration = self.clock.monotonic() - began
@@ -307,7 +367,7 @@ class ModelManager:
         self._notify()
 
     # -- stall watchdog ---------------------------------------------------------------------
-    def _watch_progress(self, rt: Runtime, worker: Worker) -> None:
+    def _watch_progress(self, rt: Runtime, worker: WorkerHandle) -> None:
         """Kill a worker that has requests in flight and makes no progress (uses no CPU) for
         ``stall_timeout``: a deadlock or a hung abort would otherwise hold its requests for ever.
         Its exit then takes the crash path: in-flight requests get an explicit error."""
@@ -338,23 +398,23 @@ class ModelManager:
 
         rt.watchdog = self.clock.call_later(interval, check)
 
-    def _begin_stop(self, rt: Runtime) -> asyncio.Task[None]:
+    def _begin_stop(self, rt: Runtime, reason: str) -> asyncio.Task[None]:
         if rt.stop_task is not None:
             return rt.stop_task
         self._cancel_idle(rt)
-        rt.state = State.STOPPING
+        self._transition(rt, State.STOPPING, reason)
         rt.stop_task = asyncio.create_task(self._stop(rt, rt.worker))
         self._notify()
         return rt.stop_task
 
-    async def _stop(self, rt: Runtime, worker: Worker | None) -> None:
+    async def _stop(self, rt: Runtime, worker: WorkerHandle | None) -> None:
         try:
             if worker is not None:
                 await worker.stop(rt.config.unload_grace)
         finally:
             if rt.worker is worker:
                 rt.worker = None
-            rt.state = State.STOPPED
+            self._transition(rt, State.STOPPED, "the worker is stopped")
             rt.stop_task = None
             rt.evicting_for = None
             rt.loaded_at = None
@@ -362,14 +422,14 @@ class ModelManager:
             log.info("model %s: stopped", rt.config.name)
             self._notify()
 
-    def _on_worker_exit(self, worker: Worker) -> None:
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
         for rt in self._runtimes.values():
             if rt.worker is worker and rt.state is State.READY:
                 why = worker.kill_reason or f"the worker exited unexpectedly with code {worker.returncode}"
                 rt.last_error = f"{why}; its log ends:\n{worker.log_tail()}"
                 self._cancel_idle(rt)
                 rt.worker = None
-                rt.state = State.STOPPED
+                self._transition(rt, State.STOPPED, why)
                 rt.loaded_at = None
                 rt.keep_alive = rt.default_keep_alive
                 asyncio.get_running_loop().create_task(worker.stop(0))  # reap, close its client
@@ -391,7 +451,7 @@ class ModelManager:
                 await self._changed.wait()
             task = rt.stop_task if rt.state is State.STOPPING else None
             if rt.state is State.READY:
-                task = self._begin_stop(rt)
+                task = self._begin_stop(rt, "unload")
             if task is not None:
                 await asyncio.shield(task)
         finally:
@@ -409,20 +469,14 @@ class ModelManager:
         lease.release()
         return lease
 
-    def set_keep_alive(self, name: str, keep_alive: float | None) -> None:
-        rt = self._runtime(name)
-        self._apply_keep_alive(rt, keep_alive)
-        self._maybe_idle(rt)
-
     async def shutdown(self) -> None:
-        self._closed = True
         for rt in self._runtimes.values():
             self._cancel_idle(rt)
         starting = [rt.start_task for rt in self._runtimes.values() if rt.start_task and not rt.start_task.done()]
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
-        stops = [self._begin_stop(rt) for rt in self._runtimes.values() if rt.worker is not None]
+        stops = [self._begin_stop(rt, "shutdown") for rt in self._runtimes.values() if rt.worker is not None]
         await asyncio.gather(*stops, return_exceptions=True)
         with contextlib.suppress(OSError):
             for path in self._runtime_dir.iterdir():

@@ -6,6 +6,8 @@ Every rule here is also covered once on the real path (test_lifecycle.py, test_l
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ import pytest
 from proxy.clock import ManualClock
 from proxy.config import DetailsSection, ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull
-from proxy.manager import ModelManager
+from proxy.manager import TRANSITIONS, InvalidTransition, ModelManager, Runtime, State, WorkerFactory
+from proxy.upstream import Upstream
 
 
 def model(name: str, keep_alive: float | None = None, **kw: Any) -> ModelConfig:
@@ -40,7 +43,7 @@ def settings(*models: ModelConfig, max_loaded: int = 3, max_queue: int = 8, keep
 
 
 class FakeWorker:
-    """Stands in for supervisor.Worker: starts when its gate opens, stops at once."""
+    """Stands in for supervisor.Worker (a manager.WorkerHandle): starts when its gate opens, stops at once."""
 
     instances: list[FakeWorker] = []
 
@@ -52,7 +55,7 @@ class FakeWorker:
         self.fail: str | None = None
         self.stopped = False
         self.pid = 1000 + len(FakeWorker.instances)
-        self.upstream = object()
+        self.upstream = Upstream("http://fake", name=config.name)  # never used: no session is made
         self.returncode: int | None = None
         self.cpu: float | None = 0.0  # what cpu_seconds() reports; a test moves it
         self.kill_reason: str | None = None
@@ -86,10 +89,24 @@ def _reset() -> None:
     FakeWorker.instances.clear()
 
 
-def make(*models: ModelConfig, **kw: Any) -> tuple[ModelManager, ManualClock]:
+def make(*models: ModelConfig, factory: WorkerFactory = FakeWorker, **kw: Any) -> tuple[ModelManager, ManualClock]:
     clock = ManualClock()
-    manager = ModelManager(settings(*models, **kw), clock=clock, worker_factory=FakeWorker)  # type: ignore[arg-type]
+    manager = ModelManager(settings(*models, **kw), clock=clock, worker_factory=factory)
     return manager, clock
+
+
+def held(config: ModelConfig, runtime_dir: Path, on_exit: Callable[[Any], None]) -> FakeWorker:
+    """A FakeWorker whose start waits until the test opens its gate."""
+    worker = FakeWorker(config, runtime_dir, on_exit)
+    worker.gate.clear()
+    return worker
+
+
+def failing(config: ModelConfig, runtime_dir: Path, on_exit: Callable[[Any], None]) -> FakeWorker:
+    """A FakeWorker whose start fails when its gate opens."""
+    worker = held(config, runtime_dir, on_exit)
+    worker.fail = "weights are corrupt"
+    return worker
 
 
 def state(manager: ModelManager, name: str) -> str:
@@ -164,10 +181,10 @@ async def test_eviction_prefers_shortest_keep_alive_then_lru() -> None:
     manager, clock = make(model("a"), model("b"), model("c"), model("d"), max_loaded=2)
     (await manager.acquire("a", keep_alive=600)).release()
     (await manager.acquire("b", keep_alive=60)).release()
-    lease = await manager.acquire("c")  # full: b (shorter keep_alive) makes room
+    lease = await manager.acquire("c", keep_alive=600)  # full: b (shorter keep_alive) makes room
     assert state(manager, "b") == "stopped" and state(manager, "a") == "ready"
     lease.release()
-    manager.set_keep_alive("c", 600)
+    assert next(s.keep_alive for s in manager.status() if s.name == "c") == 600  # a tie with a: LRU decides
     clock.advance(1)
     (await manager.acquire("a")).release()  # a is now the most recently used
     lease = await manager.acquire("d")
@@ -194,34 +211,23 @@ async def test_busy_model_is_never_evicted_and_queue_is_bounded() -> None:
 
 
 async def test_failed_start_reaches_every_waiter_and_backs_off() -> None:
-    manager, clock = make(model("a"))
-    original = FakeWorker.__init__
-
-    def failing(self: FakeWorker, *args: Any) -> None:
-        original(self, *args)
-        self.fail = "weights are corrupt"
-        self.gate.clear()
-
-    FakeWorker.__init__ = failing  # type: ignore[method-assign]
-    try:
-        waiters = [asyncio.create_task(manager.acquire("a")) for _ in range(3)]
+    manager, clock = make(model("a"), factory=failing)
+    waiters = [asyncio.create_task(manager.acquire("a")) for _ in range(3)]
+    await settle()
+    FakeWorker.instances[0].gate.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, ModelLoadFailed) and "corrupt" in r.message for r in results)
+    assert len(FakeWorker.instances) == 1
+    with pytest.raises(ModelLoadFailed):  # within the backoff: no new start
+        await manager.acquire("a")
+    assert len(FakeWorker.instances) == 1
+    clock.advance(2)
+    with pytest.raises(ModelLoadFailed):
+        task = asyncio.create_task(manager.acquire("a"))
         await settle()
-        FakeWorker.instances[0].gate.set()
-        results = await asyncio.gather(*waiters, return_exceptions=True)
-        assert all(isinstance(r, ModelLoadFailed) and "corrupt" in r.message for r in results)
-        assert len(FakeWorker.instances) == 1
-        with pytest.raises(ModelLoadFailed):  # within the backoff: no new start
-            await manager.acquire("a")
-        assert len(FakeWorker.instances) == 1
-        clock.advance(2)
-        with pytest.raises(ModelLoadFailed):
-            task = asyncio.create_task(manager.acquire("a"))
-            await settle()
-            FakeWorker.instances[-1].gate.set()
-            await task
-        assert len(FakeWorker.instances) == 2
-    finally:
-        FakeWorker.__init__ = original  # type: ignore[method-assign]
+        FakeWorker.instances[-1].gate.set()
+        await task
+    assert len(FakeWorker.instances) == 2
     await manager.shutdown()
 
 
@@ -304,3 +310,77 @@ async def test_the_stall_watchdog_is_off_at_zero() -> None:
     assert FakeWorker.instances[0].kill_reason is None and state(manager, "a") == "ready"
     lease.release()
     await manager.shutdown()
+
+
+FORBIDDEN = [(a, b) for a, b in itertools.product(State, State) if b not in TRANSITIONS[a]]
+
+
+@pytest.mark.parametrize(("old", "new"), FORBIDDEN, ids=[f"{a}->{b}" for a, b in FORBIDDEN])
+async def test_a_forbidden_transition_is_refused(old: State, new: State) -> None:
+    manager, _ = make(model("a"))
+    rt = manager._runtimes["a"]
+    rt.state = old  # set by hand: no allowed path need lead here
+    with pytest.raises(InvalidTransition, match=f"{old} -> {new} is not allowed"):
+        manager._transition(rt, new, "test")
+    assert rt.state is old
+    await manager.shutdown()
+
+
+async def test_every_allowed_transition_is_made(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Walks the table: each move in TRANSITIONS happens on a path the manager really takes."""
+    moves: list[tuple[str, State, State]] = []
+    real = ModelManager._transition
+
+    def record(self: ModelManager, rt: Runtime, new: State, reason: str) -> None:
+        moves.append((rt.config.name, rt.state, new))
+        real(self, rt, new, reason)
+
+    monkeypatch.setattr(ModelManager, "_transition", record)
+    caplog.set_level(logging.DEBUG, logger="proxy.manager")
+
+    async def start(manager: ModelManager, name: str, fail: str | None = None) -> None:
+        task = asyncio.create_task(manager.acquire(name))
+        await settle()
+        FakeWorker.instances[-1].fail = fail
+        FakeWorker.instances[-1].gate.set()
+        (await task).release()
+
+    manager, clock = make(model("a"), factory=held)
+    with pytest.raises(ModelLoadFailed):
+        await start(manager, "a", fail="weights are corrupt")
+    clock.advance(2)  # past the backoff: the next request starts it again
+    await start(manager, "a")
+    worker = FakeWorker.instances[-1]
+    worker.returncode = -9
+    worker.on_exit(worker)  # a crash
+    await start(manager, "a")
+    assert await manager.unload("a")
+    await manager.shutdown()
+    S = State
+    assert moves == [
+        ("a", S.STOPPED, S.STARTING), ("a", S.STARTING, S.FAILED),
+        ("a", S.FAILED, S.STARTING), ("a", S.STARTING, S.READY),
+        ("a", S.READY, S.STOPPED),
+        ("a", S.STOPPED, S.STARTING), ("a", S.STARTING, S.READY),
+        ("a", S.READY, S.STOPPING), ("a", S.STOPPING, S.STOPPED),
+    ]
+    assert "model a: ready -> stopped (the worker exited unexpectedly with code -9)" in caplog.messages
+
+    manager, _ = make(model("b"), model("c"), factory=held)
+    loading = asyncio.create_task(manager.acquire("b"))
+    await settle()  # b's start is under way, waiting at its gate
+    waiting = asyncio.create_task(manager.acquire("c"))
+    await asyncio.sleep(0)  # one step: c's start task exists but has not run yet
+    await manager.shutdown()
+    for task in (loading, waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert moves[-5:] == [
+        ("b", S.STOPPED, S.STARTING), ("c", S.STOPPED, S.STARTING),
+        ("b", S.STARTING, S.STOPPED),  # its start, cancelled
+        ("c", S.STARTING, S.STOPPING), ("c", S.STOPPING, S.STOPPED),  # cancelled before it ran: stopped all the same
+    ]
+    made = {(old, new) for _, old, new in moves}
+    assert made == {(old, new) for old, targets in TRANSITIONS.items() for new in targets}

@@ -16,12 +16,6 @@ from proxy.errors import BadRequest, UnsupportedInput
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
-def require_object(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return body
-
-
 def require_model(body: Mapping[str, Any]) -> str:
     model = body.get("model")
     if model is None or model == "":
