@@ -70,7 +70,7 @@ class WhisperOptions(ModelFileOptions):
 class PiperOptions(ModelFileOptions):
     """``model:`` of a piper voice: the ``.onnx`` file (its ``.onnx.json`` beside it, or ``config_file``)."""
 
-    config_file: str | None = None
+    config_file: str | None = None  # under models/ or absolute (default: <model>.json beside the model)
     default_voice: str | None = None  # a speaker of a multi-speaker voice; else the voice itself
     openai_voices: dict[str, str] = {}  # alloy, echo, ... -> one of our voices (default: the default voice)
     speed: float = 1.0
@@ -79,6 +79,11 @@ class PiperOptions(ModelFileOptions):
     noise_w_scale: float | None = None
     use_cuda: bool = False
 
+    def with_paths(self, model_path: Path, models_dir: Path) -> Self:
+        config = under(models_dir, self.config_file) if self.config_file else model_path.with_name(
+            model_path.name + ".json")
+        return msgspec.structs.replace(self, config_file=str(config))
+
 
 class XttsOptions(ModelFileOptions):
     """``model:`` of an XTTS v2 model: its checkpoint folder (config.json, model.pth, vocab.json, speakers)."""
@@ -86,7 +91,8 @@ class XttsOptions(ModelFileOptions):
     speakers: list[str] = []  # the named speakers of its speakers file that clients may ask for
     default_voice: str | None = None  # one of the speakers (default: the first)
     openai_voices: dict[str, str] = {}
-    voices_dir: str | None = None  # reference wavs clients may name in speaker_wav (default: <folder>/voices)
+    # reference wavs clients may name in speaker_wav, under models/ or absolute (default: <folder>/voices)
+    voices_dir: str | None = None
     language: str = "en"
     speed: float = 1.0
     temperature: float = 0.7
@@ -94,6 +100,10 @@ class XttsOptions(ModelFileOptions):
     sample_rate: int | None = None  # resample the model's output (24000 Hz) to this rate
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None  # torch threads; pinned for repeatable output
+
+    def with_paths(self, model_path: Path, models_dir: Path) -> Self:
+        voices = under(models_dir, self.voices_dir) if self.voices_dir else model_path / "voices"
+        return msgspec.structs.replace(self, voices_dir=str(voices))
 
 
 class DiffusersOptions(ModelFileOptions):
