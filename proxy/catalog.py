@@ -35,10 +35,10 @@ def entry(cfg: ModelConfig) -> Entry:
         stem = cfg.model_path.name
     quant = _QUANT.search(stem)
     params = _PARAMS.search(stem) or _PARAMS.search(cfg.name.replace(":", "-"))
-    family = cfg.details.family or ("llama" if cfg.backend == "llama_cpp" else cfg.backend)
+    family = cfg.details.family or cfg.facts.family
     details = {
         "parent_model": "",
-        "format": cfg.details.format or ("gguf" if cfg.backend == "llama_cpp" else cfg.backend),
+        "format": cfg.details.format or cfg.facts.format,
         "family": family,
         "families": [family],
         "parameter_size": cfg.details.parameter_size or (params.group(1).upper() if params else ""),

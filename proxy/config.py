@@ -13,28 +13,19 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import yaml
 
+from proxy.backends import BACKENDS, Backend, BackendInfo, Capability, Kind, ModelFileOptions, under
 from proxy.errors import BadRequest, ConfigError
 from proxy.keepalive import parse_keep_alive
 
 Duration = str | int | float
-Backend = Literal["llama_cpp", "external", "diffusers", "piper", "xtts", "whisper"]
-Kind = Literal["llm", "embedding", "image", "speech", "transcription"]
 
-# What each backend is, and what it can do unless its config says otherwise.
-BACKEND_KIND: dict[str, str] = {
-    "llama_cpp": "llm",
-    "external": "llm",
-    "diffusers": "image",
-    "piper": "speech",
-    "xtts": "speech",
-    "whisper": "transcription",
-}
-DEFAULT_CAPABILITIES: dict[str, tuple[str, ...]] = {
+# What a model is and advertises unless its config says otherwise (its backend's kind: proxy.backends).
+DEFAULT_CAPABILITIES: dict[Kind, tuple[str, ...]] = {
     "llm": ("completion", "tools"),
     "embedding": ("embedding",),
     "image": ("image",),
@@ -78,97 +69,7 @@ class ConfigFile(_Strict):
     log_level: str = "info"
 
 
-class ModelFileOptions(_Strict):
-    """Where a backend's weights are: ``path`` (under models/ or absolute) or ``package`` + ``file``.
-
-    Every backend's options struct derives from this one; what is left after the file goes to the
-    worker as its options.
-    """
-
-    path: str | None = None
-    package: str | None = None
-    file: str | None = None
-
-
-class LlamaCppOptions(ModelFileOptions):
-    """``model:`` of a llama_cpp model; anything beyond the file goes to ``llama_cpp.Llama``."""
-
-    n_ctx: int = 4096
-    n_gpu_layers: int = -1
-    n_threads: int | None = None
-    n_batch: int = 512
-    chat_format: str | None = None
-    seed: int | None = None
-    flash_attn: bool = False
-
-
-class WhisperOptions(ModelFileOptions):
-    """``model:`` of a whisper model: a CTranslate2 folder (or one split over several packages)."""
-
-    part_packages: list[str] = []  # packages whose data folder holds more model.bin.partN files
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compute_type: str = "auto"  # auto: int8 on CPU, float16 on CUDA
-    cpu_threads: int = 0
-    beam_size: int = 5
-    vad_filter: bool = False
-    language: str | None = None
-
-
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
-
-
-class PiperOptions(ModelFileOptions):
-    """``model:`` of a piper voice: the ``.onnx`` file (its ``.onnx.json`` beside it, or ``config_file``)."""
-
-    config_file: str | None = None
-    default_voice: str | None = None  # a speaker of a multi-speaker voice; else the voice itself
-    openai_voices: dict[str, str] = {}  # alloy, echo, ... -> one of our voices (default: the default voice)
-    speed: float = 1.0
-    sample_rate: int | None = None  # resample the voice's output to this rate
-    noise_scale: float | None = None
-    noise_w_scale: float | None = None
-    use_cuda: bool = False
-
-
-class XttsOptions(ModelFileOptions):
-    """``model:`` of an XTTS v2 model: its checkpoint folder (config.json, model.pth, vocab.json, speakers)."""
-
-    speakers: list[str] = []  # the named speakers of its speakers file that clients may ask for
-    default_voice: str | None = None  # one of the speakers (default: the first)
-    openai_voices: dict[str, str] = {}
-    voices_dir: str | None = None  # reference wavs clients may name in speaker_wav (default: <folder>/voices)
-    language: str = "en"
-    speed: float = 1.0
-    temperature: float = 0.7
-    stream_chunk_size: int = 20
-    sample_rate: int | None = None  # resample the model's output (24000 Hz) to this rate
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = None  # torch threads; pinned for repeatable output
-
-
-class DiffusersOptions(ModelFileOptions):
-    """``model:`` of a diffusers model: a diffusers folder, or a .safetensors / .ckpt single file."""
-
-    config: str | None = None  # for a single file: a local diffusers folder with the pipeline's configs
-    steps: int = 30
-    guidance_scale: float = 7.5
-    width: int = 512
-    height: int = 512
-    scheduler: str | None = None  # euler, euler_a, ddim, pndm, lms, dpm++_2m, unipc (default: the model's)
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int | None = None  # torch threads: the same seed gives the same bytes only with the same count
-    max_size: int = 1024
-
-
-# backend -> the struct its ``model:`` section must match (backends not listed take no ``model:``)
-BACKEND_OPTIONS: dict[str, type[ModelFileOptions]] = {
-    "llama_cpp": LlamaCppOptions,
-    "whisper": WhisperOptions,
-    "piper": PiperOptions,
-    "xtts": XttsOptions,
-    "diffusers": DiffusersOptions,
-}
 
 
 class TemplateSection(_Strict):
@@ -211,9 +112,9 @@ class ModelConfig:
 
     name: str
     aliases: tuple[str, ...]
-    backend: str
+    backend: Backend
     source: str
-    options: Mapping[str, Any]
+    options: Mapping[str, Any]  # what its worker gets, as JSON: model_options less the model file
     model_path: Path | None
     cmd: tuple[str, ...] | None
     url: str | None
@@ -233,6 +134,17 @@ class ModelConfig:
     details: DetailsSection
     kind: str = "llm"
     cache_dir: Path | None = None  # where a worker may keep what it derives from the weights
+    # its ``model:`` section, typed, the files it names resolved (None: its backend has no options struct)
+    model_options: ModelFileOptions | None = None
+
+    @property
+    def facts(self) -> BackendInfo:
+        """Its backend's facts (proxy.backends)."""
+        return BACKENDS[self.backend]
+
+    def backend_can(self, capability: Capability) -> bool:
+        """Whether its backend's worker serves this (``capabilities`` is what the model advertises)."""
+        return capability in self.facts.capabilities
 
 
 @dataclass(frozen=True)
@@ -313,35 +225,29 @@ def resolve_model_file(opts: ModelFileOptions, models_dir: Path, file: str) -> P
         raise ConfigError(file, "model.file", f"'{opts.file}' not found in package '{opts.package}'")
     if not opts.path:
         raise ConfigError(file, "model.path", "a model file is needed (model.path, or model.package + file)")
-    path = Path(opts.path).expanduser()
-    return path if path.is_absolute() else models_dir / path
+    return under(models_dir, opts.path)
 
 
 def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], models_dir: Path) -> ModelConfig:
+    facts = BACKENDS[raw.backend]
     options: dict[str, Any] = dict(raw.model)
+    opts: ModelFileOptions | None = None
     model_path: Path | None = None
     cmd: tuple[str, ...] | None = None
-    options_cls = BACKEND_OPTIONS.get(raw.backend)
-    if options_cls is not None:
-        opts = _convert(raw.model, options_cls, file, "model.")
+    if facts.options is not None:
+        opts = _convert(raw.model, facts.options, file, "model.")
         model_path = resolve_model_file(opts, models_dir, file)
+        opts = opts.with_paths(model_path, models_dir)
         options = {k: v for k, v in msgspec.structs.asdict(opts).items() if k not in ("path", "package", "file")}
-        if isinstance(options.get("config"), str):  # a single file's diffusers config folder, like path:
-            options["config"] = str(models_dir / Path(options["config"]).expanduser())
-    if raw.backend == "external":
+    if facts.entry is None:  # a server of its own
         if (raw.cmd is None) == (raw.url is None):
             raise ConfigError(file, "cmd", "an external model needs exactly one of cmd (to start) or url")
         if raw.cmd is not None:
             cmd = tuple(raw.cmd.split()) if isinstance(raw.cmd, str) else tuple(raw.cmd)
             if not cmd:
                 raise ConfigError(file, "cmd", "must not be empty")
-    kind = raw.kind or BACKEND_KIND[raw.backend]
-    if raw.capabilities is not None:
-        capabilities = tuple(raw.capabilities)
-    elif raw.kind is None and raw.backend in ("llama_cpp", "external"):
-        capabilities = DEFAULT_CAPABILITIES["llm"]
-    else:
-        capabilities = DEFAULT_CAPABILITIES[kind]
+    kind: Kind = raw.kind or facts.kind
+    capabilities = tuple(raw.capabilities) if raw.capabilities is not None else DEFAULT_CAPABILITIES[kind]
     if kind == "llm" and capabilities == ("embedding",):
         kind = "embedding"
     keep_alive = _seconds(raw.keep_alive, file, "keep_alive")
@@ -373,6 +279,7 @@ def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], model
         details=raw.details,
         kind=kind,
         cache_dir=models_dir / ".cache",
+        model_options=opts,
     )
 
 

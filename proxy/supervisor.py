@@ -65,7 +65,7 @@ class Worker:
     def _argv(self) -> tuple[list[str], str | None, str]:
         """The command line, the Unix socket (internal workers) and the base URL."""
         cfg = self.config
-        if cfg.backend == "external":
+        if cfg.facts.entry is None:  # a server of its own
             assert cfg.cmd is not None  # config guarantees cmd when there is no url
             port = _free_port()
             cmd = [part.replace("${PORT}", str(port)) for part in cfg.cmd]
@@ -74,6 +74,7 @@ class Worker:
         sock = str(self.runtime_dir / f"{abs(hash((cfg.name, id(self))))}.sock")
         spec = {
             "backend": cfg.backend,
+            "entry": cfg.facts.entry,
             "name": cfg.name,
             "model_path": str(cfg.model_path) if cfg.model_path else None,
             "options": dict(cfg.options),

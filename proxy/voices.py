@@ -1,46 +1,40 @@
 """Which voices a speech model has, read from its files without loading it, and what a request's
 voice name means: ``default``, one of the model's speakers, or an OpenAI voice name mapped by the
-model's YAML (to its default voice unless it says otherwise)."""
+model's YAML (to its default voice unless it says otherwise).
+
+The files read here were resolved at config load (``with_paths`` in ``proxy.backends``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from proxy.backends import PiperOptions, XttsOptions
 from proxy.config import OPENAI_VOICES, ModelConfig
 from proxy.errors import BadRequest
 
 
-def _piper_config(cfg: ModelConfig) -> Path | None:
-    explicit = cfg.options.get("config_file")
-    if explicit:
-        return Path(explicit)
-    if cfg.model_path is None:
-        return None
-    return cfg.model_path.with_name(cfg.model_path.name + ".json")
-
-
 def speakers(cfg: ModelConfig) -> list[str]:
     """The model's own voice names (a single-speaker voice has just ``default``)."""
-    if cfg.backend == "piper":
-        path = _piper_config(cfg)
+    opts = cfg.model_options
+    if isinstance(opts, PiperOptions):  # a multi-speaker voice lists them in its config file
         try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path else {}
+            data = json.loads(Path(opts.config_file).read_text(encoding="utf-8")) if opts.config_file else {}
         except (OSError, ValueError):
             data = {}
         names = list((data.get("speaker_id_map") or {}).keys())
         return names or ["default"]
-    if cfg.backend == "xtts":
-        return list(cfg.options.get("speakers") or []) or ["default"]
+    if isinstance(opts, XttsOptions):
+        return list(opts.speakers) or ["default"]
     return ["default"]
 
 
 def voices_dir(cfg: ModelConfig) -> Path | None:
-    """Where an XTTS model's reference voices are (clients name them in speaker_wav)."""
-    if cfg.backend != "xtts" or cfg.model_path is None:
+    """Where a cloning model's reference voices are (clients name them in speaker_wav)."""
+    opts = cfg.model_options
+    if not cfg.backend_can("clone") or not isinstance(opts, XttsOptions) or not opts.voices_dir:
         return None
-    configured = cfg.options.get("voices_dir")
-    return Path(configured) if configured else cfg.model_path / "voices"
+    return Path(opts.voices_dir)
 
 
 def voice_files(cfg: ModelConfig) -> list[str]:
@@ -52,7 +46,7 @@ def voice_files(cfg: ModelConfig) -> list[str]:
 
 def languages(cfg: ModelConfig) -> list[str]:
     """The languages an XTTS model's config.json lists (empty when it does not say)."""
-    if cfg.backend != "xtts" or cfg.model_path is None:
+    if not isinstance(cfg.model_options, XttsOptions) or cfg.model_path is None:
         return []
     try:
         data = json.loads((cfg.model_path / "config.json").read_text(encoding="utf-8"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from proxy import voices
 from proxy.config import load_settings
 from proxy.errors import ConfigError
 from tests.harness import REPO
@@ -60,6 +62,25 @@ def test_errors_name_file_and_key(tmp_path: Path, config: dict, models: dict, fi
     assert info.value.file.endswith(file)
     assert info.value.key == key
     assert file in str(info.value) and key in str(info.value)
+
+
+def test_files_a_model_names_are_resolved_against_models_dir(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not against the working directory: the proxy and the worker read the same files wherever they run."""
+    models = tmp_path / "models"
+    (models / "refs").mkdir(parents=True)
+    (models / "refs" / "ref.wav").write_bytes(b"RIFF")
+    (models / "voice.json").write_text(json.dumps({"speaker_id_map": {"ann": 0, "bob": 1}}))
+    path = write(tmp_path, {}, {
+        "p.yaml": {"name": "p", "backend": "piper", "model": {"path": "voice.onnx", "config_file": "voice.json"}},
+        "x.yaml": {"name": "x", "backend": "xtts", "model": {"path": "xtts", "voices_dir": "refs"}},
+        "y.yaml": {"name": "y", "backend": "xtts", "model": {"path": str(models / "other")}},
+    })
+    monkeypatch.chdir(tmp_path)
+    piper, xtts, plain = load_settings(path).models
+    assert piper.options["config_file"] == str(models / "voice.json") and voices.speakers(piper) == ["ann", "bob"]
+    assert xtts.options["voices_dir"] == str(models / "refs") and voices.voice_files(xtts) == ["ref.wav"]
+    assert plain.options["voices_dir"] == str(models / "other" / "voices")  # the default, beside the model
 
 
 def test_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def _check(body: dict[str, Any], cfg: ModelConfig, text_key: str, format_key: st
         raise BadRequest(f"'speed' must be between 0.25 and 4, got {speed}", param="speed")
     voice = optional(body, "voice", str, "a string")
     speaker_wav = optional(body, "speaker_wav", str, "a string (base64 audio or a voice file's name)")
-    if speaker_wav and cfg.backend != "xtts":
+    if speaker_wav and not cfg.backend_can("clone"):
         raise BadRequest(f"model '{cfg.name}' cannot clone voices (speaker_wav is for XTTS models)",
                          param="speaker_wav")
     if speaker_wav:

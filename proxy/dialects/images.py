@@ -14,6 +14,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+from proxy.backends import DiffusersOptions
 from proxy.config import ModelConfig
 from proxy.errors import BadRequest
 from proxy.wire import SAMPLERS, ImageRequest
@@ -21,6 +22,12 @@ from proxy.wire import SAMPLERS, ImageRequest
 MAX_PROMPT = 1000
 MAX_IMAGES = 4
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM")
+_DEFAULTS = DiffusersOptions()
+
+
+def _defaults(cfg: ModelConfig) -> DiffusersOptions:
+    """The model's own defaults (its ``model:`` section), else diffusers' options' defaults."""
+    return cfg.model_options if isinstance(cfg.model_options, DiffusersOptions) else _DEFAULTS
 
 
 def _number(body: Mapping[str, Any], key: str, default: Any, lo: float, hi: float, integer: bool = True) -> Any:
@@ -36,7 +43,7 @@ def _number(body: Mapping[str, Any], key: str, default: Any, lo: float, hi: floa
 
 
 def _size(body: Mapping[str, Any], key: str, default: int, cfg: ModelConfig) -> int:
-    top = int(cfg.options.get("max_size", 1024))
+    top = _defaults(cfg).max_size
     value = _number(body, key, default, 256, top)
     if value % 8:
         raise BadRequest(f"'{key}' must be a multiple of 8 between 256 and {top}, got {value}", param=key)
@@ -96,12 +103,12 @@ def _canonical(cfg: ModelConfig, prompt: str, negative: str, steps: int, guidanc
 
 def from_inference(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> ImageRequest:
     """The older inference API's /txt2img and /img2img."""
-    o = cfg.options
+    o = _defaults(cfg)
     return _canonical(
         cfg, _prompt(body), _prompt(body, "negative_prompt", required=False),
-        _number(body, "num_inference_steps", o.get("steps", 30), 1, 150),
-        _number(body, "guidance_scale", o.get("guidance_scale", 7.5), 0, 30, integer=False),
-        _size(body, "width", o.get("width", 512), cfg), _size(body, "height", o.get("height", 512), cfg),
+        _number(body, "num_inference_steps", o.steps, 1, 150),
+        _number(body, "guidance_scale", o.guidance_scale, 0, 30, integer=False),
+        _size(body, "width", o.width, cfg), _size(body, "height", o.height, cfg),
         _seed(body.get("seed")), _number(body, "num_images", 1, 1, MAX_IMAGES),
         _image(body.get("init_image"), "init_image") if img2img else None,
         _number(body, "strength", 0.75, 0, 1, integer=False), _sampler(body.get("scheduler"), "scheduler"),
@@ -110,7 +117,7 @@ def from_inference(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> 
 
 def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> ImageRequest:
     """AUTOMATIC1111's /sdapi/v1/txt2img and /sdapi/v1/img2img."""
-    o = cfg.options
+    o = _defaults(cfg)
     batch = _number(body, "batch_size", 1, 1, MAX_IMAGES)
     n_iter = _number(body, "n_iter", 1, 1, MAX_IMAGES)
     if batch * n_iter > MAX_IMAGES:
@@ -123,9 +130,9 @@ def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> Imag
         init = _image(images[0], "init_images")
     return _canonical(
         cfg, _prompt(body), _prompt(body, "negative_prompt", required=False),
-        _number(body, "steps", o.get("steps", 30), 1, 150),
-        _number(body, "cfg_scale", o.get("guidance_scale", 7.5), 0, 30, integer=False),
-        _size(body, "width", o.get("width", 512), cfg), _size(body, "height", o.get("height", 512), cfg),
+        _number(body, "steps", o.steps, 1, 150),
+        _number(body, "cfg_scale", o.guidance_scale, 0, 30, integer=False),
+        _size(body, "width", o.width, cfg), _size(body, "height", o.height, cfg),
         _seed(body.get("seed")), batch * n_iter, init,
         _number(body, "denoising_strength", 0.75, 0, 1, integer=False),
         _sampler(body.get("sampler_name") or body.get("sampler_index"), "sampler_name"),
@@ -134,11 +141,11 @@ def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> Imag
 
 def from_openai(body: Mapping[str, Any], cfg: ModelConfig) -> ImageRequest:
     """OpenAI's /v1/images/generations (``size`` as "WxH"; only b64_json answers)."""
-    o = cfg.options
+    o = _defaults(cfg)
     fmt = body.get("response_format") or "b64_json"
     if fmt != "b64_json":
         raise BadRequest("'response_format' must be \"b64_json\": images are not hosted here", param="response_format")
-    size = body.get("size") or f"{o.get('width', 512)}x{o.get('height', 512)}"
+    size = body.get("size") or f"{o.width}x{o.height}"
     if not isinstance(size, str) or "x" not in size:
         raise BadRequest("'size' must be \"WIDTHxHEIGHT\", e.g. \"512x512\"", param="size")
     w, _, h = size.partition("x")
@@ -146,8 +153,8 @@ def from_openai(body: Mapping[str, Any], cfg: ModelConfig) -> ImageRequest:
         raise BadRequest("'size' must be \"WIDTHxHEIGHT\", e.g. \"512x512\"", param="size")
     dims = {"width": int(w), "height": int(h)}
     return _canonical(
-        cfg, _prompt(body), "", int(o.get("steps", 30)), float(o.get("guidance_scale", 7.5)),
-        _size(dims, "width", 512, cfg), _size(dims, "height", 512, cfg), _seed(body.get("seed")),
+        cfg, _prompt(body), "", o.steps, float(o.guidance_scale),
+        _size(dims, "width", o.width, cfg), _size(dims, "height", o.height, cfg), _seed(body.get("seed")),
         _number(body, "n", 1, 1, MAX_IMAGES), None, 0.0, None,
     )
 

@@ -1,6 +1,7 @@
 """``python -m proxy.worker``: one model in one process, serving the internal API on a socket.
 
-The proxy passes a JSON spec (backend, served name, model file, options). The socket is bound
+The proxy passes a JSON spec (backend, its entry point, served name, model file, options): the
+worker knows no backend table of its own (``proxy.backends`` is the proxy's). The socket is bound
 before the model loads, so nothing connects too early; when the model is loaded the worker
 writes one line, ``{"event": "ready"}``, on stdout. Its log goes to stderr, which the proxy keeps
 a tail of. If the model cannot be loaded the worker says why on stderr and exits 1.
@@ -25,21 +26,12 @@ from proxy.worker.guard import die_with_parent
 log = logging.getLogger("proxy.worker")
 
 
-# backend name -> "module:Class"; imported only in the worker that runs it
-BACKENDS = {
-    "llama_cpp": "proxy.worker.backends.llama_cpp:LlamaCppBackend",
-    "whisper": "proxy.worker.backends.whisper:WhisperBackend",
-    "piper": "proxy.worker.backends.piper:PiperBackend",
-    "xtts": "proxy.worker.backends.xtts:XttsBackend",
-    "diffusers": "proxy.worker.backends.diffusers:DiffusersBackend",
-}
-
-
 def make_backend(spec: dict[str, Any]) -> Any:
-    """Every Backend class takes (served name, model path, options)."""
-    target = BACKENDS.get(spec["backend"])
-    if target is None:
-        raise SystemExit(f"unknown backend {spec['backend']!r}")
+    """The spec's entry point, "module:Class", imported here only; every Backend class takes (served name,
+    model path, options)."""
+    target = spec.get("entry")
+    if not target:
+        raise SystemExit(f"no entry point for backend {spec.get('backend')!r} in the spec")
     module_name, _, class_name = target.partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     options = dict(spec.get("options", {}))
@@ -109,7 +101,7 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m proxy.worker")
     parser.add_argument("--socket", required=True, help="Unix socket path to serve on")
-    parser.add_argument("--spec", required=True, help="JSON: backend, name, model_path, options, parallel")
+    parser.add_argument("--spec", required=True, help="JSON: backend, entry, name, model_path, options, parallel")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process exits")
     args = parser.parse_args(argv)
     die_with_parent(args.parent_pid)
