@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
-from proxy.errors import ModelLoadFailed, ModelNotFound, ProxyError, QueueFull
+from proxy.errors import ModelLoadFailed, ModelNotFound, ProxyError, QueueFull, Unavailable
 from proxy.policy import Candidate, backoff, choose_victim
 from proxy.supervisor import Worker
 from proxy.upstream import Upstream
@@ -191,6 +191,7 @@ class ModelManager:
                 self._names[name] = rt
         self._changed = asyncio.Event()
         self._queued = 0
+        self._shutting_down = False
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
         atexit.register(self._kill_all_sync)
 
@@ -227,6 +228,8 @@ class ModelManager:
     async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
         """Wait until the model is ready (starting it, making room) and lease it."""
         rt = self._runtime(name)
+        if self._shutting_down:
+            raise Unavailable("the proxy is shutting down", retry_after=5)
         self._apply_keep_alive(rt, keep_alive)
         started = self.clock.monotonic()
         waited_for_start = False
@@ -470,6 +473,7 @@ class ModelManager:
         return lease
 
     async def shutdown(self) -> None:
+        self._shutting_down = True  # no new leases: a start now would race the stops below
         for rt in self._runtimes.values():
             self._cancel_idle(rt)
         starting = [rt.start_task for rt in self._runtimes.values() if rt.start_task and not rt.start_task.done()]

@@ -16,7 +16,7 @@ import pytest
 
 from proxy.clock import ManualClock
 from proxy.config import DetailsSection, ModelConfig, Settings
-from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull
+from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull, Unavailable
 from proxy.manager import TRANSITIONS, InvalidTransition, ModelManager, Runtime, State, WorkerFactory
 from proxy.upstream import Upstream
 
@@ -384,3 +384,11 @@ async def test_every_allowed_transition_is_made(
     ]
     made = {(old, new) for _, old, new in moves}
     assert made == {(old, new) for old, targets in TRANSITIONS.items() for new in targets}
+
+
+async def test_no_lease_once_shutdown_has_begun() -> None:
+    manager, _ = make(model("a"))
+    await manager.shutdown()
+    with pytest.raises(Unavailable, match="shutting down"):
+        await manager.acquire("a")
+    assert FakeWorker.instances == []
