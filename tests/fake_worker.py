@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -64,7 +65,7 @@ def build(args: argparse.Namespace) -> Starlette:
                 }
             )
 
-        async def gen():  # type: ignore[no-untyped-def]
+        async def gen() -> AsyncIterator[bytes]:
             state["in_flight"] += 1
             try:
                 for i in range(n):
