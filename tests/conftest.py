@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[..., LiveProxy]]:
     for proxy in started:
         leftovers = [p.pid for p in proxy.workers()]
         proxy.stop()
-        wait_until(lambda pids=leftovers: gone(pids), timeout=15)
+        wait_until(functools.partial(gone, leftovers), timeout=15)
 
 
 @pytest.fixture

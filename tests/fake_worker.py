@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -64,7 +66,7 @@ def build(args: argparse.Namespace) -> Starlette:
                 }
             )
 
-        async def gen():  # type: ignore[no-untyped-def]
+        async def gen() -> AsyncIterator[bytes]:
             state["in_flight"] += 1
             try:
                 for i in range(n):
@@ -106,6 +108,14 @@ def build(args: argparse.Namespace) -> Starlette:
     )
 
 
+class _DeafServer(uvicorn.Server):
+    """A uvicorn server that installs no signal handlers, so SIGTERM's disposition (ignored) stands."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
@@ -136,9 +146,7 @@ def main() -> None:
             time.sleep(3600)
     time.sleep(args.load_time)
     config = uvicorn.Config(build(args), host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    if args.ignore_sigterm:
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = _DeafServer(config) if args.ignore_sigterm else uvicorn.Server(config)
     server.run()
 
 

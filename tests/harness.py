@@ -47,7 +47,7 @@ def smollm2_path() -> Path:
 
 def smollm2_config(**extra: Any) -> dict[str, Any]:
     """The shipped configs/smollm2.yaml, with test overrides."""
-    cfg = yaml.safe_load((REPO / "configs" / "smollm2.yaml").read_text())
+    cfg: dict[str, Any] = yaml.safe_load((REPO / "configs" / "smollm2.yaml").read_text())
     cfg["model"]["n_ctx"] = 2048
     cfg["model"]["n_threads"] = 2
     cfg.update(extra)

@@ -57,13 +57,15 @@ CASES: list[tuple[str, Callable[[str], httpx.Response], int, tuple[str, ...]]] =
 
 
 @pytest.mark.parametrize(("name", "send", "status", "words"), CASES, ids=[c[0] for c in CASES])
-def test_openai_dialect(proxy: LiveProxy, name: str, send: Callable, status: int, words: tuple[str, ...]) -> None:
+def test_openai_dialect(proxy: LiveProxy, name: str, send: Callable[[str], httpx.Response], status: int,
+                        words: tuple[str, ...]) -> None:
     openai_error(send(proxy.url + "/v1/chat/completions"), status, *words)
     assert proxy.status()["fake"]["state"] == "stopped"  # nothing reached (or started) a worker
 
 
 @pytest.mark.parametrize(("name", "send", "status", "words"), CASES, ids=[c[0] for c in CASES])
-def test_ollama_dialect(proxy: LiveProxy, name: str, send: Callable, status: int, words: tuple[str, ...]) -> None:
+def test_ollama_dialect(proxy: LiveProxy, name: str, send: Callable[[str], httpx.Response], status: int,
+                        words: tuple[str, ...]) -> None:
     ollama_error(send(proxy.url + "/api/chat"), status, *words)
     assert proxy.status()["fake"]["state"] == "stopped"
 

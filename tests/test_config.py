@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -16,7 +17,7 @@ from proxy.errors import ConfigError
 from tests.harness import REPO
 
 
-def write(tmp_path: Path, config: dict, models: dict[str, dict]) -> Path:
+def write(tmp_path: Path, config: dict[str, Any], models: dict[str, dict[str, Any]]) -> Path:
     (tmp_path / "configs").mkdir(exist_ok=True)
     for name, data in models.items():
         (tmp_path / "configs" / name).write_text(yaml.safe_dump(data))
@@ -55,7 +56,8 @@ def test_the_shipped_configuration_loads() -> None:
         ({}, {"a.yaml": GOOD, "b.yaml": GOOD}, "b.yaml", "name"),
     ],
 )
-def test_errors_name_file_and_key(tmp_path: Path, config: dict, models: dict, file: str, key: str) -> None:
+def test_errors_name_file_and_key(tmp_path: Path, config: dict[str, Any], models: dict[str, dict[str, Any]], file: str,
+                                  key: str) -> None:
     path = write(tmp_path, config, models)
     with pytest.raises(ConfigError) as info:
         load_settings(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from proxy.dialects import ollama as d
@@ -51,7 +53,7 @@ def test_schema_format_and_unlimited_num_predict() -> None:
         ({"messages": [{"role": "user", "content": "x", "images": "AAAA"}]}, "images"),
     ],
 )
-def test_bad_fields_are_named(body: dict, field: str) -> None:
+def test_bad_fields_are_named(body: dict[str, Any], field: str) -> None:
     with pytest.raises(BadRequest) as info:
         d.chat_request(body, "m")
     assert field in info.value.message
@@ -68,8 +70,9 @@ def test_generate_request_templated_raw_and_images() -> None:
     assert parts[1]["image_url"]["url"] == "data:image/png;base64,QUJD"
 
 
-def chunk(content: str | None = None, finish: str | None = None, tool: dict | None = None) -> dict:
-    delta: dict = {}
+def chunk(content: str | None = None, finish: str | None = None,
+          tool: dict[str, Any] | None = None) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
     if content is not None:
         delta["content"] = content
     if tool is not None:

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -64,14 +65,14 @@ def plans(seed: int) -> list[Plan]:
     return out
 
 
-def openai_request(plan: Plan) -> tuple[str, dict]:
+def openai_request(plan: Plan) -> tuple[str, dict[str, Any]]:
     return "/v1/chat/completions", {
         "model": "smollm2", "messages": [{"role": "user", "content": plan.prompt}], "max_tokens": MAX_TOKENS,
         "stream": plan.stream,
     }
 
 
-def ollama_request(plan: Plan) -> tuple[str, dict]:
+def ollama_request(plan: Plan) -> tuple[str, dict[str, Any]]:
     return "/api/chat", {
         "model": "smollm2", "messages": [{"role": "user", "content": plan.prompt}],
         "options": {"num_predict": MAX_TOKENS}, "stream": plan.stream,
@@ -94,7 +95,7 @@ def ollama_complete(lines: list[str], status: int, body: bytes) -> tuple[bool, s
     return status == 200 and data.get("done") is True, f"{status} {body[:300]!r}"
 
 
-def one(proxy: LiveProxy, plan: Plan, shape: Callable[[Plan], tuple[str, dict]],
+def one(proxy: LiveProxy, plan: Plan, shape: Callable[[Plan], tuple[str, dict[str, Any]]],
         complete: Callable[[list[str], int, bytes], tuple[bool, str]]) -> Outcome:
     path, body = shape(plan)
     timeout = httpx.Timeout(120.0, read=plan.drop_after_s or 120.0)
@@ -125,7 +126,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
         yield live
 
 
-def run_load(proxy: LiveProxy, seed: int, shape: Callable[[Plan], tuple[str, dict]],
+def run_load(proxy: LiveProxy, seed: int, shape: Callable[[Plan], tuple[str, dict[str, Any]]],
              complete: Callable[[list[str], int, bytes], tuple[bool, str]]) -> None:
     work = plans(seed)
     # load first, so the pid compared below is the one that served every request

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -49,7 +50,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, pipeline: Path) -> Iterator[
         yield live
 
 
-def post(proxy: LiveProxy, path: str, body: dict, **kw: object) -> httpx.Response:
+def post(proxy: LiveProxy, path: str, body: dict[str, Any], **kw: object) -> httpx.Response:
     kw.setdefault("timeout", 120)
     return httpx.post(proxy.url + path, json=body, **kw)  # type: ignore[arg-type]
 
@@ -58,7 +59,7 @@ def test_openai_sdk_generates_pngs(proxy: LiveProxy) -> None:
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
         result = client.images.generate(model=MODEL, prompt="a red cat", n=2, size="256x256",
                                         response_format="b64_json")
-    assert len(result.data) == 2
+    assert result.data is not None and len(result.data) == 2
     for image in result.data:
         assert png_size(base64.b64decode(image.b64_json or "")) == (256, 256)
     worker = proxy.status()[MODEL]["worker"]
@@ -133,7 +134,7 @@ def test_automatic1111_checkpoint_switch(proxy: LiveProxy) -> None:
 
 
 def test_progress_in_status_and_disconnect_stops_the_job(proxy: LiveProxy) -> None:
-    seen: dict = {}
+    seen: dict[str, bool] = {}
 
     def long_job() -> None:
         try:
@@ -145,7 +146,7 @@ def test_progress_in_status_and_disconnect_stops_the_job(proxy: LiveProxy) -> No
     thread = threading.Thread(target=long_job)
     thread.start()
 
-    def job() -> dict | None:
+    def job() -> dict[str, Any] | None:
         worker = proxy.status()[MODEL].get("worker") or {}
         return worker.get("job") if worker.get("job") and worker["job"]["step"] > 0 else None
 
@@ -182,7 +183,8 @@ def test_progress_in_status_and_disconnect_stops_the_job(proxy: LiveProxy) -> No
         ("/v1/images/generations", {"prompt": "x", "n": 9}, ("n",)),
     ],
 )
-def test_bad_input_never_reaches_the_worker(proxy: LiveProxy, path: str, body: dict, words: tuple[str, ...]) -> None:
+def test_bad_input_never_reaches_the_worker(proxy: LiveProxy, path: str, body: dict[str, Any],
+                                            words: tuple[str, ...]) -> None:
     httpx.post(proxy.url + "/unload/" + MODEL, timeout=60)
     r = post(proxy, path, {"model": MODEL, **body})
     assert r.status_code == 400, r.text

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import ollama as ollama_sdk
@@ -29,12 +30,13 @@ def chat(proxy: LiveProxy, model: str, **extra: object) -> httpx.Response:
     return httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=60)
 
 
-def worker_health(proxy: LiveProxy, name: str) -> dict:
+def worker_health(proxy: LiveProxy, name: str) -> dict[str, Any]:
     """The fake worker's own /health (in_flight, generated), found from its command line."""
     pid = proxy.status()[name]["pid"]
     cmdline = psutil.Process(pid).cmdline()
     port = cmdline[cmdline.index("--port") + 1]
-    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+    health: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+    return health
 
 
 def test_concurrent_first_requests_start_exactly_one_worker(make_proxy: MakeProxy, tmp_path: Path) -> None:
@@ -242,7 +244,7 @@ def _openai_stream_lines(proxy: LiveProxy, model: str) -> list[str]:
         return [line for line in r.iter_lines() if line]
 
 
-def _ollama_stream_lines(proxy: LiveProxy, model: str) -> list[dict]:
+def _ollama_stream_lines(proxy: LiveProxy, model: str) -> list[dict[str, Any]]:
     with httpx.stream("POST", proxy.url + "/api/chat", timeout=60,
                       json={"model": model, "messages": [{"role": "user", "content": "x"}]}) as r:
         assert r.status_code == 200

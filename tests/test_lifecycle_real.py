@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import openai
@@ -23,10 +24,11 @@ def worker_socket(pid: int) -> str:
     return cmd[cmd.index("--socket") + 1]
 
 
-def worker_health(pid: int) -> dict:
+def worker_health(pid: int) -> dict[str, Any]:
     transport = httpx.HTTPTransport(uds=worker_socket(pid))
     with httpx.Client(transport=transport, base_url="http://worker", timeout=5) as c:
-        return c.get("/health").json()
+        health: dict[str, Any] = c.get("/health").json()
+        return health
 
 
 def test_concurrent_first_requests_share_one_real_worker(make_proxy: MakeProxy, openai_for: OpenAIFor) -> None:

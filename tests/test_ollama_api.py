@@ -78,7 +78,7 @@ def test_generate_streaming_and_options(client: ollama.Client) -> None:
     assert len([p for p in parts if p.response]) > 3 and parts[-1].done
     assert parts[-1].eval_count and parts[-1].eval_count <= 16
 
-    def seeded() -> str:
+    def seeded() -> str | None:
         return client.generate(MODEL, prompt="Name an animal.", options={"num_predict": 10, "temperature": 0,
                                                                        "seed": 7}).response
 
@@ -97,7 +97,7 @@ def test_generate_system_and_raw(client: ollama.Client) -> None:
 def test_format_json_and_schema(client: ollama.Client) -> None:
     reply = client.generate(MODEL, prompt="Describe a cat as JSON with keys name and colour.", format="json",
                             options={"num_predict": 96, "temperature": 0})
-    assert isinstance(json.loads(reply.response), dict)
+    assert isinstance(json.loads(reply.response or ""), dict)
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}
     reply2 = client.chat(MODEL, messages=[{"role": "user", "content": "Name a city."}], format=schema,
                          options={"num_predict": 64, "temperature": 0})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import wave
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -40,7 +41,7 @@ def wav_seconds(data: bytes) -> tuple[int, float]:
 def decoded_seconds(data: bytes) -> tuple[int, float]:
     import av
 
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), "r") as container:
         rate = container.streams.audio[0].rate
         samples = sum(frame.samples for frame in container.decode(audio=0))
     return rate, samples / rate
@@ -113,7 +114,7 @@ def test_voice_and_model_lists(proxy: LiveProxy) -> None:
         ("/api/tts", {"text": 5}, 400, ("text",)),
     ],
 )
-def test_bad_input_never_reaches_the_worker(proxy: LiveProxy, path: str, body: dict, status: int,
+def test_bad_input_never_reaches_the_worker(proxy: LiveProxy, path: str, body: dict[str, Any], status: int,
                                             words: tuple[str, ...]) -> None:
     httpx.post(proxy.url + "/unload/piper-joe", timeout=60)
     r = httpx.post(proxy.url + path, json={"model": "piper-joe", **body}, timeout=60)

@@ -37,10 +37,12 @@ def speak(text: str) -> bytes:
 
 def encode(wav: bytes, container: str, codec: str) -> bytes:
     import av
+    from av.audio.stream import AudioStream
 
     out = io.BytesIO()
-    with av.open(io.BytesIO(wav)) as src, av.open(out, "w", format=container) as dst:
+    with av.open(io.BytesIO(wav), "r") as src, av.open(out, "w", format=container) as dst:
         stream = dst.add_stream(codec, rate=48000 if "opus" in codec else 22050)
+        assert isinstance(stream, AudioStream)  # an audio codec's name: the stubs cannot tell from a str
         for frame in src.decode(audio=0):
             frame.pts = None
             for packet in stream.encode(frame):

@@ -13,6 +13,7 @@ import subprocess
 import wave
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -93,7 +94,7 @@ def test_streaming_delivers_several_chunks(proxy: LiveProxy) -> None:
         ({"language": "xx"}, ("language", "en")),
     ],
 )
-def test_bad_input_is_refused_before_the_worker(proxy: LiveProxy, body: dict, words: tuple[str, ...]) -> None:
+def test_bad_input_is_refused_before_the_worker(proxy: LiveProxy, body: dict[str, Any], words: tuple[str, ...]) -> None:
     r = httpx.post(proxy.url + "/api/tts", json={"model": "xtts-tiny", "text": "hello", **body}, timeout=60)
     assert r.status_code == 400
     assert all(w in r.json()["error"] for w in words), r.json()

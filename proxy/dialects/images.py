@@ -163,7 +163,8 @@ def parameters(canonical: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in canonical.items() if k != "init_image"}
 
 
-def a1111_response(request: Mapping[str, Any], canonical: Mapping[str, Any], result: Mapping[str, Any]) -> dict:
+def a1111_response(request: Mapping[str, Any], canonical: Mapping[str, Any],
+                   result: Mapping[str, Any]) -> dict[str, Any]:
     seeds = [img["seed"] for img in result["images"]]
     info = {
         "prompt": canonical["prompt"], "negative_prompt": canonical["negative_prompt"], "seed": seeds[0],

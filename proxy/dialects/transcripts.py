@@ -68,7 +68,8 @@ def render(transcript: dict[str, Any], fmt: str, task: str) -> str | dict[str, A
     """The body OpenAI sends for ``response_format`` ``fmt`` (a string or a JSON object)."""
     segments = transcript.get("segments") or []
     if fmt == "text":
-        return transcript["text"] + "\n"
+        text: str = transcript["text"]
+        return text + "\n"
     if fmt == "srt":
         return srt(segments)
     if fmt == "vtt":
