@@ -45,8 +45,9 @@ def quiet(limit: float = 15.0, deadline_s: float = 10.0) -> None:
 def bare_ttft() -> float:
     quiet()
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", BARE, str(smollm2_path()), json.dumps(MESSAGES)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BARE, str(smollm2_path()), json.dumps(MESSAGES)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - start
@@ -88,12 +89,16 @@ def main() -> None:
     med = {k: median(v) * 1000 for k, v in results.items()}
     summary = {"rounds": rounds, "ttft_ms": med, "added_ms": med["proxy"] - med["bare"], "raw_s": results}
     path = save("cold_start", summary)
-    print(table([
-        ("cold TTFT through the proxy", f"{med['proxy']:.0f} ms"),
-        ("bare: fresh python, import, load, first token", f"{med['bare']:.0f} ms"),
-        ("added by the proxy (goal <= 150 ms)", f"{summary['added_ms']:.0f} ms"),
-        ("results", str(path)),
-    ]))
+    print(
+        table(
+            [
+                ("cold TTFT through the proxy", f"{med['proxy']:.0f} ms"),
+                ("bare: fresh python, import, load, first token", f"{med['bare']:.0f} ms"),
+                ("added by the proxy (goal <= 150 ms)", f"{summary['added_ms']:.0f} ms"),
+                ("results", str(path)),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,17 @@ MiB = 2**20
 
 def via_proxy(client: httpx.Client, steps: int) -> float:
     start = time.perf_counter()
-    r = client.post("/txt2img", json={"model": "tiny-sd", "prompt": "a lighthouse", "seed": 1, "width": 256,
-                                      "height": 256, "num_inference_steps": steps})
+    r = client.post(
+        "/txt2img",
+        json={
+            "model": "tiny-sd",
+            "prompt": "a lighthouse",
+            "seed": 1,
+            "width": 256,
+            "height": 256,
+            "num_inference_steps": steps,
+        },
+    )
     r.raise_for_status()
     return time.perf_counter() - start
 
@@ -39,8 +48,14 @@ def in_process(pipe: Any, steps: int) -> float:
     import torch
 
     start = time.perf_counter()
-    image = pipe(prompt="a lighthouse", num_inference_steps=steps, guidance_scale=7.5, width=256, height=256,
-                 generator=torch.Generator("cpu").manual_seed(1)).images[0]
+    image = pipe(
+        prompt="a lighthouse",
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        width=256,
+        height=256,
+        generator=torch.Generator("cpu").manual_seed(1),
+    ).images[0]
     image.save(io.BytesIO(), format="PNG")
     return time.perf_counter() - start
 
@@ -79,15 +94,25 @@ def main() -> None:
     finally:
         proxy.stop()
     med = {k: median(v) for k, v in results.items()}
-    summary = {"rounds": rounds, "steps": steps, "seconds": med, "ratio": med["in_process"] / med["proxy"],
-               "proxy_rss_mb": {"before": rss_before / MiB, "after": rss_after / MiB}, "raw_s": results}
+    summary = {
+        "rounds": rounds,
+        "steps": steps,
+        "seconds": med,
+        "ratio": med["in_process"] / med["proxy"],
+        "proxy_rss_mb": {"before": rss_before / MiB, "after": rss_after / MiB},
+        "raw_s": results,
+    }
     path = save("images", summary)
-    print(table([
-        ("one 256x256 image, proxy / in-process", f"{med['proxy']:.2f} s / {med['in_process']:.2f} s"),
-        ("speed ratio (goal >= 0.98)", f"{summary['ratio']:.3f}"),
-        ("proxy RSS before, after", f"{rss_before / MiB:.1f} MiB, {rss_after / MiB:.1f} MiB"),
-        ("results", str(path)),
-    ]))
+    print(
+        table(
+            [
+                ("one 256x256 image, proxy / in-process", f"{med['proxy']:.2f} s / {med['in_process']:.2f} s"),
+                ("speed ratio (goal >= 0.98)", f"{summary['ratio']:.3f}"),
+                ("proxy RSS before, after", f"{rss_before / MiB:.1f} MiB, {rss_after / MiB:.1f} MiB"),
+                ("results", str(path)),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

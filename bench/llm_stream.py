@@ -88,12 +88,12 @@ def main() -> None:
         status = load(proxy, MODEL)
         sock = worker_arg(status["pid"], "--socket")
         llm = Llama(model_path=str(smollm2_path()), n_ctx=2048, n_threads=args.threads, verbose=False)
-        body = {"model": MODEL, "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "seed": 1,
-                "stream": True}
+        body = {"model": MODEL, "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "seed": 1, "stream": True}
         results: dict[str, list[tuple[float, float, int]]] = {"proxy": [], "direct": [], "in_process": []}
-        with httpx.Client(timeout=120) as via_proxy, httpx.Client(
-            transport=httpx.HTTPTransport(uds=sock), base_url="http://worker", timeout=120
-        ) as direct:
+        with (
+            httpx.Client(timeout=120) as via_proxy,
+            httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://worker", timeout=120) as direct,
+        ):
             runs = {
                 "proxy": lambda: over_http(via_proxy, proxy.url + "/v1/chat/completions", body),
                 "direct": lambda: over_http(direct, "/v1/chat/completions", body),
@@ -132,16 +132,20 @@ def main() -> None:
         "raw": results,
     }
     path = save("llm_stream", summary)
-    print(table([
-        ("llama.cpp threads", str(args.threads)),
-        *[(f"{k} tok/s (request->last, first->last)", f"{v[0]:.1f}, {v[1]:.1f}") for k, v in med.items()],
-        ("proxy / direct (goal >= 0.99): of medians", f"{summary['ratio_proxy_direct']:.3f}"),
-        ("  round by round: q1, median, q3", ", ".join(f"{q:.3f}" for q in paired["direct"])),
-        ("proxy / in-process (goal >= 0.97): of medians", f"{summary['ratio_proxy_in_process']:.3f}"),
-        ("  round by round: q1, median, q3", ", ".join(f"{q:.3f}" for q in paired["in_process"])),
-        ("proxy CPU per streamed token (user + system)", f"{summary['proxy_cpu_us_per_token']:.0f} us"),
-        ("results", str(path)),
-    ]))
+    print(
+        table(
+            [
+                ("llama.cpp threads", str(args.threads)),
+                *[(f"{k} tok/s (request->last, first->last)", f"{v[0]:.1f}, {v[1]:.1f}") for k, v in med.items()],
+                ("proxy / direct (goal >= 0.99): of medians", f"{summary['ratio_proxy_direct']:.3f}"),
+                ("  round by round: q1, median, q3", ", ".join(f"{q:.3f}" for q in paired["direct"])),
+                ("proxy / in-process (goal >= 0.97): of medians", f"{summary['ratio_proxy_in_process']:.3f}"),
+                ("  round by round: q1, median, q3", ", ".join(f"{q:.3f}" for q in paired["in_process"])),
+                ("proxy CPU per streamed token (user + system)", f"{summary['proxy_cpu_us_per_token']:.0f} us"),
+                ("results", str(path)),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

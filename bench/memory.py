@@ -35,8 +35,11 @@ def main() -> None:
         idle_rss = me.memory_info().rss
         available_before = psutil.virtual_memory().available
         status = load(proxy, MODEL)
-        r = httpx.post(proxy.url + "/v1/chat/completions", timeout=60,
-                       json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})
+        r = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            timeout=60,
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16},
+        )
         r.raise_for_status()
         worker_rss = psutil.Process(status["pid"]).memory_info().rss
         loaded_rss = me.memory_info().rss
@@ -53,22 +56,31 @@ def main() -> None:
         "proxy_rss_mb_with_model_loaded": loaded_rss / MiB,
         "proxy_rss_mb_after_unload": after_rss / MiB,
         "worker_rss_mb": worker_rss / MiB,
-        "available_mb": {"before": available_before / MiB, "loaded": available_loaded / MiB,
-                         "after_unload": available_after / MiB},
+        "available_mb": {
+            "before": available_before / MiB,
+            "loaded": available_loaded / MiB,
+            "after_unload": available_after / MiB,
+        },
         "returned_by_unload_mb": (available_after - available_loaded) / MiB,
         "model_libraries_in_proxy": libraries,
     }
     path = save("memory", summary)
-    print(table([
-        ("proxy RSS, no model loaded (goal <= 64 MB)", f"{idle_rss / MiB:.1f} MiB"),
-        ("proxy RSS, SmolLM2 loaded and used", f"{loaded_rss / MiB:.1f} MiB"),
-        ("worker RSS", f"{worker_rss / MiB:.1f} MiB"),
-        ("system available: before, loaded, after unload",
-         f"{available_before / MiB:.0f}, {available_loaded / MiB:.0f}, {available_after / MiB:.0f} MiB"),
-        ("returned by the unload", f"{summary['returned_by_unload_mb']:.0f} MiB"),
-        ("model libraries mapped in the proxy", ", ".join(libraries) or "none"),
-        ("results", str(path)),
-    ]))
+    print(
+        table(
+            [
+                ("proxy RSS, no model loaded (goal <= 64 MB)", f"{idle_rss / MiB:.1f} MiB"),
+                ("proxy RSS, SmolLM2 loaded and used", f"{loaded_rss / MiB:.1f} MiB"),
+                ("worker RSS", f"{worker_rss / MiB:.1f} MiB"),
+                (
+                    "system available: before, loaded, after unload",
+                    f"{available_before / MiB:.0f}, {available_loaded / MiB:.0f}, {available_after / MiB:.0f} MiB",
+                ),
+                ("returned by the unload", f"{summary['returned_by_unload_mb']:.0f} MiB"),
+                ("model libraries mapped in the proxy", ", ".join(libraries) or "none"),
+                ("results", str(path)),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -111,16 +111,20 @@ def main() -> None:
         "raw": out,
     }
     path = save("proxy_overhead", summary)
-    print(table([
-        ("chunks/s c=1 proxy, direct", f"{med['proxy_1']:.0f}, {med['direct_1']:.0f}"),
-        ("chunks/s c=32 proxy, direct", f"{med['proxy_32']:.0f}, {med['direct_32']:.0f}"),
-        ("ratio c=1, c=32 (goal >= 0.5)", f"{summary['ratio_c1']:.2f}, {summary['ratio_c32']:.2f}"),
-        ("proxy CPU per 64-chunk stream (goal <= 2 ms)", f"{med['cpu_ms']:.2f} ms"),
-        ("p50 small request proxy, direct", f"{med['p50_proxy']:.2f} ms, {med['p50_direct']:.2f} ms"),
-        ("added p50 (goal <= 1 ms)", f"{summary['added_p50_ms']:.2f} ms"),
-        ("proxy RSS after the run", f"{rss_mb:.1f} MiB"),
-        ("results", str(path)),
-    ]))
+    print(
+        table(
+            [
+                ("chunks/s c=1 proxy, direct", f"{med['proxy_1']:.0f}, {med['direct_1']:.0f}"),
+                ("chunks/s c=32 proxy, direct", f"{med['proxy_32']:.0f}, {med['direct_32']:.0f}"),
+                ("ratio c=1, c=32 (goal >= 0.5)", f"{summary['ratio_c1']:.2f}, {summary['ratio_c32']:.2f}"),
+                ("proxy CPU per 64-chunk stream (goal <= 2 ms)", f"{med['cpu_ms']:.2f} ms"),
+                ("p50 small request proxy, direct", f"{med['p50_proxy']:.2f} ms, {med['p50_direct']:.2f} ms"),
+                ("added p50 (goal <= 1 ms)", f"{summary['added_p50_ms']:.2f} ms"),
+                ("proxy RSS after the run", f"{rss_mb:.1f} MiB"),
+                ("results", str(path)),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,12 @@ class Soak:
             self.lost.append(f"{kind}: {ok}")
 
     async def chat(self, client: httpx.AsyncClient, stream: bool, drop: bool, wait: float) -> str:
-        body = {"model": "smollm2", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 16,
-                "stream": stream}
+        body = {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 16,
+            "stream": stream,
+        }
         if not stream:
             timeout = httpx.Timeout(600, read=wait) if drop else httpx.Timeout(600)
             r = await client.post("/v1/chat/completions", json=body, timeout=timeout)
@@ -94,8 +98,11 @@ class Soak:
         return "ok" if last == "data: [DONE]" else f"lost: stream ended with {last[:200]!r}"
 
     async def speech(self, client: httpx.AsyncClient, drop: bool, wait: float) -> str:
-        body = {"model": "piper-joe", "input": "The soak goes on. It goes on a little longer.",
-                "response_format": "pcm"}
+        body = {
+            "model": "piper-joe",
+            "input": "The soak goes on. It goes on a little longer.",
+            "response_format": "pcm",
+        }
         size = 0
         async with client.stream("POST", "/v1/audio/speech", json=body, timeout=600) as r:
             if r.status_code != 200:
@@ -108,8 +115,12 @@ class Soak:
 
     async def transcribe(self, client: httpx.AsyncClient, drop: bool, wait: float) -> str:
         timeout = httpx.Timeout(600, read=wait) if drop else httpx.Timeout(600)
-        r = await client.post("/v1/audio/transcriptions", data={"model": "whisper-base"},
-                              files={"file": ("clip.wav", self.clip, "audio/wav")}, timeout=timeout)
+        r = await client.post(
+            "/v1/audio/transcriptions",
+            data={"model": "whisper-base"},
+            files={"file": ("clip.wav", self.clip, "audio/wav")},
+            timeout=timeout,
+        )
         if r.status_code != 200:
             return f"lost: {r.status_code} {r.text[:200]}"
         return "ok" if "soak" in r.json()["text"].lower() else f"lost: heard {r.json()['text']!r}"
@@ -131,11 +142,15 @@ def proxy_probe(pid: int) -> tuple[int, float]:
     return proc.num_fds(), proc.memory_info().rss / 2**20
 
 
-async def soak(url: str, proxy_pid: int, requests: int, concurrency: int, max_seconds: float,
-               seen: set[int]) -> dict[str, Any]:
+async def soak(
+    url: str, proxy_pid: int, requests: int, concurrency: int, max_seconds: float, seen: set[int]
+) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=None)) as client:
-        r = await client.post("/v1/audio/speech", timeout=120, json={
-            "model": "piper-joe", "input": "This is the soak clip.", "response_format": "wav"})
+        r = await client.post(
+            "/v1/audio/speech",
+            timeout=120,
+            json={"model": "piper-joe", "input": "This is the soak clip.", "response_format": "wav"},
+        )
         r.raise_for_status()
         runner = Soak(url, r.content, random.Random(2026))
         fds0, rss0 = proxy_probe(proxy_pid)

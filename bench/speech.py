@@ -30,8 +30,9 @@ def via_proxy(client: httpx.Client, text: str) -> tuple[float, float, int]:
     start = time.perf_counter()
     first = 0.0
     size = 0
-    with client.stream("POST", "/v1/audio/speech",
-                       json={"model": "piper-joe", "input": text, "response_format": "pcm"}) as r:
+    with client.stream(
+        "POST", "/v1/audio/speech", json={"model": "piper-joe", "input": text, "response_format": "pcm"}
+    ) as r:
         r.raise_for_status()
         for chunk in r.iter_raw():
             if not first:
@@ -87,13 +88,20 @@ def main() -> None:
         "raw": results,
     }
     path = save("speech", summary)
-    print(table([
-        ("first chunk proxy, in-process", f"{first['proxy'] * 1000:.0f} ms, {first['in_process'] * 1000:.0f} ms"),
-        ("first chunk ratio (goal <= 1.2)", f"{summary['first_chunk_ratio']:.3f}"),
-        ("RTF proxy, in-process", f"{1 / speed['proxy']:.3f}, {1 / speed['in_process']:.3f}"),
-        ("throughput ratio (goal >= 0.97)", f"{summary['throughput_ratio']:.3f}"),
-        ("results", str(path)),
-    ]))
+    print(
+        table(
+            [
+                (
+                    "first chunk proxy, in-process",
+                    f"{first['proxy'] * 1000:.0f} ms, {first['in_process'] * 1000:.0f} ms",
+                ),
+                ("first chunk ratio (goal <= 1.2)", f"{summary['first_chunk_ratio']:.3f}"),
+                ("RTF proxy, in-process", f"{1 / speed['proxy']:.3f}, {1 / speed['in_process']:.3f}"),
+                ("throughput ratio (goal >= 0.97)", f"{summary['throughput_ratio']:.3f}"),
+                ("results", str(path)),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,16 +70,25 @@ def main() -> None:
     finally:
         proxy.stop()
     rtf = {k: median(v) / duration for k, v in results.items()}
-    summary = {"audio_seconds": duration, "rounds": rounds, "rtf": rtf,
-               "ratio_in_process_over_proxy": rtf["in_process"] / rtf["proxy"], "raw_s": results}
+    summary = {
+        "audio_seconds": duration,
+        "rounds": rounds,
+        "rtf": rtf,
+        "ratio_in_process_over_proxy": rtf["in_process"] / rtf["proxy"],
+        "raw_s": results,
+    }
     path = save("transcription", summary)
-    print(table([
-        ("audio", f"{duration:.1f} s"),
-        ("RTF through the proxy", f"{rtf['proxy']:.3f}"),
-        ("RTF in-process", f"{rtf['in_process']:.3f}"),
-        ("in-process / proxy (goal >= 0.97)", f"{summary['ratio_in_process_over_proxy']:.3f}"),
-        ("results", str(path)),
-    ]))
+    print(
+        table(
+            [
+                ("audio", f"{duration:.1f} s"),
+                ("RTF through the proxy", f"{rtf['proxy']:.3f}"),
+                ("RTF in-process", f"{rtf['in_process']:.3f}"),
+                ("in-process / proxy (goal >= 0.97)", f"{summary['ratio_in_process_over_proxy']:.3f}"),
+                ("results", str(path)),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

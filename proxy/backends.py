@@ -80,8 +80,9 @@ class PiperOptions(ModelFileOptions):
     use_cuda: bool = False
 
     def with_paths(self, model_path: Path, models_dir: Path) -> Self:
-        config = under(models_dir, self.config_file) if self.config_file else model_path.with_name(
-            model_path.name + ".json")
+        config = (
+            under(models_dir, self.config_file) if self.config_file else model_path.with_name(model_path.name + ".json")
+        )
         return msgspec.structs.replace(self, config_file=str(config))
 
 
@@ -145,18 +146,59 @@ _LLM: frozenset[Capability] = frozenset({"chat", "completion", "embed"})
 BACKENDS: dict[Backend, BackendInfo] = {
     b.name: b
     for b in (
-        BackendInfo(name="llama_cpp", kind="llm", capabilities=_LLM, options=LlamaCppOptions,
-                    entry="proxy.worker.backends.llama_cpp:LlamaCppBackend", format="gguf", family="llama"),
-        BackendInfo(name="external", kind="llm", capabilities=_LLM, options=None, entry=None,
-                    format="external", family="external"),
-        BackendInfo(name="diffusers", kind="image", capabilities=frozenset({"image"}), options=DiffusersOptions,
-                    entry="proxy.worker.backends.diffusers:DiffusersBackend", format="diffusers", family="diffusers"),
-        BackendInfo(name="piper", kind="speech", capabilities=frozenset({"speech"}), options=PiperOptions,
-                    entry="proxy.worker.backends.piper:PiperBackend", format="piper", family="piper"),
-        BackendInfo(name="xtts", kind="speech", capabilities=frozenset({"speech", "clone"}), options=XttsOptions,
-                    entry="proxy.worker.backends.xtts:XttsBackend", format="xtts", family="xtts"),
-        BackendInfo(name="whisper", kind="transcription", capabilities=frozenset({"transcribe"}),
-                    options=WhisperOptions, entry="proxy.worker.backends.whisper:WhisperBackend", format="whisper",
-                    family="whisper"),
+        BackendInfo(
+            name="llama_cpp",
+            kind="llm",
+            capabilities=_LLM,
+            options=LlamaCppOptions,
+            entry="proxy.worker.backends.llama_cpp:LlamaCppBackend",
+            format="gguf",
+            family="llama",
+        ),
+        BackendInfo(
+            name="external",
+            kind="llm",
+            capabilities=_LLM,
+            options=None,
+            entry=None,
+            format="external",
+            family="external",
+        ),
+        BackendInfo(
+            name="diffusers",
+            kind="image",
+            capabilities=frozenset({"image"}),
+            options=DiffusersOptions,
+            entry="proxy.worker.backends.diffusers:DiffusersBackend",
+            format="diffusers",
+            family="diffusers",
+        ),
+        BackendInfo(
+            name="piper",
+            kind="speech",
+            capabilities=frozenset({"speech"}),
+            options=PiperOptions,
+            entry="proxy.worker.backends.piper:PiperBackend",
+            format="piper",
+            family="piper",
+        ),
+        BackendInfo(
+            name="xtts",
+            kind="speech",
+            capabilities=frozenset({"speech", "clone"}),
+            options=XttsOptions,
+            entry="proxy.worker.backends.xtts:XttsBackend",
+            format="xtts",
+            family="xtts",
+        ),
+        BackendInfo(
+            name="whisper",
+            kind="transcription",
+            capabilities=frozenset({"transcribe"}),
+            options=WhisperOptions,
+            entry="proxy.worker.backends.whisper:WhisperBackend",
+            format="whisper",
+            family="whisper",
+        ),
     )
 }

@@ -80,16 +80,20 @@ class State(enum.StrEnum):
 # llama-swap's isValidTransition: the moves each state may make, and why it makes them.
 TRANSITIONS: Mapping[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.STARTING}),  # a request
-    State.STARTING: frozenset({
-        State.READY,  # the worker is up
-        State.FAILED,  # its start failed
-        State.STOPPED,  # its start was cancelled (shutdown) or raised something unforeseen
-        State.STOPPING,  # shutdown cancelled its start before it ran: the worker is stopped anyway
-    }),
-    State.READY: frozenset({
-        State.STOPPING,  # keep_alive ran out, eviction, unload, shutdown
-        State.STOPPED,  # the worker exited on its own (a crash, the stall watchdog)
-    }),
+    State.STARTING: frozenset(
+        {
+            State.READY,  # the worker is up
+            State.FAILED,  # its start failed
+            State.STOPPED,  # its start was cancelled (shutdown) or raised something unforeseen
+            State.STOPPING,  # shutdown cancelled its start before it ran: the worker is stopped anyway
+        }
+    ),
+    State.READY: frozenset(
+        {
+            State.STOPPING,  # keep_alive ran out, eviction, unload, shutdown
+            State.STOPPED,  # the worker exited on its own (a crash, the stall watchdog)
+        }
+    ),
     State.STOPPING: frozenset({State.STOPPED}),
     State.FAILED: frozenset({State.STARTING}),  # a request after the backoff
 }
@@ -523,7 +527,8 @@ class ModelManager:
     async def worker_reports(self) -> dict[str, dict[str, Any]]:
         """Each ready worker's own /health (progress of a running job, device, ...), asked at once."""
         ready = [
-            rt for rt in self._runtimes.values()
+            rt
+            for rt in self._runtimes.values()
             if rt.state is State.READY and rt.worker is not None and rt.worker.upstream is not None
         ]
 

@@ -44,8 +44,9 @@ class LeasedCall:
         self._lease = await self._manager.acquire(self._name, self._keep_alive)
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if not self._handed_over:
             await self._close()
 
@@ -78,14 +79,20 @@ class LeasedCall:
     async def post(self, path: str, body: bytes) -> bytes:
         return await self.upstream.post(path, body)
 
-    async def post_json(self, path: str, payload: Mapping[str, Any], *,
-                        until_gone: Request | None = None) -> dict[str, Any]:
+    async def post_json(
+        self, path: str, payload: Mapping[str, Any], *, until_gone: Request | None = None
+    ) -> dict[str, Any]:
         """POST JSON, the JSON answer; with ``until_gone``, cancelled if that client goes away first."""
         work = self.upstream.post_json(path, payload)
         return await (unless_gone(until_gone, work) if until_gone is not None else work)
 
-    async def post_file(self, path: str, fields: dict[str, str], repeated: list[tuple[str, str]],
-                        file: tuple[str, str, BinaryIO, str | None]) -> dict[str, Any]:
+    async def post_file(
+        self,
+        path: str,
+        fields: dict[str, str],
+        repeated: list[tuple[str, str]],
+        file: tuple[str, str, BinaryIO, str | None],
+    ) -> dict[str, Any]:
         return await self.upstream.post_file(path, fields, repeated, file)
 
     # -- streamed -----------------------------------------------------------------------------
@@ -94,8 +101,9 @@ class LeasedCall:
         self._stream = await self.upstream.open_stream(path, body)
         return self._stream
 
-    async def stream(self, path: str, body: bytes, relay: Callable[[UpstreamStream], AsyncIterator[bytes]],
-                     media_type: str) -> ClosingStream:
+    async def stream(
+        self, path: str, body: bytes, relay: Callable[[UpstreamStream], AsyncIterator[bytes]], media_type: str
+    ) -> ClosingStream:
         """Open a streamed answer and hand it, with the lease, to the response: ``relay`` turns the
         worker's stream into the client's bytes; the response's close releases both however it ends."""
         upstream = await self.open(path, body)

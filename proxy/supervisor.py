@@ -167,9 +167,7 @@ class Worker:
         assert self.process is not None
         exited = asyncio.ensure_future(self.process.wait())
         try:
-            ready: asyncio.Future[Any] = asyncio.ensure_future(
-                self._ready.wait() if internal else self._poll_health()
-            )
+            ready: asyncio.Future[Any] = asyncio.ensure_future(self._ready.wait() if internal else self._poll_health())
             try:
                 await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -198,8 +196,13 @@ class Worker:
         self.returncode = await self.process.wait()
         await asyncio.gather(*self._readers, return_exceptions=True)
         if not self.stopping:
-            log.warning("model %s: worker %s exited with code %s; its output ends:\n%s",
-                        self.config.name, self.pid, self.returncode, self.log_tail())
+            log.warning(
+                "model %s: worker %s exited with code %s; its output ends:\n%s",
+                self.config.name,
+                self.pid,
+                self.returncode,
+                self.log_tail(),
+            )
             self.on_exit(self)
 
     # -- stop ---------------------------------------------------------------------------------

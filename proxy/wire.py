@@ -142,8 +142,9 @@ class Transcript(TypedDict):
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def error_body(message: str, *, kind: str = "server_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, *, kind: str = "server_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error shape, which workers answer in and the proxy reads."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 

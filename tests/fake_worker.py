@@ -83,8 +83,14 @@ def build(args: argparse.Namespace) -> Starlette:
                     state["generated"] += 1
                     yield chunk(i, "tok ")
                 yield chunk(n, None, "stop")
-                usage = {"id": "fake", "object": "chat.completion.chunk", "created": 0, "model": "fake",
-                         "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}}
+                usage = {
+                    "id": "fake",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": "fake",
+                    "choices": [],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+                }
                 yield b"data: " + json.dumps(usage).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
             finally:

@@ -22,8 +22,11 @@ def test_keys_are_required_and_checked(make_proxy: MakeProxy) -> None:
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = httpx.post(proxy.url + "/api/chat", json=body, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and "invalid API key" in r.json()["error"]
-    for headers in ({"Authorization": "Bearer user-key-2"}, {"x-api-key": "user-key-1"},
-                    {"Authorization": "Bearer admin-key"}):
+    for headers in (
+        {"Authorization": "Bearer user-key-2"},
+        {"x-api-key": "user-key-1"},
+        {"Authorization": "Bearer admin-key"},
+    ):
         assert httpx.post(proxy.url + "/v1/chat/completions", json=body, headers=headers).status_code == 200
     # open endpoints
     assert httpx.get(proxy.url + "/health").status_code == 200
@@ -65,8 +68,9 @@ def test_open_proxy_says_so(make_proxy: MakeProxy) -> None:
 
 def test_cors_origins_from_config(make_proxy: MakeProxy) -> None:
     proxy = make_proxy([fake_config("fake")], cors=["http://ui.example"])
-    r = httpx.options(proxy.url + "/v1/models", headers={
-        "Origin": "http://ui.example", "Access-Control-Request-Method": "GET"})
+    r = httpx.options(
+        proxy.url + "/v1/models", headers={"Origin": "http://ui.example", "Access-Control-Request-Method": "GET"}
+    )
     assert r.headers["access-control-allow-origin"] == "http://ui.example"
     r = httpx.get(proxy.url + "/v1/models", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers

@@ -21,19 +21,32 @@ from tests.harness import REPO
 
 WORKER_BACKENDS = REPO / "proxy" / "worker" / "backends"
 # the worker method that serves each capability (clone rides on speech: speaker_wav in its request)
-METHODS: dict[Capability, str] = {"chat": "chat", "completion": "completion", "embed": "embeddings",
-                                  "image": "images", "speech": "speech", "transcribe": "transcribe"}
+METHODS: dict[Capability, str] = {
+    "chat": "chat",
+    "completion": "completion",
+    "embed": "embeddings",
+    "image": "images",
+    "speech": "speech",
+    "transcribe": "transcribe",
+}
 # the backend capability a model's default (advertised) capability needs
-SERVED_BY: dict[str, Capability] = {"completion": "completion", "tools": "chat", "embedding": "embed",
-                                    "image": "image", "speech": "speech", "transcription": "transcribe"}
+SERVED_BY: dict[str, Capability] = {
+    "completion": "completion",
+    "tools": "chat",
+    "embedding": "embed",
+    "image": "image",
+    "speech": "speech",
+    "transcription": "transcribe",
+}
 WITH_ENTRY = [b for b in BACKENDS.values() if b.entry is not None]
 
 
 def test_every_backend_name_has_one_entry() -> None:
     assert set(BACKENDS) == set(get_args(Backend))
     assert all(name == info.name for name, info in BACKENDS.items())
-    assert all(info.kind in get_args(Kind) and info.capabilities <= set(get_args(Capability))
-               for info in BACKENDS.values())
+    assert all(
+        info.kind in get_args(Kind) and info.capabilities <= set(get_args(Capability)) for info in BACKENDS.values()
+    )
 
 
 def _class(entry: str) -> ast.ClassDef:
@@ -71,9 +84,13 @@ def test_kinds_and_capabilities_agree_with_the_config_defaults(info: BackendInfo
 
 def _load(tmp_path: Path, backend: str, model: dict[str, Any]) -> Any:
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "m.yaml").write_text(yaml.safe_dump(
-        {"name": "m", "backend": backend, "model": model} if model else
-        {"name": "m", "backend": backend, "url": "http://127.0.0.1:1"}))
+    (tmp_path / "configs" / "m.yaml").write_text(
+        yaml.safe_dump(
+            {"name": "m", "backend": backend, "model": model}
+            if model
+            else {"name": "m", "backend": backend, "url": "http://127.0.0.1:1"}
+        )
+    )
     (tmp_path / "config.yml").write_text("{}")
     return load_settings(tmp_path / "config.yml").models[0]
 
@@ -103,8 +120,9 @@ def test_the_worker_is_told_its_entry_point(tmp_path: Path, info: BackendInfo) -
 
 def test_the_worker_side_imports_neither_registry_nor_config() -> None:
     """A worker may run under another interpreter: it reads its spec, not the proxy's config code."""
-    code = ("import sys, proxy.worker.__main__, proxy.worker.server;"
-            "print([m for m in ('proxy.backends', 'proxy.config', 'yaml') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
-                         cwd=REPO)
+    code = (
+        "import sys, proxy.worker.__main__, proxy.worker.server;"
+        "print([m for m in ('proxy.backends', 'proxy.config', 'yaml') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"

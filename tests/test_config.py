@@ -47,17 +47,26 @@ def test_the_shipped_configuration_loads() -> None:
         ({}, {"a.yaml": {**GOOD, "colour": "red"}}, "a.yaml", "colour"),
         ({}, {"a.yaml": {**GOOD, "keep_alive": "soon"}}, "a.yaml", "keep_alive"),
         ({}, {"a.yaml": {**GOOD, "template": {"sys": "x"}}}, "a.yaml", "template.sys"),
-        ({}, {"a.yaml": {"name": "m", "backend": "llama_cpp", "model": {"n_ctx": "big", "path": "x"}}},
-         "a.yaml", "model.n_ctx"),
-        ({}, {"a.yaml": {"name": "m", "backend": "llama_cpp", "model": {"package": "no_such_pkg", "file": "x"}}},
-         "a.yaml", "model.package"),
+        (
+            {},
+            {"a.yaml": {"name": "m", "backend": "llama_cpp", "model": {"n_ctx": "big", "path": "x"}}},
+            "a.yaml",
+            "model.n_ctx",
+        ),
+        (
+            {},
+            {"a.yaml": {"name": "m", "backend": "llama_cpp", "model": {"package": "no_such_pkg", "file": "x"}}},
+            "a.yaml",
+            "model.package",
+        ),
         ({}, {"a.yaml": {"name": "m", "backend": "external"}}, "a.yaml", "cmd"),
         ({}, {"a.yaml": {"name": "m", "backend": "vllm"}}, "a.yaml", "backend"),
         ({}, {"a.yaml": GOOD, "b.yaml": GOOD}, "b.yaml", "name"),
     ],
 )
-def test_errors_name_file_and_key(tmp_path: Path, config: dict[str, Any], models: dict[str, dict[str, Any]], file: str,
-                                  key: str) -> None:
+def test_errors_name_file_and_key(
+    tmp_path: Path, config: dict[str, Any], models: dict[str, dict[str, Any]], file: str, key: str
+) -> None:
     path = write(tmp_path, config, models)
     with pytest.raises(ConfigError) as info:
         load_settings(path)
@@ -66,18 +75,21 @@ def test_errors_name_file_and_key(tmp_path: Path, config: dict[str, Any], models
     assert file in str(info.value) and key in str(info.value)
 
 
-def test_files_a_model_names_are_resolved_against_models_dir(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_files_a_model_names_are_resolved_against_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not against the working directory: the proxy and the worker read the same files wherever they run."""
     models = tmp_path / "models"
     (models / "refs").mkdir(parents=True)
     (models / "refs" / "ref.wav").write_bytes(b"RIFF")
     (models / "voice.json").write_text(json.dumps({"speaker_id_map": {"ann": 0, "bob": 1}}))
-    path = write(tmp_path, {}, {
-        "p.yaml": {"name": "p", "backend": "piper", "model": {"path": "voice.onnx", "config_file": "voice.json"}},
-        "x.yaml": {"name": "x", "backend": "xtts", "model": {"path": "xtts", "voices_dir": "refs"}},
-        "y.yaml": {"name": "y", "backend": "xtts", "model": {"path": str(models / "other")}},
-    })
+    path = write(
+        tmp_path,
+        {},
+        {
+            "p.yaml": {"name": "p", "backend": "piper", "model": {"path": "voice.onnx", "config_file": "voice.json"}},
+            "x.yaml": {"name": "x", "backend": "xtts", "model": {"path": "xtts", "voices_dir": "refs"}},
+            "y.yaml": {"name": "y", "backend": "xtts", "model": {"path": str(models / "other")}},
+        },
+    )
     monkeypatch.chdir(tmp_path)
     piper, xtts, plain = load_settings(path).models
     assert piper.options["config_file"] == str(models / "voice.json") and voices.speakers(piper) == ["ann", "bob"]
@@ -87,14 +99,16 @@ def test_files_a_model_names_are_resolved_against_models_dir(tmp_path: Path,
 
 def test_bad_config_stops_start_up_with_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, {"server": {"prot": 1}}, {})
-    result = subprocess.run([sys.executable, "-m", "proxy", "--config", str(path)], capture_output=True,
-                            text=True, timeout=60, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(path)], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert result.returncode == 2
     assert "config.yml: server.prot: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_help_is_the_console_script() -> None:
-    result = subprocess.run([str(Path(sys.executable).parent / "proxy"), "--help"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "proxy"), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "--config" in result.stdout and "--port" in result.stdout

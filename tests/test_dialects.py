@@ -15,12 +15,22 @@ def test_chat_request_translates_options_format_tools_and_tool_messages() -> Non
         "model": "m",
         "messages": [
             {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+            },
             {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
         ],
-        "options": {"num_predict": 12, "temperature": 0.1, "top_k": 5, "stop": ["\n"], "seed": 3, "num_ctx": 99,
-                    "mirostat": 2},
+        "options": {
+            "num_predict": 12,
+            "temperature": 0.1,
+            "top_k": 5,
+            "stop": ["\n"],
+            "seed": 3,
+            "num_ctx": 99,
+            "mirostat": 2,
+        },
         "format": "json",
         "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}],
     }
@@ -70,8 +80,7 @@ def test_generate_request_templated_raw_and_images() -> None:
     assert parts[1]["image_url"]["url"] == "data:image/png;base64,QUJD"
 
 
-def chunk(content: str | None = None, finish: str | None = None,
-          tool: dict[str, Any] | None = None) -> dict[str, Any]:
+def chunk(content: str | None = None, finish: str | None = None, tool: dict[str, Any] | None = None) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if content is not None:
         delta["content"] = content
@@ -117,6 +126,10 @@ def test_stream_translator_generate_and_completion_chunks() -> None:
 def test_load_and_embed_responses() -> None:
     assert d.load_response("m", generate=True, unload=False)["done_reason"] == "load"
     assert d.load_response("m", generate=False, unload=True)["message"]["content"] == ""
-    result = d.embed_response("m", {"data": [{"index": 1, "embedding": [2.0]}, {"index": 0, "embedding": [1.0]}],
-                                    "usage": {"prompt_tokens": 4}}, 10, 5)
+    result = d.embed_response(
+        "m",
+        {"data": [{"index": 1, "embedding": [2.0]}, {"index": 0, "embedding": [1.0]}], "usage": {"prompt_tokens": 4}},
+        10,
+        5,
+    )
     assert result["embeddings"] == [[1.0], [2.0]] and result["prompt_eval_count"] == 4

@@ -56,26 +56,32 @@ def plans(seed: int) -> list[Plan]:
     for i in range(REQUESTS):
         stream = i % 2 == 0
         drop = rng.random() < DROP_SHARE
-        out.append(Plan(
-            stream=stream,
-            drop_after_chunks=rng.randint(1, MAX_TOKENS - 2) if drop and stream else None,
-            drop_after_s=rng.uniform(0.01, 3.0) if drop and not stream else None,
-            prompt=rng.choice(PROMPTS),
-        ))
+        out.append(
+            Plan(
+                stream=stream,
+                drop_after_chunks=rng.randint(1, MAX_TOKENS - 2) if drop and stream else None,
+                drop_after_s=rng.uniform(0.01, 3.0) if drop and not stream else None,
+                prompt=rng.choice(PROMPTS),
+            )
+        )
     return out
 
 
 def openai_request(plan: Plan) -> tuple[str, dict[str, Any]]:
     return "/v1/chat/completions", {
-        "model": "smollm2", "messages": [{"role": "user", "content": plan.prompt}], "max_tokens": MAX_TOKENS,
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": plan.prompt}],
+        "max_tokens": MAX_TOKENS,
         "stream": plan.stream,
     }
 
 
 def ollama_request(plan: Plan) -> tuple[str, dict[str, Any]]:
     return "/api/chat", {
-        "model": "smollm2", "messages": [{"role": "user", "content": plan.prompt}],
-        "options": {"num_predict": MAX_TOKENS}, "stream": plan.stream,
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": plan.prompt}],
+        "options": {"num_predict": MAX_TOKENS},
+        "stream": plan.stream,
     }
 
 
@@ -95,8 +101,12 @@ def ollama_complete(lines: list[str], status: int, body: bytes) -> tuple[bool, s
     return status == 200 and data.get("done") is True, f"{status} {body[:300]!r}"
 
 
-def one(proxy: LiveProxy, plan: Plan, shape: Callable[[Plan], tuple[str, dict[str, Any]]],
-        complete: Callable[[list[str], int, bytes], tuple[bool, str]]) -> Outcome:
+def one(
+    proxy: LiveProxy,
+    plan: Plan,
+    shape: Callable[[Plan], tuple[str, dict[str, Any]]],
+    complete: Callable[[list[str], int, bytes], tuple[bool, str]],
+) -> Outcome:
     path, body = shape(plan)
     timeout = httpx.Timeout(120.0, read=plan.drop_after_s or 120.0)
     with httpx.Client(base_url=proxy.url, timeout=timeout) as client:
@@ -121,13 +131,16 @@ def one(proxy: LiveProxy, plan: Plan, shape: Callable[[Plan], tuple[str, dict[st
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
-    with running(tmp_path_factory.mktemp("disconnects"), [smollm2_config()],
-                 limits={"max_queue": 256}) as live:
+    with running(tmp_path_factory.mktemp("disconnects"), [smollm2_config()], limits={"max_queue": 256}) as live:
         yield live
 
 
-def run_load(proxy: LiveProxy, seed: int, shape: Callable[[Plan], tuple[str, dict[str, Any]]],
-             complete: Callable[[list[str], int, bytes], tuple[bool, str]]) -> None:
+def run_load(
+    proxy: LiveProxy,
+    seed: int,
+    shape: Callable[[Plan], tuple[str, dict[str, Any]]],
+    complete: Callable[[list[str], int, bytes], tuple[bool, str]],
+) -> None:
     work = plans(seed)
     # load first, so the pid compared below is the one that served every request
     path, body = shape(Plan(stream=False, drop_after_chunks=None, drop_after_s=None, prompt="Hi"))

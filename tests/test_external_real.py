@@ -26,13 +26,34 @@ MESSAGES: Any = [{"role": "user", "content": "Name a colour."}]
 
 
 def server_cmd(port: str) -> list[str]:
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()), "--host", "127.0.0.1",
-            "--port", port, "--n_ctx", "2048", "--n_threads", "2", "--verbose", "false"]
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(smollm2_path()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        "2",
+        "--verbose",
+        "false",
+    ]
 
 
 def external(name: str, **how: Any) -> dict[str, Any]:
-    return {"name": name, "backend": "external", "health_path": "/v1/models", "load_timeout": "60s",
-            "details": {"family": "llama", "parameter_size": "135M"}, **how}
+    return {
+        "name": name,
+        "backend": "external",
+        "health_path": "/v1/models",
+        "load_timeout": "60s",
+        "details": {"family": "llama", "parameter_size": "135M"},
+        **how,
+    }
 
 
 def answers_both_dialects(proxy: LiveProxy, client: openai.OpenAI, name: str) -> None:
@@ -92,8 +113,12 @@ def test_already_running_at_a_url_is_routed_to_and_never_stopped(
     answers_both_dialects(proxy, openai_for(proxy), "remote")
     assert httpx.post(proxy.url + "/unload/remote", timeout=30).status_code == 200
     assert server.poll() is None and _up(port)  # unloading a url model only forgets the route
-    assert httpx.post(proxy.url + "/v1/completions", timeout=60,
-                      json={"model": "remote", "prompt": "Once", "max_tokens": 4}).status_code == 200
+    assert (
+        httpx.post(
+            proxy.url + "/v1/completions", timeout=60, json={"model": "remote", "prompt": "Once", "max_tokens": 4}
+        ).status_code
+        == 200
+    )
 
 
 def _up(port: int) -> bool:

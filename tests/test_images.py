@@ -32,21 +32,41 @@ def png_size(data: bytes) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sd")
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "sd_build.py"), str(out)], capture_output=True,
-                            text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "sd_build.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return out / "pipeline"
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, pipeline: Path) -> Iterator[LiveProxy]:
-    model = {"name": MODEL, "backend": "diffusers", "load_timeout": "120s",
-             "model": {"path": str(pipeline), "threads": 2, "width": 256, "height": 256, "steps": 3}}
-    single = {"name": "tiny-sd-file", "backend": "diffusers", "load_timeout": "120s",
-              "model": {"path": str(pipeline.parent / "tiny-sd.safetensors"), "config": str(pipeline), "threads": 2,
-                        "width": 256, "height": 256, "steps": 3}}
-    with running(tmp_path_factory.mktemp("sd-proxy"), [model, single, fake_config("chatty")],
-                 limits={"max_loaded_models": 2}) as live:
+    model = {
+        "name": MODEL,
+        "backend": "diffusers",
+        "load_timeout": "120s",
+        "model": {"path": str(pipeline), "threads": 2, "width": 256, "height": 256, "steps": 3},
+    }
+    single = {
+        "name": "tiny-sd-file",
+        "backend": "diffusers",
+        "load_timeout": "120s",
+        "model": {
+            "path": str(pipeline.parent / "tiny-sd.safetensors"),
+            "config": str(pipeline),
+            "threads": 2,
+            "width": 256,
+            "height": 256,
+            "steps": 3,
+        },
+    }
+    with running(
+        tmp_path_factory.mktemp("sd-proxy"), [model, single, fake_config("chatty")], limits={"max_loaded_models": 2}
+    ) as live:
         yield live
 
 
@@ -57,8 +77,9 @@ def post(proxy: LiveProxy, path: str, body: dict[str, Any], **kw: object) -> htt
 
 def test_openai_sdk_generates_pngs(proxy: LiveProxy) -> None:
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
-        result = client.images.generate(model=MODEL, prompt="a red cat", n=2, size="256x256",
-                                        response_format="b64_json")
+        result = client.images.generate(
+            model=MODEL, prompt="a red cat", n=2, size="256x256", response_format="b64_json"
+        )
     assert result.data is not None and len(result.data) == 2
     for image in result.data:
         assert png_size(base64.b64decode(image.b64_json or "")) == (256, 256)
@@ -68,8 +89,7 @@ def test_openai_sdk_generates_pngs(proxy: LiveProxy) -> None:
 
 
 def test_txt2img_seed_determinism_and_sizes(proxy: LiveProxy) -> None:
-    body = {"model": MODEL, "prompt": "a lighthouse", "seed": 42, "num_inference_steps": 2, "width": 256,
-            "height": 320}
+    body = {"model": MODEL, "prompt": "a lighthouse", "seed": 42, "num_inference_steps": 2, "width": 256, "height": 320}
     first, second = post(proxy, "/txt2img", body).json(), post(proxy, "/txt2img", body).json()
     assert first["images"][0]["base64"] == second["images"][0]["base64"]
     assert first["images"][0]["seed"] == 42 and first["parameters"]["steps"] == 2
@@ -83,8 +103,18 @@ def test_txt2img_seed_determinism_and_sizes(proxy: LiveProxy) -> None:
 
 def test_img2img_and_raw_png(proxy: LiveProxy) -> None:
     init = post(proxy, "/txt2img", {"model": MODEL, "prompt": "a tree", "seed": 1}).json()["images"][0]["base64"]
-    result = post(proxy, "/img2img", {"model": MODEL, "prompt": "a tree in snow", "init_image": init,
-                                      "strength": 0.6, "num_inference_steps": 4, "seed": 2})
+    result = post(
+        proxy,
+        "/img2img",
+        {
+            "model": MODEL,
+            "prompt": "a tree in snow",
+            "init_image": init,
+            "strength": 0.6,
+            "num_inference_steps": 4,
+            "seed": 2,
+        },
+    )
     assert result.status_code == 200, result.text
     image = result.json()["images"][0]
     assert png_size(base64.b64decode(image["base64"])) == (256, 256) and image["base64"] != init
@@ -95,16 +125,37 @@ def test_img2img_and_raw_png(proxy: LiveProxy) -> None:
 def test_automatic1111_api(proxy: LiveProxy) -> None:
     models = httpx.get(proxy.url + "/sdapi/v1/sd-models").json()
     assert sorted(m["model_name"] for m in models) == [MODEL, "tiny-sd-file"]
-    r = post(proxy, "/sdapi/v1/txt2img", {"prompt": "a boat", "steps": 2, "cfg_scale": 5, "seed": -1,
-                                         "override_settings": {"sd_model_checkpoint": MODEL},
-                                         "batch_size": 2, "width": 256, "height": 256, "sampler_name": "Euler a"})
+    r = post(
+        proxy,
+        "/sdapi/v1/txt2img",
+        {
+            "prompt": "a boat",
+            "steps": 2,
+            "cfg_scale": 5,
+            "seed": -1,
+            "override_settings": {"sd_model_checkpoint": MODEL},
+            "batch_size": 2,
+            "width": 256,
+            "height": 256,
+            "sampler_name": "Euler a",
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     info = json.loads(body["info"])
     assert len(body["images"]) == 2 and len(info["all_seeds"]) == 2 and info["all_seeds"][1] == info["seed"] + 1
     assert body["parameters"]["cfg_scale"] == 5 and info["sampler_name"] == "euler a"
-    r = post(proxy, "/sdapi/v1/img2img", {"prompt": "a boat at night", "init_images": [body["images"][0]],
-                                         "denoising_strength": 0.5, "steps": 3, "seed": 7})
+    r = post(
+        proxy,
+        "/sdapi/v1/img2img",
+        {
+            "prompt": "a boat at night",
+            "init_images": [body["images"][0]],
+            "denoising_strength": 0.5,
+            "steps": 3,
+            "seed": 7,
+        },
+    )
     assert r.status_code == 200 and png_size(base64.b64decode(r.json()["images"][0])) == (256, 256)
 
 
@@ -138,8 +189,12 @@ def test_progress_in_status_and_disconnect_stops_the_job(proxy: LiveProxy) -> No
 
     def long_job() -> None:
         try:
-            post(proxy, "/txt2img", {"model": MODEL, "prompt": "a storm", "num_inference_steps": 150},
-                 timeout=httpx.Timeout(120, read=3))
+            post(
+                proxy,
+                "/txt2img",
+                {"model": MODEL, "prompt": "a storm", "num_inference_steps": 150},
+                timeout=httpx.Timeout(120, read=3),
+            )
         except httpx.ReadTimeout:
             seen["gone"] = True
 
@@ -171,8 +226,11 @@ def test_progress_in_status_and_disconnect_stops_the_job(proxy: LiveProxy) -> No
         ("/txt2img", {"prompt": ""}, ("prompt",)),
         ("/txt2img", {"prompt": "x", "scheduler": "magic"}, ("scheduler", "euler")),
         ("/img2img", {"prompt": "x", "init_image": "!!not base64!!"}, ("init_image", "base64")),
-        ("/img2img", {"prompt": "x", "init_image": base64.b64encode(b"just text, no image").decode()},
-         ("init_image", "PNG")),
+        (
+            "/img2img",
+            {"prompt": "x", "init_image": base64.b64encode(b"just text, no image").decode()},
+            ("init_image", "PNG"),
+        ),
         ("/img2img", {"prompt": "x"}, ("init_image",)),
         ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "high"}, ("cfg_scale",)),
         ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 3, "n_iter": 2}, ("batch_size",)),
@@ -183,8 +241,9 @@ def test_progress_in_status_and_disconnect_stops_the_job(proxy: LiveProxy) -> No
         ("/v1/images/generations", {"prompt": "x", "n": 9}, ("n",)),
     ],
 )
-def test_bad_input_never_reaches_the_worker(proxy: LiveProxy, path: str, body: dict[str, Any],
-                                            words: tuple[str, ...]) -> None:
+def test_bad_input_never_reaches_the_worker(
+    proxy: LiveProxy, path: str, body: dict[str, Any], words: tuple[str, ...]
+) -> None:
     httpx.post(proxy.url + "/unload/" + MODEL, timeout=60)
     r = post(proxy, path, {"model": MODEL, **body})
     assert r.status_code == 400, r.text

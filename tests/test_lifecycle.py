@@ -59,7 +59,8 @@ def test_concurrent_first_requests_start_exactly_one_worker(make_proxy: MakeProx
 def test_idle_timer_starts_when_in_flight_reaches_zero(make_proxy: MakeProxy) -> None:
     proxy = make_proxy([fake_config("f", "--rate", "20", "--tokens", "30")])
     with httpx.stream(
-        "POST", proxy.url + "/v1/chat/completions",
+        "POST",
+        proxy.url + "/v1/chat/completions",
         json={"model": "f", "messages": [{"role": "user", "content": "x"}], "stream": True, "keep_alive": "200ms"},
         timeout=60,
     ) as response:
@@ -101,8 +102,9 @@ def test_eviction_unloads_idle_model_with_shortest_keep_alive(make_proxy: MakePr
 
 
 def test_busy_model_is_not_evicted_the_request_waits(make_proxy: MakeProxy, openai_for: OpenAIFor) -> None:
-    proxy = make_proxy([fake_config("a", "--rate", "20", "--tokens", "20"), fake_config("b")],
-                       limits={"max_loaded_models": 1})
+    proxy = make_proxy(
+        [fake_config("a", "--rate", "20", "--tokens", "20"), fake_config("b")], limits={"max_loaded_models": 1}
+    )
     client = openai_for(proxy)
     stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], stream=True)
     first = next(iter(stream))
@@ -120,10 +122,16 @@ def test_busy_model_is_not_evicted_the_request_waits(make_proxy: MakeProxy, open
 
 
 def test_queue_beyond_max_queue_gets_503_with_retry_after(make_proxy: MakeProxy) -> None:
-    proxy = make_proxy([fake_config("a", "--rate", "10", "--tokens", "30"), fake_config("b"), fake_config("c")],
-                       limits={"max_loaded_models": 1, "max_queue": 1})
-    with httpx.stream("POST", proxy.url + "/v1/chat/completions", timeout=60,
-                      json={"model": "a", "messages": [{"role": "user", "content": "x"}], "stream": True}) as busy:
+    proxy = make_proxy(
+        [fake_config("a", "--rate", "10", "--tokens", "30"), fake_config("b"), fake_config("c")],
+        limits={"max_loaded_models": 1, "max_queue": 1},
+    )
+    with httpx.stream(
+        "POST",
+        proxy.url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": "a", "messages": [{"role": "user", "content": "x"}], "stream": True},
+    ) as busy:
         lines = busy.iter_lines()  # (kept: a dropped generator would close the response at once)
         next(lines)
         waiter = threading.Thread(target=lambda: chat(proxy, "b"))
@@ -174,8 +182,12 @@ def test_worker_dying_mid_stream_ends_with_an_error_and_restarts(make_proxy: Mak
     assert "exited unexpectedly" in proxy.status()["crashy"]["last_error"]
     # Ollama's dialect: an NDJSON {"error": ...} line ends the stream
     lines = []
-    with httpx.stream("POST", proxy.url + "/api/chat", timeout=60,
-                      json={"model": "crashy", "messages": [{"role": "user", "content": "x"}]}) as response:
+    with httpx.stream(
+        "POST",
+        proxy.url + "/api/chat",
+        timeout=60,
+        json={"model": "crashy", "messages": [{"role": "user", "content": "x"}]},
+    ) as response:
         assert response.status_code == 200
         lines = [json.loads(line) for line in response.iter_lines() if line]
     assert "error" in lines[-1] and all(not line.get("done") for line in lines)
@@ -186,8 +198,12 @@ def test_worker_dying_mid_stream_ends_with_an_error_and_restarts(make_proxy: Mak
 
 def test_client_disconnect_stops_generation_and_releases_the_lease(make_proxy: MakeProxy) -> None:
     proxy = make_proxy([fake_config("long", "--rate", "100", "--tokens", "100000")])
-    with httpx.stream("POST", proxy.url + "/v1/chat/completions", timeout=60,
-                      json={"model": "long", "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        proxy.url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": "long", "messages": [{"role": "user", "content": "x"}], "stream": True},
+    ) as r:
         lines = r.iter_lines()
         for _ in range(5):
             next(lines)
@@ -227,8 +243,11 @@ def test_external_server_at_a_url_is_routed_to_but_never_stopped(make_proxy: Mak
         wait_until(lambda: answers(f"http://127.0.0.1:{port}/health"), timeout=20)
         proxy = make_proxy([{"name": "remote", "backend": "external", "url": f"http://127.0.0.1:{port}"}])
         assert chat(proxy, "remote").json()["choices"][0]["message"]["content"].startswith("tok")
-        lines = httpx.post(proxy.url + "/api/chat", timeout=30,
-                           json={"model": "remote", "messages": [{"role": "user", "content": "x"}]}).text
+        lines = httpx.post(
+            proxy.url + "/api/chat",
+            timeout=30,
+            json={"model": "remote", "messages": [{"role": "user", "content": "x"}]},
+        ).text
         assert json.loads(lines.splitlines()[-1])["done"] is True
         assert httpx.post(proxy.url + "/unload/remote").status_code == 200
         assert server.poll() is None
@@ -238,15 +257,23 @@ def test_external_server_at_a_url_is_routed_to_but_never_stopped(make_proxy: Mak
 
 
 def _openai_stream_lines(proxy: LiveProxy, model: str) -> list[str]:
-    with httpx.stream("POST", proxy.url + "/v1/chat/completions", timeout=60,
-                      json={"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        proxy.url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True},
+    ) as r:
         assert r.status_code == 200
         return [line for line in r.iter_lines() if line]
 
 
 def _ollama_stream_lines(proxy: LiveProxy, model: str) -> list[dict[str, Any]]:
-    with httpx.stream("POST", proxy.url + "/api/chat", timeout=60,
-                      json={"model": model, "messages": [{"role": "user", "content": "x"}]}) as r:
+    with httpx.stream(
+        "POST",
+        proxy.url + "/api/chat",
+        timeout=60,
+        json={"model": model, "messages": [{"role": "user", "content": "x"}]},
+    ) as r:
         assert r.status_code == 200
         return [json.loads(line) for line in r.iter_lines() if line]
 
@@ -255,24 +282,26 @@ def test_a_stream_its_worker_ends_early_ends_with_an_error_not_silently(make_pro
     proxy = make_proxy([fake_config("short", "--end-after", "3", "--tokens", "10")])
     lines = _openai_stream_lines(proxy, "short")
     assert len(lines) == 4 and "data: [DONE]" not in lines
-    assert "ended the answer early" in json.loads(lines[-1][len("data: "):])["error"]["message"]
+    assert "ended the answer early" in json.loads(lines[-1][len("data: ") :])["error"]["message"]
     out = _ollama_stream_lines(proxy, "short")
     assert "ended the answer early" in out[-1]["error"] and not any(line.get("done") for line in out)
-    response = httpx.post(proxy.url + "/api/chat", timeout=60,
-                          json={"model": "short", "messages": [{"role": "user", "content": "x"}], "stream": False})
+    response = httpx.post(
+        proxy.url + "/api/chat",
+        timeout=60,
+        json={"model": "short", "messages": [{"role": "user", "content": "x"}], "stream": False},
+    )
     assert response.status_code == 503 and "ended the answer early" in response.json()["error"]
 
 
 def test_a_worker_that_stops_making_progress_is_killed_and_its_streams_get_an_error(make_proxy: MakeProxy) -> None:
-    proxy = make_proxy([fake_config("stuck", "--hang-after", "3", "--tokens", "10")],
-                       limits={"stall_timeout": "2s"})
+    proxy = make_proxy([fake_config("stuck", "--hang-after", "3", "--tokens", "10")], limits={"stall_timeout": "2s"})
     assert chat(proxy, "stuck", max_tokens=2).status_code == 200
     pid = proxy.status()["stuck"]["pid"]
     # idle, it uses no CPU, as it should: left alone past the stall timeout (polled, not slept)
     with pytest.raises(AssertionError):
         wait_until(lambda: proxy.status()["stuck"]["pid"] != pid, timeout=3)
     lines = _openai_stream_lines(proxy, "stuck")  # ends once the watchdog has killed the stuck worker
-    assert len(lines) == 4 and "went away" in json.loads(lines[-1][len("data: "):])["error"]["message"]
+    assert len(lines) == 4 and "went away" in json.loads(lines[-1][len("data: ") :])["error"]["message"]
     wait_until(lambda: proxy.status()["stuck"]["state"] == "stopped")
     assert "made no progress for 2s" in proxy.status()["stuck"]["last_error"]
     assert not psutil.pid_exists(pid)
@@ -288,13 +317,21 @@ def test_a_worker_crash_reaches_the_log_at_warning_level_with_its_last_words(mak
     assert "WARNING" in entry and "crashy" in entry
 
 
-def test_both_dialects_send_the_worker_the_same_request(make_proxy: MakeProxy, tmp_path: Path,
-                                                         openai_for: OpenAIFor) -> None:
+def test_both_dialects_send_the_worker_the_same_request(
+    make_proxy: MakeProxy, tmp_path: Path, openai_for: OpenAIFor
+) -> None:
     record = tmp_path / "bodies.jsonl"
     proxy = make_proxy([fake_config("rec", "--record", str(record))])
     messages = [{"role": "user", "content": "Name a colour."}]
-    list(openai_for(proxy).chat.completions.create(model="rec", messages=messages,  # type: ignore[arg-type]
-                                                   max_tokens=8, temperature=0, stream=True))
+    list(
+        openai_for(proxy).chat.completions.create(
+            model="rec",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+        )
+    )
     with ollama_sdk.Client(host=proxy.url, timeout=60) as client:
         client.chat(model="rec", messages=messages, options={"num_predict": 8, "temperature": 0})
     sent = [json.loads(line) for line in record.read_text().splitlines()]

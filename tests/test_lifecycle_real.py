@@ -52,8 +52,11 @@ def test_concurrent_first_requests_share_one_real_worker(make_proxy: MakeProxy, 
 
 def test_keep_alive_zero_unloads_the_real_worker_and_memory_returns(make_proxy: MakeProxy) -> None:
     proxy = make_proxy([smollm2_config()])
-    r = httpx.post(proxy.url + "/api/generate", json={"model": MODEL, "prompt": "hi", "stream": False,
-                                                      "options": {"num_predict": 4}, "keep_alive": 0}, timeout=60)
+    r = httpx.post(
+        proxy.url + "/api/generate",
+        json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 4}, "keep_alive": 0},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.json()["done"] is True
     wait_until(lambda: proxy.status()[MODEL]["state"] == "stopped", timeout=15)
     assert proxy.workers() == []
@@ -61,8 +64,12 @@ def test_keep_alive_zero_unloads_the_real_worker_and_memory_returns(make_proxy: 
 
 def test_disconnect_stops_generation_in_the_real_worker(make_proxy: MakeProxy) -> None:
     proxy = make_proxy([smollm2_config()])
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story."}],
-            "max_tokens": 1500, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 1500,
+        "stream": True,
+    }
     with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(6):
@@ -113,8 +120,11 @@ def test_bad_model_path_fails_clearly_and_leaves_no_process(make_proxy: MakeProx
     cfg.pop("aliases")
     cfg["model"] = {"path": "nowhere/missing.gguf"}
     proxy = make_proxy([cfg])
-    r = httpx.post(proxy.url + "/v1/chat/completions", timeout=60,
-                   json={"model": "missing", "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        proxy.url + "/v1/chat/completions",
+        timeout=60,
+        json={"model": "missing", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 503
     message = r.json()["error"]["message"]
     assert "missing.gguf" in message and "exited with code 1" in message

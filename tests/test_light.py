@@ -12,8 +12,20 @@ import httpx
 
 from tests.harness import REPO, LiveProxy
 
-HEAVY = ("torch", "diffusers", "llama_cpp", "numpy", "transformers", "faster_whisper", "ctranslate2", "piper",
-         "onnxruntime", "av", "PIL", "TTS")
+HEAVY = (
+    "torch",
+    "diffusers",
+    "llama_cpp",
+    "numpy",
+    "transformers",
+    "faster_whisper",
+    "ctranslate2",
+    "piper",
+    "onnxruntime",
+    "av",
+    "PIL",
+    "TTS",
+)
 
 
 def test_proxy_side_imports_no_backend() -> None:
@@ -27,8 +39,11 @@ def test_proxy_side_imports_no_backend() -> None:
 
 
 def test_running_proxy_maps_no_backend_library(smollm2_proxy: LiveProxy) -> None:
-    r = httpx.post(smollm2_proxy.url + "/api/generate", json={"model": "smollm2", "prompt": "hi", "stream": False,
-                                                              "options": {"num_predict": 2}}, timeout=60)
+    r = httpx.post(
+        smollm2_proxy.url + "/api/generate",
+        json={"model": "smollm2", "prompt": "hi", "stream": False, "options": {"num_predict": 2}},
+        timeout=60,
+    )
     assert r.status_code == 200
     assert smollm2_proxy.proc is not None
     with open(f"/proc/{smollm2_proxy.proc.pid}/maps") as fh:
@@ -60,16 +75,20 @@ def test_a_worker_imports_nothing_of_the_proxy_side_but_the_wire_contract() -> N
     for shared in ("wire.py", "streaming.py"):
         assert _proxy_imports(REPO / "proxy" / shared) == [], f"proxy/{shared} must not import the proxy side"
     # and at run time: the worker's server and entry point load no proxy-side dependency
-    code = ("import sys, proxy.worker.__main__, proxy.worker.server, proxy.worker.audio, proxy.worker.pump;"
-            "print(sorted(m for m in ('yaml', 'aiohttp', 'proxy.config', 'proxy.dialects', 'proxy.api',"
-            " 'proxy.manager') if m in sys.modules))")
+    code = (
+        "import sys, proxy.worker.__main__, proxy.worker.server, proxy.worker.audio, proxy.worker.pump;"
+        "print(sorted(m for m in ('yaml', 'aiohttp', 'proxy.config', 'proxy.dialects', 'proxy.api',"
+        " 'proxy.manager') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_the_wire_contract_needs_only_the_standard_library() -> None:
-    code = ("import sys; before = set(sys.modules); import proxy.wire;"
-            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}"
-            " - set(sys.stdlib_module_names) - {'proxy'}))")
+    code = (
+        "import sys; before = set(sys.modules); import proxy.wire;"
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}"
+        " - set(sys.stdlib_module_names) - {'proxy'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"

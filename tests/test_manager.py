@@ -23,22 +23,52 @@ from proxy.upstream import Upstream
 
 def model(name: str, keep_alive: float | None = None, **kw: Any) -> ModelConfig:
     base: dict[str, Any] = dict(
-        name=name, aliases=(), backend="external", source="test", options={}, model_path=None, cmd=("x",),
-        url=None, health_path="/health", python=None, env={}, sampling={}, system=None, system_time=False,
-        keep_alive=keep_alive, pin_keep_alive=False, parallel=1, load_timeout=5.0, unload_grace=1.0,
-        capabilities=("completion",), vision=False, details=DetailsSection(),
+        name=name,
+        aliases=(),
+        backend="external",
+        source="test",
+        options={},
+        model_path=None,
+        cmd=("x",),
+        url=None,
+        health_path="/health",
+        python=None,
+        env={},
+        sampling={},
+        system=None,
+        system_time=False,
+        keep_alive=keep_alive,
+        pin_keep_alive=False,
+        parallel=1,
+        load_timeout=5.0,
+        unload_grace=1.0,
+        capabilities=("completion",),
+        vision=False,
+        details=DetailsSection(),
     )
     base.update(kw)
     return ModelConfig(**base)
 
 
-def settings(*models: ModelConfig, max_loaded: int = 3, max_queue: int = 8, keep_alive: float = 300.0,
-             stall_timeout: float = 0.0) -> Settings:
+def settings(
+    *models: ModelConfig, max_loaded: int = 3, max_queue: int = 8, keep_alive: float = 300.0, stall_timeout: float = 0.0
+) -> Settings:
     return Settings(
-        host="127.0.0.1", port=0, cors_origins=(), models_dir=Path("."), configs_dir=Path("."),
-        api_tokens=Path("none"), keep_alive=keep_alive, load_timeout=5.0, unload_grace=1.0,
-        max_loaded_models=max_loaded, max_queue=max_queue, max_body_bytes=1 << 20, log_level="info",
-        models=tuple(models), stall_timeout=stall_timeout,
+        host="127.0.0.1",
+        port=0,
+        cors_origins=(),
+        models_dir=Path("."),
+        configs_dir=Path("."),
+        api_tokens=Path("none"),
+        keep_alive=keep_alive,
+        load_timeout=5.0,
+        unload_grace=1.0,
+        max_loaded_models=max_loaded,
+        max_queue=max_queue,
+        max_body_bytes=1 << 20,
+        log_level="info",
+        models=tuple(models),
+        stall_timeout=stall_timeout,
     )
 
 
@@ -360,11 +390,15 @@ async def test_every_allowed_transition_is_made(
     await manager.shutdown()
     S = State
     assert moves == [
-        ("a", S.STOPPED, S.STARTING), ("a", S.STARTING, S.FAILED),
-        ("a", S.FAILED, S.STARTING), ("a", S.STARTING, S.READY),
+        ("a", S.STOPPED, S.STARTING),
+        ("a", S.STARTING, S.FAILED),
+        ("a", S.FAILED, S.STARTING),
+        ("a", S.STARTING, S.READY),
         ("a", S.READY, S.STOPPED),
-        ("a", S.STOPPED, S.STARTING), ("a", S.STARTING, S.READY),
-        ("a", S.READY, S.STOPPING), ("a", S.STOPPING, S.STOPPED),
+        ("a", S.STOPPED, S.STARTING),
+        ("a", S.STARTING, S.READY),
+        ("a", S.READY, S.STOPPING),
+        ("a", S.STOPPING, S.STOPPED),
     ]
     assert "model a: ready -> stopped (the worker exited unexpectedly with code -9)" in caplog.messages
 
@@ -378,9 +412,11 @@ async def test_every_allowed_transition_is_made(
         with pytest.raises(asyncio.CancelledError):
             await task
     assert moves[-5:] == [
-        ("b", S.STOPPED, S.STARTING), ("c", S.STOPPED, S.STARTING),
+        ("b", S.STOPPED, S.STARTING),
+        ("c", S.STOPPED, S.STARTING),
         ("b", S.STARTING, S.STOPPED),  # its start, cancelled
-        ("c", S.STARTING, S.STOPPING), ("c", S.STOPPING, S.STOPPED),  # cancelled before it ran: stopped all the same
+        ("c", S.STARTING, S.STOPPING),
+        ("c", S.STOPPING, S.STOPPED),  # cancelled before it ran: stopped all the same
     ]
     made = {(old, new) for _, old, new in moves}
     assert made == {(old, new) for old, targets in TRANSITIONS.items() for new in targets}

@@ -54,8 +54,14 @@ def test_ps_shows_the_loaded_model_with_expiry(client: ollama.Client) -> None:
 
 
 def test_chat_streaming(client: ollama.Client) -> None:
-    parts = list(client.chat(MODEL, messages=[{"role": "user", "content": "Count from one to ten."}],
-                             options={"num_predict": 24}, stream=True))
+    parts = list(
+        client.chat(
+            MODEL,
+            messages=[{"role": "user", "content": "Count from one to ten."}],
+            options={"num_predict": 24},
+            stream=True,
+        )
+    )
     pieces = [p.message.content for p in parts if not p.done]
     assert len([p for p in pieces if p]) > 3
     final = parts[-1]
@@ -79,28 +85,38 @@ def test_generate_streaming_and_options(client: ollama.Client) -> None:
     assert parts[-1].eval_count and parts[-1].eval_count <= 16
 
     def seeded() -> str | None:
-        return client.generate(MODEL, prompt="Name an animal.", options={"num_predict": 10, "temperature": 0,
-                                                                       "seed": 7}).response
+        return client.generate(
+            MODEL, prompt="Name an animal.", options={"num_predict": 10, "temperature": 0, "seed": 7}
+        ).response
 
     seeded()  # llama.cpp's numerics differ slightly between a cold prompt and a cached one
     assert seeded() == seeded()
 
 
 def test_generate_system_and_raw(client: ollama.Client) -> None:
-    reply = client.generate(MODEL, prompt="What are you?", system="You are a pirate. Answer like one.",
-                            options={"num_predict": 16})
+    reply = client.generate(
+        MODEL, prompt="What are you?", system="You are a pirate. Answer like one.", options={"num_predict": 16}
+    )
     assert reply.response and reply.done
     raw = client.generate(MODEL, prompt="The capital of France is", raw=True, options={"num_predict": 6})
     assert raw.response and raw.done
 
 
 def test_format_json_and_schema(client: ollama.Client) -> None:
-    reply = client.generate(MODEL, prompt="Describe a cat as JSON with keys name and colour.", format="json",
-                            options={"num_predict": 96, "temperature": 0})
+    reply = client.generate(
+        MODEL,
+        prompt="Describe a cat as JSON with keys name and colour.",
+        format="json",
+        options={"num_predict": 96, "temperature": 0},
+    )
     assert isinstance(json.loads(reply.response or ""), dict)
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}
-    reply2 = client.chat(MODEL, messages=[{"role": "user", "content": "Name a city."}], format=schema,
-                         options={"num_predict": 64, "temperature": 0})
+    reply2 = client.chat(
+        MODEL,
+        messages=[{"role": "user", "content": "Name a city."}],
+        format=schema,
+        options={"num_predict": 64, "temperature": 0},
+    )
     assert isinstance(json.loads(reply2.message.content or "")["city"], str)
 
 
@@ -113,8 +129,12 @@ def test_tools_pass_through(client: ollama.Client) -> None:
         """
         return "sunny"
 
-    reply = client.chat(MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-                        tools=[get_weather], options={"num_predict": 64})
+    reply = client.chat(
+        MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[get_weather],
+        options={"num_predict": 64},
+    )
     assert reply.done
     for call in reply.message.tool_calls or []:
         assert isinstance(call.function.arguments, dict)
@@ -147,8 +167,9 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(client: ollama.Client, s
     ("value", "shown", "seconds"),
     [(600, "10m", 600), ("5m", "5m", 300), ("1h30m", "1h30m", 5400), ("300", "5m", 300), (42.5, "42.5s", 42.5)],
 )
-def test_keep_alive_values_set_the_lifetime(smollm2_proxy: LiveProxy, value: object, shown: str,
-                                            seconds: float) -> None:
+def test_keep_alive_values_set_the_lifetime(
+    smollm2_proxy: LiveProxy, value: object, shown: str, seconds: float
+) -> None:
     body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}, "keep_alive": value}
     assert httpx.post(smollm2_proxy.url + "/api/generate", json=body, timeout=60).status_code == 200
     status = smollm2_proxy.status()[MODEL]
@@ -169,8 +190,13 @@ def test_keep_alive_inside_options_and_forever(smollm2_proxy: LiveProxy) -> None
 
 
 def test_keep_alive_zero_unloads_after_the_request(smollm2_proxy: LiveProxy) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False,
-            "options": {"num_predict": 2}, "keep_alive": 0}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": False,
+        "options": {"num_predict": 2},
+        "keep_alive": 0,
+    }
     r = httpx.post(smollm2_proxy.url + "/api/chat", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["done"] is True
     wait_until(lambda: smollm2_proxy.status()[MODEL]["state"] == "stopped", timeout=15)

@@ -71,8 +71,11 @@ def test_chat_streaming_with_usage(client: openai.OpenAI) -> None:
 def test_same_seed_same_text(client: openai.OpenAI) -> None:
     def ask() -> str | None:
         r = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12,
-            temperature=0.9, seed=42,
+            model=MODEL,
+            messages=[{"role": "user", "content": "Name a colour."}],
+            max_tokens=12,
+            temperature=0.9,
+            seed=42,
         )
         return r.choices[0].message.content
 
@@ -103,8 +106,17 @@ def test_json_mode_returns_json(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Give a JSON object with a key name and a short value."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
-            "type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]}}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {
+                "name": "x",
+                "schema": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string", "maxLength": 12}},
+                    "required": ["name"],
+                },
+            },
+        },
         max_tokens=64,
         temperature=0,
     )
@@ -113,16 +125,20 @@ def test_json_mode_returns_json(client: openai.OpenAI) -> None:
 
 
 def test_tools_pass_through(client: openai.OpenAI) -> None:
-    tools = [{
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
     reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=tools,  # type: ignore[arg-type]
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=tools,  # type: ignore[arg-type]
         max_tokens=48,
     )
     message = reply.choices[0].message
@@ -150,9 +166,14 @@ def test_images_refused_for_a_text_model(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model=MODEL,
-            messages=[{"role": "user", "content": [
-                {"type": "text", "text": "what is this"},
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-            ]}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    ],
+                }
+            ],
         )
     assert "cannot read images" in str(info.value)

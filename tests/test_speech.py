@@ -16,8 +16,10 @@ import yaml
 from tests.harness import REPO, LiveProxy, fake_config, running, wait_until
 
 SHORT = "Hello there."
-LONG = ("Hello there. This is a longer text, spoken in several sentences. Each sentence is made on its own. "
-        "So the first audio arrives before the whole text is done.")
+LONG = (
+    "Hello there. This is a longer text, spoken in several sentences. Each sentence is made on its own. "
+    "So the first audio arrives before the whole text is done."
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,9 @@ def test_streaming_response_arrives_in_chunks(client: openai.OpenAI, proxy: Live
     assert len(chunks) >= 3
     pcm = b"".join(chunks)
     assert len(pcm) % 2 == 0 and len(pcm) / 2 / 22050 > 3
-    with httpx.stream("POST", proxy.url + "/api/tts", timeout=60,
-                      json={"model": "piper-joe", "text": LONG, "stream": True}) as r:
+    with httpx.stream(
+        "POST", proxy.url + "/api/tts", timeout=60, json={"model": "piper-joe", "text": LONG, "stream": True}
+    ) as r:
         assert r.headers["content-type"] == "audio/wav"
         parts = [p for p in r.iter_raw() if p]
     assert len(parts) >= 3 and b"".join(parts)[:4] == b"RIFF"
@@ -114,8 +117,9 @@ def test_voice_and_model_lists(proxy: LiveProxy) -> None:
         ("/api/tts", {"text": 5}, 400, ("text",)),
     ],
 )
-def test_bad_input_never_reaches_the_worker(proxy: LiveProxy, path: str, body: dict[str, Any], status: int,
-                                            words: tuple[str, ...]) -> None:
+def test_bad_input_never_reaches_the_worker(
+    proxy: LiveProxy, path: str, body: dict[str, Any], status: int, words: tuple[str, ...]
+) -> None:
     httpx.post(proxy.url + "/unload/piper-joe", timeout=60)
     r = httpx.post(proxy.url + path, json={"model": "piper-joe", **body}, timeout=60)
     assert r.status_code == status, r.text
@@ -132,8 +136,12 @@ def test_not_a_speech_model(proxy: LiveProxy) -> None:
 
 def test_keep_alive_and_disconnect(proxy: LiveProxy) -> None:
     text = " ".join([LONG] * 12)
-    with httpx.stream("POST", proxy.url + "/api/tts", timeout=60,
-                      json={"model": "piper-joe", "text": text, "stream": True, "format": "pcm"}) as r:
+    with httpx.stream(
+        "POST",
+        proxy.url + "/api/tts",
+        timeout=60,
+        json={"model": "piper-joe", "text": text, "stream": True, "format": "pcm"},
+    ) as r:
         chunks = r.iter_raw()  # (kept: a dropped generator would close the response at once)
         next(chunks)
         assert proxy.status()["piper-joe"]["worker"]["in_flight"] == 1

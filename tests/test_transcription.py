@@ -19,8 +19,13 @@ SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 WORDS = ["quick", "brown", "fox", "jumps", "over", "lazy", "dog", "river"]
 LIMIT = 2 * 1024 * 1024
 # container, codec for each format clients send (Open WebUI records webm/opus)
-ENCODINGS = {"flac": ("flac", "flac"), "mp3": ("mp3", "mp3"), "ogg": ("ogg", "libopus"),
-             "webm": ("webm", "libopus"), "m4a": ("mp4", "aac")}
+ENCODINGS = {
+    "flac": ("flac", "flac"),
+    "mp3": ("mp3", "mp3"),
+    "ogg": ("ogg", "libopus"),
+    "webm": ("webm", "libopus"),
+    "m4a": ("mp4", "aac"),
+}
 
 
 def speak(text: str) -> bytes:
@@ -60,8 +65,9 @@ def wav() -> bytes:
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
     whisper = yaml.safe_load((REPO / "configs" / "whisper.yaml").read_text())
-    with running(tmp_path_factory.mktemp("whisper"), [whisper, fake_config("chatty")],
-                 limits={"max_body_bytes": LIMIT}) as live:
+    with running(
+        tmp_path_factory.mktemp("whisper"), [whisper, fake_config("chatty")], limits={"max_body_bytes": LIMIT}
+    ) as live:
         yield live
 
 
@@ -90,7 +96,9 @@ def test_common_formats_decode(client: openai.OpenAI, wav: bytes, name: str) -> 
 
 def test_verbose_json_has_segments_language_and_words(client: openai.OpenAI, wav: bytes) -> None:
     result = client.audio.transcriptions.create(
-        model="whisper-1", file=("speech.wav", wav), response_format="verbose_json",
+        model="whisper-1",
+        file=("speech.wav", wav),
+        response_format="verbose_json",
         timestamp_granularities=["segment", "word"],
     )
     assert result.language in ("en", "english")
@@ -102,8 +110,12 @@ def test_verbose_json_has_segments_language_and_words(client: openai.OpenAI, wav
 
 @pytest.mark.parametrize("fmt", ["text", "srt", "vtt"])
 def test_text_subtitle_formats(proxy: LiveProxy, wav: bytes, fmt: str) -> None:
-    r = httpx.post(proxy.url + "/v1/audio/transcriptions", timeout=120,
-                   data={"model": "whisper-1", "response_format": fmt}, files={"file": ("a.wav", wav)})
+    r = httpx.post(
+        proxy.url + "/v1/audio/transcriptions",
+        timeout=120,
+        data={"model": "whisper-1", "response_format": fmt},
+        files={"file": ("a.wav", wav)},
+    )
     assert r.status_code == 200, r.text
     body = r.text
     assert found(body) >= 5
@@ -117,8 +129,12 @@ def test_text_subtitle_formats(proxy: LiveProxy, wav: bytes, fmt: str) -> None:
 
 def test_translations_endpoint(proxy: LiveProxy, wav: bytes) -> None:
     # (the openai SDK marks audio.translations deprecated, so plain HTTP here)
-    r = httpx.post(proxy.url + "/v1/audio/translations", timeout=120, data={"model": "whisper-1"},
-                   files={"file": ("speech.wav", wav)})
+    r = httpx.post(
+        proxy.url + "/v1/audio/translations",
+        timeout=120,
+        data={"model": "whisper-1"},
+        files={"file": ("speech.wav", wav)},
+    )
     assert r.status_code == 200 and found(r.json()["text"]) >= 5
 
 
@@ -133,27 +149,45 @@ def test_bad_inputs_never_reach_the_worker(proxy: LiveProxy, wav: bytes, tmp_pat
 
     error(httpx.post(url, data={"model": "whisper-1"}, files={"other": ("a", b"x")}), 400, "file")
     error(httpx.post(url, data={"model": "whisper-1"}, files={"file": ("a.wav", b"")}), 400, "empty")
-    error(httpx.post(url, data={"model": "whisper-1", "response_format": "docx"}, files={"file": ("a.wav", wav)}),
-          400, "response_format", "srt")
-    error(httpx.post(url, data={"model": "whisper-1", "temperature": "hot"}, files={"file": ("a.wav", wav)}),
-          400, "temperature")
-    error(httpx.post(url, data={"model": "whisper-1", "timestamp_granularities[]": "char"},
-                     files={"file": ("a.wav", wav)}), 400, "timestamp_granularities")
+    error(
+        httpx.post(url, data={"model": "whisper-1", "response_format": "docx"}, files={"file": ("a.wav", wav)}),
+        400,
+        "response_format",
+        "srt",
+    )
+    error(
+        httpx.post(url, data={"model": "whisper-1", "temperature": "hot"}, files={"file": ("a.wav", wav)}),
+        400,
+        "temperature",
+    )
+    error(
+        httpx.post(
+            url, data={"model": "whisper-1", "timestamp_granularities[]": "char"}, files={"file": ("a.wav", wav)}
+        ),
+        400,
+        "timestamp_granularities",
+    )
     error(httpx.post(url, files={"file": ("a.wav", wav)}), 400, "model")
     error(httpx.post(url, data={"model": "nope"}, files={"file": ("a.wav", wav)}), 404, "nope")
     error(httpx.post(url, data={"model": "chatty"}, files={"file": ("a.wav", wav)}), 400, "transcribe")
     error(httpx.post(url, json={"model": "whisper-1"}), 400, "multipart")
-    error(httpx.post(url, data={"model": "whisper-1"}, files={"file": ("big.wav", b"\0" * (LIMIT + 1))}), 413,
-          "limit")
+    error(httpx.post(url, data={"model": "whisper-1"}, files={"file": ("big.wav", b"\0" * (LIMIT + 1))}), 413, "limit")
     assert proxy.status()["whisper-base"]["state"] == "stopped"  # none of them started the worker
     # an undecodable file does reach the worker (only decoding can tell): a clear 400, not a 500
-    error(httpx.post(url, data={"model": "whisper-1"}, files={"file": ("a.mp3", b"not audio at all" * 50)},
-                     timeout=120), 400, "decode")
+    error(
+        httpx.post(url, data={"model": "whisper-1"}, files={"file": ("a.mp3", b"not audio at all" * 50)}, timeout=120),
+        400,
+        "decode",
+    )
 
 
 def test_lifecycle_is_shared(proxy: LiveProxy, wav: bytes) -> None:
-    r = httpx.post(proxy.url + "/v1/audio/transcriptions", timeout=120,
-                   data={"model": "whisper-1", "keep_alive": "0"}, files={"file": ("a.wav", wav)})
+    r = httpx.post(
+        proxy.url + "/v1/audio/transcriptions",
+        timeout=120,
+        data={"model": "whisper-1", "keep_alive": "0"},
+        files={"file": ("a.wav", wav)},
+    )
     assert r.status_code == 200 and found(r.json()["text"]) >= 5
     wait_until(lambda: proxy.status()["whisper-base"]["state"] == "stopped", timeout=15)
     models = {m["id"]: m["kind"] for m in httpx.get(proxy.url + "/v1/models").json()["data"]}

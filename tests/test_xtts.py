@@ -30,8 +30,12 @@ pytestmark = pytest.mark.skipif(not XTTS_PYTHON.exists(), reason="no .venv-xtts:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("xtts") / "tiny-xtts"
-    subprocess.run([str(XTTS_PYTHON), str(REPO / "tests" / "xtts_build.py"), str(folder)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [str(XTTS_PYTHON), str(REPO / "tests" / "xtts_build.py"), str(folder)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return folder
 
 
@@ -41,8 +45,13 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterato
         "name": "xtts-tiny",
         "backend": "xtts",
         "python": str(XTTS_PYTHON),
-        "model": {"path": str(checkpoint), "speakers": SPEAKERS, "threads": 2, "stream_chunk_size": 5,
-                  "sample_rate": 16000},
+        "model": {
+            "path": str(checkpoint),
+            "speakers": SPEAKERS,
+            "threads": 2,
+            "stream_chunk_size": 5,
+            "sample_rate": 16000,
+        },
         "load_timeout": "180s",
     }
     with running(tmp_path_factory.mktemp("xtts-proxy"), [model]) as live:
@@ -56,10 +65,12 @@ def wav_info(data: bytes) -> tuple[int, int]:
 
 def test_named_speakers_through_the_openai_sdk(proxy: LiveProxy) -> None:
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
-        default = client.audio.speech.create(model="xtts-tiny", voice="alloy", input="hello world",
-                                             response_format="wav").content
-        named = client.audio.speech.create(model="xtts-tiny", voice="Claribel Dervla", input="hello world",
-                                           response_format="wav").content
+        default = client.audio.speech.create(
+            model="xtts-tiny", voice="alloy", input="hello world", response_format="wav"
+        ).content
+        named = client.audio.speech.create(
+            model="xtts-tiny", voice="Claribel Dervla", input="hello world", response_format="wav"
+        ).content
     for data in (default, named):
         rate, frames = wav_info(data)
         assert rate == 16000 and frames > 1000  # the model's 24 kHz, resampled as its YAML asks
@@ -71,16 +82,22 @@ def test_named_speakers_through_the_openai_sdk(proxy: LiveProxy) -> None:
 def test_cloning_from_speaker_wav_and_voice_files(proxy: LiveProxy, checkpoint: Path) -> None:
     reference = base64.b64encode((checkpoint / "voices" / "ref.wav").read_bytes()).decode()
     for speaker_wav in (reference, "ref.wav"):
-        r = httpx.post(proxy.url + "/api/tts", timeout=120,
-                       json={"model": "xtts-tiny", "text": "hello world", "speaker_wav": speaker_wav})
+        r = httpx.post(
+            proxy.url + "/api/tts",
+            timeout=120,
+            json={"model": "xtts-tiny", "text": "hello world", "speaker_wav": speaker_wav},
+        )
         assert r.status_code == 200, r.text
         assert wav_info(r.content)[0] == 16000
 
 
 def test_streaming_delivers_several_chunks(proxy: LiveProxy) -> None:
-    with httpx.stream("POST", proxy.url + "/api/tts", timeout=120,
-                      json={"model": "xtts-tiny", "text": "hello world this is a test", "stream": True,
-                            "format": "pcm"}) as r:
+    with httpx.stream(
+        "POST",
+        proxy.url + "/api/tts",
+        timeout=120,
+        json={"model": "xtts-tiny", "text": "hello world this is a test", "stream": True, "format": "pcm"},
+    ) as r:
         assert r.status_code == 200
         chunks = [c for c in r.iter_raw() if c]
     assert len(chunks) >= 2 and sum(map(len, chunks)) % 2 == 0
@@ -102,8 +119,9 @@ def test_bad_input_is_refused_before_the_worker(proxy: LiveProxy, body: dict[str
 
 def test_undecodable_reference_is_a_400_from_the_worker(proxy: LiveProxy) -> None:
     junk = base64.b64encode(b"this is not audio at all" * 10).decode()
-    r = httpx.post(proxy.url + "/api/tts", json={"model": "xtts-tiny", "text": "hello", "speaker_wav": junk},
-                   timeout=120)
+    r = httpx.post(
+        proxy.url + "/api/tts", json={"model": "xtts-tiny", "text": "hello", "speaker_wav": junk}, timeout=120
+    )
     assert r.status_code == 400 and "speaker_wav" in r.json()["error"]
 
 

@@ -19,8 +19,11 @@ from TTS.tts.configs.xtts_config import XttsConfig
 from TTS.tts.models.xtts import Xtts
 
 LANGUAGES = ["en", "es", "fr", "de", "it", "pt", "pl", "tr", "ru", "nl", "cs", "ar", "zh-cn", "hu", "ko", "ja", "hi"]
-CORPUS = ["hello world this is a tiny voice that says what it is told to say",
-          "the quick brown fox jumps over the lazy dog", "one two three four five six seven eight nine ten"]
+CORPUS = [
+    "hello world this is a tiny voice that says what it is told to say",
+    "the quick brown fox jumps over the lazy dog",
+    "one two three four five six seven eight nine ten",
+]
 
 
 def build(out: Path) -> None:

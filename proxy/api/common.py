@@ -96,8 +96,9 @@ async def read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-def model_for(request: Request, body: dict[str, Any], needs: tuple[str, ...],
-              refusal: str) -> tuple[ModelConfig, float | None]:
+def model_for(
+    request: Request, body: dict[str, Any], needs: tuple[str, ...], refusal: str
+) -> tuple[ModelConfig, float | None]:
     """The model a body names and its keep_alive (taken out of the body), if it can do one of ``needs``."""
     model = require_model(body)
     keep_alive = keep_alive_of(body)

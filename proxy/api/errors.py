@@ -23,8 +23,16 @@ def _is_ollama(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
-def render(request: Request, status: int, message: str, *, kind: str, code: str | None, param: str | None,
-           headers: Mapping[str, str] | None = None) -> Response:
+def render(
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    kind: str,
+    code: str | None,
+    param: str | None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     if _is_ollama(request):
         return JSONResponse({"error": message}, status, headers=headers)
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -35,8 +43,9 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
     if exc.status >= 500:
         log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
-    return render(request, exc.status, exc.message, kind=exc.openai_type, code=exc.code, param=exc.param,
-                  headers=exc.headers())
+    return render(
+        request, exc.status, exc.message, kind=exc.openai_type, code=exc.code, param=exc.param, headers=exc.headers()
+    )
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -50,8 +59,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return render(request, 500, f"internal error: {type(exc).__name__}", kind="server_error", code="internal_error",
-                  param=None)
+    return render(
+        request, 500, f"internal error: {type(exc).__name__}", kind="server_error", code="internal_error", param=None
+    )
 
 
 HANDLERS = {ProxyError: proxy_error, HTTPException: http_error, Exception: unexpected}

@@ -24,8 +24,9 @@ from proxy.wire import ImageRequest
 REFUSAL = "does not make images"
 
 
-async def _generate(request: Request, cfg: ModelConfig, keep_alive: float | None,
-                    canonical: ImageRequest) -> dict[str, Any]:
+async def _generate(
+    request: Request, cfg: ModelConfig, keep_alive: float | None, canonical: ImageRequest
+) -> dict[str, Any]:
     async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
         return await call.post_json("/v1/images", canonical, until_gone=request)
 
@@ -67,8 +68,13 @@ def inference_route(img2img: bool) -> Callable[[Request], Any]:
         result = await _generate(request, cfg, keep_alive, canonical)
         if "image/png" in request.headers.get("accept", ""):
             return Response(base64.b64decode(result["images"][0]["base64"]), media_type="image/png")
-        return JSONResponse({"images": result["images"], "processing_time": result["processing_time"],
-                             "parameters": dialect.parameters(canonical)})
+        return JSONResponse(
+            {
+                "images": result["images"],
+                "processing_time": result["processing_time"],
+                "parameters": dialect.parameters(canonical),
+            }
+        )
 
     return handler
 
@@ -87,11 +93,19 @@ def a1111_route(img2img: bool) -> Callable[[Request], Any]:
 
 @guarded(Role.USER)
 async def sd_models(request: Request) -> Response:
-    return JSONResponse([
-        {"title": c.name, "model_name": c.name, "hash": None, "sha256": None,
-         "filename": str(c.model_path) if c.model_path else "", "config": None}
-        for c in _image_models(request)
-    ])
+    return JSONResponse(
+        [
+            {
+                "title": c.name,
+                "model_name": c.name,
+                "hash": None,
+                "sha256": None,
+                "filename": str(c.model_path) if c.model_path else "",
+                "config": None,
+            }
+            for c in _image_models(request)
+        ]
+    )
 
 
 @guarded(Role.USER)

@@ -47,8 +47,15 @@ async def _ndjson(upstream: UpstreamStream, tr: dialect.StreamTranslator) -> Asy
         yield json_bytes({"error": exc.message}) + b"\n"
 
 
-async def _generation(request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool,
-                      keep_alive: float | None, generate: bool) -> Response:
+async def _generation(
+    request: Request,
+    cfg: ModelConfig,
+    path: str,
+    body: dict[str, Any],
+    stream: bool,
+    keep_alive: float | None,
+    generate: bool,
+) -> Response:
     started = time.perf_counter_ns()
     async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
         tr = dialect.StreamTranslator(cfg.name, generate, started, load_ns=int(call.load_duration * 1e9))

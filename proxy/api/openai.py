@@ -55,8 +55,9 @@ async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
         yield sse_error(exc)
 
 
-async def forward(request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool,
-                  keep_alive: float | None) -> Response:
+async def forward(
+    request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool, keep_alive: float | None
+) -> Response:
     """Lease the model, send ``body`` to its worker, relay the answer; the lease ends with it."""
     async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
         if stream:
@@ -65,8 +66,9 @@ async def forward(request: Request, cfg: ModelConfig, path: str, body: dict[str,
     return Response(content, media_type="application/json")
 
 
-async def _prepare(request: Request, needs: tuple[str, ...],
-                   refusal: str) -> tuple[dict[str, Any], ModelConfig, float | None]:
+async def _prepare(
+    request: Request, needs: tuple[str, ...], refusal: str
+) -> tuple[dict[str, Any], ModelConfig, float | None]:
     body = await read_json(request)
     cfg, keep_alive = model_for(request, body, needs, refusal)
     body["model"] = cfg.name

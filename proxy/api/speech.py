@@ -33,8 +33,9 @@ async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
         return  # audio has no error frame: the stream ends short, and the log says why
 
 
-async def _speak(request: Request, cfg: ModelConfig, keep_alive: float | None, body: SpeechRequest,
-                 stream: bool) -> Response:
+async def _speak(
+    request: Request, cfg: ModelConfig, keep_alive: float | None, body: SpeechRequest, stream: bool
+) -> Response:
     media_type = MEDIA_TYPES[body["response_format"]]
     async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
         if stream:

@@ -63,7 +63,8 @@ def transcribe_route(task: str) -> Any:
             async with LeasedCall(manager, cfg.name, keep_alive) as call:
                 transcript = await call.post_file(
                     f"/v1/audio/{'translations' if task == 'translate' else 'transcriptions'}",
-                    send, [("timestamp_granularities[]", g) for g in granularities],
+                    send,
+                    [("timestamp_granularities[]", g) for g in granularities],
                     ("file", upload.filename or "audio", upload.file, upload.content_type),
                 )
         finally:

@@ -90,11 +90,31 @@ def _seed(value: Any, key: str = "seed") -> int:
     return value
 
 
-def _canonical(cfg: ModelConfig, prompt: str, negative: str, steps: int, guidance: float, width: int, height: int,
-               seed: int, n: int, init: str | None, strength: float, sampler: str | None) -> ImageRequest:
-    out: ImageRequest = {"prompt": prompt, "negative_prompt": negative, "steps": steps,
-                           "guidance_scale": float(guidance), "width": width, "height": height, "seed": seed, "n": n,
-                           "scheduler": sampler}
+def _canonical(
+    cfg: ModelConfig,
+    prompt: str,
+    negative: str,
+    steps: int,
+    guidance: float,
+    width: int,
+    height: int,
+    seed: int,
+    n: int,
+    init: str | None,
+    strength: float,
+    sampler: str | None,
+) -> ImageRequest:
+    out: ImageRequest = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "steps": steps,
+        "guidance_scale": float(guidance),
+        "width": width,
+        "height": height,
+        "seed": seed,
+        "n": n,
+        "scheduler": sampler,
+    }
     if init is not None:
         out["init_image"] = init
         out["strength"] = float(strength)
@@ -105,13 +125,18 @@ def from_inference(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> 
     """The older inference API's /txt2img and /img2img."""
     o = _defaults(cfg)
     return _canonical(
-        cfg, _prompt(body), _prompt(body, "negative_prompt", required=False),
+        cfg,
+        _prompt(body),
+        _prompt(body, "negative_prompt", required=False),
         _number(body, "num_inference_steps", o.steps, 1, 150),
         _number(body, "guidance_scale", o.guidance_scale, 0, 30, integer=False),
-        _size(body, "width", o.width, cfg), _size(body, "height", o.height, cfg),
-        _seed(body.get("seed")), _number(body, "num_images", 1, 1, MAX_IMAGES),
+        _size(body, "width", o.width, cfg),
+        _size(body, "height", o.height, cfg),
+        _seed(body.get("seed")),
+        _number(body, "num_images", 1, 1, MAX_IMAGES),
         _image(body.get("init_image"), "init_image") if img2img else None,
-        _number(body, "strength", 0.75, 0, 1, integer=False), _sampler(body.get("scheduler"), "scheduler"),
+        _number(body, "strength", 0.75, 0, 1, integer=False),
+        _sampler(body.get("scheduler"), "scheduler"),
     )
 
 
@@ -129,11 +154,16 @@ def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> Imag
             raise BadRequest("'init_images' must be a non-empty array of base64 images", param="init_images")
         init = _image(images[0], "init_images")
     return _canonical(
-        cfg, _prompt(body), _prompt(body, "negative_prompt", required=False),
+        cfg,
+        _prompt(body),
+        _prompt(body, "negative_prompt", required=False),
         _number(body, "steps", o.steps, 1, 150),
         _number(body, "cfg_scale", o.guidance_scale, 0, 30, integer=False),
-        _size(body, "width", o.width, cfg), _size(body, "height", o.height, cfg),
-        _seed(body.get("seed")), batch * n_iter, init,
+        _size(body, "width", o.width, cfg),
+        _size(body, "height", o.height, cfg),
+        _seed(body.get("seed")),
+        batch * n_iter,
+        init,
         _number(body, "denoising_strength", 0.75, 0, 1, integer=False),
         _sampler(body.get("sampler_name") or body.get("sampler_index"), "sampler_name"),
     )
@@ -147,15 +177,24 @@ def from_openai(body: Mapping[str, Any], cfg: ModelConfig) -> ImageRequest:
         raise BadRequest("'response_format' must be \"b64_json\": images are not hosted here", param="response_format")
     size = body.get("size") or f"{o.width}x{o.height}"
     if not isinstance(size, str) or "x" not in size:
-        raise BadRequest("'size' must be \"WIDTHxHEIGHT\", e.g. \"512x512\"", param="size")
+        raise BadRequest('\'size\' must be "WIDTHxHEIGHT", e.g. "512x512"', param="size")
     w, _, h = size.partition("x")
     if not (w.isdigit() and h.isdigit()):
-        raise BadRequest("'size' must be \"WIDTHxHEIGHT\", e.g. \"512x512\"", param="size")
+        raise BadRequest('\'size\' must be "WIDTHxHEIGHT", e.g. "512x512"', param="size")
     dims = {"width": int(w), "height": int(h)}
     return _canonical(
-        cfg, _prompt(body), "", o.steps, float(o.guidance_scale),
-        _size(dims, "width", o.width, cfg), _size(dims, "height", o.height, cfg), _seed(body.get("seed")),
-        _number(body, "n", 1, 1, MAX_IMAGES), None, 0.0, None,
+        cfg,
+        _prompt(body),
+        "",
+        o.steps,
+        float(o.guidance_scale),
+        _size(dims, "width", o.width, cfg),
+        _size(dims, "height", o.height, cfg),
+        _seed(body.get("seed")),
+        _number(body, "n", 1, 1, MAX_IMAGES),
+        None,
+        0.0,
+        None,
     )
 
 
@@ -163,14 +202,21 @@ def parameters(canonical: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in canonical.items() if k != "init_image"}
 
 
-def a1111_response(request: Mapping[str, Any], canonical: Mapping[str, Any],
-                   result: Mapping[str, Any]) -> dict[str, Any]:
+def a1111_response(
+    request: Mapping[str, Any], canonical: Mapping[str, Any], result: Mapping[str, Any]
+) -> dict[str, Any]:
     seeds = [img["seed"] for img in result["images"]]
     info = {
-        "prompt": canonical["prompt"], "negative_prompt": canonical["negative_prompt"], "seed": seeds[0],
-        "all_seeds": seeds, "width": canonical["width"], "height": canonical["height"],
-        "sampler_name": canonical.get("scheduler") or "", "cfg_scale": canonical["guidance_scale"],
-        "steps": canonical["steps"], "batch_size": len(seeds),
+        "prompt": canonical["prompt"],
+        "negative_prompt": canonical["negative_prompt"],
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "width": canonical["width"],
+        "height": canonical["height"],
+        "sampler_name": canonical.get("scheduler") or "",
+        "cfg_scale": canonical["guidance_scale"],
+        "steps": canonical["steps"],
+        "batch_size": len(seeds),
     }
     params = {k: v for k, v in request.items() if k != "init_images"}
     return {"images": [img["base64"] for img in result["images"]], "parameters": params, "info": json.dumps(info)}

@@ -118,7 +118,7 @@ def pop_encoding_format(body: dict[str, Any]) -> str | None:
     """OpenAI's embeddings ``encoding_format`` (float or base64), taken out of the body."""
     fmt: str | None = optional(body, "encoding_format", str, "a string")
     if fmt not in (None, "float", "base64"):
-        raise BadRequest("'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
+        raise BadRequest('\'encoding_format\' must be "float" or "base64"', param="encoding_format")
     body.pop("encoding_format", None)
     return fmt
 

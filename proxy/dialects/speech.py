@@ -20,8 +20,9 @@ FORMATS = AUDIO_FORMATS
 MEDIA_TYPES = AUDIO_MEDIA_TYPES
 
 
-def check(body: dict[str, Any], cfg: ModelConfig, text_key: str, format_key: str,
-          default_format: AudioFormat) -> SpeechRequest:
+def check(
+    body: dict[str, Any], cfg: ModelConfig, text_key: str, format_key: str, default_format: AudioFormat
+) -> SpeechRequest:
     """The canonical request from a speech body whose text is ``text_key`` and format ``format_key``."""
     text = body.get(text_key)
     if not isinstance(text, str) or not text.strip():
@@ -37,16 +38,22 @@ def check(body: dict[str, Any], cfg: ModelConfig, text_key: str, format_key: str
     voice = optional(body, "voice", str, "a string")
     speaker_wav = optional(body, "speaker_wav", str, "a string (base64 audio or a voice file's name)")
     if speaker_wav and not cfg.backend_can("clone"):
-        raise BadRequest(f"model '{cfg.name}' cannot clone voices (speaker_wav is for XTTS models)",
-                         param="speaker_wav")
+        raise BadRequest(
+            f"model '{cfg.name}' cannot clone voices (speaker_wav is for XTTS models)", param="speaker_wav"
+        )
     if speaker_wav:
         _check_speaker_wav(cfg, speaker_wav)
     language = optional(body, "language", str, "a string")
     known = voices.languages(cfg)
     if language and known and language not in known:
         raise BadRequest(f"'language' must be one of {', '.join(known)}, got {language!r}", param="language")
-    out: SpeechRequest = {"model": cfg.name, "input": text, "voice": voices.resolve(cfg, voice),
-                          "response_format": fmt, "speed": float(speed or 1.0)}
+    out: SpeechRequest = {
+        "model": cfg.name,
+        "input": text,
+        "voice": voices.resolve(cfg, voice),
+        "response_format": fmt,
+        "speed": float(speed or 1.0),
+    }
     if language:
         out["language"] = language
     if speaker_wav:
@@ -69,7 +76,8 @@ def _check_speaker_wav(cfg: ModelConfig, speaker_wav: str) -> None:
         audio = base64.b64decode(speaker_wav, validate=True)
     except (binascii.Error, ValueError):
         files = ", ".join(voices.voice_files(cfg)) or "none"
-        raise BadRequest(f"'speaker_wav' is neither a voice file of this model ({files}) nor base64 audio",
-                         param="speaker_wav") from None
+        raise BadRequest(
+            f"'speaker_wav' is neither a voice file of this model ({files}) nor base64 audio", param="speaker_wav"
+        ) from None
     if len(audio) < 64:
         raise BadRequest("'speaker_wav' is too short to be audio", param="speaker_wav")

@@ -27,8 +27,7 @@ def check_request(fields: dict[str, str], granularities: list[str], file_size: i
         raise BadRequest("'file' is empty", param="file")
     fmt = fields.get("response_format") or "json"
     if fmt not in FORMATS:
-        raise BadRequest(f"'response_format' must be one of {', '.join(FORMATS)}, got {fmt!r}",
-                         param="response_format")
+        raise BadRequest(f"'response_format' must be one of {', '.join(FORMATS)}, got {fmt!r}", param="response_format")
     if "temperature" in fields:
         try:
             temperature = float(fields["temperature"])
@@ -38,8 +37,9 @@ def check_request(fields: dict[str, str], granularities: list[str], file_size: i
             raise BadRequest("'temperature' must be between 0 and 1", param="temperature")
     unknown = [g for g in granularities if g not in _GRANULARITIES]
     if unknown:
-        raise BadRequest(f"'timestamp_granularities[]' must be segment or word, got {unknown[0]!r}",
-                         param="timestamp_granularities")
+        raise BadRequest(
+            f"'timestamp_granularities[]' must be segment or word, got {unknown[0]!r}", param="timestamp_granularities"
+        )
     return fmt
 
 

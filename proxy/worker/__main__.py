@@ -65,8 +65,7 @@ def _start_loading(backend: Any) -> concurrent.futures.Future[None]:
     return loaded
 
 
-async def _serve(backend: Any, loading: concurrent.futures.Future[None], parallel: int,
-                 sock: socket.socket) -> int:
+async def _serve(backend: Any, loading: concurrent.futures.Future[None], parallel: int, sock: socket.socket) -> int:
     import asyncio
 
     import uvicorn

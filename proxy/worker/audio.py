@@ -13,8 +13,12 @@ from typing import Any
 from proxy.wire import AUDIO_MEDIA_TYPES as MEDIA_TYPES  # noqa: F401  (re-exported)
 
 # format -> (container, codec, sample rate (None: the voice's), bit rate)
-_AV = {"mp3": ("mp3", "mp3", None, 64000), "opus": ("ogg", "libopus", 48000, 32000),
-       "flac": ("flac", "flac", None, None), "aac": ("adts", "aac", None, 64000)}
+_AV = {
+    "mp3": ("mp3", "mp3", None, 64000),
+    "opus": ("ogg", "libopus", 48000, 32000),
+    "flac": ("flac", "flac", None, None),
+    "aac": ("adts", "aac", None, 64000),
+}
 _OPEN_ENDED = 0xFFFFFFFF
 
 
@@ -22,8 +26,22 @@ def wav_header(sample_rate: int, data_bytes: int | None = None) -> bytes:
     """A 44-byte PCM WAV header; sizes left open-ended when the length is not known yet."""
     data = _OPEN_ENDED - 36 if data_bytes is None else data_bytes
     riff = _OPEN_ENDED if data_bytes is None else 36 + data_bytes
-    return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", riff, b"WAVE", b"fmt ", 16, 1, 1, sample_rate,
-                       sample_rate * 2, 2, 16, b"data", data)
+    return struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF",
+        riff,
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        1,
+        sample_rate,
+        sample_rate * 2,
+        2,
+        16,
+        b"data",
+        data,
+    )
 
 
 class _Sink:
@@ -76,8 +94,9 @@ def resample(chunks: Iterator[bytes], source: int, target: int) -> Iterator[byte
     for chunk in [*chunks, None]:
         frame = None
         if chunk is not None:
-            frame = av.AudioFrame.from_ndarray(np.frombuffer(chunk, dtype=np.int16).reshape(1, -1), format="s16",
-                                               layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.frombuffer(chunk, dtype=np.int16).reshape(1, -1), format="s16", layout="mono"
+            )
             frame.sample_rate = source
         out = b"".join(bytes(f.to_ndarray().astype("<i2").tobytes()) for f in resampler.resample(frame))
         if out:

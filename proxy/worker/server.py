@@ -199,16 +199,14 @@ async def speech(request: Request) -> Response:
     body = await _body(request)
     media_type = AUDIO_MEDIA_TYPES.get(str(body.get("response_format") or "wav"))
     if media_type is None:
-        raise InvalidRequest(f"unknown response_format; known: {', '.join(AUDIO_MEDIA_TYPES)}",
-                             param="response_format")
+        raise InvalidRequest(f"unknown response_format; known: {', '.join(AUDIO_MEDIA_TYPES)}", param="response_format")
     state = _state(request)
     backend = state.backend
     assert isinstance(backend, Speaker)
     async with state.slot() as slot:
         request_: SpeechRequest = body  # type: ignore[assignment]  # shaped by the proxy (proxy.wire)
         chunks = await run_in_threadpool(backend.speech, request_)
-        return ClosingStream(_audio(chunks), on_close=slot.hand_over(), media_type=media_type,
-                             headers=STREAM_HEADERS)
+        return ClosingStream(_audio(chunks), on_close=slot.hand_over(), media_type=media_type, headers=STREAM_HEADERS)
 
 
 async def images(request: Request) -> Response:
@@ -246,8 +244,10 @@ def _transcription(task: str) -> Callable[[Request], Awaitable[Response]]:
                 header, segments = await run_in_threadpool(backend.transcribe, upload.file, params)
                 found = [segment async for segment in pump(segments)]
         transcript: Transcript = {
-            "language": header["language"], "duration": header["duration"],
-            "text": "".join(s["text"] for s in found).strip(), "segments": found,
+            "language": header["language"],
+            "duration": header["duration"],
+            "text": "".join(s["text"] for s in found).strip(),
+            "segments": found,
         }
         words = [w for s in found for w in s.get("words", [])]
         if words:
@@ -288,15 +288,20 @@ def create_worker_app(state: WorkerState) -> Starlette:
     backend = state.backend
     endpoints: list[tuple[str, Callable[[Request], Awaitable[Response]]]] = []
     if isinstance(backend, Generator):
-        endpoints += [("/v1/chat/completions", _generation("chat")), ("/v1/completions", _generation("completion")),
-                      ("/v1/embeddings", _generation("embeddings"))]
+        endpoints += [
+            ("/v1/chat/completions", _generation("chat")),
+            ("/v1/completions", _generation("completion")),
+            ("/v1/embeddings", _generation("embeddings")),
+        ]
     if isinstance(backend, ImageMaker):
         endpoints.append(("/v1/images", images))
     if isinstance(backend, Speaker):
         endpoints.append(("/v1/audio/speech", speech))
     if isinstance(backend, Transcriber):
-        endpoints += [("/v1/audio/transcriptions", _transcription("transcribe")),
-                      ("/v1/audio/translations", _transcription("translate"))]
+        endpoints += [
+            ("/v1/audio/transcriptions", _transcription("transcribe")),
+            ("/v1/audio/translations", _transcription("translate")),
+        ]
     routes = [Route("/health", health, methods=["GET"])]
     routes += [Route(path, _reported(endpoint), methods=["POST"]) for path, endpoint in endpoints]
     app = Starlette(routes=routes, exception_handlers=HANDLERS)

@@ -60,8 +60,12 @@ class DiffusersBackend:
         if self.options.get("threads"):
             torch.set_num_threads(int(self.options["threads"]))
         device, dtype = self._device(torch)
-        common = {"torch_dtype": dtype, "local_files_only": True, "safety_checker": None,
-                  "requires_safety_checker": False}
+        common = {
+            "torch_dtype": dtype,
+            "local_files_only": True,
+            "safety_checker": None,
+            "requires_safety_checker": False,
+        }
         if self.path.is_dir():
             pipe = StableDiffusionPipeline.from_pretrained(self.path, **common)
         else:
@@ -77,8 +81,12 @@ class DiffusersBackend:
         return 1.0 if self.pipe is not None else 0.0
 
     def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"backend": "diffusers", "device": self.device, "dtype": self.dtype,
-                               "job": {"step": self.step, "total_steps": self.total} if self.busy else None}
+        out: dict[str, Any] = {
+            "backend": "diffusers",
+            "device": self.device,
+            "dtype": self.dtype,
+            "job": {"step": self.step, "total_steps": self.total} if self.busy else None,
+        }
         if self.device == "cuda":
             import torch
 
@@ -143,15 +151,27 @@ class DiffusersBackend:
             for i in range(int(body.get("n", 1))):
                 self.step, self.total = 0, steps
                 generator = torch.Generator(device="cpu").manual_seed(seed + i)
-                result = pipe(prompt=body["prompt"], negative_prompt=body.get("negative_prompt") or None,
-                              num_inference_steps=steps, guidance_scale=float(body["guidance_scale"]),
-                              generator=generator, callback_on_step_end=on_step, **kwargs)
+                result = pipe(
+                    prompt=body["prompt"],
+                    negative_prompt=body.get("negative_prompt") or None,
+                    num_inference_steps=steps,
+                    guidance_scale=float(body["guidance_scale"]),
+                    generator=generator,
+                    callback_on_step_end=on_step,
+                    **kwargs,
+                )
                 if cancel.is_set():
                     raise Cancelled()
                 buf = io.BytesIO()
                 result.images[0].save(buf, format="PNG")
-                out.append({"base64": base64.b64encode(buf.getvalue()).decode(), "seed": seed + i,
-                            "width": width, "height": height})
+                out.append(
+                    {
+                        "base64": base64.b64encode(buf.getvalue()).decode(),
+                        "seed": seed + i,
+                        "width": width,
+                        "height": height,
+                    }
+                )
         finally:
             self.busy = False
         return {"images": out, "processing_time": time.perf_counter() - started}

@@ -188,7 +188,7 @@ def _response_format(value: Any) -> dict[str, Any]:
     """OpenAI's response_format -> llama-cpp-python's (json_schema becomes json_object + schema)."""
     if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
         raise InvalidRequest(
-            "'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
+            '\'response_format\' must be {"type": "text" | "json_object" | "json_schema"}',
             param="response_format",
         )
     if value["type"] == "json_schema":

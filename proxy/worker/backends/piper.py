@@ -39,8 +39,11 @@ class PiperBackend:
 
     def info(self) -> dict[str, Any]:
         device = "cuda" if self.options.get("use_cuda") else "cpu"
-        return {"backend": "piper", "device": device,
-                "sample_rate": self.options.get("sample_rate") or self.sample_rate}
+        return {
+            "backend": "piper",
+            "device": device,
+            "sample_rate": self.options.get("sample_rate") or self.sample_rate,
+        }
 
     def close(self) -> None:
         self.voice = None
@@ -63,7 +66,12 @@ class PiperBackend:
         if self.speakers and speaker not in self.speakers:
             raise InvalidRequest(f"unknown voice '{speaker}'; voices: {', '.join(self.speakers)}", param="voice")
         if body.get("speaker_wav"):
-            raise InvalidRequest("a Piper voice cannot clone voices: speaker_wav is for XTTS models",
-                                 param="speaker_wav")
-        return encode(self._pcm(str(body["input"]), speaker, float(body.get("speed") or 1.0)), self.sample_rate,
-                      str(body.get("response_format") or "wav"), self.options.get("sample_rate"))
+            raise InvalidRequest(
+                "a Piper voice cannot clone voices: speaker_wav is for XTTS models", param="speaker_wav"
+            )
+        return encode(
+            self._pcm(str(body["input"]), speaker, float(body.get("speed") or 1.0)),
+            self.sample_rate,
+            str(body.get("response_format") or "wav"),
+            self.options.get("sample_rate"),
+        )

@@ -108,8 +108,9 @@ class WhisperBackend:
         if compute == "auto":
             compute = "float16" if device == "cuda" else "int8"
         self.device, self.compute_type = device, compute
-        self.model = WhisperModel(str(folder), device=device, compute_type=compute,
-                                  cpu_threads=int(self.options.get("cpu_threads") or 0))
+        self.model = WhisperModel(
+            str(folder), device=device, compute_type=compute, cpu_threads=int(self.options.get("cpu_threads") or 0)
+        )
 
     def progress(self) -> float:
         return 1.0 if self.model is not None else 0.0

@@ -115,8 +115,10 @@ class XttsBackend:
             audio = torchaudio.functional.resample(audio, rate, _COND_RATE)
         audio = audio[:, : _COND_RATE * 30].to(self.device)
         with torch.inference_mode():
-            return (self.model.get_gpt_cond_latents(audio, _COND_RATE),
-                    self.model.get_speaker_embedding(audio, _COND_RATE))
+            return (
+                self.model.get_gpt_cond_latents(audio, _COND_RATE),
+                self.model.get_speaker_embedding(audio, _COND_RATE),
+            )
 
     def _pcm(self, text: str, language: str, latents: tuple[Any, Any], speed: float) -> Iterator[bytes]:
         import numpy as np
@@ -125,7 +127,10 @@ class XttsBackend:
         gpt_cond_latent, speaker_embedding = latents
         with torch.inference_mode():
             for chunk in self.model.inference_stream(
-                text, language, gpt_cond_latent, speaker_embedding,
+                text,
+                language,
+                gpt_cond_latent,
+                speaker_embedding,
                 stream_chunk_size=int(self.options.get("stream_chunk_size", 20)),
                 temperature=float(self.options.get("temperature", 0.7)),
                 speed=speed,
@@ -138,5 +143,9 @@ class XttsBackend:
         language = str(body.get("language") or self.options.get("language") or "en")
         speed = float(body.get("speed") or 1.0) * float(self.options.get("speed") or 1.0)
         fmt = str(body.get("response_format") or "wav")
-        return encode(self._pcm(str(body["input"]), language, latents, speed), self.sample_rate, fmt,
-                      self.options.get("sample_rate"))
+        return encode(
+            self._pcm(str(body["input"]), language, latents, speed),
+            self.sample_rate,
+            fmt,
+            self.options.get("sample_rate"),
+        )
