@@ -18,12 +18,34 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+# --tool-calls: what a model makes when it calls two tools at once, streamed as OpenAI does: each call's
+# name first, then its arguments in pieces, the two calls' pieces interleaved
+TOOL_CALL_DELTAS: list[dict[str, Any]] = [
+    {"index": 0, "id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+    {"index": 1, "id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": ""}},
+    {"index": 0, "function": {"arguments": '{"city": '}},
+    {"index": 1, "function": {"arguments": '{"zone": '}},
+    {"index": 0, "function": {"arguments": '"Paris"}'}},
+    {"index": 1, "function": {"arguments": '"CET"}'}},
+]
+
+
+def tool_chunk(call: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "fake",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "fake",
+        "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}],
+    }
 
 
 def build(args: argparse.Namespace) -> Starlette:
@@ -69,6 +91,12 @@ def build(args: argparse.Namespace) -> Starlette:
         async def gen() -> AsyncIterator[bytes]:
             state["in_flight"] += 1
             try:
+                if args.tool_calls and body.get("tools"):
+                    for delta in TOOL_CALL_DELTAS:  # two calls at once, their pieces interleaved
+                        yield b"data: " + json.dumps(tool_chunk(delta)).encode() + b"\n\n"
+                    yield chunk(0, None, "tool_calls")
+                    yield b"data: [DONE]\n\n"
+                    return
                 for i in range(n):
                     if args.crash_after is not None and i == args.crash_after:
                         sys.stderr.write(f"fake worker: crashing after {i} chunks\n")
@@ -135,6 +163,7 @@ def main() -> None:
     p.add_argument("--hang-after", type=int, default=None, help="stop making progress after this many chunks")
     p.add_argument("--end-after", type=int, default=None, help="end the stream after this many chunks, no [DONE]")
     p.add_argument("--record", default=None, help="append each generation request (path, body) to this file")
+    p.add_argument("--tool-calls", action="store_true", help="answer a request with tools by calling two at once")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--pidfile", default=None, help="write our pid here")
     args = p.parse_args()

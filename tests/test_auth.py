@@ -74,3 +74,26 @@ def test_cors_origins_from_config(make_proxy: MakeProxy) -> None:
     assert r.headers["access-control-allow-origin"] == "http://ui.example"
     r = httpx.get(proxy.url + "/v1/models", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def _near_misses(key: str) -> list[str]:
+    """Keys one mistake away from a real one: a prefix, an extension, another case. (Spaces around a key
+    are not a mistake: HTTP strips them from header values, and RFC 6750 allows several after "Bearer".)"""
+    return [key[:-1], key[:1], key + "x", key + key, key.upper(), key.capitalize()]
+
+
+def test_keys_one_mistake_away_are_refused(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy([fake_config("fake")], tokens=TOKENS)
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    for real in ("user-key-1", "user-key-2", "admin-key"):
+        for wrong in _near_misses(real):
+            for headers in ({"Authorization": f"Bearer {wrong}"}, {"x-api-key": wrong}):
+                r = httpx.post(proxy.url + "/v1/chat/completions", json=body, headers=headers)
+                assert r.status_code == 401, (real, wrong, headers)
+    # an admin key's near miss gets no admin rights either (nor does a user key's): the model stays loaded
+    ok = httpx.post(proxy.url + "/v1/chat/completions", json=body, headers={"x-api-key": "user-key-1"})
+    assert ok.status_code == 200
+    for wrong in [*_near_misses("admin-key"), *_near_misses("user-key-1")]:
+        r = httpx.post(proxy.url + "/unload", headers={"Authorization": f"Bearer {wrong}"})
+        assert r.status_code == 401, wrong
+    assert proxy.status({"Authorization": "Bearer admin-key"})["fake"]["state"] == "ready"

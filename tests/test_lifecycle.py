@@ -339,3 +339,46 @@ def test_both_dialects_send_the_worker_the_same_request(
     ignore = ("stream", "stream_options")  # how the answer travels back, not what is asked
     openai_body, ollama_body = ({k: v for k, v in s["body"].items() if k not in ignore} for s in sent)
     assert openai_body == ollama_body == {"model": "rec", "messages": messages, "max_tokens": 8, "temperature": 0}
+
+
+WEATHER_TOOL: Any = {  # typed by neither SDK: each has its own tool type
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_two_tool_calls_at_once_pass_through_both_dialects(
+    make_proxy: MakeProxy, tmp_path: Path, openai_for: OpenAIFor
+) -> None:
+    """Tools reach the worker in OpenAI's shape from either dialect, and two parallel tool calls, streamed
+    in interleaved pieces, come back as two calls with their own arguments (SmolLM2 rarely calls tools,
+    so a fake worker makes the calls)."""
+    record = tmp_path / "bodies.jsonl"
+    proxy = make_proxy([fake_config("tooly", "--tool-calls", "--record", str(record))])
+    messages: Any = [{"role": "user", "content": "Weather and time in Paris?"}]
+    calls: dict[int, dict[str, str]] = {}
+    stream = openai_for(proxy).chat.completions.create(
+        model="tooly", messages=messages, tools=[WEATHER_TOOL], stream=True
+    )
+    finish = None
+    for chunk in stream:
+        for call in chunk.choices[0].delta.tool_calls or []:
+            slot = calls.setdefault(call.index, {"name": "", "arguments": ""})
+            slot["name"] += (call.function and call.function.name) or ""
+            slot["arguments"] += (call.function and call.function.arguments) or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"zone": "CET"}),
+    ]
+    with ollama_sdk.Client(host=proxy.url, timeout=60) as client:
+        reply = client.chat(model="tooly", messages=messages, tools=[WEATHER_TOOL])
+    got = [(c.function.name, dict(c.function.arguments)) for c in reply.message.tool_calls or []]
+    assert got == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    sent = [json.loads(line)["body"] for line in record.read_text().splitlines()]
+    assert [body["tools"] for body in sent] == [[WEATHER_TOOL], [WEATHER_TOOL]]
