@@ -1,0 +1,129 @@
+"""Properties over input spaces, with hypothesis: the keep_alive parser, the Ollama stream translator
+(any chunking of the same answer gives the same result) and the eviction policy."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.dialects.ollama import StreamTranslator
+from proxy.keepalive import format_keep_alive, parse_keep_alive
+from proxy.policy import Candidate, choose_victim
+
+settings.register_profile("suite", max_examples=200, deadline=None)
+settings.load_profile("suite")
+
+# -- keep_alive ------------------------------------------------------------------------------------
+
+_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+@given(st.integers(min_value=0, max_value=10**7) | st.floats(min_value=0, max_value=1e7, allow_nan=False))
+def test_a_non_negative_number_is_that_many_seconds(seconds: float) -> None:
+    assert parse_keep_alive(seconds) == seconds
+
+
+@given(st.integers(max_value=-1) | st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False))
+def test_any_negative_number_means_forever(seconds: float) -> None:
+    assert parse_keep_alive(seconds) == math.inf
+
+
+@given(
+    st.lists(st.tuples(st.integers(min_value=0, max_value=500), st.sampled_from(list(_UNIT))), min_size=1, max_size=4)
+)
+def test_a_go_duration_is_the_sum_of_its_parts(parts: list[tuple[int, str]]) -> None:
+    text = "".join(f"{n}{unit}" for n, unit in parts)
+    expected = sum(n * _UNIT[unit] for n, unit in parts)
+    parsed = parse_keep_alive(text)
+    assert parsed is not None and math.isclose(parsed, expected, abs_tol=1e-9)
+    assert parse_keep_alive("-" + text) == (math.inf if expected > 0 else 0.0)
+
+
+@given(st.integers(min_value=0, max_value=10**6))
+def test_formatting_then_parsing_gives_the_value_back(seconds: int) -> None:
+    assert parse_keep_alive(format_keep_alive(float(seconds))) == seconds
+
+
+# -- the Ollama stream translator -------------------------------------------------------------------
+
+
+def _pieces(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _translate(chunks: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    tr = StreamTranslator("m", False, 0)
+    streamed = "".join(out["message"]["content"] for out in (tr.feed(c, 1) for c in chunks) if out is not None)
+    return streamed, tr.final(2, whole=True)
+
+
+@given(st.text(min_size=1, max_size=200), st.lists(st.integers(min_value=0, max_value=400), max_size=20))
+def test_any_chunking_of_an_answer_translates_to_the_same_text(text: str, cuts: list[int]) -> None:
+    chunks = [_chunk({"content": piece}) for piece in _pieces(text, cuts)] + [_chunk({}, "stop")]
+    streamed, final = _translate(chunks)
+    assert streamed == text and final["message"]["content"] == text
+    assert final["done"] is True and final["done_reason"] == "stop"
+
+
+_ARGS = st.dictionaries(st.text(min_size=1, max_size=8), st.integers() | st.text(max_size=8), max_size=3)
+
+
+@given(
+    st.lists(st.tuples(st.text(min_size=1, max_size=10), _ARGS), min_size=1, max_size=3),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=10),
+    st.randoms(),
+)
+def test_any_chunking_and_interleaving_of_tool_calls_gives_the_same_calls(
+    calls: list[tuple[str, dict[str, Any]]], cuts: list[int], rng: Any
+) -> None:
+    # each call: its name in one delta, then its arguments (JSON) in pieces; calls interleaved at random
+    queues = []
+    for index, (name, args) in enumerate(calls):
+        deltas = [{"index": index, "function": {"name": name, "arguments": ""}}]
+        deltas += [{"index": index, "function": {"arguments": p}} for p in _pieces(json.dumps(args), cuts)]
+        queues.append(deltas)
+    chunks = []
+    while any(queues):
+        queue = rng.choice([q for q in queues if q])
+        chunks.append(_chunk({"tool_calls": [queue.pop(0)]}))
+    chunks.append(_chunk({}, "tool_calls"))
+    _, final = _translate(chunks)
+    assert final["message"]["tool_calls"] == [{"function": {"name": n, "arguments": a}} for n, a in calls]
+
+
+# -- eviction ----------------------------------------------------------------------------------------
+
+_CANDIDATES = st.lists(
+    st.builds(
+        Candidate,
+        name=st.text(min_size=1, max_size=5),
+        keep_alive=st.sampled_from([0.0, 1.0, 60.0, 300.0, math.inf]),
+        last_used=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+        busy=st.booleans(),
+    ),
+    max_size=8,
+)
+
+
+@given(_CANDIDATES)
+def test_the_victim_is_never_busy_and_is_the_shortest_keep_alive_then_least_recently_used(
+    candidates: list[Candidate],
+) -> None:
+    victim = choose_victim(candidates)
+    idle = [c for c in candidates if not c.busy]
+    if not idle:
+        assert victim is None
+        return
+    chosen = [c for c in idle if c.name == victim]
+    assert chosen, "the victim must be an idle candidate"
+    best = min((c.keep_alive, c.last_used) for c in idle)
+    assert min((c.keep_alive, c.last_used) for c in chosen) == best
