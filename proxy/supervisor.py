@@ -49,6 +49,7 @@ class Worker:
         self.log: deque[str] = deque(maxlen=200)
         self.stopping = False
         self.returncode: int | None = None
+        self.socket_path: str | None = None  # an internal worker's Unix socket, removed when it is reaped
         self.kill_reason: str | None = None  # why we killed it, when we did (the stall watchdog)
         self._readers: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
@@ -149,6 +150,7 @@ class Worker:
             asyncio.create_task(self._read(self.process.stdout, watch_ready=internal)),
             asyncio.create_task(self._read(self.process.stderr, watch_ready=False)),
         ]
+        self.socket_path = sock
         self.upstream = Upstream(base_url, uds=sock, name=cfg.name)
         try:
             await asyncio.wait_for(self._until_ready(internal), timeout=cfg.load_timeout)
@@ -226,6 +228,9 @@ class Worker:
         await asyncio.gather(*self._readers, return_exceptions=True)
         if self.upstream is not None:
             await self.upstream.aclose()
+        if self.socket_path is not None:  # the worker cannot remove it when it was killed
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
 

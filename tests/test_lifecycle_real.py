@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -145,6 +146,10 @@ def test_unload_endpoint_stops_the_real_worker(make_proxy: MakeProxy) -> None:
     assert httpx.post(proxy.url + "/load/smollm2", timeout=60).json() == {"loaded": MODEL}
     pid = proxy.status()[MODEL]["pid"]
     assert proxy.status()[MODEL]["memory_bytes"] > 50_000_000
+    cmdline = psutil.Process(pid).cmdline()
+    socket_path = Path(cmdline[cmdline.index("--socket") + 1])
+    assert socket_path.exists()
     assert httpx.get(proxy.url + "/unload", timeout=60).json() == {"unloaded": [MODEL]}
     assert gone([pid])
+    assert not socket_path.exists()  # the worker's socket goes with it, not at shutdown
     assert httpx.post(proxy.url + "/unload/" + MODEL, timeout=60).json() == {"unloaded": []}
