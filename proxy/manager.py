@@ -379,10 +379,10 @@ class ModelManager:
         ``stall_timeout``: a deadlock or a hung abort would otherwise hold its requests for ever.
         Its exit then takes the crash path: in-flight requests get an explicit error."""
         limit = self.settings.stall_timeout
-        if limit <= 0 or math.isinf(limit) or worker.cpu_seconds() is None:
+        last = worker.cpu_seconds()
+        if limit <= 0 or math.isinf(limit) or last is None:
             return  # off, or nothing here to measure (a server at a url)
         interval = min(_STALL_CHECK_MAX, limit / _STALL_CHECKS)
-        last = worker.cpu_seconds()
         quiet = 0.0
 
         def check() -> None:

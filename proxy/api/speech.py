@@ -18,11 +18,11 @@ from proxy.api.common import guarded, json_bytes, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects.shaping import optional
-from proxy.dialects.speech import MEDIA_TYPES, check, sized_wav
+from proxy.dialects.speech import check, sized_wav
 from proxy.errors import ProxyError
 from proxy.relay import LeasedCall
 from proxy.upstream import UpstreamStream
-from proxy.wire import SpeechRequest
+from proxy.wire import AUDIO_MEDIA_TYPES, SpeechRequest
 
 
 async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
@@ -36,7 +36,7 @@ async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
 async def _speak(
     request: Request, cfg: ModelConfig, keep_alive: float | None, body: SpeechRequest, stream: bool
 ) -> Response:
-    media_type = MEDIA_TYPES[body["response_format"]]
+    media_type = AUDIO_MEDIA_TYPES[body["response_format"]]
     async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
         if stream:
             return await call.stream("/v1/audio/speech", json_bytes(body), _relay, media_type)

@@ -13,11 +13,9 @@ from proxy import voices
 from proxy.config import ModelConfig
 from proxy.dialects.shaping import optional
 from proxy.errors import BadRequest
-from proxy.wire import AUDIO_FORMATS, AUDIO_MEDIA_TYPES, AudioFormat, SpeechRequest
+from proxy.wire import AUDIO_FORMATS, AudioFormat, SpeechRequest
 
 MAX_CHARS = 4096
-FORMATS = AUDIO_FORMATS
-MEDIA_TYPES = AUDIO_MEDIA_TYPES
 
 
 def check(
@@ -30,8 +28,8 @@ def check(
     if len(text) > MAX_CHARS:
         raise BadRequest(f"'{text_key}' is {len(text)} characters; the limit is {MAX_CHARS}", param=text_key)
     fmt = optional(body, format_key, str, "a string") or default_format
-    if fmt not in FORMATS:
-        raise BadRequest(f"'{format_key}' must be one of {', '.join(FORMATS)}, got {fmt!r}", param=format_key)
+    if fmt not in AUDIO_FORMATS:
+        raise BadRequest(f"'{format_key}' must be one of {', '.join(AUDIO_FORMATS)}, got {fmt!r}", param=format_key)
     speed = optional(body, "speed", (int, float), "a number")
     if speed is not None and not 0.25 <= speed <= 4.0:
         raise BadRequest(f"'speed' must be between 0.25 and 4, got {speed}", param="speed")

@@ -10,8 +10,6 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
-from proxy.wire import AUDIO_MEDIA_TYPES as MEDIA_TYPES  # noqa: F401  (re-exported)
-
 # format -> (container, codec, sample rate (None: the voice's), bit rate)
 _AV = {
     "mp3": ("mp3", "mp3", None, 64000),
