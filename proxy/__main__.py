@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from proxy.config import load_settings
 
+    from proxy.auth import KeyRing
+
     try:
         settings = load_settings(args.config, host=args.host, port=args.port)
+        keys = KeyRing.load(settings.api_tokens)
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
         raise SystemExit(2) from None
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from proxy.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, keys=keys)
     uvicorn.run(
         app,
         host=settings.host,

@@ -39,7 +39,8 @@ def create_app(
         manager = ModelManager(settings, clock=clock, worker_factory=worker_factory)
         app.state.services = Services(settings=settings, manager=manager, keys=keyring, clock=clock)
         if keyring.open:
-            log.warning("!!! no API keys in %s: the proxy is OPEN to anyone who can reach it !!!", settings.api_tokens)
+            where = settings.api_tokens or "api_tokens: null"
+            log.warning("!!! no API keys in %s: the proxy is OPEN to anyone who can reach it !!!", where)
         names = ", ".join(c.name for c in settings.models) or "none"
         log.info("serving models: %s", names)
         try:

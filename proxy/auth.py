@@ -47,9 +47,13 @@ class KeyRing:
         return not self.user_keys and not self.admin_keys
 
     @classmethod
-    def load(cls, path: Path) -> KeyRing:
-        if not path.exists():
+    def load(cls, path: Path | None) -> KeyRing:
+        """The keys in ``path``. ``None`` (``api_tokens: null``) is open on purpose; a file that does not
+        exist is a ConfigError (a typo must not run the proxy open), one with empty lists is open."""
+        if path is None:
             return cls()
+        if not path.is_file():
+            raise ConfigError(str(path), "", "the API tokens file does not exist (api_tokens: null runs open)")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             raw = msgspec.convert(data, _TokensFile, strict=True)
@@ -79,6 +83,7 @@ class KeyRing:
         return Role.NONE
 
     def require(self, key: str | None, needed: Role) -> Role:
+        """The caller's role; Unauthorized (401) without a valid key, Forbidden (403) below ``needed``."""
         role = self.role_of(key)
         if role is Role.NONE:
             raise Unauthorized(

@@ -42,6 +42,8 @@ class ServerSection(_Strict):
     host: str = "127.0.0.1"
     port: int = 11434
     cors_origins: list[str] = []
+    # Host header names answered besides localhost, 127.0.0.1, [::1] and ``host`` ("*": any)
+    allowed_hosts: list[str] = []
 
 
 class DefaultsSection(_Strict):
@@ -57,13 +59,24 @@ class LimitsSection(_Strict):
     # a worker with requests in flight that uses no CPU for this long is stuck: it is killed and its
     # requests get an error ("0" turns the watchdog off)
     stall_timeout: Duration = "60s"
+    # a JSON body's own limit (max_body_bytes still bounds uploads such as transcriptions)
+    max_json_bytes: int = 8 * 1024 * 1024
+    # the longest keep_alive a user key may ask for; negative and 0 need an admin key
+    max_user_keep_alive: Duration = "1h"
+    # audio longer than this is refused (413) before it is decoded: uploads, speaker_wav
+    max_audio_seconds: Duration = "3600s"
+    # an image a request sends (init_image) may have at most this many pixels
+    max_image_pixels: int = 4096 * 4096
+    # repetition counts in a JSON schema (maxLength, minItems, {m,n}, ...) above this are refused: llama.cpp
+    # builds one grammar rule per repetition and crashes on large ones
+    max_schema_repeat: int = 500
 
 
 class ConfigFile(_Strict):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     models_dir: str = "models"
     configs_dir: str = "configs"
-    api_tokens: str = "api_tokens.yml"
+    api_tokens: str | None = "api_tokens.yml"  # null: no keys, open on purpose
     defaults: DefaultsSection = msgspec.field(default_factory=DefaultsSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     log_level: str = "info"
@@ -154,7 +167,7 @@ class Settings:
     cors_origins: tuple[str, ...]
     models_dir: Path
     configs_dir: Path
-    api_tokens: Path
+    api_tokens: Path | None
     keep_alive: float
     load_timeout: float
     unload_grace: float
@@ -165,6 +178,12 @@ class Settings:
     models: tuple[ModelConfig, ...] = field(default=())
     source: str = "config.yml"
     stall_timeout: float = 60.0  # 0 or inf: no stall watchdog
+    allowed_hosts: tuple[str, ...] = ()
+    max_json_bytes: int = 8 * 1024 * 1024
+    max_user_keep_alive: float = 3600.0
+    max_audio_seconds: float = 3600.0
+    max_image_pixels: int = 4096 * 4096
+    max_schema_repeat: int = 500
 
 
 def _read_yaml(path: Path) -> Any:
@@ -202,6 +221,13 @@ def _seconds(value: Duration | None, file: str, key: str) -> float | None:
         return parse_keep_alive(value, key)
     except BadRequest as exc:
         raise ConfigError(file, key, exc.message) from exc
+
+
+def _finite(value: Duration, file: str, key: str) -> float:
+    seconds = _seconds(value, file, key)
+    if seconds is None or math.isinf(seconds) or seconds <= 0:
+        raise ConfigError(file, key, "must be a positive duration")
+    return seconds
 
 
 def _positive(value: int, file: str, key: str) -> int:
@@ -325,7 +351,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         cors_origins=tuple(raw.server.cors_origins),
         models_dir=models_dir,
         configs_dir=configs_dir,
-        api_tokens=rel(raw.api_tokens),
+        api_tokens=rel(raw.api_tokens) if raw.api_tokens is not None else None,
         keep_alive=defaults["keep_alive"] if defaults["keep_alive"] is not None else 300.0,
         load_timeout=defaults["load_timeout"] or 120.0,
         unload_grace=defaults["unload_grace"] or 10.0,
@@ -336,4 +362,10 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         models=tuple(models),
         source=file,
         stall_timeout=_seconds(raw.limits.stall_timeout, file, "limits.stall_timeout") or 0.0,
+        allowed_hosts=tuple(h.lower() for h in raw.server.allowed_hosts),
+        max_json_bytes=_positive(raw.limits.max_json_bytes, file, "limits.max_json_bytes"),
+        max_user_keep_alive=_finite(raw.limits.max_user_keep_alive, file, "limits.max_user_keep_alive"),
+        max_audio_seconds=_finite(raw.limits.max_audio_seconds, file, "limits.max_audio_seconds"),
+        max_image_pixels=_positive(raw.limits.max_image_pixels, file, "limits.max_image_pixels"),
+        max_schema_repeat=_positive(raw.limits.max_schema_repeat, file, "limits.max_schema_repeat"),
     )

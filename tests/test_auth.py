@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import ollama
 import openai
 import pytest
+import yaml
 
-from tests.harness import LiveProxy, fake_config
+from tests.harness import REPO, LiveProxy, answers, fake_config, wait_until
 
 MakeProxy = Callable[..., LiveProxy]
 TOKENS = {"api_key": ["user-key-1", "user-key-2"], "admin_key": ["admin-key"]}
@@ -97,3 +101,33 @@ def test_keys_one_mistake_away_are_refused(make_proxy: MakeProxy) -> None:
         r = httpx.post(proxy.url + "/unload", headers={"Authorization": f"Bearer {wrong}"})
         assert r.status_code == 401, wrong
     assert proxy.status({"Authorization": "Bearer admin-key"})["fake"]["state"] == "ready"
+
+
+def _start_up(root: Path, api_tokens: str | None) -> tuple[int | None, str]:
+    """Start a proxy whose config names ``api_tokens``; its exit code (None: it served) and its output."""
+    proxy = LiveProxy(root, [fake_config("fake")])
+    config = yaml.safe_load((root / "config.yml").read_text())
+    config["api_tokens"] = api_tokens
+    (root / "config.yml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "proxy", "--config", str(root / "config.yml"), "--port", str(proxy.port)]
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        wait_until(lambda: proc.poll() is not None or answers(proxy.url + "/health"), timeout=30)
+        served = proc.poll() is None
+        if served:
+            proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    return (None if served else proc.returncode), out
+
+
+def test_a_missing_tokens_file_stops_start_up(tmp_path: Path) -> None:
+    code, out = _start_up(tmp_path / "typo", "api_tokens.yaml")  # the shipped file is .yml
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and "api_tokens.yaml" in lines[0] and "does not exist" in lines[0]
+
+
+def test_open_mode_only_on_purpose(tmp_path: Path) -> None:
+    code, out = _start_up(tmp_path / "null", None)  # api_tokens: null
+    assert code is None and "OPEN" in out
+    code, out = _start_up(tmp_path / "empty", "api_tokens.yml")  # the harness writes it with no keys
+    assert code is None and "OPEN" in out
