@@ -23,9 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
 
-    from proxy.config import load_settings
-
     from proxy.auth import KeyRing
+    from proxy.config import load_settings
 
     try:
         settings = load_settings(args.config, host=args.host, port=args.port)

@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from proxy.api import admin, images, ollama, openai, speech, transcription
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
+from proxy.api.security import RequestGuard
 from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
@@ -48,7 +49,7 @@ def create_app(
         finally:
             await manager.shutdown()
 
-    middleware = []
+    middleware = [Middleware(RequestGuard, settings=settings)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

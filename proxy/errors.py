@@ -10,10 +10,11 @@ by walking the exception's MRO, so a new subclass inherits its parent's status.
     ├── BadRequest                  400  malformed JSON, missing or wrong-typed field, bad value
     │   └── UnsupportedInput        400  valid, but this model cannot take it (images, ...)
     ├── Unauthorized                401  no key or an unknown key
-    ├── Forbidden                   403  a user key on an admin endpoint
+    ├── Forbidden                   403  a user key on an admin action; a foreign Host or Origin
     ├── NotFound                    404  unknown route
     │   └── ModelNotFound           404  no model by that name or alias
-    ├── PayloadTooLarge             413  body over limits.max_body_bytes
+    ├── PayloadTooLarge             413  body over limits.max_body_bytes / max_json_bytes, audio too long
+    ├── UnsupportedMediaType        415  a JSON route sent something other than JSON
     ├── Unavailable                 503  (with Retry-After) the model cannot serve right now
     │   ├── QueueFull                    more than limits.max_queue requests are waiting
     │   ├── ModelLoadFailed              its worker failed to start (reason and log tail inside)
@@ -83,6 +84,12 @@ class ModelNotFound(NotFound):
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "payload_too_large"
+    openai_type = "invalid_request_error"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    code = "unsupported_media_type"
     openai_type = "invalid_request_error"
 
 

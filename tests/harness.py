@@ -86,6 +86,7 @@ class LiveProxy:
         defaults: dict[str, Any] | None = None,
         limits: dict[str, Any] | None = None,
         cors: list[str] | None = None,
+        allowed_hosts: list[str] | None = None,
     ) -> None:
         self.root = root
         (root / "configs").mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ class LiveProxy:
             safe = model["name"].replace(":", "_").replace("/", "_")
             (root / "configs" / f"{safe}.yaml").write_text(yaml.safe_dump(model))
         config: dict[str, Any] = {
-            "server": {"host": "127.0.0.1", "port": 0, "cors_origins": cors or []},
+            "server": {"host": "127.0.0.1", "port": 0, "cors_origins": cors or [], "allowed_hosts": allowed_hosts or []},
             "defaults": {"keep_alive": "5m", "load_timeout": "60s", "unload_grace": "5s", **(defaults or {})},
             "limits": {"max_loaded_models": 3, "max_queue": 64, **(limits or {})},
             "log_level": "info",

@@ -149,7 +149,8 @@ def test_unload_endpoint_stops_the_real_worker(make_proxy: MakeProxy) -> None:
     cmdline = psutil.Process(pid).cmdline()
     socket_path = Path(cmdline[cmdline.index("--socket") + 1])
     assert socket_path.exists()
-    assert httpx.get(proxy.url + "/unload", timeout=60).json() == {"unloaded": [MODEL]}
+    assert httpx.get(proxy.url + "/unload", timeout=60).status_code == 405  # state changes are POSTs
+    assert httpx.post(proxy.url + "/unload", timeout=60).json() == {"unloaded": [MODEL]}
     assert gone([pid])
     assert not socket_path.exists()  # the worker's socket goes with it, not at shutdown
     assert httpx.post(proxy.url + "/unload/" + MODEL, timeout=60).json() == {"unloaded": []}

@@ -77,6 +77,6 @@ routes = [
     Route("/health", health, methods=["GET", "HEAD"]),
     Route("/status", status, methods=["GET"]),
     Route("/load/{model:path}", load, methods=["POST"]),
-    Route("/unload", unload, methods=["POST", "GET"]),
-    Route("/unload/{model:path}", unload, methods=["POST", "GET"]),
+    Route("/unload", unload, methods=["POST"]),
+    Route("/unload/{model:path}", unload, methods=["POST"]),
 ]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
@@ -15,7 +19,7 @@ from proxy.auth import KeyRing, Role, key_from_headers
 from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.shaping import require_model
-from proxy.errors import BadRequest, PayloadTooLarge
+from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
 from proxy.keepalive import keep_alive_of
 from proxy.manager import ModelManager
 
@@ -39,6 +43,14 @@ class Services:
     keys: KeyRing
     clock: Clock
     options: ClientOptions = field(default_factory=ClientOptions)
+    # bodies over PARSE_OFF_LOOP_BYTES are parsed in a thread, this many at a time (each may take memory
+    # several times its size while it is turned into Python objects)
+    parses: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(PARSE_SLOTS))
+
+
+PARSE_OFF_LOOP_BYTES = 64 * 1024
+PARSE_SLOTS = 2
+MAX_JSON_DEPTH = 64  # objects and arrays inside each other; deeper is a 400
 
 
 def services(request: Request) -> Services:
@@ -51,7 +63,7 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
 
     def wrap(handler: Handler) -> Handler:
         async def checked(request: Request) -> Response:
-            services(request).keys.require(key_from_headers(request.headers), role)
+            request.state.role = services(request).keys.require(key_from_headers(request.headers), role)
             return await handler(request)
 
         checked.__name__ = handler.__name__
@@ -60,10 +72,16 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
     return wrap
 
 
-def size_limited(request: Request) -> Request:
-    """The same request, whose body raises PayloadTooLarge (413) past ``limits.max_body_bytes``: by its
-    declared length at once, else as it is read. Every route reads its body through this."""
-    limit = services(request).settings.max_body_bytes
+def role_of(request: Request) -> Role:
+    """The caller's role, as ``guarded`` found it."""
+    role: Role = getattr(request.state, "role", Role.NONE)
+    return role
+
+
+def size_limited(request: Request, limit: int | None = None) -> Request:
+    """The same request, whose body raises PayloadTooLarge (413) past ``limit`` (``limits.max_body_bytes``
+    by default): by its declared length at once, else as it is read. Every route reads its body through this."""
+    limit = limit if limit is not None else services(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
@@ -81,19 +99,74 @@ def size_limited(request: Request) -> Request:
     return Request(request.scope, counting)
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    """The body as a JSON object; 413 past the size limit, 400 when it is not a JSON object."""
-    parts = [chunk async for chunk in size_limited(request).stream()]
-    raw = b"".join(parts)
+def _is_json(content_type: str | None) -> bool:
+    """application/json or any ``+json`` type; no Content-Type at all is taken as JSON (scripts, curl
+    --data-binary with -H omitted); browsers cannot send JSON cross-site without a CORS preflight."""
+    if content_type is None:
+        return True
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest deeper than ``limit`` (iterative: no recursion to run out of)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A body as a JSON object, or BadRequest: not JSON, not UTF-8, a lone surrogate (it could never be
+    sent on), numbers out of range, nesting deeper than MAX_JSON_DEPTH."""
     if not raw.strip():
         raise BadRequest("the request body is empty; a JSON object is expected")
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+        body = msgspec.json.decode(raw)
+    except RecursionError:
+        body = None
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    # a body with fewer brackets than the limit cannot nest deeper: most bodies skip the walk
+    if body is None or (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(body, MAX_JSON_DEPTH)):
+        raise BadRequest(f"the request body nests objects and arrays more than {MAX_JSON_DEPTH} deep")
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object: 415 unless it is sent as JSON, 413 past ``limits.max_json_bytes``, 400
+    when it is not a JSON object (``parse_json``). A large body is parsed in a thread, PARSE_SLOTS at a
+    time, so the event loop never waits on it."""
+    content_type = request.headers.get("content-type")
+    if not _is_json(content_type):
+        raise UnsupportedMediaType(
+            f"this endpoint takes JSON: send Content-Type: application/json (got '{content_type}')"
+        )
+    svc = services(request)
+    limited = size_limited(request, svc.settings.max_json_bytes)
+    raw = b"".join([chunk async for chunk in limited.stream()])
+    if len(raw) <= PARSE_OFF_LOOP_BYTES:
+        return parse_json(raw)
+    async with svc.parses:
+        return await anyio.to_thread.run_sync(parse_json, raw)
+
+
+def checked_keep_alive(request: Request, keep_alive: float | None) -> float | None:
+    """A keep_alive the caller may ask for: 0 (unload now) and forever need an admin key (403); a user
+    key's is capped at ``limits.max_user_keep_alive``."""
+    if keep_alive is None or role_of(request) >= Role.ADMIN:
+        return keep_alive
+    if keep_alive == 0:
+        raise Forbidden("unloading a model (keep_alive 0) needs an admin key", param="keep_alive")
+    if math.isinf(keep_alive):
+        raise Forbidden("keeping a model loaded for ever (negative keep_alive) needs an admin key", param="keep_alive")
+    return min(keep_alive, services(request).settings.max_user_keep_alive)
 
 
 def model_for(
@@ -101,7 +174,7 @@ def model_for(
 ) -> tuple[ModelConfig, float | None]:
     """The model a body names and its keep_alive (taken out of the body), if it can do one of ``needs``."""
     model = require_model(body)
-    keep_alive = keep_alive_of(body)
+    keep_alive = checked_keep_alive(request, keep_alive_of(body))
     cfg = services(request).manager.resolve(model)
     if not set(needs) & set(cfg.capabilities):
         raise BadRequest(f"model '{cfg.name}' {refusal}", param="model")

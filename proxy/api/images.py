@@ -12,10 +12,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, model_for, read_json, services
+from proxy.api.common import checked_keep_alive, guarded, json_bytes, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects import images as dialect
+from proxy.dialects.shaping import optional
 from proxy.errors import BadRequest
 from proxy.keepalive import keep_alive_of
 from proxy.relay import LeasedCall
@@ -51,8 +52,9 @@ def _selected(request: Request) -> ModelConfig | None:
 
 def _a1111_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:
     """A1111 requests rarely name a model: override_settings, then `model`, then the selected checkpoint."""
-    named = (body.get("override_settings") or {}).get("sd_model_checkpoint") or body.get("model")
-    keep_alive = keep_alive_of(body)
+    overrides = optional(body, "override_settings", dict, "an object") or {}
+    named = optional(overrides, "sd_model_checkpoint", str, "a string") or optional(body, "model", str, "a string")
+    keep_alive = checked_keep_alive(request, keep_alive_of(body))
     cfg = _image_model(request, named) if named else _selected(request)
     if cfg is None:
         raise BadRequest("no image model is configured", param="model")

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, services, size_limited
+from proxy.api.common import checked_keep_alive, guarded, services, size_limited
 from proxy.auth import Role
 from proxy.dialects.transcripts import MEDIA_TYPES, check_request, render
 from proxy.errors import BadRequest, PayloadTooLarge
@@ -51,7 +51,7 @@ def transcribe_route(task: str) -> Any:
             fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
             granularities = [str(g) for g in form.getlist("timestamp_granularities[]")]
             fmt = check_request(fields, granularities, upload.size)
-            keep_alive = keep_alive_of(fields)
+            keep_alive = checked_keep_alive(request, keep_alive_of(fields))
             model = fields.get("model")
             if not model:
                 raise BadRequest("'model' is required", param="model")
