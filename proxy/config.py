@@ -61,6 +61,8 @@ class LimitsSection(_Strict):
     stall_timeout: Duration = "60s"
     # a JSON body's own limit (max_body_bytes still bounds uploads such as transcriptions)
     max_json_bytes: int = 8 * 1024 * 1024
+    # a large JSON body may hold at most this many objects, arrays, strings and numbers
+    max_json_values: int = 500_000
     # the longest keep_alive a user key may ask for; negative and 0 need an admin key
     max_user_keep_alive: Duration = "1h"
     # audio longer than this is refused (413) before it is decoded: uploads, speaker_wav
@@ -180,6 +182,7 @@ class Settings:
     stall_timeout: float = 60.0  # 0 or inf: no stall watchdog
     allowed_hosts: tuple[str, ...] = ()
     max_json_bytes: int = 8 * 1024 * 1024
+    max_json_values: int = 500_000
     max_user_keep_alive: float = 3600.0
     max_audio_seconds: float = 3600.0
     max_image_pixels: int = 4096 * 4096
@@ -364,6 +367,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         stall_timeout=_seconds(raw.limits.stall_timeout, file, "limits.stall_timeout") or 0.0,
         allowed_hosts=tuple(h.lower() for h in raw.server.allowed_hosts),
         max_json_bytes=_positive(raw.limits.max_json_bytes, file, "limits.max_json_bytes"),
+        max_json_values=_positive(raw.limits.max_json_values, file, "limits.max_json_values"),
         max_user_keep_alive=_finite(raw.limits.max_user_keep_alive, file, "limits.max_user_keep_alive"),
         max_audio_seconds=_finite(raw.limits.max_audio_seconds, file, "limits.max_audio_seconds"),
         max_image_pixels=_positive(raw.limits.max_image_pixels, file, "limits.max_image_pixels"),

@@ -47,10 +47,14 @@ def parse_duration(text: str) -> float | None:
     return sign * total
 
 
+# Ollama's durations are int64 nanoseconds: anything longer (~292 years) is "forever" there too
+LONGEST = 2**63 / 1e9
+
+
 def _normalise(seconds: float) -> float:
-    if math.isnan(seconds):
-        raise ValueError("NaN")
-    return FOREVER if seconds < 0 else seconds
+    if not math.isfinite(seconds):
+        raise ValueError("not a finite number")
+    return FOREVER if seconds < 0 or seconds >= LONGEST else seconds
 
 
 def parse_keep_alive(value: Any, field: str = "keep_alive") -> float | None:
@@ -68,7 +72,7 @@ def parse_keep_alive(value: Any, field: str = "keep_alive") -> float | None:
             seconds = parse_duration(value)
             if seconds is not None:
                 return _normalise(seconds)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
         pass
     raise BadRequest(f"invalid {field} {value!r}: expected {ACCEPTED_FORMS}", param=field)
 

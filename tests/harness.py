@@ -95,11 +95,13 @@ class LiveProxy:
             safe = model["name"].replace(":", "_").replace("/", "_")
             (root / "configs" / f"{safe}.yaml").write_text(yaml.safe_dump(model))
         config: dict[str, Any] = {
-            "server": {"host": "127.0.0.1", "port": 0, "cors_origins": cors or [], "allowed_hosts": allowed_hosts or []},
+            "server": {"host": "127.0.0.1", "port": 0, "cors_origins": cors or []},
             "defaults": {"keep_alive": "5m", "load_timeout": "60s", "unload_grace": "5s", **(defaults or {})},
             "limits": {"max_loaded_models": 3, "max_queue": 64, **(limits or {})},
             "log_level": "info",
         }
+        if allowed_hosts:
+            config["server"]["allowed_hosts"] = allowed_hosts
         (root / "config.yml").write_text(yaml.safe_dump(config))
         (root / "api_tokens.yml").write_text(yaml.safe_dump(tokens or {}))
         self.port = free_port()

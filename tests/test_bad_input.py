@@ -14,7 +14,9 @@ MSG = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
-    live = LiveProxy(tmp_path_factory.mktemp("bad"), [fake_config("fake")], limits={"max_body_bytes": 4096, "max_json_bytes": 4096}).start()
+    live = LiveProxy(
+        tmp_path_factory.mktemp("bad"), [fake_config("fake")], limits={"max_body_bytes": 4096, "max_json_bytes": 4096}
+    ).start()
     yield live
     live.stop()
 

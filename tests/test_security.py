@@ -46,7 +46,9 @@ def test_a_foreign_host_is_refused(make_proxy: MakeProxy) -> None:
     for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example"):
         r = httpx.get(proxy.url + "/api/tags", headers={"host": host})
         assert r.status_code == 403 and "server.allowed_hosts" in r.json()["error"], (host, r.text)
-        r = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "fake", "messages": MSG}, headers={"host": host})
+        r = httpx.post(
+            proxy.url + "/v1/chat/completions", json={"model": "fake", "messages": MSG}, headers={"host": host}
+        )
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
     assert _state(proxy) == "stopped"
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST", f"proxy.lan:{port}"):
@@ -62,7 +64,8 @@ def test_a_foreign_origin_cannot_change_state(make_proxy: MakeProxy) -> None:
         r = httpx.post(proxy.url + "/unload", headers={"origin": origin})
         assert r.status_code == 403
     assert _state(proxy) == "stopped"
-    # reading is harmless (the browser keeps the answer from the page); the listed origin and the proxy's own pages may post
+    # reading is harmless (the browser keeps the answer from the page);
+    # the listed origin and the proxy's own pages may post
     assert httpx.get(proxy.url + "/v1/models", headers={"origin": "http://evil.example"}).status_code == 200
     for origin in ("http://ui.example", f"http://127.0.0.1:{proxy.port}"):
         assert httpx.post(proxy.url + "/v1/chat/completions", json=body, headers={"origin": origin}).status_code == 200

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
@@ -20,6 +19,7 @@ from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.shaping import require_model
 from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
+from proxy.jsonbody import OFF_LOOP_BYTES, parse_large, parse_small
 from proxy.keepalive import keep_alive_of
 from proxy.manager import ModelManager
 
@@ -43,14 +43,12 @@ class Services:
     keys: KeyRing
     clock: Clock
     options: ClientOptions = field(default_factory=ClientOptions)
-    # bodies over PARSE_OFF_LOOP_BYTES are parsed in a thread, this many at a time (each may take memory
-    # several times its size while it is turned into Python objects)
+    # large bodies are parsed in a thread, this many at a time (each may take memory several times its
+    # size while it is turned into Python objects)
     parses: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(PARSE_SLOTS))
 
 
-PARSE_OFF_LOOP_BYTES = 64 * 1024
 PARSE_SLOTS = 2
-MAX_JSON_DEPTH = 64  # objects and arrays inside each other; deeper is a 400
 
 
 def services(request: Request) -> Services:
@@ -108,41 +106,10 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def _too_deep(value: Any, limit: int) -> bool:
-    """Whether objects and arrays nest deeper than ``limit`` (iterative: no recursion to run out of)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """A body as a JSON object, or BadRequest: not JSON, not UTF-8, a lone surrogate (it could never be
-    sent on), numbers out of range, nesting deeper than MAX_JSON_DEPTH."""
-    if not raw.strip():
-        raise BadRequest("the request body is empty; a JSON object is expected")
-    try:
-        body = msgspec.json.decode(raw)
-    except RecursionError:
-        body = None
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-    # a body with fewer brackets than the limit cannot nest deeper: most bodies skip the walk
-    if body is None or (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(body, MAX_JSON_DEPTH)):
-        raise BadRequest(f"the request body nests objects and arrays more than {MAX_JSON_DEPTH} deep")
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return body
-
-
 async def read_json(request: Request) -> dict[str, Any]:
     """The body as a JSON object: 415 unless it is sent as JSON, 413 past ``limits.max_json_bytes``, 400
-    when it is not a JSON object (``parse_json``). A large body is parsed in a thread, PARSE_SLOTS at a
-    time, so the event loop never waits on it."""
+    when it is not a JSON object (``proxy.jsonbody``). A large body is parsed in a thread, PARSE_SLOTS at
+    a time, so the event loop never waits on it long."""
     content_type = request.headers.get("content-type")
     if not _is_json(content_type):
         raise UnsupportedMediaType(
@@ -151,10 +118,10 @@ async def read_json(request: Request) -> dict[str, Any]:
     svc = services(request)
     limited = size_limited(request, svc.settings.max_json_bytes)
     raw = b"".join([chunk async for chunk in limited.stream()])
-    if len(raw) <= PARSE_OFF_LOOP_BYTES:
-        return parse_json(raw)
+    if len(raw) <= OFF_LOOP_BYTES:
+        return parse_small(raw)
     async with svc.parses:
-        return await anyio.to_thread.run_sync(parse_json, raw)
+        return await anyio.to_thread.run_sync(parse_large, raw, svc.settings.max_json_values)
 
 
 def checked_keep_alive(request: Request, keep_alive: float | None) -> float | None:

@@ -21,6 +21,7 @@ from proxy.auth import Role
 from proxy.catalog import entry, tag_name
 from proxy.config import ModelConfig
 from proxy.dialects import ollama as dialect
+from proxy.dialects.schemas import check_schemas
 from proxy.dialects.shaping import (
     apply_model_defaults,
     check_embedding_input,
@@ -94,6 +95,7 @@ async def chat(request: Request) -> Response:
         return await _load_or_unload(request, cfg, keep_alive, generate=False)
     openai = dialect.chat_request(body, cfg.name)
     check_messages(openai["messages"], cfg)
+    check_schemas(openai, services(request).settings.max_schema_repeat)
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, "/v1/chat/completions", openai, stream, keep_alive, generate=False)
 
@@ -108,6 +110,7 @@ async def generate(request: Request) -> Response:
     path, openai = dialect.generate_request(body, cfg.name)
     if "messages" in openai:
         check_messages(openai["messages"], cfg)
+    check_schemas(openai, services(request).settings.max_schema_repeat)
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, path, openai, stream, keep_alive, generate=True)
 

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from proxy.api.common import guarded, json_bytes, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
+from proxy.dialects.schemas import check_schemas
 from proxy.dialects.shaping import (
     apply_model_defaults,
     check_common,
@@ -80,6 +81,7 @@ async def chat_completions(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request, ("completion",), "does not support chat completions")
     check_messages(body.get("messages"), cfg)
     stream = check_common(body)
+    check_schemas(body, services(request).settings.max_schema_repeat)
     apply_model_defaults(body, cfg, services(request).clock.time())
     return await forward(request, cfg, "/v1/chat/completions", body, stream, keep_alive)
 
@@ -89,6 +91,7 @@ async def completions(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request, ("completion",), "does not support completions")
     check_prompt(body)
     stream = check_common(body)
+    check_schemas(body, services(request).settings.max_schema_repeat)
     apply_model_defaults(body, cfg)
     return await forward(request, cfg, "/v1/completions", body, stream, keep_alive)
 

@@ -179,7 +179,7 @@ def from_openai(body: Mapping[str, Any], cfg: ModelConfig) -> ImageRequest:
     if not isinstance(size, str) or "x" not in size:
         raise BadRequest('\'size\' must be "WIDTHxHEIGHT", e.g. "512x512"', param="size")
     w, _, h = size.partition("x")
-    if not (w.isdigit() and h.isdigit()):
+    if not (w.isascii() and w.isdigit() and h.isascii() and h.isdigit()):  # "²" is a digit to str.isdigit
         raise BadRequest('\'size\' must be "WIDTHxHEIGHT", e.g. "512x512"', param="size")
     dims = {"width": int(w), "height": int(h)}
     return _canonical(

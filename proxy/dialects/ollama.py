@@ -34,9 +34,13 @@ _OPTIONS = {
 }
 
 
+_LAST_SECOND = 253402300799.0  # 9999-12-31T23:59:59Z, the last second datetime can show
+
+
 def rfc3339(ts: float | None = None) -> str:
-    """Ollama's created_at: UTC with microseconds and a Z."""
-    return datetime.fromtimestamp(time.time() if ts is None else ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Ollama's created_at: UTC with microseconds and a Z (times past the year 9999 show as its end)."""
+    ts = time.time() if ts is None else min(ts, _LAST_SECOND)
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def options_to_openai(options: Any) -> dict[str, Any]:
@@ -92,21 +96,25 @@ def _message_to_openai(message: Any, i: int) -> dict[str, Any]:
     if calls:
         if not isinstance(calls, list):
             raise BadRequest(f"'messages[{i}].tool_calls' must be an array", param="messages")
-        out["tool_calls"] = [
-            {
-                "id": call.get("id") or f"call_{i}_{j}",
-                "type": "function",
-                "function": {
-                    "name": (call.get("function") or {}).get("name", ""),
-                    "arguments": json.dumps((call.get("function") or {}).get("arguments") or {}),
-                },
-            }
-            for j, call in enumerate(calls)
-            if isinstance(call, dict)
-        ]
+        out["tool_calls"] = [_tool_call(call, i, j) for j, call in enumerate(calls)]
     if message.get("role") == "tool" and message.get("tool_name"):
         out["name"] = message["tool_name"]
     return out
+
+
+def _tool_call(call: Any, i: int, j: int) -> dict[str, Any]:
+    where = f"messages[{i}].tool_calls[{j}]"
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise BadRequest(f"'{where}' must be an object with 'function': {{'name', 'arguments'}}", param="messages")
+    arguments = function.get("arguments") or {}
+    if not isinstance(arguments, dict):
+        raise BadRequest(f"'{where}.function.arguments' must be an object", param="messages")
+    return {
+        "id": call.get("id") or f"call_{i}_{j}",
+        "type": "function",
+        "function": {"name": function["name"], "arguments": json.dumps(arguments)},
+    }
 
 
 def _common(body: dict[str, Any], model: str) -> dict[str, Any]:

@@ -54,8 +54,16 @@ def check_messages(messages: Any, cfg: ModelConfig) -> list[dict[str, Any]]:
                 f"'messages[{i}].role' must be one of {', '.join(sorted(_ROLES))}, got {role!r}", param="messages"
             )
         content = message.get("content")
+        if content is None and not (role == "assistant" and message.get("tool_calls")):
+            raise BadRequest(f"'messages[{i}].content' is required", param="messages")
         if content is not None and not isinstance(content, str | list):
             raise BadRequest(f"'messages[{i}].content' must be a string or an array of parts", param="messages")
+        if isinstance(content, list) and not all(
+            isinstance(p, dict) and isinstance(p.get("type"), str) for p in content
+        ):
+            raise BadRequest(
+                f"'messages[{i}].content' parts must be objects with a 'type' (text, image_url)", param="messages"
+            )
         if _has_image(content) and not cfg.vision:
             raise UnsupportedInput(
                 f"model '{cfg.name}' cannot read images (messages[{i}] has one); configure a vision model",
@@ -97,6 +105,12 @@ def check_common(body: Mapping[str, Any]) -> bool:
         isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
     ):
         raise BadRequest("'stop' must be a string or an array of strings", param="stop")
+    logit_bias = optional(body, "logit_bias", dict, "an object of token ids to numbers")
+    if logit_bias is not None and not all(
+        k.lstrip("-").isascii() and k.lstrip("-").isdigit() and isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in logit_bias.items()
+    ):
+        raise BadRequest("'logit_bias' must map token ids to numbers", param="logit_bias")
     optional(body, "tools", list, "an array of tools")
     optional(body, "response_format", dict, "an object")
     optional(body, "stream_options", dict, "an object")
