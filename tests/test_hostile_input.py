@@ -14,7 +14,7 @@ import pytest
 from tests.harness import LiveProxy, smollm2_config
 
 MODEL = "smollm2:135m"
-MSG = [{"role": "user", "content": "Say hi."}]
+MSG: Any = [{"role": "user", "content": "Say hi."}]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_a_schema_llama_cpp_cannot_take_is_a_400_and_the_worker_lives(proxy: Liv
         for schema in HUGE_SCHEMAS:
             fmt: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
             with pytest.raises(openai.BadRequestError) as info:
-                client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, response_format=fmt)  # type: ignore[arg-type]
+                client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, response_format=fmt)
             assert "limits.max_schema_repeat" in str(info.value), info.value
             with pytest.raises(openai.BadRequestError) as info:
                 client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, tools=_tool(schema))  # type: ignore[arg-type]

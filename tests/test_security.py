@@ -103,3 +103,27 @@ def test_user_keys_cannot_pin_or_unload_and_their_keep_alive_is_capped(make_prox
         assert proxy.status(ADMIN)[MODEL]["keep_alive"] == "-1"
         admin.generate(model=MODEL, keep_alive=0)
     assert _state(proxy, MODEL) == "stopped"
+
+
+def test_user_keys_get_one_line_without_paths_admins_the_detail(make_proxy: MakeProxy) -> None:
+    broken = smollm2_config(name="broken")
+    broken.pop("aliases")
+    broken["model"] = {"path": "nowhere/missing.gguf"}
+    proxy = make_proxy([broken, smollm2_config()], tokens=TOKENS)
+    body = {"model": "broken", "messages": MSG}
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=body, headers=USER, timeout=60)
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    message = r.json()["error"]["message"]
+    assert "\n" not in message and "/" not in message and "missing.gguf" not in message, message
+    last = proxy.status(USER)["broken"]["last_error"]
+    assert "\n" not in last and "/" not in last, last
+    r = httpx.post(proxy.url + "/api/chat", json=body, headers=USER, timeout=60)
+    assert r.status_code == 503 and "/" not in r.json()["error"]
+    show = httpx.post(proxy.url + "/api/show", json={"model": MODEL}, headers=USER).json()
+    assert "/" not in show["modelfile"], show["modelfile"]
+    # an admin key gets the worker's own words, paths included
+    r = httpx.post(proxy.url + "/v1/chat/completions", json=body, headers=ADMIN, timeout=60)
+    assert r.status_code == 503 and "missing.gguf" in r.json()["error"]["message"]
+    assert "missing.gguf" in proxy.status(ADMIN)["broken"]["last_error"]
+    show = httpx.post(proxy.url + "/api/show", json={"model": MODEL}, headers=ADMIN).json()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in show["modelfile"] and "/" in show["modelfile"]

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.api.common import guarded, services
+from proxy.api.errors import for_users, is_admin
 from proxy.auth import Role
 from proxy.keepalive import format_keep_alive, parse_keep_alive
 from proxy.manager import ModelStatus
@@ -19,7 +20,7 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def _status(s: ModelStatus, worker: dict[str, Any] | None) -> dict[str, Any]:
+def _status(s: ModelStatus, worker: dict[str, Any] | None, admin: bool) -> dict[str, Any]:
     expires: float | str | None = s.expires_at
     if s.expires_at is not None and math.isinf(s.expires_at):
         expires = "never"
@@ -34,7 +35,7 @@ def _status(s: ModelStatus, worker: dict[str, Any] | None) -> dict[str, Any]:
         "keep_alive": format_keep_alive(s.keep_alive),
         "expires_at": expires,
         "loaded_at": s.loaded_at,
-        "last_error": s.last_error,
+        "last_error": s.last_error if admin or s.last_error is None else for_users(s.last_error),
         "kind": s.config.kind,
         "worker": worker,
     }
@@ -46,7 +47,7 @@ async def status(request: Request) -> Response:
     reports = await manager.worker_reports()
     return JSONResponse(
         {
-            "models": [_status(s, reports.get(s.name)) for s in manager.status()],
+            "models": [_status(s, reports.get(s.name), is_admin(request)) for s in manager.status()],
             "queued": manager.queued,
             "max_loaded_models": services(request).settings.max_loaded_models,
         }

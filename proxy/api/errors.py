@@ -8,12 +8,14 @@ Ollama's routes (``/api/*``) answer ``{"error": "..."}``; every other route answ
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from proxy.auth import Role
 from proxy.errors import ProxyError
 
 log = logging.getLogger("proxy.api")
@@ -39,12 +41,29 @@ def render(
     return JSONResponse(body, status, headers=headers)
 
 
+_PATH = re.compile(r"(?<![\w.])(?:/[^\s/:'\"]+)+/?")
+
+
+def for_users(detail: str) -> str:
+    """What a user key sees of an internal message (a worker's log tail, a traceback): its first line,
+    with file system paths left out. Admin keys get the whole detail."""
+    first = next((line.strip() for line in detail.splitlines() if line.strip()), "")
+    return _PATH.sub("<path>", first)
+
+
+def is_admin(request: Request) -> bool:
+    return getattr(request.state, "role", Role.NONE) >= Role.ADMIN
+
+
 async def proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
+    message = exc.message
     if exc.status >= 500:
         log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
+        if not is_admin(request):
+            message = for_users(message)
     return render(
-        request, exc.status, exc.message, kind=exc.openai_type, code=exc.code, param=exc.param, headers=exc.headers()
+        request, exc.status, message, kind=exc.openai_type, code=exc.code, param=exc.param, headers=exc.headers()
     )
 
 

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.api.common import checked_keep_alive, guarded, json_bytes, model_for, read_json, services
+from proxy.api.errors import is_admin
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects import images as dialect
@@ -93,6 +94,12 @@ def a1111_route(img2img: bool) -> Callable[[Request], Any]:
     return handler
 
 
+def _filename(request: Request, cfg: ModelConfig) -> str:
+    if cfg.model_path is None:
+        return ""
+    return str(cfg.model_path) if is_admin(request) else cfg.model_path.name  # user keys see no paths
+
+
 @guarded(Role.USER)
 async def sd_models(request: Request) -> Response:
     return JSONResponse(
@@ -102,7 +109,7 @@ async def sd_models(request: Request) -> Response:
                 "model_name": c.name,
                 "hash": None,
                 "sha256": None,
-                "filename": str(c.model_path) if c.model_path else "",
+                "filename": _filename(request, c),
                 "config": None,
             }
             for c in _image_models(request)

@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from proxy import __version__
 from proxy.api.common import guarded, json_bytes, model_for, read_json, services
+from proxy.api.errors import is_admin
 from proxy.auth import Role
 from proxy.catalog import entry, tag_name
 from proxy.config import ModelConfig
@@ -222,7 +223,10 @@ async def show(request: Request) -> Response:
     cfg = services(request).manager.resolve(name)
     e = entry(cfg)
     params = "\n".join(f"{k:<20} {json.dumps(v)}" for k, v in cfg.sampling.items())
-    modelfile = f"# configured in {cfg.source}\nFROM {cfg.model_path or cfg.url or cfg.name}\n"
+    if is_admin(request):
+        modelfile = f"# configured in {cfg.source}\nFROM {cfg.model_path or cfg.url or cfg.name}\n"
+    else:  # user keys see no paths
+        modelfile = f"FROM {cfg.model_path.name if cfg.model_path else cfg.name}\n"
     if cfg.system:
         modelfile += f'SYSTEM """{cfg.system}"""\n'
     modelfile += "".join(f"PARAMETER {k} {json.dumps(v)}\n" for k, v in cfg.sampling.items())
