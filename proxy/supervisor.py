@@ -241,12 +241,18 @@ class Worker:
             if self.upstream is not None:
                 await self.upstream.aclose()
             return
-        self._signal_group(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout=grace)
-        except TimeoutError:
-            log.warning("model %s: worker %s ignored SIGTERM for %gs; killing", self.config.name, self.pid, grace)
-            self._signal_group(signal.SIGKILL)
+        if self.process.returncode is None:  # a worker that exited on its own is only reaped
+            if grace <= 0:
+                self._signal_group(signal.SIGKILL)
+            else:
+                self._signal_group(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout=grace)
+                except TimeoutError:
+                    log.warning(
+                        "model %s: worker %s ignored SIGTERM for %gs; killing", self.config.name, self.pid, grace
+                    )
+                    self._signal_group(signal.SIGKILL)
         await self._reap()
 
     def cpu_seconds(self) -> float | None:

@@ -3,15 +3,17 @@ caller's dialect naming the problem, never a 500, and the worker keeps running (
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import ollama
 import openai
+import psutil
 import pytest
 
-from tests.harness import LiveProxy, smollm2_config
+from tests.harness import LiveProxy, smollm2_config, wait_until
 
 MODEL = "smollm2:135m"
 MSG: Any = [{"role": "user", "content": "Say hi."}]
@@ -111,3 +113,19 @@ def test_a_keep_alive_beyond_any_date_is_forever_and_listings_still_work(proxy: 
         assert model.expires_at is not None and model.expires_at.year >= 2300  # Ollama's "forever"
     assert proxy.status()[MODEL]["expires_at"] == "never"
     assert httpx.get(proxy.url + "/v1/models").status_code == 200
+
+
+def test_the_device_is_what_llama_cpp_was_built_for(proxy: LiveProxy, worker_pid: int) -> None:
+    import llama_cpp
+
+    expected = "gpu" if llama_cpp.llama_supports_gpu_offload() else "cpu"
+    assert smollm2_config()["model"]["n_gpu_layers"] == -1  # asks for every layer on a GPU
+    assert proxy.status()[MODEL]["worker"]["device"] == expected
+
+
+def test_a_crashed_worker_is_not_said_to_ignore_sigterm(proxy: LiveProxy) -> None:
+    assert httpx.post(proxy.url + "/load/" + MODEL, timeout=120).status_code == 200
+    psutil.Process(int(proxy.status()[MODEL]["pid"])).send_signal(signal.SIGKILL)
+    wait_until(lambda: proxy.status()[MODEL]["state"] == "stopped", timeout=30)
+    wait_until(lambda: "exited" in proxy.log() or "died" in proxy.log() or "-9" in proxy.log(), timeout=30)
+    assert "ignored SIGTERM" not in proxy.log()

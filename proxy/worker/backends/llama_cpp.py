@@ -63,7 +63,7 @@ class LlamaCppBackend:
         return 1.0 if self._loaded else 0.0
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "llama_cpp", "device": "cuda" if self.options.get("n_gpu_layers") else "cpu"}
+        return {"backend": "llama_cpp", "device": _device(self.options.get("n_gpu_layers"))}
 
     def close(self) -> None:
         for llm in (self._llm, self._embedder):  # at exit: a generation still running is abandoned
@@ -182,6 +182,13 @@ class LlamaCppBackend:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "duration_ns": time.perf_counter_ns() - started,
         }
+
+
+def _device(n_gpu_layers: Any) -> str:
+    """Where the layers run: a GPU only when some are offloaded and llama.cpp was built with one."""
+    import llama_cpp
+
+    return "gpu" if n_gpu_layers and llama_cpp.llama_supports_gpu_offload() else "cpu"
 
 
 def _response_format(value: Any) -> dict[str, Any]:
