@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from proxy import rundirs
 from proxy.api import admin, images, ollama, openai, speech, transcription
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
@@ -38,6 +41,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         manager = ModelManager(settings, clock=clock, worker_factory=worker_factory)
+        # TODO(manager): expose the runtime dir; it is the manager's (read here for the lock and the sweep)
+        runtime_dir: Path = manager._runtime_dir
+        lock = rundirs.hold(runtime_dir)
+        rundirs.sweep(runtime_dir.parent, keep=runtime_dir)
         app.state.services = Services(settings=settings, manager=manager, keys=keyring, clock=clock)
         if keyring.open:
             where = settings.api_tokens or "api_tokens: null"
@@ -48,6 +55,7 @@ def create_app(
             yield
         finally:
             await manager.shutdown()
+            os.close(lock)
 
     middleware = [Middleware(RequestGuard, settings=settings)]
     if settings.cors_origins:

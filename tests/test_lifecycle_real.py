@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import psutil
+import pytest
 
 from tests.harness import LiveProxy, gone, smollm2_config, wait_until
 
@@ -154,3 +156,23 @@ def test_unload_endpoint_stops_the_real_worker(make_proxy: MakeProxy) -> None:
     assert gone([pid])
     assert not socket_path.exists()  # the worker's socket goes with it, not at shutdown
     assert httpx.post(proxy.url + "/unload/" + MODEL, timeout=60).json() == {"unloaded": []}
+
+
+def test_a_killed_proxys_runtime_dir_is_swept_at_the_next_start(
+    make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="rd-"))  # short: a Unix socket's path has at most 107 bytes
+    monkeypatch.setenv("TMPDIR", str(tmp))  # the proxies' runtime dirs go here
+    first = make_proxy([smollm2_config()])
+    assert httpx.post(first.url + "/load/smollm2", timeout=60).status_code == 200
+    pids = [p.pid for p in first.workers()]
+    (left,) = list(tmp.glob("llm-proxy-*"))
+    assert list(left.glob("*.sock"))
+    first.stop(signal.SIGKILL)
+    wait_until(lambda: gone(pids), timeout=15)
+    assert left.exists()  # nobody removed it
+    second = make_proxy([smollm2_config()])
+    assert not left.exists()
+    (own,) = list(tmp.glob("llm-proxy-*"))  # the live proxy's own dir is kept
+    assert httpx.post(second.url + "/load/smollm2", timeout=60).status_code == 200
+    assert own.exists()
