@@ -65,10 +65,6 @@ class LimitsSection(_Strict):
     max_json_values: int = 500_000
     # the longest keep_alive a user key may ask for; negative and 0 need an admin key
     max_user_keep_alive: Duration = "1h"
-    # audio longer than this is refused (413) before it is decoded: uploads, speaker_wav
-    max_audio_seconds: Duration = "3600s"
-    # an image a request sends (init_image) may have at most this many pixels
-    max_image_pixels: int = 4096 * 4096
     # repetition counts in a JSON schema (maxLength, minItems, {m,n}, ...) above this are refused: llama.cpp
     # builds one grammar rule per repetition and crashes on large ones
     max_schema_repeat: int = 500
@@ -184,8 +180,6 @@ class Settings:
     max_json_bytes: int = 8 * 1024 * 1024
     max_json_values: int = 500_000
     max_user_keep_alive: float = 3600.0
-    max_audio_seconds: float = 3600.0
-    max_image_pixels: int = 4096 * 4096
     max_schema_repeat: int = 500
 
 
@@ -369,7 +363,5 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_json_bytes=_positive(raw.limits.max_json_bytes, file, "limits.max_json_bytes"),
         max_json_values=_positive(raw.limits.max_json_values, file, "limits.max_json_values"),
         max_user_keep_alive=_finite(raw.limits.max_user_keep_alive, file, "limits.max_user_keep_alive"),
-        max_audio_seconds=_finite(raw.limits.max_audio_seconds, file, "limits.max_audio_seconds"),
-        max_image_pixels=_positive(raw.limits.max_image_pixels, file, "limits.max_image_pixels"),
         max_schema_repeat=_positive(raw.limits.max_schema_repeat, file, "limits.max_schema_repeat"),
     )
