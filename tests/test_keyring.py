@@ -46,7 +46,7 @@ def test_require_refuses_with_the_right_error() -> None:
     assert invalid.value.message == "invalid API key"
     with pytest.raises(Forbidden) as forbidden:
         RING.require("user-key-1", Role.ADMIN)
-    assert "admin key" in forbidden.value.message
+    assert forbidden.value.message == "this endpoint needs an admin key"
     assert RING.require("user-key-1", Role.USER) is Role.USER
     assert RING.require("admin-key", Role.USER) is Role.ADMIN  # an admin key is valid wherever a user key is
     assert RING.require("admin-key", Role.ADMIN) is Role.ADMIN
@@ -82,6 +82,7 @@ def test_a_bad_tokens_file_names_the_file_and_the_problem(tmp_path: Path, text: 
     with pytest.raises(ConfigError) as info:
         KeyRing.load(path)
     assert info.value.file == str(path) and problem in info.value.problem
+    assert str(info.value).startswith(f"{path}: {info.value.problem[:12]}")  # the file, then what is wrong
 
 
 @pytest.mark.parametrize(

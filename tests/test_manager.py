@@ -447,10 +447,12 @@ class GraceWorker(FakeWorker):
 
 async def test_one_request_in_flight_holds_off_the_idle_timer() -> None:
     manager, clock = make(model("a", keep_alive=0))
-    lease = await manager.acquire("a")
+    first = await manager.acquire("a")
+    lease = await manager.acquire("a")  # two overlapping requests (streams)
+    first.release()
     clock.advance(100)
     await settle()
-    assert state(manager, "a") == "ready"  # keep_alive 0 unloads only once the request is done
+    assert state(manager, "a") == "ready"  # keep_alive 0 unloads only once the last request is done
     lease.release()
     lease.release()  # idempotent: a second release counts nothing
     await settle()
