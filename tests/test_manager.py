@@ -664,3 +664,16 @@ async def test_the_log_tells_each_step(caplog: pytest.LogCaptureFixture) -> None
     ):
         assert expected in lines, (expected, lines)
     await manager.shutdown()
+
+
+async def test_model_names_with_and_without_the_latest_tag() -> None:
+    manager, _ = make(model("plain"), model("tagged:latest"), model("other:7b"))
+    assert manager.is_loaded("plain:latest") is False  # "plain:latest" is "plain"
+    (await manager.acquire("plain:latest")).release()
+    (await manager.acquire("tagged")).release()  # "tagged" is "tagged:latest"
+    assert manager.is_loaded("plain") and manager.is_loaded("tagged:latest")
+    for wrong in ("other", "other:latest", "plain:7b", "tagged:7b", "", 5, None):
+        with pytest.raises(ModelNotFound) as info:
+            manager.is_loaded(wrong)  # type: ignore[arg-type]
+        assert info.value.message == f"model '{wrong}' not found"
+    await manager.shutdown()
