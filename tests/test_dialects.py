@@ -133,3 +133,214 @@ def test_load_and_embed_responses() -> None:
         5,
     )
     assert result["embeddings"] == [[1.0], [2.0]] and result["prompt_eval_count"] == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "param"),
+    [
+        ({"messages": [], "options": "fast"}, "'options' must be an object", "options"),
+        (
+            {"messages": [], "options": {"num_predict": "5"}},
+            "'options.num_predict' must be an integer",
+            "options.num_predict",
+        ),
+        (
+            {"messages": [], "options": {"num_predict": True}},
+            "'options.num_predict' must be an integer",
+            "options.num_predict",
+        ),
+        ({"messages": [], "options": {"stop": "\n"}}, "'options.stop' must be an array of strings", "options.stop"),
+        ({"messages": [], "options": {"stop": ["a", 1]}}, "'options.stop' must be an array of strings", "options.stop"),
+        ({"messages": [], "options": {"top_k": False}}, "'options.top_k' must be a number", "options.top_k"),
+        (
+            {"messages": [], "options": {"temperature": "hot"}},
+            "'options.temperature' must be a number",
+            "options.temperature",
+        ),
+        ({"messages": [], "format": 3}, "'format' must be \"json\" or a JSON schema object", "format"),
+        ({"messages": [], "format": "yaml"}, "'format' must be \"json\" or a JSON schema object", "format"),
+        ({"messages": "hi"}, "'messages' must be an array", "messages"),
+        ({"messages": ["hi"]}, "'messages[0]' must be an object", "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, "'messages[0].content' must be a string", "messages"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "x", "images": "AAAA"}]},
+            "'messages[1].images' must be an array of base64 strings",
+            "messages[1].images",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x", "images": ["AAAA", 1]}]},
+            "'messages[0].images' must be an array of base64 strings",
+            "messages[0].images",
+        ),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": {"function": {}}}]},
+            "'messages[0].tool_calls' must be an array",
+            "messages",
+        ),
+        ({"messages": [], "tools": {"type": "function"}}, "'tools' must be an array of tools, got dict", "tools"),
+    ],
+)
+def test_bad_chat_fields_get_a_clear_message_and_param(body: dict[str, Any], message: str, param: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        d.chat_request(body, "m")
+    assert (info.value.message, info.value.param) == (message, param)
+
+
+def test_chat_request_exactly() -> None:
+    body = {
+        "messages": [
+            {"role": "system", "content": None},
+            {"role": "user", "content": "look", "images": ["QUJD", "REVG"]},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c1", "function": {"name": "f", "arguments": {"x": 1}}},
+                    {"function": {}},
+                    "not a call",
+                ],
+            },
+            {"role": "tool", "content": "r"},
+        ],
+        "options": {"num_predict": 0, "top_p": 0.5, "stop": [], "num_ctx": 4096, "mirostat_tau": 5},
+        "format": "",
+        "tools": [],
+    }
+    assert d.chat_request(body, "m") == {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 0,
+        "top_p": 0.5,
+        "stop": [],
+        "mirostat_tau": 5,
+        "messages": [
+            {"role": "system", "content": ""},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,REVG"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+                    {"id": "call_2_1", "type": "function", "function": {"name": "", "arguments": "{}"}},
+                ],
+            },
+            {"role": "tool", "content": "r"},
+        ],
+    }
+    assert d.chat_request({"messages": [], "options": None}, "m") == {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [],
+    }
+
+
+def test_generate_request_exactly() -> None:
+    body = {"prompt": "what", "images": ["QUJD"], "options": {"seed": 1}, "format": "json"}
+    assert d.generate_request(body, "m") == (
+        "/v1/chat/completions",
+        {
+            "model": "m",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "seed": 1,
+            "response_format": {"type": "json_object"},
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
+                    ],
+                }
+            ],
+        },
+    )
+    path, out = d.generate_request({"system": ""}, "m")  # no prompt: an empty one; an empty system: none
+    assert path == "/v1/chat/completions" and out["messages"] == [{"role": "user", "content": ""}]
+    path, out = d.generate_request({"raw": True, "system": "ignored"}, "m")
+    assert path == "/v1/completions" and out["prompt"] == "" and "messages" not in out
+    with pytest.raises(BadRequest) as info:
+        d.generate_request({"prompt": "x", "images": "QUJD"}, "m")
+    assert (info.value.message, info.value.param) == ("'images' must be an array of base64 strings", "images")
+    with pytest.raises(BadRequest) as info:
+        d.generate_request({"prompt": 5}, "m")
+    assert info.value.param == "prompt"
+    with pytest.raises(BadRequest) as info:
+        d.generate_request({"prompt": "x", "system": 5}, "m")
+    assert info.value.param == "system"
+
+
+def test_stream_translator_generate_final_and_counts_without_usage() -> None:
+    tr = d.StreamTranslator("m", generate=True, started_ns=100, load_ns=10)
+    assert tr.feed({"choices": [{"index": 0, "text": "", "finish_reason": None}]}, 150) is None
+    assert tr.feed({"usage": {"prompt_tokens": None}, "choices": None}, 160) is None
+    piece = tr.feed({"choices": [{"index": 0, "text": "a", "finish_reason": None}]}, 200)
+    assert piece is not None and piece["model"] == "m" and piece["done"] is False and "message" not in piece
+    tr.feed({"choices": [{"index": 0, "text": "b", "finish_reason": "stop"}]}, 300)
+    final = tr.final(400, whole=True)
+    assert final["response"] == "ab" and "message" not in final and final["model"] == "m"
+    # no usage from the worker: the pieces are counted
+    assert (final["prompt_eval_count"], final["eval_count"], final["done_reason"]) == (0, 2, "stop")
+    assert (final["total_duration"], final["load_duration"]) == (300, 10)
+    assert (final["prompt_eval_duration"], final["eval_duration"]) == (90, 200)
+    assert tr.final(400, whole=False)["response"] == ""
+
+
+def test_stream_translator_final_without_any_text() -> None:
+    tr = d.StreamTranslator("m", generate=False, started_ns=100, load_ns=500)
+    final = tr.final(400, whole=True)
+    assert final["message"] == {"role": "assistant", "content": ""}  # no tool_calls key without calls
+    assert (final["prompt_eval_duration"], final["eval_duration"], final["eval_count"]) == (0, 0, 0)
+
+
+def test_stream_translator_tool_calls_by_index_and_bad_arguments() -> None:
+    tr = d.StreamTranslator("m", generate=False, started_ns=0)
+    tr.feed(chunk(tool={"index": 1, "function": {"name": "second", "arguments": "{bad"}}), 1)
+    tr.feed(chunk(tool={"function": {"name": "first"}}), 2)  # no index: the first call
+    tr.feed(chunk(tool={"index": 2, "function": None}), 3)
+    assert tr.final(4, whole=False)["message"]["tool_calls"] == [
+        {"function": {"name": "first", "arguments": {}}},
+        {"function": {"name": "second", "arguments": {"_raw": "{bad"}}},
+        {"function": {"name": "", "arguments": {}}},
+    ]
+
+
+def test_created_at_is_rfc3339_utc_with_microseconds() -> None:
+    assert d.rfc3339(0) == "1970-01-01T00:00:00.000000Z"
+    assert d.rfc3339(1_700_000_000.25) == "2023-11-14T22:13:20.250000Z"
+    assert d.rfc3339().endswith("Z") and len(d.rfc3339()) == 27
+
+
+def test_load_and_embed_responses_exactly() -> None:
+    def without_time(out: dict[str, Any]) -> dict[str, Any]:
+        assert out.pop("created_at").endswith("Z")
+        return out
+
+    assert without_time(d.load_response("m", generate=True, unload=False)) == {
+        "model": "m",
+        "response": "",
+        "done_reason": "load",
+        "done": True,
+    }
+    assert without_time(d.load_response("m", generate=False, unload=True)) == {
+        "model": "m",
+        "message": {"role": "assistant", "content": ""},
+        "done_reason": "unload",
+        "done": True,
+    }
+    assert d.embed_response("m", {"data": [{"embedding": [1.0]}]}, 10, 5) == {
+        "model": "m",
+        "embeddings": [[1.0]],
+        "total_duration": 10,
+        "load_duration": 5,
+        "prompt_eval_count": 0,
+    }
+    assert d.embed_response("m", {}, 1, 0)["embeddings"] == []

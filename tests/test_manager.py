@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -428,3 +430,250 @@ async def test_no_lease_once_shutdown_has_begun() -> None:
     with pytest.raises(Unavailable, match="shutting down"):
         await manager.acquire("a")
     assert FakeWorker.instances == []
+
+
+# -- rules a mutation check found unpinned (scripts/mutation.sh manager) ---------------------------
+
+
+class GraceWorker(FakeWorker):
+    """A FakeWorker that records the grace each stop gets."""
+
+    graces: list[float] = []
+
+    async def stop(self, grace: float) -> None:
+        GraceWorker.graces.append(grace)
+        self.stopped = True
+
+
+async def test_one_request_in_flight_holds_off_the_idle_timer() -> None:
+    manager, clock = make(model("a", keep_alive=0))
+    first = await manager.acquire("a")
+    lease = await manager.acquire("a")  # two overlapping requests (streams)
+    first.release()
+    clock.advance(100)
+    await settle()
+    assert state(manager, "a") == "ready"  # keep_alive 0 unloads only once the last request is done
+    lease.release()
+    lease.release()  # idempotent: a second release counts nothing
+    await settle()
+    assert state(manager, "a") == "stopped"
+    await manager.shutdown()
+
+
+async def test_a_keep_alive_under_a_second_is_a_timer_not_an_unload() -> None:
+    manager, clock = make(model("a", keep_alive=0.5))
+    (await manager.acquire("a")).release()
+    await settle()
+    assert state(manager, "a") == "ready"
+    clock.advance(0.6)
+    await settle()
+    assert state(manager, "a") == "stopped"
+    await manager.shutdown()
+
+
+async def test_status_reports_each_model() -> None:
+    manager, clock = make(model("a", keep_alive=60), model("b", keep_alive=30))
+    lease = await manager.acquire("a")
+    worker = FakeWorker.instances[0]
+    [a, b] = list(manager.status())
+    assert (a.name, a.backend, a.state, a.pid, a.in_flight, a.keep_alive) == (
+        "a",
+        "external",
+        "ready",
+        worker.pid,
+        1,
+        60,
+    )
+    assert a.loaded_at == clock.time() and a.config.name == "a" and a.last_error is None
+    assert a.expires_at == clock.time() + 60  # busy: the full keep_alive once it is done
+    assert (b.state, b.pid, b.in_flight, b.expires_at, b.loaded_at, b.rss_bytes) == (
+        "stopped",
+        None,
+        0,
+        None,
+        None,
+        None,
+    )
+    lease.release()
+    clock.advance(20)
+    [a, _] = list(manager.status())
+    assert a.in_flight == 0 and a.expires_at == clock.time() + 40  # idle 20 s of its 60
+    worker.pid = os.getpid()  # a live process: its resident memory is reported
+    [a, _] = list(manager.status())
+    assert a.rss_bytes is not None and a.rss_bytes > 0
+    await manager.shutdown()
+
+
+async def test_a_forever_model_never_expires() -> None:
+    manager, _ = make(model("a", keep_alive=-1))
+    (await manager.acquire("a", keep_alive=math.inf)).release()
+    assert next(iter(manager.status())).expires_at == math.inf
+    await manager.shutdown()
+
+
+async def test_stops_get_the_configured_grace_and_a_crashed_worker_none() -> None:
+    GraceWorker.graces = []
+    manager, _ = make(model("a", unload_grace=7.0), factory=GraceWorker)
+    (await manager.acquire("a")).release()
+    assert await manager.unload("a")
+    (await manager.acquire("a")).release()
+    worker = FakeWorker.instances[-1]
+    worker.returncode = 1
+    worker.on_exit(worker)  # it crashed: reaped without a grace
+    await settle()
+    assert GraceWorker.graces == [7.0, 0]
+    assert state(manager, "a") == "stopped" and manager.status().__next__().loaded_at is None
+    await manager.shutdown()
+
+
+async def test_unload_while_starting_waits_for_the_start_then_stops() -> None:
+    manager, _ = make(model("a"), factory=held)
+    task = asyncio.create_task(manager.acquire("a"))
+    await settle()
+    unload = asyncio.create_task(manager.unload("a"))
+    await settle()
+    assert not unload.done() and state(manager, "a") == "starting"
+    FakeWorker.instances[0].gate.set()
+    (await task).release()
+    assert await unload is True
+    assert state(manager, "a") == "stopped" and FakeWorker.instances[0].stopped
+    assert await manager.unload("a") is False  # nothing loaded
+    await manager.shutdown()
+
+
+async def test_unload_of_a_failing_start_reports_nothing_unloaded() -> None:
+    manager, _ = make(model("a"), factory=failing)
+    task = asyncio.create_task(manager.acquire("a"))
+    await settle()
+    unload = asyncio.create_task(manager.unload("a"))
+    await settle()
+    FakeWorker.instances[0].gate.set()
+    assert await unload is False
+    with pytest.raises(ModelLoadFailed):
+        await task
+    await manager.shutdown()
+
+
+async def test_two_unloads_of_one_model_both_wait_for_the_stop() -> None:
+    class SlowStop(FakeWorker):
+        release_stop = asyncio.Event()
+
+        async def stop(self, grace: float) -> None:
+            await SlowStop.release_stop.wait()
+            self.stopped = True
+
+    SlowStop.release_stop = asyncio.Event()
+    manager, _ = make(model("a"), factory=SlowStop)
+    (await manager.acquire("a")).release()
+    first = asyncio.create_task(manager.unload("a"))
+    await settle()
+    second = asyncio.create_task(manager.unload("a"))
+    await settle()
+    assert state(manager, "a") == "stopping" and not first.done() and not second.done()
+    SlowStop.release_stop.set()
+    assert await first is True and await second is True
+    assert state(manager, "a") == "stopped"
+    await manager.shutdown()
+
+
+async def test_a_lease_refuses_new_requests_while_its_model_drains_for_unload() -> None:
+    manager, _ = make(model("a"))
+    lease = await manager.acquire("a")
+    unload = asyncio.create_task(manager.unload("a"))
+    await settle()
+    late = asyncio.create_task(manager.acquire("a"))  # waits: the model is draining, not taken over
+    await settle()
+    assert not unload.done() and not late.done()
+    lease.release()
+    assert await unload is True
+    (await asyncio.wait_for(late, 5)).release()  # then started again for the late request
+    assert state(manager, "a") == "ready" and len(FakeWorker.instances) == 2
+    await manager.shutdown()
+
+
+async def test_unload_all_preload_and_is_loaded() -> None:
+    manager, clock = make(model("a", keep_alive=10), model("b"), model("c"))
+    lease = await manager.preload("a")
+    assert lease.released and manager.is_loaded("a") and not manager.is_loaded("b")
+    (await manager.preload("b", keep_alive=0)).release()
+    await settle()
+    assert not manager.is_loaded("b")
+    clock.advance(10.1)  # preload left a's idle timer running with its keep_alive
+    await settle()
+    assert not manager.is_loaded("a")
+    (await manager.preload("a")).release()
+    (await manager.preload("c")).release()
+    assert sorted(await manager.unload_all()) == ["a", "c"]
+    assert await manager.unload_all() == []
+    await manager.shutdown()
+
+
+async def test_worker_reports_come_from_ready_workers_that_answer() -> None:
+    class Reporting:
+        def __init__(self, report: dict[str, Any] | None) -> None:
+            self.report = report
+            self.paths: list[str] = []
+
+        async def health_report(self, path: str = "/health") -> dict[str, Any] | None:
+            self.paths.append(path)
+            return self.report
+
+    manager, _ = make(model("a", health_path="/status"), model("b"), model("c"))
+    (await manager.acquire("a")).release()
+    (await manager.acquire("b")).release()
+    a_up, b_up = Reporting({"state": "busy"}), Reporting(None)
+    FakeWorker.instances[0].upstream = a_up  # type: ignore[assignment]
+    FakeWorker.instances[1].upstream = b_up  # type: ignore[assignment]
+    assert await manager.worker_reports() == {"a": {"state": "busy"}}  # b cannot say; c is not loaded
+    assert a_up.paths == ["/status"]
+    await manager.shutdown()
+
+
+async def test_lease_load_duration_is_the_time_the_start_took() -> None:
+    manager, clock = make(model("a"), factory=held)
+    task = asyncio.create_task(manager.acquire("a"))
+    await settle()
+    clock.advance(3)
+    FakeWorker.instances[0].gate.set()
+    lease = await task
+    assert lease.load_duration == 3
+    lease.release()
+    await manager.shutdown()
+
+
+async def test_the_log_tells_each_step(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="proxy.manager")
+    manager, clock = make(model("a", keep_alive=10), model("b"))
+    (await manager.acquire("a")).release()
+    clock.advance(11)
+    await settle()
+    (await manager.acquire("b", keep_alive=0)).release()
+    await settle()
+    (await manager.acquire("a")).release()
+    await manager.unload("a")
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.manager"]
+    for expected in (
+        "model a: starting",
+        "model a: stopped -> starting (requested)",
+        "model a: keep_alive of 10s ran out; unloading",
+        "model a: ready -> stopping (keep_alive ran out)",
+        "model a: stopping -> stopped (the worker is stopped)",
+        "model a: stopped",
+        "model b: ready -> stopping (keep_alive is 0)",
+        "model a: ready -> stopping (unload)",
+    ):
+        assert expected in lines, (expected, lines)
+    await manager.shutdown()
+
+
+async def test_model_names_with_and_without_the_latest_tag() -> None:
+    manager, _ = make(model("plain"), model("tagged:latest"), model("other:7b"))
+    assert manager.is_loaded("plain:latest") is False  # "plain:latest" is "plain"
+    (await manager.acquire("plain:latest")).release()
+    (await manager.acquire("tagged")).release()  # "tagged" is "tagged:latest"
+    assert manager.is_loaded("plain") and manager.is_loaded("tagged:latest")
+    for wrong in ("other", "other:latest", "plain:7b", "tagged:7b", "", 5, None):
+        with pytest.raises(ModelNotFound) as info:
+            manager.is_loaded(wrong)  # type: ignore[arg-type]
+        assert info.value.message == f"model '{wrong}' not found"
+    await manager.shutdown()
