@@ -4,7 +4,8 @@ Shared by the dialects whose answers are a sequence of blocks, each opened, fill
 the next (Anthropic's content blocks, the Responses API's output items). OpenAI's stream may interleave
 its parallel tool calls' argument pieces (and text may follow a tool call); a block, once closed, cannot
 take more. So one block is *live* at a time, its pieces passed on as they come; a block whose pieces
-arrive while another is live is *pending*, kept whole and sent, in the order first seen, at ``finish``.
+arrive while another is live (or a call before it has not started) is *pending*, kept whole and sent at
+``finish``; tool calls go out in their OpenAI index order.
 With the usual order (text, then one tool call after another) everything but the second and later tool
 calls streams live; with any order the blocks are the same (tests/test_properties.py).
 
@@ -36,6 +37,7 @@ class Block:
     call_id: str = ""
     name: str = ""
     index: int = -1  # its place in the answer, given when it starts (Anthropic's index, Responses' output_index)
+    call_index: int = -1  # a tool call's index in OpenAI's stream
 
 
 # what a dialect renders: a block starts, gets a piece, stops
@@ -110,10 +112,12 @@ class BlockPlanner:
         fn = call.get("function") or {}
         block = self._tools.get(index)
         if block is None:
-            block = self._tools[index] = Block("tool", call_id=str(call.get("id") or new_id(self.call_prefix)))
+            block = Block("tool", call_id=str(call.get("id") or new_id(self.call_prefix)), call_index=index)
             block.name = str(fn.get("name") or "")
+            self._tools[index] = block
             live = self._live
-            if live is None or live.kind == "text":
+            started = sum(1 for b in self.blocks if b.kind == "tool")
+            if (live is None or live.kind == "text") and index == started:  # calls go out in their order
                 events += self._close_live()
                 self._live = block
                 events.append(self._start(block))
@@ -138,7 +142,9 @@ class BlockPlanner:
     def finish(self) -> list[Event]:
         """Close the live block and send the pending ones whole."""
         events = self._close_live()
-        for block in self._pending:
+        calls = iter(sorted((b for b in self._pending if b.kind == "tool"), key=lambda b: b.call_index))
+        pending = [next(calls) if b.kind == "tool" else b for b in self._pending]
+        for block in pending:
             events.append(self._start(block))
             if block.text:
                 events.append(("delta", block, block.text))
@@ -157,7 +163,7 @@ class BlockPlanner:
 
 
 class StopScanner:
-    """Finds the first of some stop strings in text that arrives in pieces: passes on what cannot be the
+    """Finds the first of some stop strings (the first to end, as generation meets them) in text that arrives in pieces: passes on what cannot be the
     start of one, holds back the rest (at most the longest stop's length less one character)."""
 
     def __init__(self, stops: list[str]) -> None:
@@ -169,14 +175,15 @@ class StopScanner:
         if not self.stops:
             return piece, None
         text = self.held + piece
-        found: tuple[int, str] | None = None
+        # the stop a model writing this text would meet first: the one that ends first (then the longest)
+        found: tuple[int, int, str] | None = None
         for stop in self.stops:
             at = text.find(stop)
-            if at >= 0 and (found is None or at < found[0]):
-                found = (at, stop)
+            if at >= 0 and (found is None or (at + len(stop), at) < found[:2]):
+                found = (at + len(stop), at, stop)
         if found is not None:
             self.held = ""
-            return text[: found[0]], found[1]
+            return text[: found[1]], found[2]
         keep = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(text)), keep, -1):
