@@ -163,8 +163,9 @@ class BlockPlanner:
 
 
 class StopScanner:
-    """Finds the first of some stop strings (the first to end, as generation meets them) in text that arrives in pieces: passes on what cannot be the
-    start of one, holds back the rest (at most the longest stop's length less one character)."""
+    """Finds the first of some stop strings (the first to end, as generation meets them) in text that
+    arrives in pieces: passes on what cannot be the start of one, holds back the rest (at most the
+    longest stop's length less one character)."""
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
