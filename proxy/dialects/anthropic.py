@@ -227,6 +227,14 @@ def messages_request(body: dict[str, Any], model: str, *, count_only: bool = Fal
     if top_k is not None:
         out["top_k"] = top_k
     optional(body, "metadata", dict, "an object")
+    config = optional(body, "output_config", dict, "an object") or {}
+    fmt = config.get("format")
+    if fmt is not None:  # structured output: the worker constrains the answer to the schema
+        if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict)):
+            raise BadRequest(
+                '\'output_config.format\' must be {"type": "json_schema", "schema": {...}}', param="output_config"
+            )
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     optional(body, "stream", bool, "a boolean")
     stops = body.get("stop_sequences") or []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
