@@ -97,7 +97,11 @@ def test_a_stop_sequence_ends_the_answer_and_is_named(client: anthropic.Anthropi
 
 
 def test_structured_output_follows_the_schema(client: anthropic.Anthropic) -> None:
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 16}},
+        "required": ["city"],
+    }
     msg = client.messages.create(
         model=MODEL,
         max_tokens=64,
@@ -277,7 +281,7 @@ def test_models_list_in_anthropic_shape_when_asked_by_an_anthropic_client(
 def test_keys_from_x_api_key_or_bearer(make_proxy: MakeProxy, sdk: SDK) -> None:
     proxy = make_proxy([fake_config("fake")], tokens={"api_key": ["user-key"], "admin_key": ["admin-key"]})
     ask: Any = {"model": "fake", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
-    assert sdk(proxy, api_key="user-key").messages.create(**ask).content[0].text  # type: ignore[union-attr]
+    assert sdk(proxy, api_key="user-key").messages.create(**ask).content[0].text
     bearer = sdk(proxy, api_key=None, auth_token="user-key")
     assert bearer.messages.count_tokens(model="fake", messages=ask["messages"]).input_tokens == 1  # via usage
     with pytest.raises(anthropic.AuthenticationError) as info:
