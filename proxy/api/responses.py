@@ -37,7 +37,7 @@ async def _events(upstream: UpstreamStream, tr: dialect.ResponseStream) -> Async
                 yield _frames(out)
         yield _frames(tr.finish())
     except ProxyError as exc:
-        yield _frames(tr.failed(exc.code, exc.message))
+        yield _frames(tr.failed("server_error", exc.message))  # the codes OpenAI gives a failed response
 
 
 @guarded(Role.USER)
