@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from proxy import rundirs
-from proxy.api import admin, images, ollama, openai, speech, transcription
+from proxy.api import admin, anthropic, images, ollama, openai, responses, speech, transcription
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
 from proxy.api.security import RequestGuard
@@ -25,7 +25,7 @@ from proxy.manager import ModelManager, WorkerFactory
 log = logging.getLogger("proxy")
 
 # each API module brings its own routes (one module per dialect or kind of model)
-ROUTE_MODULES = [openai, ollama, admin, transcription, speech, images]
+ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, transcription, speech, images]
 
 
 def create_app(

@@ -137,6 +137,22 @@ class Transcript(TypedDict):
     words: NotRequired[list[Word]]
 
 
+# ``POST /v1/tokenize``: how many of the model's tokens a chat (its messages rendered by the model's own
+# template, with its tools) or a bare prompt takes. LLM workers that can tokenize serve it; others (external
+# servers) answer 404, and the proxy then asks for one token and reads ``usage.prompt_tokens``.
+TOKENIZE_PATH = "/v1/tokenize"
+
+
+class TokenizeRequest(TypedDict, total=False):
+    messages: list[dict[str, Any]]  # OpenAI chat messages (or ``prompt``)
+    tools: list[dict[str, Any]]
+    prompt: str
+
+
+class TokenCount(TypedDict):
+    count: int
+
+
 # -- errors and SSE ------------------------------------------------------------------------------
 
 SSE_DONE = b"data: [DONE]\n\n"

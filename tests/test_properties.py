@@ -1,5 +1,6 @@
-"""Properties over input spaces, with hypothesis: the keep_alive parser, the Ollama stream translator
-(any chunking of the same answer gives the same result) and the eviction policy."""
+"""Properties over input spaces, with hypothesis: the keep_alive parser, the Ollama, Anthropic and
+Responses stream translators (any chunking of the same answer gives the same result), the stop-sequence
+scanner and the eviction policy."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.dialects.anthropic import MessageStream
+from proxy.dialects.blocks import StopScanner
 from proxy.dialects.ollama import StreamTranslator
+from proxy.dialects.responses import ResponseStream
 from proxy.keepalive import format_keep_alive, parse_keep_alive
 from proxy.policy import Candidate, choose_victim
 
@@ -98,6 +102,133 @@ def test_any_chunking_and_interleaving_of_tool_calls_gives_the_same_calls(
     chunks.append(_chunk({}, "tool_calls"))
     _, final = _translate(chunks)
     assert final["message"]["tool_calls"] == [{"function": {"name": n, "arguments": a}} for n, a in calls]
+
+
+# -- the Anthropic and Responses translators: text and interleaved tool calls --------------------------
+
+
+def _answer_chunks(text: str, calls: list[tuple[str, dict[str, Any]]], cuts: list[int], rng: Any) -> list[Any]:
+    """An answer's text in pieces, then its tool calls, each call's argument pieces interleaved at random."""
+    chunks = [_chunk({"content": piece}) for piece in _pieces(text, cuts)] if text else []
+    queues = []
+    for index, (name, args) in enumerate(calls):
+        deltas = [{"index": index, "id": f"c{index}", "function": {"name": name, "arguments": ""}}]
+        deltas += [{"index": index, "function": {"arguments": p}} for p in _pieces(json.dumps(args), cuts)]
+        queues.append(deltas)
+    while any(queues):
+        queue = rng.choice([q for q in queues if q])
+        chunks.append(_chunk({"tool_calls": [queue.pop(0)]}))
+    chunks.append(_chunk({}, "tool_calls" if calls else "stop"))
+    return chunks
+
+
+def _anthropic_replay(events: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Rebuild the content as the anthropic SDK does (by index, one block open at a time)."""
+    blocks: list[dict[str, Any]] = []
+    open_index = None
+    for name, data in events:
+        if name == "content_block_start":
+            assert open_index is None and data["index"] == len(blocks)
+            open_index = data["index"]
+            blocks.append({**data["content_block"], "json": ""})
+        elif name == "content_block_delta":
+            assert data["index"] == open_index
+            delta = data["delta"]
+            if delta["type"] == "text_delta":
+                blocks[open_index]["text"] += delta["text"]
+            else:
+                blocks[open_index]["json"] += delta["partial_json"]
+        elif name == "content_block_stop":
+            assert data["index"] == open_index
+            open_index = None
+    for block in blocks:
+        raw = block.pop("json")
+        if block["type"] == "tool_use":
+            block["input"] = json.loads(raw) if raw else {}
+    return blocks
+
+
+@given(
+    st.text(max_size=60),
+    st.lists(st.tuples(st.text(min_size=1, max_size=10), _ARGS), max_size=3),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=10),
+    st.randoms(),
+)
+def test_any_chunking_gives_the_same_anthropic_message_streamed_or_whole(
+    text: str, calls: list[tuple[str, dict[str, Any]]], cuts: list[int], rng: Any
+) -> None:
+    tr = MessageStream("m", [])
+    events = tr.start()
+    for c in _answer_chunks(text, calls, cuts, rng):
+        events += tr.feed(c)
+    events += tr.finish()
+    whole = tr.message()
+    texts = [b["text"] for b in whole["content"] if b["type"] == "text"]
+    tools = [(b["name"], b["input"], b["id"]) for b in whole["content"] if b["type"] == "tool_use"]
+    assert "".join(texts) == text
+    assert tools == [(n, args, f"c{i}") for i, (n, args) in enumerate(calls)]
+    assert _anthropic_replay(events) == whole["content"]
+    assert whole["stop_reason"] == ("tool_use" if calls else "end_turn")
+
+
+@given(
+    st.text(max_size=60),
+    st.lists(st.tuples(st.text(min_size=1, max_size=10), _ARGS), max_size=3),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=10),
+    st.randoms(),
+)
+def test_any_chunking_gives_the_same_response_items_streamed_or_whole(
+    text: str, calls: list[tuple[str, dict[str, Any]]], cuts: list[int], rng: Any
+) -> None:
+    tr = ResponseStream("m", {}, 0)
+    events = tr.start()
+    for c in _answer_chunks(text, calls, cuts, rng):
+        events += tr.feed(c)
+    events += tr.finish()
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    final = events[-1][1]["response"]
+    assert final["status"] == "completed" and final["output"] == tr.response()["output"]
+    rebuilt: dict[int, str] = {}
+    for name, data in events:
+        if name in ("response.output_text.delta", "response.function_call_arguments.delta"):
+            rebuilt[data["output_index"]] = rebuilt.get(data["output_index"], "") + data["delta"]
+    for i, item in enumerate(final["output"]):
+        if item["type"] == "message":
+            assert rebuilt.get(i, "") == item["content"][0]["text"]
+        else:
+            assert rebuilt.get(i, "") == item["arguments"]
+    said = "".join(item["content"][0]["text"] for item in final["output"] if item["type"] == "message")
+    assert said == text
+    made = [
+        (i["name"], json.loads(i["arguments"]), i["call_id"]) for i in final["output"] if i["type"] == "function_call"
+    ]
+    assert made == [(n, args, f"c{i}") for i, (n, args) in enumerate(calls)]
+
+
+@given(
+    st.text(alphabet="abcE ND", max_size=60),
+    st.lists(st.text(alphabet="abcEND", min_size=1, max_size=4), max_size=3),
+    st.lists(st.integers(min_value=0, max_value=100), max_size=12),
+)
+def test_the_stop_scanner_cuts_at_the_first_stop_however_the_text_is_chunked(
+    text: str, stops: list[str], cuts: list[int]
+) -> None:
+    # the stop met first as the text is written: the first to end (the longest of those ending together)
+    hits = [(text.find(s) + len(s), text.find(s), s) for s in stops if text.find(s) >= 0]
+    first = min(hits)[1:] if hits else None
+    scanner = StopScanner(stops)
+    sent, found = "", None
+    for piece in _pieces(text, cuts) if text else []:
+        out, found = scanner.feed(piece)
+        sent += out
+        if found:
+            break
+    if found is None:
+        sent += scanner.flush()
+    if first is None:
+        assert (sent, found) == (text, None)
+    else:
+        assert sent == text[: first[0]] and found is not None and text.find(found) == first[0]
 
 
 # -- eviction ----------------------------------------------------------------------------------------

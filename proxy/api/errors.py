@@ -1,6 +1,8 @@
 """The one place where errors become HTTP responses, in the caller's dialect.
 
-Ollama's routes (``/api/*``) answer ``{"error": "..."}``; every other route answers OpenAI's
+Ollama's routes (``/api/*``) answer ``{"error": "..."}``; Anthropic's (``/v1/messages*``, and
+``/v1/models*`` asked with ``anthropic-version``) answer ``{"type": "error", "error": {"type", "message"}}``
+with Anthropic's error types; every other route answers OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``. The status comes from the exception class
 (``proxy.errors``); Starlette finds the handler by walking the exception's MRO.
 """
@@ -16,13 +18,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.auth import Role
+from proxy.dialects.anthropic import error_body as anthropic_error
 from proxy.errors import ProxyError
 
 log = logging.getLogger("proxy.api")
 
 
-def _is_ollama(request: Request) -> bool:
-    return request.url.path.startswith("/api/")
+def _dialect(request: Request) -> str:
+    path = request.url.path
+    if path.startswith("/api/"):
+        return "ollama"
+    if path.startswith("/v1/messages") or (path.startswith("/v1/models") and "anthropic-version" in request.headers):
+        return "anthropic"
+    return "openai"
 
 
 def render(
@@ -35,8 +43,11 @@ def render(
     param: str | None,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    if _is_ollama(request):
+    dialect = _dialect(request)
+    if dialect == "ollama":
         return JSONResponse({"error": message}, status, headers=headers)
+    if dialect == "anthropic":
+        return JSONResponse(anthropic_error(status, message), status, headers=headers)
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status, headers=headers)
 

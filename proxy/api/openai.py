@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.api import anthropic
 from proxy.api.common import guarded, json_bytes, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
@@ -128,6 +129,8 @@ def model_object(request: Request, cfg: ModelConfig) -> dict[str, Any]:
 
 @guarded(Role.USER)
 async def list_models(request: Request) -> Response:
+    if anthropic.wants_anthropic(request):
+        return anthropic.list_models(request)
     data = [model_object(request, cfg) for cfg in services(request).manager.configs]
     return JSONResponse({"object": "list", "data": data})
 
@@ -136,6 +139,8 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     name = request.path_params["model"]
     cfg = services(request).manager.resolve(name)
+    if anthropic.wants_anthropic(request):
+        return JSONResponse(anthropic.model_info(request, cfg))
     return JSONResponse(model_object(request, cfg))
 
 

@@ -33,9 +33,11 @@ from proxy.wire import (
     AUDIO_MEDIA_TYPES,
     SSE_DONE,
     STREAM_HEADERS,
+    TOKENIZE_PATH,
     Health,
     ImageRequest,
     SpeechRequest,
+    TokenizeRequest,
     Transcript,
     client_gone,
     error_body,
@@ -49,6 +51,7 @@ from proxy.worker.backends.base import (
     ImageMaker,
     InvalidRequest,
     Speaker,
+    Tokenizer,
     Transcriber,
 )
 from proxy.worker.pump import pump
@@ -195,6 +198,15 @@ def _generation(method: str) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
+async def tokenize(request: Request) -> Response:
+    """Count a prompt's tokens: cheap (the vocabulary and the template, not the context), so it takes no
+    slot and does not wait for a generation."""
+    body: TokenizeRequest = await _body(request)  # type: ignore[assignment]  # shaped by the proxy (proxy.wire)
+    backend = _state(request).backend
+    assert isinstance(backend, Tokenizer)
+    return _json(await run_in_threadpool(backend.count_tokens, body))
+
+
 async def speech(request: Request) -> Response:
     body = await _body(request)
     media_type = AUDIO_MEDIA_TYPES.get(str(body.get("response_format") or "wav"))
@@ -293,6 +305,8 @@ def create_worker_app(state: WorkerState) -> Starlette:
             ("/v1/completions", _generation("completion")),
             ("/v1/embeddings", _generation("embeddings")),
         ]
+    if isinstance(backend, Tokenizer):
+        endpoints.append((TOKENIZE_PATH, tokenize))
     if isinstance(backend, ImageMaker):
         endpoints.append(("/v1/images", images))
     if isinstance(backend, Speaker):

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
-from proxy.wire import ImageRequest, ImageResult, Segment, SpeechRequest
+from proxy.wire import ImageRequest, ImageResult, Segment, SpeechRequest, TokenCount, TokenizeRequest
 
 
 class BackendError(Exception):
@@ -68,6 +68,13 @@ class Generator(Protocol):
     def completion(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
 
     def embeddings(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """An LLM backend that counts a request's prompt in its own tokens (``proxy.wire.TokenizeRequest``)."""
+
+    def count_tokens(self, body: TokenizeRequest) -> TokenCount: ...
 
 
 @runtime_checkable

@@ -20,7 +20,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from proxy.worker.backends.base import InvalidRequest
+from proxy.wire import TokenCount, TokenizeRequest
+from proxy.worker.backends.base import InvalidRequest, NotSupported
 
 # Request fields passed on to llama-cpp-python when its method takes them.
 _RENAMES = {"max_completion_tokens": "max_tokens"}
@@ -42,6 +43,7 @@ class LlamaCppBackend:
         self._loaded = False
         self._chat_params: frozenset[str] = frozenset()
         self._completion_params: frozenset[str] = frozenset()
+        self._formatter: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def _make(self, **extra: Any) -> Any:
@@ -57,7 +59,25 @@ class LlamaCppBackend:
         self._llm = self._make()
         self._chat_params = frozenset(inspect.signature(self._llm.create_chat_completion).parameters)
         self._completion_params = frozenset(inspect.signature(self._llm.create_completion).parameters)
+        self._formatter = self._chat_formatter()
         self._loaded = True
+
+    def _chat_formatter(self) -> Any:
+        """The GGUF's chat template as llama-cpp-python builds it (``Llama.__init__``), when the model uses
+        it: what ``count_tokens`` renders a chat with."""
+        from llama_cpp import llama_chat_format
+
+        llm = self._llm
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template is None or llm.chat_handler is not None or llm.chat_format != "chat_template.default":
+            return None
+        eos, bos = llm.token_eos(), llm.token_bos()
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
 
     def progress(self) -> float:
         return 1.0 if self._loaded else 0.0
@@ -154,6 +174,24 @@ class LlamaCppBackend:
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return self._run(self._llm.create_completion, kwargs, stream, include_usage)
+
+    def count_tokens(self, body: TokenizeRequest) -> TokenCount:
+        """The prompt a chat call would feed the model, in its tokens: the messages rendered by the GGUF's
+        own chat template (as llama-cpp-python renders it for ``chat``), or a bare ``prompt``."""
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            if self._formatter is None:
+                raise NotSupported("this model has no chat template in its GGUF to count a chat with")
+            try:
+                rendered = self._formatter(messages=messages, tools=body.get("tools"))
+            except Exception as exc:  # the template refused these messages (jinja2's own errors)
+                raise InvalidRequest(f"the model's chat template cannot render these messages: {exc}") from exc
+            text, add_bos = rendered.prompt, not rendered.added_special
+        elif isinstance(body.get("prompt"), str):
+            text, add_bos = body["prompt"], True
+        else:
+            raise InvalidRequest("'messages' or 'prompt' is required", param="messages")
+        return {"count": len(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))}
 
     def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         inputs = body.get("input")

@@ -1,0 +1,63 @@
+"""OpenAI's Responses API: POST /v1/responses (stateless: nothing is stored).
+
+The request is translated to OpenAI's chat format for the worker and the answer translated back chunk
+by chunk (``proxy.dialects.responses``); errors take OpenAI's shape (``api/errors.py``), and a stream that
+breaks ends with ``response.failed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.api.common import guarded, json_bytes, model_for, read_json, services
+from proxy.auth import Role
+from proxy.dialects import responses as dialect
+from proxy.dialects.blocks import sse
+from proxy.dialects.shaping import apply_model_defaults, check_messages
+from proxy.errors import ProxyError
+from proxy.relay import LeasedCall
+from proxy.upstream import UpstreamStream
+
+
+def _frames(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+    return b"".join(sse(name, data) for name, data in events)
+
+
+async def _events(upstream: UpstreamStream, tr: dialect.ResponseStream) -> AsyncIterator[bytes]:
+    try:
+        yield _frames(tr.start())
+        async for chunk in upstream.events():
+            out = tr.feed(chunk)
+            if out:
+                yield _frames(out)
+        yield _frames(tr.finish())
+    except ProxyError as exc:
+        yield _frames(tr.failed("server_error", exc.message))  # the codes OpenAI gives a failed response
+
+
+@guarded(Role.USER)
+async def create(request: Request) -> Response:
+    body = await read_json(request)
+    cfg, keep_alive = model_for(request, body, ("completion",), "does not support responses")
+    openai = dialect.responses_request(body, cfg.name)
+    check_messages(openai["messages"], cfg)
+    now = services(request).clock.time()
+    apply_model_defaults(openai, cfg, now)
+    tr = dialect.ResponseStream(cfg.name, body, now)
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+        if body.get("stream"):
+            return await call.stream(
+                "/v1/chat/completions", json_bytes(openai), lambda up: _events(up, tr), "text/event-stream"
+            )
+        async for chunk in (await call.open("/v1/chat/completions", json_bytes(openai))).events():
+            tr.feed(chunk)
+        tr.finish()
+    return JSONResponse(tr.response())
+
+
+routes = [Route("/v1/responses", create, methods=["POST"])]
