@@ -9,7 +9,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,22 +208,33 @@ def test_client_disconnect_stops_generation_and_releases_the_lease(make_proxy: M
         for _ in range(5):
             next(lines)
         assert worker_health(proxy, "long")["in_flight"] == 1
-    wait_until(lambda: worker_health(proxy, "long")["in_flight"] == 0, timeout=2)
+    wait_until(lambda: worker_health(proxy, "long")["in_flight"] == 0, timeout=30)
     generated = worker_health(proxy, "long")["generated"]
-    assert generated < 1000
-    wait_until(lambda: proxy.status()["long"]["in_flight"] == 0, timeout=2)
-    # generation really stopped: the count stays put while the fake would make 100 chunks/s
-    assert wait_until(lambda: worker_health(proxy, "long")["generated"] == generated or None, timeout=1)
+    assert generated < 100000  # it stopped long before the end of its answer
+    wait_until(lambda: proxy.status()["long"]["in_flight"] == 0, timeout=30)
+    # generation really stopped (its generator is closed): the count stays put, at 100 chunks/s otherwise
+    assert worker_health(proxy, "long")["generated"] == generated
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_stopping_the_proxy_stops_every_worker(make_proxy: MakeProxy, sig: int) -> None:
-    proxy = make_proxy([fake_config("a"), fake_config("b", "--ignore-sigterm")], defaults={"unload_grace": "1s"})
+def test_stopping_the_proxy_stops_every_worker(make_proxy: MakeProxy, tmp_path: Path, sig: int) -> None:
+    """Shutdown stops each worker with SIGTERM (each records it), and SIGKILLs one that ignores it after
+    the grace; not only the parent-death signal, which would kill them without a SIGTERM."""
+    signals = {name: tmp_path / f"{name}.signals" for name in ("a", "b")}
+    proxy = make_proxy(
+        [
+            fake_config("a", "--signals", str(signals["a"])),
+            fake_config("b", "--ignore-sigterm", "--signals", str(signals["b"])),
+        ],
+        defaults={"unload_grace": "1s"},
+    )
     assert chat(proxy, "a").status_code == 200 and chat(proxy, "b").status_code == 200
-    pids = [p.pid for p in proxy.workers()]
-    assert len(pids) >= 2
+    pids = {name: proxy.status()[name]["pid"] for name in ("a", "b")}
     assert proxy.stop(sig) in (0, -sig)  # uvicorn re-raises the signal once it has shut down
-    wait_until(lambda: gone(pids), timeout=10)
+    wait_until(lambda: gone(list(pids.values())), timeout=30)
+    for name, path in signals.items():
+        assert path.read_text().split() == ["SIGTERM", str(pids[name])], name
+    assert f"worker {pids['b']} ignored SIGTERM for 1s; killing" in proxy.log()
 
 
 def test_killing_the_proxy_leaves_no_worker(make_proxy: MakeProxy) -> None:
@@ -382,3 +393,113 @@ def test_two_tool_calls_at_once_pass_through_both_dialects(
     assert got == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
     sent = [json.loads(line)["body"] for line in record.read_text().splitlines()]
     assert [body["tools"] for body in sent] == [[WEATHER_TOOL], [WEATHER_TOOL]]
+
+
+def _stream_chat(proxy: LiveProxy, model: str, **extra: object) -> Iterator[str]:
+    """The SSE lines of a streamed chat, yielded as they come (the stream stays open between reads)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True, **extra}
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        yield from (line for line in r.iter_lines() if line)
+
+
+def _pieces(lines: list[str]) -> tuple[int, str | None]:
+    """The content chunks of an OpenAI SSE stream and how it ended ([DONE], or its error's message)."""
+    events = [json.loads(line[len("data: ") :]) for line in lines if line != "data: [DONE]"]
+    errors = [e["error"]["message"] for e in events if "error" in e]
+    content = sum(1 for e in events for c in e.get("choices", []) if c["delta"].get("content"))
+    return content, (errors[0] if errors else "done" if lines[-1] == "data: [DONE]" else None)
+
+
+def test_keep_alive_zero_waits_for_every_overlapping_request(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """With keep_alive 0, the end of one request does not unload the model under another one still
+    streaming: the idle timer starts only when the in-flight count reaches zero."""
+    gate = tmp_path / "gate"
+    proxy = make_proxy([fake_config("f", "--gate", str(gate), "--tokens", "40")])
+    long = _stream_chat(proxy, "f", keep_alive=0)
+    lines = [next(long)]  # the long stream is open, held by its worker after its first chunk
+    assert proxy.status()["f"]["in_flight"] == 1
+    pid = proxy.status()["f"]["pid"]
+    assert chat(proxy, "f", keep_alive=0, max_tokens=3).status_code == 200  # a short request, done meanwhile
+    assert proxy.status()["f"]["state"] == "ready" and proxy.status()["f"]["pid"] == pid
+    gate.touch()
+    lines += list(long)
+    assert _pieces(lines) == (40, "done")  # every chunk, then [DONE]: not cut when the short one ended
+    wait_until(lambda: proxy.status()["f"]["state"] == "stopped", timeout=30)  # and then keep_alive 0 holds
+    wait_until(lambda: gone([pid]), timeout=30)
+
+
+def test_unload_waits_for_the_stream_in_flight(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    proxy = make_proxy([fake_config("f", "--gate", str(gate), "--tokens", "20")])
+    stream = _stream_chat(proxy, "f")
+    lines = [next(stream)]
+    pid = proxy.status()["f"]["pid"]
+    result: dict[str, Any] = {}
+    unloading = threading.Thread(target=lambda: result.update(httpx.post(proxy.url + "/unload/f", timeout=60).json()))
+    unloading.start()
+    wait_until(lambda: "model f: unload requested; waiting for 1 requests in flight" in proxy.log())
+    assert unloading.is_alive() and proxy.status()["f"]["state"] == "ready"  # waiting, the stream untouched
+    gate.touch()
+    lines += list(stream)
+    assert _pieces(lines) == (20, "done")
+    unloading.join(60)
+    assert result == {"unloaded": ["f"]}
+    assert proxy.status()["f"]["state"] == "stopped" and gone([pid])
+
+
+def test_unload_sends_sigterm_and_kills_a_worker_that_ignores_it(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    signals = {name: tmp_path / f"{name}.signals" for name in ("a", "b")}
+    proxy = make_proxy(
+        [
+            fake_config("a", "--signals", str(signals["a"])),
+            fake_config("b", "--ignore-sigterm", "--signals", str(signals["b"])),
+        ],
+        defaults={"unload_grace": "1s"},
+    )
+    assert chat(proxy, "a").status_code == 200 and chat(proxy, "b").status_code == 200
+    pids = {name: proxy.status()[name]["pid"] for name in ("a", "b")}
+    for name in ("a", "b"):
+        assert httpx.post(proxy.url + f"/unload/{name}", timeout=60).json() == {"unloaded": [name]}
+        assert gone([pids[name]]), name  # gone when /unload answers
+        assert signals[name].read_text().split() == ["SIGTERM", str(pids[name])], name
+    log = proxy.log()
+    assert f"worker {pids['b']} ignored SIGTERM for 1s; killing" in log
+    assert f"worker {pids['a']} ignored SIGTERM" not in log
+    assert proxy.workers() == []
+
+
+def test_unload_stops_the_processes_an_external_cmd_started(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """An external server's own children (a shell's background job here) go with it: the whole process
+    group is stopped, not only the process the proxy started."""
+    child = tmp_path / "child.pid"
+    script = f'sleep 1000 & echo $! > {child}; exec "$0" "$@"'
+    cmd = ["bash", "-c", script, sys.executable, FAKE_WORKER, "--port", "${PORT}"]
+    proxy = make_proxy([{"name": "spawner", "backend": "external", "cmd": cmd}])
+    assert chat(proxy, "spawner").status_code == 200
+    pid, sleeper = proxy.status()["spawner"]["pid"], int(child.read_text())
+    assert psutil.Process(sleeper).ppid() == pid and psutil.Process(sleeper).name() == "sleep"
+    assert httpx.post(proxy.url + "/unload/spawner", timeout=60).json() == {"unloaded": ["spawner"]}
+    wait_until(lambda: gone([pid, sleeper]), timeout=30)
+
+
+def test_a_failed_load_is_retried_after_the_backoff(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """A model that fails to load answers 503 with the reason; requests within the backoff start no new
+    worker; a request after it starts one again, which now loads."""
+    weights, pidfile = tmp_path / "weights", tmp_path / "pids"
+    proxy = make_proxy([fake_config("flaky", "--fail-unless", str(weights), "--pidfile", str(pidfile))])
+    first = chat(proxy, "flaky")
+    assert first.status_code == 503 and "file is corrupt" in first.json()["error"]["message"]
+    assert proxy.status()["flaky"]["state"] == "failed"
+    again = [chat(proxy, "flaky") for _ in range(4)]
+    assert all(r.status_code == 503 and "file is corrupt" in r.json()["error"]["message"] for r in again)
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in again)
+    # refused within the backoff (1 s after one failure, then 2 s, ...) without a new start: one start for
+    # the five requests (two if this machine stalled past the first backoff), not one each
+    starts = len(pidfile.read_text().split())
+    assert starts <= 2
+    weights.touch()  # now it can load: a request after the backoff starts it again
+    ok = wait_until(lambda: (r := chat(proxy, "flaky")).status_code == 200 and r, timeout=30)
+    assert ok.json()["choices"][0]["message"]["content"].startswith("tok")
+    assert len(pidfile.read_text().split()) == starts + 1  # the failed starts, then one that worked
+    assert proxy.status()["flaky"]["state"] == "ready" and proxy.status()["flaky"]["last_error"] is None
