@@ -1,6 +1,10 @@
-"""Lifecycle edge cases against a live proxy with fake worker processes (tests/fake_worker.py).
+"""Lifecycle rules and edge cases against a live proxy with fake worker processes (tests/fake_worker.py).
 
-Each rule is also covered once on the real SmolLM2 worker in test_lifecycle_real.py.
+test_lifecycle_real.py covers on the real SmolLM2 worker: one start for concurrent first requests, keep_alive
+0 with overlapping requests, a disconnect, a crash mid-stream, a load that fails and then works, /unload
+waiting for a stream, pin_keep_alive, a new load from the config, the LRU tie-break, SIGKILL of the proxy.
+What a real model cannot be made to do is here only: hang while loading or mid-answer (stall watchdog), end
+an answer early, ignore SIGTERM, spawn children of its own, call two tools at once; and the queue limits.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def worker_health(proxy: LiveProxy, name: str) -> dict[str, Any]:
     pid = proxy.status()[name]["pid"]
     cmdline = psutil.Process(pid).cmdline()
     port = cmdline[cmdline.index("--port") + 1]
-    health: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+    health: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
     return health
 
 
@@ -72,7 +76,7 @@ def test_idle_timer_starts_when_in_flight_reaches_zero(make_proxy: MakeProxy) ->
         pid = proxy.status()["f"]["pid"]
         for _ in lines:
             pass
-    wait_until(lambda: proxy.status()["f"]["state"] == "stopped", timeout=10)
+    wait_until(lambda: proxy.status()["f"]["state"] == "stopped", timeout=30)
     wait_until(lambda: gone([pid]))
 
 
@@ -86,7 +90,7 @@ def test_keep_alive_zero_negative_and_absent(make_proxy: MakeProxy) -> None:
     assert proxy.status()["f"]["keep_alive"] == "10m"
     pid = proxy.status()["f"]["pid"]
     assert chat(proxy, "f", keep_alive=0).status_code == 200
-    wait_until(lambda: proxy.status()["f"]["state"] == "stopped", timeout=10)
+    wait_until(lambda: proxy.status()["f"]["state"] == "stopped", timeout=30)
     wait_until(lambda: gone([pid]))
 
 
@@ -164,7 +168,7 @@ def test_hung_load_is_killed_at_the_load_timeout(make_proxy: MakeProxy) -> None:
     response = httpx.post(proxy.url + "/api/generate", json={"model": "hang", "prompt": "x"}, timeout=30)
     assert response.status_code == 503
     assert "did not load within 1s" in response.json()["error"]
-    wait_until(lambda: proxy.workers() == [], timeout=10)
+    wait_until(lambda: proxy.workers() == [], timeout=30)
 
 
 def test_worker_dying_mid_stream_ends_with_an_error_and_restarts(make_proxy: MakeProxy, openai_for: OpenAIFor) -> None:
@@ -242,7 +246,7 @@ def test_killing_the_proxy_leaves_no_worker(make_proxy: MakeProxy) -> None:
     assert chat(proxy, "a").status_code == 200 and chat(proxy, "b").status_code == 200
     pids = [p.pid for p in proxy.workers()]
     proxy.stop(signal.SIGKILL)
-    wait_until(lambda: gone(pids), timeout=10)
+    wait_until(lambda: gone(pids), timeout=30)
 
 
 def test_external_server_at_a_url_is_routed_to_but_never_stopped(make_proxy: MakeProxy) -> None:
@@ -323,7 +327,7 @@ def test_a_worker_crash_reaches_the_log_at_warning_level_with_its_last_words(mak
     proxy = make_proxy([fake_config("crashy", "--crash-after", "2", "--tokens", "10")])
     lines = _openai_stream_lines(proxy, "crashy")
     assert "error" in lines[-1]
-    wait_until(lambda: "fake worker: crashing after 2 chunks" in proxy.log(), timeout=10)
+    wait_until(lambda: "fake worker: crashing after 2 chunks" in proxy.log(), timeout=30)
     entry = next(line for line in proxy.log().splitlines() if "exited with code 3" in line)
     assert "WARNING" in entry and "crashy" in entry
 
@@ -484,20 +488,26 @@ def test_unload_stops_the_processes_an_external_cmd_started(make_proxy: MakeProx
 
 
 def test_a_failed_load_is_retried_after_the_backoff(make_proxy: MakeProxy, tmp_path: Path) -> None:
-    """A model that fails to load answers 503 with the reason; requests within the backoff start no new
-    worker; a request after it starts one again, which now loads."""
+    """A model that fails to load answers 503 with the reason, to every request that waited for that
+    start; requests within the backoff start no new worker; a request after it starts one, which loads."""
     weights, pidfile = tmp_path / "weights", tmp_path / "pids"
     proxy = make_proxy([fake_config("flaky", "--fail-unless", str(weights), "--pidfile", str(pidfile))])
-    first = chat(proxy, "flaky")
-    assert first.status_code == 503 and "file is corrupt" in first.json()["error"]["message"]
+    firsts: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: firsts.append(chat(proxy, "flaky"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # the first requests share one start, and each gets its failure
+    assert all(r.status_code == 503 and "file is corrupt" in r.json()["error"]["message"] for r in firsts)
     assert proxy.status()["flaky"]["state"] == "failed"
     again = [chat(proxy, "flaky") for _ in range(4)]
     assert all(r.status_code == 503 and "file is corrupt" in r.json()["error"]["message"] for r in again)
     assert all(int(r.headers["Retry-After"]) >= 1 for r in again)
     # refused within the backoff (1 s after one failure, then 2 s, ...) without a new start: one start for
-    # the five requests (two if this machine stalled past the first backoff), not one each
+    # the seven requests (two or three if this machine stalled past a backoff), not one each
     starts = len(pidfile.read_text().split())
-    assert starts <= 2
+    assert starts <= 3
     weights.touch()  # now it can load: a request after the backoff starts it again
     ok = wait_until(lambda: (r := chat(proxy, "flaky")).status_code == 200 and r, timeout=30)
     assert ok.json()["choices"][0]["message"]["content"].startswith("tok")

@@ -62,7 +62,7 @@ def worker_socket(pid: int) -> str:
 
 def worker_health(pid: int) -> dict[str, Any]:
     transport = httpx.HTTPTransport(uds=worker_socket(pid))
-    with httpx.Client(transport=transport, base_url="http://worker", timeout=5) as c:
+    with httpx.Client(transport=transport, base_url="http://worker", timeout=30) as c:
         health: dict[str, Any] = c.get("/health").json()
         return health
 
@@ -94,7 +94,7 @@ def test_keep_alive_zero_unloads_the_real_worker_and_memory_returns(make_proxy: 
         timeout=60,
     )
     assert r.status_code == 200 and r.json()["done"] is True
-    wait_until(lambda: proxy.status()[MODEL]["state"] == "stopped", timeout=15)
+    wait_until(lambda: proxy.status()[MODEL]["state"] == "stopped", timeout=30)
     assert proxy.workers() == []
 
 
@@ -172,7 +172,7 @@ def test_sigkill_of_the_proxy_leaves_no_real_worker(make_proxy: MakeProxy) -> No
     pids = [p.pid for p in proxy.workers()]
     assert pids
     proxy.stop(signal.SIGKILL)
-    wait_until(lambda: gone(pids), timeout=10)
+    wait_until(lambda: gone(pids), timeout=30)
 
 
 def test_unload_endpoint_stops_the_real_worker(make_proxy: MakeProxy) -> None:
