@@ -60,23 +60,19 @@ def test_concurrent_first_requests_start_exactly_one_worker(make_proxy: MakeProx
     assert len(pidfile.read_text().split()) == 1
 
 
-def test_idle_timer_starts_when_in_flight_reaches_zero(make_proxy: MakeProxy) -> None:
-    proxy = make_proxy([fake_config("f", "--rate", "20", "--tokens", "30")])
-    with httpx.stream(
-        "POST",
-        proxy.url + "/v1/chat/completions",
-        json={"model": "f", "messages": [{"role": "user", "content": "x"}], "stream": True, "keep_alive": "200ms"},
-        timeout=60,
-    ) as response:
-        lines = response.iter_lines()
-        for _ in range(20):  # ~1 s into the stream: far past the 200 ms keep_alive
-            next(lines)
-        assert proxy.status()["f"]["state"] == "ready"
-        assert proxy.status()["f"]["in_flight"] == 1
-        pid = proxy.status()["f"]["pid"]
-        for _ in lines:
-            pass
-    wait_until(lambda: proxy.status()["f"]["state"] == "stopped", timeout=30)
+def test_idle_timer_starts_when_in_flight_reaches_zero(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    proxy = make_proxy([fake_config("f", "--gate", str(gate), "--tokens", "30")])
+    stream = _stream_chat(proxy, "f", keep_alive="200ms")
+    lines = [next(stream)]  # the stream is in flight, held by its worker until the gate opens
+    pid = proxy.status()["f"]["pid"]
+    with pytest.raises(AssertionError):  # watched for a second, five times its keep_alive: it stays
+        wait_until(lambda: proxy.status()["f"]["state"] != "ready", timeout=1)
+    assert proxy.status()["f"]["in_flight"] == 1
+    gate.touch()
+    lines += list(stream)
+    assert _pieces(lines) == (30, "done")
+    wait_until(lambda: proxy.status()["f"]["state"] == "stopped")  # then the 200 ms run out
     wait_until(lambda: gone([pid]))
 
 
@@ -105,50 +101,47 @@ def test_eviction_unloads_idle_model_with_shortest_keep_alive(make_proxy: MakePr
     wait_until(lambda: gone([b_pid]))
 
 
-def test_busy_model_is_not_evicted_the_request_waits(make_proxy: MakeProxy, openai_for: OpenAIFor) -> None:
+def test_busy_model_is_not_evicted_the_request_waits(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
     proxy = make_proxy(
-        [fake_config("a", "--rate", "20", "--tokens", "20"), fake_config("b")], limits={"max_loaded_models": 1}
+        [fake_config("a", "--gate", str(gate), "--tokens", "20"), fake_config("b")], limits={"max_loaded_models": 1}
     )
-    client = openai_for(proxy)
-    stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "x"}], stream=True)
-    first = next(iter(stream))
-    assert first.choices[0].delta.content == "tok "
+    stream = _stream_chat(proxy, "a")
+    lines = [next(stream)]  # a is busy until the gate opens
     result: dict[str, int] = {}
     waiter = threading.Thread(target=lambda: result.update(status=chat(proxy, "b").status_code))
     waiter.start()
     wait_until(lambda: httpx.get(proxy.url + "/status").json()["queued"] == 1)
-    assert proxy.status()["a"]["state"] == "ready"
-    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
-    assert len(pieces) == 19  # the busy stream was not cut
-    waiter.join(30)
+    assert proxy.status()["a"]["state"] == "ready" and proxy.status()["a"]["in_flight"] == 1
+    gate.touch()
+    lines += list(stream)
+    assert _pieces(lines) == (20, "done")  # the busy stream was not cut
+    waiter.join(60)
     assert result["status"] == 200
-    assert proxy.status()["b"]["state"] == "ready"
+    assert proxy.status()["b"]["state"] == "ready" and proxy.status()["a"]["state"] == "stopped"
 
 
-def test_queue_beyond_max_queue_gets_503_with_retry_after(make_proxy: MakeProxy) -> None:
+def test_queue_beyond_max_queue_gets_503_with_retry_after(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
     proxy = make_proxy(
-        [fake_config("a", "--rate", "10", "--tokens", "30"), fake_config("b"), fake_config("c")],
+        [fake_config("a", "--gate", str(gate), "--tokens", "30"), fake_config("b"), fake_config("c")],
         limits={"max_loaded_models": 1, "max_queue": 1},
     )
-    with httpx.stream(
-        "POST",
-        proxy.url + "/v1/chat/completions",
-        timeout=60,
-        json={"model": "a", "messages": [{"role": "user", "content": "x"}], "stream": True},
-    ) as busy:
-        lines = busy.iter_lines()  # (kept: a dropped generator would close the response at once)
-        next(lines)
-        waiter = threading.Thread(target=lambda: chat(proxy, "b"))
-        waiter.start()
-        wait_until(lambda: httpx.get(proxy.url + "/status").json()["queued"] == 1)
-        refused = chat(proxy, "c")
-        assert refused.status_code == 503
-        assert int(refused.headers["Retry-After"]) >= 1
-        assert "waiting" in refused.json()["error"]["message"]
-        body = {"model": "c", "messages": [{"role": "user", "content": "x"}]}
-        refused = httpx.post(proxy.url + "/api/chat", json=body)
-        assert refused.status_code == 503 and "error" in refused.json()
-    waiter.join(30)
+    busy = _stream_chat(proxy, "a")
+    next(busy)  # a is busy until the gate opens
+    waiter = threading.Thread(target=lambda: chat(proxy, "b"))
+    waiter.start()
+    wait_until(lambda: httpx.get(proxy.url + "/status").json()["queued"] == 1)
+    refused = chat(proxy, "c")
+    assert refused.status_code == 503
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "waiting" in refused.json()["error"]["message"]
+    body = {"model": "c", "messages": [{"role": "user", "content": "x"}]}
+    refused = httpx.post(proxy.url + "/api/chat", json=body)
+    assert refused.status_code == 503 and "error" in refused.json()
+    gate.touch()
+    assert _pieces([next(busy), *busy])[1] == "done"
+    waiter.join(60)
 
 
 def test_crash_on_load_reports_the_workers_reason(make_proxy: MakeProxy) -> None:

@@ -131,10 +131,7 @@ def test_real_worker_killed_mid_stream_gives_an_error_then_restarts(
 ) -> None:
     proxy = make_proxy([smollm2_config()])
     client = openai_for(proxy)
-    stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Write a long story."}], max_tokens=1500, stream=True
-    )
-    chunks = iter(stream)
+    chunks = open_stream(client, 1500)  # its end banned: far longer than the kill takes
     next(chunks)
     pid = proxy.status()[MODEL]["pid"]
     os.kill(pid, signal.SIGKILL)
