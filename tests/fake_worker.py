@@ -2,9 +2,11 @@
 
 Run as an ``external`` model's cmd: ``python tests/fake_worker.py --port ${PORT} [flags]``.
 It streams ``--tokens`` chunks of ``tok`` at ``--rate`` per second (0: as fast as it can), and
-can be told to load slowly, crash while loading, hang while loading, crash, hang or end early
-mid-stream, or ignore SIGTERM. ``GET /health`` reports ``in_flight`` and the number of chunks generated so far, so a
-test can see generation stop when its client goes away.
+can be told to load slowly, crash while loading (``--fail-unless FILE``: unless that file exists), hang
+while loading, crash, hang or end early mid-stream, hold its streams after the first chunk until a file
+exists (``--gate``), or ignore SIGTERM; ``--signals FILE`` records each SIGTERM it receives, so a test can
+tell a stop by SIGTERM from a kill. ``GET /health`` reports ``in_flight`` and the number of chunks
+generated so far, so a test can see generation stop when its client goes away.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -98,6 +101,9 @@ def build(args: argparse.Namespace) -> Starlette:
                     yield b"data: [DONE]\n\n"
                     return
                 for i in range(n):
+                    if args.gate and i == 1:
+                        while not os.path.exists(args.gate):  # held until the test opens the gate
+                            await asyncio.sleep(0.02)
                     if args.crash_after is not None and i == args.crash_after:
                         sys.stderr.write(f"fake worker: crashing after {i} chunks\n")
                         sys.stderr.flush()
@@ -150,6 +156,29 @@ class _DeafServer(uvicorn.Server):
         yield
 
 
+def _record(path: str) -> Callable[[int, FrameType | None], None]:
+    """A SIGTERM handler that only writes down that the signal came (the process goes on)."""
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        with open(path, "a") as fh:
+            fh.write(f"{signal.Signals(sig).name} {os.getpid()}\n")
+
+    return handler
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server; with ``signals`` it first writes down each SIGTERM, then shuts down as usual."""
+
+    def __init__(self, config: uvicorn.Config, signals: str | None) -> None:
+        super().__init__(config)
+        self._note = _record(signals) if signals else None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._note is not None and sig == signal.SIGTERM:
+            self._note(sig, frame)
+        super().handle_exit(sig, frame)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
@@ -158,6 +187,9 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=0.0, help="chunks per second; 0 = as fast as possible")
     p.add_argument("--delay", type=float, default=0.0, help="seconds a non-streaming answer takes")
     p.add_argument("--crash-on-load", action="store_true")
+    p.add_argument("--fail-unless", default=None, help="crash while loading unless this file exists")
+    p.add_argument("--gate", default=None, help="streams wait after their first chunk until this file exists")
+    p.add_argument("--signals", default=None, help="append a line here for each SIGTERM received")
     p.add_argument("--hang-on-load", action="store_true")
     p.add_argument("--crash-after", type=int, default=None, help="exit after this many streamed chunks")
     p.add_argument("--hang-after", type=int, default=None, help="stop making progress after this many chunks")
@@ -171,9 +203,9 @@ def main() -> None:
         with open(args.pidfile, "a") as fh:
             fh.write(f"{os.getpid()}\n")
     if args.ignore_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _record(args.signals) if args.signals else signal.SIG_IGN)
     print(f"fake worker {os.getpid()} loading", file=sys.stderr, flush=True)
-    if args.crash_on_load:
+    if args.crash_on_load or (args.fail_unless and not os.path.exists(args.fail_unless)):
         print("fake worker: cannot load weights: file is corrupt", file=sys.stderr, flush=True)
         raise SystemExit(7)
     if args.hang_on_load:
@@ -181,7 +213,7 @@ def main() -> None:
             time.sleep(3600)
     time.sleep(args.load_time)
     config = uvicorn.Config(build(args), host="127.0.0.1", port=args.port, log_level="warning", lifespan="off")
-    server = _DeafServer(config) if args.ignore_sigterm else uvicorn.Server(config)
+    server = _DeafServer(config) if args.ignore_sigterm else _Server(config, args.signals)
     server.run()
 
 

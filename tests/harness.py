@@ -64,7 +64,7 @@ def fake_config(name: str, *flags: str, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
     """Poll with a deadline (never a bare sleep to synchronise)."""
     deadline = time.monotonic() + timeout
     while True:

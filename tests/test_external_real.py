@@ -20,6 +20,7 @@ import pytest
 
 from tests.harness import LiveProxy, answers, free_port, gone, smollm2_path, wait_until
 
+pytestmark = pytest.mark.real
 MakeProxy = Callable[..., LiveProxy]
 OpenAIFor = Callable[[LiveProxy], openai.OpenAI]
 MESSAGES: Any = [{"role": "user", "content": "Name a colour."}]

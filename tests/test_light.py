@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.harness import REPO, LiveProxy
 
@@ -38,6 +39,7 @@ def test_proxy_side_imports_no_backend() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.real
 def test_running_proxy_maps_no_backend_library(smollm2_proxy: LiveProxy) -> None:
     r = httpx.post(
         smollm2_proxy.url + "/api/generate",

@@ -1,6 +1,10 @@
 """ModelManager's rules with injected time and in-process fake workers (no processes, no sleeps).
 
-Every rule here is also covered once on the real path (test_lifecycle.py, test_lifecycle_real.py).
+Every rule here is also covered through a live proxy: test_lifecycle.py with fake worker processes,
+test_lifecycle_real.py on SmolLM2 (one start shared, keep_alive 0 with overlapping requests, pin_keep_alive,
+a new load from the config, the LRU tie-break, a failed load retried after the backoff, /unload waiting for
+a stream). Only the walk over the transition table, a watchdog turned off and the refusal of a lease while
+shutting down are checked here alone.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import pytest
 from tests.harness import LiveProxy, gone, wait_until
 
 MODEL = "smollm2:135m"
+pytestmark = pytest.mark.real
 
 
 @pytest.fixture

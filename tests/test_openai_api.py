@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
 from collections.abc import Iterator
 
 import httpx
@@ -13,6 +15,7 @@ import pytest
 from tests.harness import LiveProxy
 
 MODEL = "smollm2:135m"
+pytestmark = pytest.mark.real
 
 
 @pytest.fixture
@@ -100,6 +103,25 @@ def test_embeddings(client: openai.OpenAI) -> None:
     assert a != b
     single = client.embeddings.create(model=MODEL, input="hello world")
     assert single.data[0].embedding == pytest.approx(a, abs=1e-4)
+
+
+def test_embeddings_as_float_or_base64(client: openai.OpenAI, smollm2_proxy: LiveProxy) -> None:
+    """The SDK asks for base64 unless told otherwise; "float" gives JSON numbers: the same vector."""
+    packed = client.embeddings.create(model=MODEL, input="hello world")  # base64, decoded by the SDK
+    floats = client.embeddings.create(model=MODEL, input="hello world", encoding_format="float")
+    assert floats.data[0].embedding == pytest.approx(packed.data[0].embedding, rel=1e-5, abs=1e-7)
+    body = {"model": MODEL, "input": ["hello world"]}
+    raw = {
+        fmt: httpx.post(smollm2_proxy.url + "/v1/embeddings", json={**body, "encoding_format": fmt}, timeout=60).json()[
+            "data"
+        ][0]["embedding"]
+        for fmt in ("float", "base64")
+    }
+    assert isinstance(raw["float"], list) and all(isinstance(x, float) for x in raw["float"])
+    decoded = struct.unpack(f"<{len(raw['float'])}f", base64.b64decode(raw["base64"]))  # little-endian float32
+    assert list(decoded) == pytest.approx(raw["float"], rel=1e-6, abs=1e-7)
+    refused = httpx.post(smollm2_proxy.url + "/v1/embeddings", json={**body, "encoding_format": "int8"}, timeout=60)
+    assert refused.status_code == 400 and "encoding_format" in refused.json()["error"]["message"]
 
 
 def test_json_mode_returns_json(client: openai.OpenAI) -> None:

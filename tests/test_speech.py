@@ -4,11 +4,14 @@ asked with the official `openai` SDK and with plain HTTP; the audio is decoded a
 from __future__ import annotations
 
 import io
+import sys
 import wave
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import ollama
 import openai
 import pytest
 import yaml
@@ -147,6 +150,35 @@ def test_bad_input_never_reaches_the_worker(
     message = error if path.startswith("/api/") else error["message"]
     assert all(w in message for w in words), message
     assert proxy.status()["piper-joe"]["state"] == "stopped"
+
+
+def test_api_ps_lists_only_the_models_that_chat(proxy: LiveProxy) -> None:
+    speech = httpx.post(proxy.url + "/v1/audio/speech", json={"model": "piper-joe", "input": SHORT}, timeout=60)
+    assert speech.status_code == 200
+    chat = {"model": "chatty:latest", "messages": [{"role": "user", "content": "hi"}]}  # Ollama's tag resolves
+    assert httpx.post(proxy.url + "/v1/chat/completions", json=chat, timeout=60).status_code == 200
+    status = proxy.status()
+    assert status["piper-joe"]["state"] == status["chatty"]["state"] == "ready"  # both loaded
+    with ollama.Client(host=proxy.url, timeout=60) as client:
+        assert [m.model for m in client.ps().models] == ["chatty:latest"]  # as Ollama's: no speech model
+
+
+def test_a_worker_runs_under_the_python_its_config_names(tmp_path: Path) -> None:
+    """``python:`` for Piper (not only XTTS): the worker starts under that interpreter, here a wrapper
+    that writes down its arguments and runs this venv's Python."""
+    ran = tmp_path / "ran"
+    python = tmp_path / "other-python"
+    python.write_text(f'#!/bin/sh\necho "$@" > {ran}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    piper = yaml.safe_load((REPO / "configs" / "piper.yaml").read_text())
+    with running(tmp_path / "proxy", [{**piper, "python": str(python)}]) as live:
+        r = httpx.post(
+            live.url + "/v1/audio/speech",
+            json={"model": "tts-1", "input": SHORT, "response_format": "wav"},
+            timeout=120,
+        )
+        assert r.status_code == 200 and wav_seconds(r.content)[1] > 0.4
+        assert ran.read_text().startswith("-m proxy.worker --socket ")
 
 
 def test_not_a_speech_model(proxy: LiveProxy) -> None:

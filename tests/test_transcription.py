@@ -7,6 +7,7 @@ import io
 import wave
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -85,6 +86,24 @@ def found(text: str) -> int:
 def test_round_trip_through_the_openai_sdk(client: openai.OpenAI, wav: bytes) -> None:
     result = client.audio.transcriptions.create(model="whisper-1", file=("speech.wav", wav, "audio/wav"))
     assert found(result.text) >= 6, result.text
+
+
+def test_language_and_prompt_reach_whisper(client: openai.OpenAI, wav: bytes) -> None:
+    """OpenAI's ``language`` and ``prompt`` fields reach the worker and change what Whisper writes: told
+    the speech is German, it writes German; a prompt's made-up spellings are taken up."""
+
+    def transcribe(**extra: Any) -> Any:
+        return client.audio.transcriptions.create(
+            model="whisper-1", file=("speech.wav", wav), response_format="verbose_json", **extra
+        )
+
+    plain, german = transcribe(), transcribe(language="de")
+    assert plain.language in ("en", "english") and german.language in ("de", "german")
+    assert german.text != plain.text and found(german.text) < found(plain.text)
+    invented = ("Kwik", "Braun", "Foks", "Lazee", "Dogg", "Rivver", "Bankk")
+    prompted = transcribe(prompt="Kwik Braun Foks, Lazee Dogg, Rivver Bankk.")
+    assert sum(word in prompted.text for word in invented) >= 3, prompted.text
+    assert not any(word in plain.text for word in invented)
 
 
 @pytest.mark.parametrize("name", list(ENCODINGS))

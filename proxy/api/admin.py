@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -14,6 +15,8 @@ from proxy.api.errors import for_users, is_admin
 from proxy.auth import Role
 from proxy.keepalive import format_keep_alive, parse_keep_alive
 from proxy.manager import ModelStatus
+
+log = logging.getLogger("proxy.api.admin")
 
 
 async def health(request: Request) -> Response:
@@ -70,6 +73,8 @@ async def unload(request: Request) -> Response:
     if name is None:
         return JSONResponse({"unloaded": await manager.unload_all()})
     cfg = manager.resolve(name)
+    in_flight = next(s.in_flight for s in manager.status() if s.name == cfg.name)
+    log.info("model %s: unload requested; waiting for %d requests in flight", cfg.name, in_flight)
     done = await manager.unload(cfg.name)
     return JSONResponse({"unloaded": [cfg.name] if done else []})
 

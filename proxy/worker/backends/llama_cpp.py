@@ -160,6 +160,7 @@ class LlamaCppBackend:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty list", param="messages")
         kwargs = self._kwargs(body, self._chat_params, _SKIP)
+        kwargs["messages"] = [_text_only(m, i) for i, m in enumerate(messages)]
         if "response_format" in kwargs:
             kwargs["response_format"] = _response_format(kwargs["response_format"])
         stream = bool(body.get("stream"))
@@ -274,3 +275,23 @@ class _Held:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _text_only(message: Any, i: int) -> Any:
+    """A message whose content is OpenAI's array of parts, as llama.cpp's chat templates take it: the
+    text parts joined into one string (a template given the array fails with a TypeError). This backend
+    loads no image projector, so an image part is refused with 400."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    texts: list[str] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise InvalidRequest(
+                f"messages[{i}] has a part of type {kind!r}; this llama.cpp model reads text only "
+                "(serve a vision model as backend: external)",
+                param="messages",
+            )
+        texts.append(part["text"])
+    return {**message, "content": "\n".join(texts)}
