@@ -108,7 +108,7 @@ def one(
     complete: Callable[[list[str], int, bytes], tuple[bool, str]],
 ) -> Outcome:
     path, body = shape(plan)
-    timeout = httpx.Timeout(120.0, read=plan.drop_after_s or 120.0)
+    timeout = httpx.Timeout(600.0, read=plan.drop_after_s or 600.0)  # generous: a loaded 2-core box queues deep
     with httpx.Client(base_url=proxy.url, timeout=timeout) as client:
         if plan.stream:
             lines: list[str] = []
