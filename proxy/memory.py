@@ -394,7 +394,7 @@ class SystemProbe:
         import psutil
 
         try:
-            return sum(p.memory_info().rss for p in self._tree(pid))
+            return int(sum(p.memory_info().rss for p in self._tree(pid)))
         except psutil.Error:
             return None
 
