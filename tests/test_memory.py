@@ -181,7 +181,7 @@ async def test_never_fits_fails_at_once_naming_need_and_budget() -> None:
     (await manager.acquire("a")).release()
     with pytest.raises(InsufficientMemory) as info:
         await manager.acquire("huge")
-    assert "12.0 GiB" in info.value.message and "10.0 GiB" in info.value.message
+    assert "needs 12.0 GiB of RAM; the whole budget is 10.0 GiB" in info.value.message
     assert info.value.status == 507
     assert state(manager, "a") == "ready"  # nothing was unloaded for it
     assert len(FakeWorker.instances) == 1
@@ -201,20 +201,22 @@ async def test_a_busy_model_is_never_evicted_the_request_waits() -> None:
 
 
 async def test_waits_for_memory_to_come_back_after_an_unload() -> None:
-    probe = FakeProbe(total=16 * GiB, available=5 * GiB)  # a loaded, 5 GiB free on the box
-    manager, clock, _ = make(m("a", 6), m("b", 6), probe=probe, limits=MemoryLimits(reserve_ram=0))
+    probe = FakeProbe(total=16 * GiB, available=5 * GiB)  # a and c loaded, 5 GiB free on the box
+    manager, clock, _ = make(m("a", 6), m("c", 2), m("b", 6), probe=probe, limits=MemoryLimits(reserve_ram=0))
     (await manager.acquire("a")).release()
+    (await manager.acquire("c")).release()
     waiting = asyncio.create_task(manager.acquire("b"))
     await settle()
-    assert state(manager, "a") == "stopped"  # evicted: the books say b fits now ...
-    assert not waiting.done() and len(FakeWorker.instances) == 1  # ... but the box does not show it yet
+    assert state(manager, "c") == "stopped"  # the smaller one that frees enough: the books say b fits now ...
+    assert not waiting.done() and len(FakeWorker.instances) == 2  # ... but the box does not show it yet
     clock.advance(1.0)
     await settle()
-    assert not waiting.done() and len(FakeWorker.instances) == 1
-    probe.available = 11 * GiB  # the kernel hands a's memory back
+    assert not waiting.done() and len(FakeWorker.instances) == 2
+    assert state(manager, "a") == "ready"  # nothing more is unloaded while c's memory comes back
+    probe.available = 7 * GiB  # the kernel hands c's memory back
     clock.advance(0.25)
     (await asyncio.wait_for(waiting, 5)).release()
-    assert state(manager, "b") == "ready"
+    assert (state(manager, "a"), state(manager, "b")) == ("ready", "ready")
 
 
 async def test_memory_that_never_comes_back_stops_the_wait_at_the_cap() -> None:
