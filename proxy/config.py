@@ -21,6 +21,7 @@ import yaml
 from proxy.backends import BACKENDS, Backend, BackendInfo, Capability, Kind, ModelFileOptions, under
 from proxy.errors import BadRequest, ConfigError
 from proxy.keepalive import parse_keep_alive
+from proxy.memory import Need, parse_bytes
 
 Duration = str | int | float
 
@@ -52,8 +53,25 @@ class DefaultsSection(_Strict):
     unload_grace: Duration = "10s"
 
 
+Size = int | str  # bytes, or "16GiB", "512MB"
+
+
+class MemoryLimitsSection(_Strict):
+    # hard budgets the admitted models together may not exceed (vram: per GPU); none: what the box has
+    ram: Size | None = None
+    vram: Size | None = None
+    # kept free for everything else: subtracted from available RAM and from each GPU's free VRAM
+    reserve_ram: Size = "512MiB"
+    reserve_vram: Size = "256MiB"
+    # after an unload, how long to wait at most for the memory to be back before starting the next model
+    recovery_timeout: Duration = "10s"
+    # may models with keep_alive < 0 ("forever") be unloaded to make room? (default: never)
+    evict_pinned: bool = False
+
+
 class LimitsSection(_Strict):
-    max_loaded_models: int = 3
+    memory: MemoryLimitsSection = msgspec.field(default_factory=MemoryLimitsSection)
+    max_loaded_models: int | None = None  # an extra cap on the count; none: memory alone decides
     max_queue: int = 512
     max_body_bytes: int = 32 * 1024 * 1024
     # a worker with requests in flight that uses no CPU for this long is stuck: it is killed and its
@@ -95,6 +113,11 @@ class DetailsSection(_Strict):
     format: str | None = None
 
 
+class MemorySection(_Strict):
+    ram: Size | None = None
+    vram: Size | None = None
+
+
 class ModelFile(_Strict):
     name: str
     aliases: list[str] = []
@@ -115,6 +138,20 @@ class ModelFile(_Strict):
     kind: Kind | None = None
     vision: bool = False
     details: DetailsSection = msgspec.field(default_factory=DetailsSection)
+    memory: MemorySection | None = None  # what it needs, overriding the estimate
+    gpus: list[int] | None = None  # the GPUs (NVML indices) it may run on; default: any
+
+
+@dataclass(frozen=True)
+class MemoryLimits:
+    """limits.memory, in bytes and seconds."""
+
+    ram: int | None = None
+    vram: int | None = None
+    reserve_ram: int = 512 * 1024 * 1024
+    reserve_vram: int = 256 * 1024 * 1024
+    recovery_timeout: float = 10.0
+    evict_pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +184,8 @@ class ModelConfig:
     cache_dir: Path | None = None  # where a worker may keep what it derives from the weights
     # its ``model:`` section, typed, the files it names resolved (None: its backend has no options struct)
     model_options: ModelFileOptions | None = None
+    memory: Need | None = None  # memory: in its YAML (source "config")
+    gpus: tuple[int, ...] | None = None
 
     @property
     def facts(self) -> BackendInfo:
@@ -169,7 +208,7 @@ class Settings:
     keep_alive: float
     load_timeout: float
     unload_grace: float
-    max_loaded_models: int
+    max_loaded_models: int | None  # None: no cap on the count
     max_queue: int
     max_body_bytes: int
     log_level: str
@@ -181,6 +220,7 @@ class Settings:
     max_json_values: int = 500_000
     max_user_keep_alive: float = 3600.0
     max_schema_repeat: int = 500
+    memory: MemoryLimits = field(default_factory=MemoryLimits)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -233,6 +273,27 @@ def _positive(value: int, file: str, key: str) -> int:
     return value
 
 
+def _size(value: Size | None, file: str, key: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise ConfigError(file, key, str(exc)) from None
+
+
+def _memory(raw: MemoryLimitsSection, file: str) -> MemoryLimits:
+    recovery = _seconds(raw.recovery_timeout, file, "limits.memory.recovery_timeout")
+    return MemoryLimits(
+        ram=_size(raw.ram, file, "limits.memory.ram"),
+        vram=_size(raw.vram, file, "limits.memory.vram"),
+        reserve_ram=_size(raw.reserve_ram, file, "limits.memory.reserve_ram") or 0,
+        reserve_vram=_size(raw.reserve_vram, file, "limits.memory.reserve_vram") or 0,
+        recovery_timeout=recovery if recovery is not None and not math.isinf(recovery) else 10.0,
+        evict_pinned=raw.evict_pinned,
+    )
+
+
 def resolve_model_file(opts: ModelFileOptions, models_dir: Path, file: str) -> Path:
     """A model file relative to models/, absolute, or inside an installed package."""
     if opts.package:
@@ -277,6 +338,15 @@ def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], model
     load_timeout = _seconds(raw.load_timeout, file, "load_timeout")
     if load_timeout is not None and math.isinf(load_timeout):
         raise ConfigError(file, "load_timeout", "must be a positive duration")
+    memory = None
+    if raw.memory is not None:
+        memory = Need(
+            ram=_size(raw.memory.ram, file, "memory.ram") or 0,
+            vram=_size(raw.memory.vram, file, "memory.vram") or 0,
+            source="config",
+        )
+    if raw.gpus is not None and (not raw.gpus or any(g < 0 for g in raw.gpus)):
+        raise ConfigError(file, "gpus", "must list GPU indices (0, 1, ...)")
     return ModelConfig(
         name=raw.name,
         aliases=tuple(raw.aliases),
@@ -303,6 +373,8 @@ def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], model
         kind=kind,
         cache_dir=models_dir / ".cache",
         model_options=opts,
+        memory=memory,
+        gpus=tuple(raw.gpus) if raw.gpus is not None else None,
     )
 
 
@@ -352,7 +424,11 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         keep_alive=defaults["keep_alive"] if defaults["keep_alive"] is not None else 300.0,
         load_timeout=defaults["load_timeout"] or 120.0,
         unload_grace=defaults["unload_grace"] or 10.0,
-        max_loaded_models=_positive(raw.limits.max_loaded_models, file, "limits.max_loaded_models"),
+        max_loaded_models=(
+            _positive(raw.limits.max_loaded_models, file, "limits.max_loaded_models")
+            if raw.limits.max_loaded_models is not None
+            else None
+        ),
         max_queue=max(0, raw.limits.max_queue),
         max_body_bytes=_positive(raw.limits.max_body_bytes, file, "limits.max_body_bytes"),
         log_level=raw.log_level,
@@ -364,4 +440,5 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_json_values=_positive(raw.limits.max_json_values, file, "limits.max_json_values"),
         max_user_keep_alive=_finite(raw.limits.max_user_keep_alive, file, "limits.max_user_keep_alive"),
         max_schema_repeat=_positive(raw.limits.max_schema_repeat, file, "limits.max_schema_repeat"),
+        memory=_memory(raw.limits.memory, file),
     )

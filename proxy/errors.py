@@ -20,6 +20,7 @@ by walking the exception's MRO, so a new subclass inherits its parent's status.
     │   ├── ModelLoadFailed              its worker failed to start (reason and log tail inside)
     │   │   └── LoadTimeout              its worker did not become ready within load_timeout
     │   └── WorkerUnavailable            its worker went away (crashed, killed) while we talked
+    ├── InsufficientMemory          507  the model needs more memory than the whole budget
     ├── ClientGone                  499  the client went away first (nginx's code; nobody reads it)
     └── UpstreamError               (the worker's status) the worker refused the request itself
 
@@ -120,6 +121,15 @@ class LoadTimeout(ModelLoadFailed):
 
 class WorkerUnavailable(Unavailable):
     code = "worker_unavailable"
+
+
+class InsufficientMemory(ProxyError):
+    """The model can never fit: it needs more than the whole memory budget (or more than the models that
+    may never be unloaded leave). Answered at once, never by trying and crashing."""
+
+    status = 507
+    code = "insufficient_memory"
+    openai_type = "server_error"
 
 
 class ClientGone(ProxyError):

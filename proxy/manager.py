@@ -14,19 +14,33 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import enum
 import logging
 import math
+import signal
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from proxy import memory
+from proxy.admission import Occupant, Snapshot, budgets, decide
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
-from proxy.errors import ModelLoadFailed, ModelNotFound, ProxyError, QueueFull, Unavailable
-from proxy.policy import Candidate, backoff, choose_victim
+from proxy.errors import (
+    InsufficientMemory,
+    LoadTimeout,
+    ModelLoadFailed,
+    ModelNotFound,
+    ProxyError,
+    QueueFull,
+    Unavailable,
+)
+from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
+from proxy.nvml import Nvml
+from proxy.policy import backoff
 from proxy.supervisor import Worker
 from proxy.upstream import Upstream
 
@@ -35,6 +49,9 @@ log = logging.getLogger("proxy.manager")
 _STALL_CHECKS = 4  # progress checks per stall_timeout (at most every _STALL_CHECK_MAX seconds)
 _STALL_CHECK_MAX = 5.0
 _MIN_CPU_SHARE = 0.01  # less CPU than this share of one core between two checks is "no progress"
+_RECOVERY_POLL = 0.25  # seconds between looks at the probe while memory comes back after an unload
+# what a worker that ran out of memory leaves in its log (CUDA, llama.cpp's ggml, torch, onnxruntime)
+_OOM_MARKERS = ("out of memory", "cudaMalloc failed", "CUDA_ERROR_OUT_OF_MEMORY", "std::bad_alloc", "MemoryError")
 
 
 class WorkerHandle(Protocol):
@@ -120,13 +137,17 @@ class Runtime:
         self.start_task: asyncio.Task[None] | None = None
         self.stop_task: asyncio.Task[None] | None = None
         self.draining = False
-        self.evicting_for: Runtime | None = None
         self.last_error: str | None = None
         self.failures = 0
         self.retry_at = 0.0
         self.loaded_at: float | None = None  # wall clock
         self.load_duration = 0.0
         self.watchdog: Timer | None = None
+        self.need: Need | None = None  # what it needs (memory.py); None until found
+        self.need_task: asyncio.Task[Need] | None = None
+        self.gpu: int | None = None  # the GPU it runs (or starts) on
+        self.waiting: str | None = None  # why a request for it waits, while one does
+        self.peak = Need(0, 0, "measured")  # the most its worker used, this load
 
     @property
     def occupies_slot(self) -> bool:
@@ -147,6 +168,10 @@ class ModelStatus:
     last_error: str | None
     rss_bytes: int | None
     config: ModelConfig
+    need: Need | None = None
+    device: str | None = None  # cpu, cuda:N while it runs
+    vram_bytes: int | None = None
+    waiting: str | None = None
 
 
 class Lease:
@@ -181,9 +206,14 @@ class ModelManager:
         *,
         clock: Clock | None = None,
         worker_factory: WorkerFactory | None = None,
+        probe: MemoryProbe | None = None,
+        store: MemoryStore | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
+        self.probe: MemoryProbe = probe or SystemProbe(Nvml.open())
+        self.store = store or MemoryStore(settings.models_dir / ".cache" / "memory.json")
+        self._stopped_at = -math.inf  # when a worker last stopped (its memory may not be back yet)
         self._factory: WorkerFactory = worker_factory or Worker
         self._runtimes: dict[str, Runtime] = {}
         self._names: dict[str, Runtime] = {}
@@ -196,6 +226,7 @@ class ModelManager:
         self._changed = asyncio.Event()
         self._queued = 0
         self._shutting_down = False
+        self._estimating: asyncio.Task[None] | None = None
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
         atexit.register(self._kill_all_sync)
 
@@ -241,6 +272,10 @@ class ModelManager:
         lease: Lease | None = None
         rt.waiters += 1
         try:
+            if rt.config.url is None:
+                await self._ensure_need(rt)
+                if self._shutting_down:
+                    raise Unavailable("the proxy is shutting down", retry_after=5)
             while True:
                 if rt.state is State.READY and not rt.draining and rt.worker is not None:
                     self._cancel_idle(rt)
@@ -259,15 +294,22 @@ class ModelManager:
                             rt.last_error or "the model failed to load",
                             retry_after=rt.retry_at - self.clock.monotonic(),
                         )
-                    if self._has_room() or rt.config.url is not None:
-                        self._begin_start(rt)
+                    if rt.config.url is not None:
+                        self._begin_start(rt, None)
                         continue
-                    if not any(v.evicting_for is rt for v in self._runtimes.values()):
-                        victim = self._victim()
-                        if victim is not None:
-                            victim.evicting_for = rt
-                            log.info("unloading %s to make room for %s", victim.config.name, rt.config.name)
-                            self._begin_stop(victim, f"evicted for {rt.config.name}")
+                    decision = self._decide(rt)
+                    if decision.kind == "refuse":
+                        raise InsufficientMemory(decision.reason)
+                    if decision.kind == "start":
+                        if decision.reason:
+                            log.warning("model %s: %s", rt.config.name, decision.reason)
+                        self._begin_start(rt, decision.gpu)
+                        continue
+                    if rt.waiting != decision.reason:
+                        log.info("model %s: %s", rt.config.name, decision.reason)
+                    rt.waiting = decision.reason
+                    for victim in decision.victims:
+                        self._begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}")
                     if not queued:
                         if self._queued >= self.settings.max_queue:
                             raise QueueFull(
@@ -276,8 +318,12 @@ class ModelManager:
                             )
                         queued = True
                         self._queued += 1
+                    if decision.kind == "recover":
+                        await self._wait(_RECOVERY_POLL)
+                        continue
                 await self._changed.wait()
         finally:
+            rt.waiting = None
             rt.waiters -= 1
             if queued:
                 self._queued -= 1
@@ -287,21 +333,155 @@ class ModelManager:
     def _release(self, rt: Runtime) -> None:
         rt.in_flight -= 1
         rt.last_used = self.clock.monotonic()
+        if rt.worker is not None and rt.state is State.READY:
+            self._measure(rt, rt.worker)
         self._maybe_idle(rt)
         self._notify()
 
-    def _has_room(self) -> bool:
-        used = sum(1 for rt in self._runtimes.values() if rt.occupies_slot)
-        return used < self.settings.max_loaded_models
+    async def _wait(self, seconds: float) -> None:
+        """Until something changes or ``seconds`` pass on the manager's clock."""
+        changed = self._changed
+        timer = self.clock.call_later(seconds, self._notify)  # a fresh event after it: no busy loop
+        try:
+            await changed.wait()
+        finally:
+            timer.cancel()
 
-    def _victim(self) -> Runtime | None:
-        candidates = [
-            Candidate(rt.config.name, rt.keep_alive, rt.last_used, busy=rt.in_flight > 0 or rt.waiters > 0)
-            for rt in self._runtimes.values()
-            if rt.state is State.READY and rt.config.url is None and not rt.draining
-        ]
-        name = choose_victim(candidates)
-        return self._runtimes[name] if name is not None else None
+    # -- memory -------------------------------------------------------------------------------
+    def _occupants(self, rt: Runtime) -> list[Occupant]:
+        now = self.clock.monotonic()
+        out = []
+        for o in self._runtimes.values():
+            if o is rt or not o.occupies_slot:
+                continue
+            remaining = o.idle_deadline - now if o.idle_deadline is not None else o.keep_alive
+            out.append(
+                Occupant(
+                    name=o.config.name,
+                    state=o.state.value,  # type: ignore[arg-type]  # starting, ready or stopping here
+                    need=self._counted(o),
+                    gpu=o.gpu,
+                    busy=o.in_flight > 0 or o.waiters > 0 or o.draining,
+                    keep_alive=o.keep_alive,
+                    remaining=remaining,
+                    last_used=o.last_used,
+                    pinned=math.isinf(o.keep_alive) and not self.settings.memory.evict_pinned,
+                )
+            )
+        return out
+
+    def _counted(self, rt: Runtime) -> Need:
+        """What a loaded model counts for: its need, or more when it was seen using more."""
+        need = rt.need or Need(0, 0, "unknown")
+        if rt.peak.ram and need.source != "config":
+            return rt.peak  # measured on this load: replaces the estimate (or the last load's figure)
+        return need
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.probe.ram_total(), self.probe.ram_available(), self.probe.gpus())
+
+    def _decide(self, rt: Runtime) -> Any:
+        recovering = self.clock.monotonic() < self._stopped_at + self.settings.memory.recovery_timeout
+        return decide(
+            rt.config.name,
+            rt.need or Need(0, 0, "unknown"),
+            rt.config.gpus,
+            self._occupants(rt),
+            self.snapshot(),
+            self.settings.memory,
+            self.settings.max_loaded_models,
+            recovering,
+        )
+
+    async def _ensure_need(self, rt: Runtime) -> Need:
+        """Its need, found once; only a GGUF not read before takes a wait (a subprocess)."""
+        if rt.need is None:
+            rt.need = self._need_now(rt.config)
+        if rt.need is not None:
+            return rt.need
+        task = rt.need_task
+        if task is None:
+            task = rt.need_task = asyncio.ensure_future(self._need_from_gguf(rt.config))
+        need = await asyncio.shield(task)
+        rt.need, rt.need_task = need, None
+        return need
+
+    def _fingerprint(self, cfg: ModelConfig) -> str:
+        parts = {"backend": cfg.backend, "options": dict(cfg.options), "parallel": cfg.parallel, "cmd": cfg.cmd}
+        return memory.fingerprint(parts, memory.model_files(cfg.backend, cfg.model_path, cfg.options))
+
+    def _gpu_for(self, cfg: ModelConfig) -> bool:
+        return any(cfg.gpus is None or g.index in cfg.gpus for g in self.probe.gpus())
+
+    def _need_now(self, cfg: ModelConfig) -> Need | None:
+        """config, else measured, else an estimate (memory.py's docstring); None: the GGUF must be read."""
+        if cfg.url is not None:
+            return Need(0, 0, "none")
+        if cfg.memory is not None:
+            return cfg.memory
+        measured = self.store.measured(cfg.name, self._fingerprint(cfg))
+        if measured is not None:
+            return measured
+        if cfg.cmd is not None:
+            log.info("model %s: a cmd without memory: in its config; admitted unchecked until measured", cfg.name)
+            return Need(0, 0, "unknown")
+        path = cfg.model_path
+        if path is None:
+            return Need(0, 0, "unknown")
+        gpu = self._gpu_for(cfg)
+        try:
+            if cfg.backend == "llama_cpp":
+                facts = self.store.gguf(memory.file_key(path))
+                return memory.estimate_llama_cpp(facts, cfg.options, gpu, cfg.parallel) if facts else None
+            if cfg.backend == "diffusers":
+                return memory.estimate_diffusers(cfg.options, path, gpu)
+            return memory.estimate_by_files(cfg.backend, path, cfg.options, gpu)
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("model %s: no memory estimate (%s); admitted unchecked until measured", cfg.name, exc)
+        return Need(0, 0, "unknown")
+
+    async def _need_from_gguf(self, cfg: ModelConfig) -> Need:
+        assert cfg.model_path is not None
+        path = cfg.model_path
+        try:
+            facts = await memory.read_gguf(path, cfg.python)
+            if facts is not None:
+                self.store.put_gguf(memory.file_key(path), facts)
+                return memory.estimate_llama_cpp(facts, cfg.options, self._gpu_for(cfg), cfg.parallel)
+            return memory.estimate_by_files(cfg.backend, path, cfg.options, self._gpu_for(cfg))
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("model %s: no memory estimate (%s); admitted unchecked until measured", cfg.name, exc)
+        return Need(0, 0, "unknown")
+
+    def _measure(self, rt: Runtime, worker: WorkerHandle) -> None:
+        """The worker's RSS (process tree) and VRAM now; the peak of this load is remembered."""
+        if worker.pid is None:
+            return
+        ram = self.probe.rss(worker.pid)
+        if ram is None:
+            return
+        vram = sum(self.probe.vram(worker.pid).values())
+        peak = Need(max(rt.peak.ram, ram), max(rt.peak.vram, vram), "measured")
+        grew = peak.ram > rt.peak.ram * 1.05 or peak.vram > rt.peak.vram * 1.05
+        rt.peak = peak
+        if grew and rt.config.url is None and rt.config.memory is None:
+            self.store.put_measured(rt.config.name, self._fingerprint(rt.config), peak)
+
+    def estimate_soon(self) -> None:
+        """Find every model's need in the background (for /status), once."""
+        if self._estimating is None:
+
+            async def all_needs() -> None:
+                for rt in self._runtimes.values():
+                    with contextlib.suppress(Exception):
+                        await self._ensure_need(rt)
+
+            self._estimating = asyncio.get_running_loop().create_task(all_needs())
+
+    def memory_status(self) -> dict[str, Any]:
+        """Budgets and what is free, for /status."""
+        limits = self.settings.memory
+        return {**budgets(limits, self.snapshot()), "limits": dataclasses.asdict(limits)}
 
     # -- idle timers ------------------------------------------------------------------------
     def _cancel_idle(self, rt: Runtime) -> None:
@@ -336,18 +516,31 @@ class ModelManager:
         rt.state = new
 
     # -- start / stop -----------------------------------------------------------------------
-    def _begin_start(self, rt: Runtime) -> None:
+    def _placed(self, rt: Runtime) -> ModelConfig:
+        """Its config, with CUDA_VISIBLE_DEVICES naming its GPU when it was placed on one."""
+        if rt.gpu is None:
+            return rt.config
+        return dataclasses.replace(rt.config, env={**rt.config.env, "CUDA_VISIBLE_DEVICES": str(rt.gpu)})
+
+    def _begin_start(self, rt: Runtime, gpu: int | None) -> None:
         self._transition(rt, State.STARTING, "requested")
-        rt.worker = self._factory(rt.config, self._runtime_dir, self._on_worker_exit)
+        rt.gpu = gpu
+        rt.peak = Need(0, 0, "measured")
+        rt.worker = self._factory(self._placed(rt), self._runtime_dir, self._on_worker_exit)
         rt.start_task = asyncio.create_task(self._start(rt, rt.worker))
         rt.start_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._notify()
 
     async def _start(self, rt: Runtime, worker: WorkerHandle) -> None:
         began = self.clock.monotonic()
-        log.info("model %s: starting", rt.config.name)
+        log.info("model %s: starting%s", rt.config.name, f" on cuda:{rt.gpu}" if rt.gpu is not None else "")
         try:
-            await worker.start()
+            try:
+                await worker.start()
+            except ModelLoadFailed as exc:
+                if not _out_of_memory(worker, exc):
+                    raise
+                worker = await self._retry_after_oom(rt, exc)
         except ProxyError as exc:
             self._transition(rt, State.FAILED, "its start failed")
             rt.worker = None
@@ -369,9 +562,37 @@ class ModelManager:
         rt.loaded_at = self.clock.time()
         rt.last_used = self.clock.monotonic()
         log.info("model %s: ready in %.2fs (pid %s)", rt.config.name, rt.load_duration, worker.pid)
+        self._measure(rt, worker)
         self._watch_progress(rt, worker)
         self._maybe_idle(rt)
         self._notify()
+
+    async def _retry_after_oom(self, rt: Runtime, exc: ModelLoadFailed) -> WorkerHandle:
+        """A load that ran out of memory: unload every idle model, wait for the memory, try once more."""
+        idle = [
+            o
+            for o in self._runtimes.values()
+            if o is not rt and o.state is State.READY and o.config.url is None and o.in_flight == 0 and o.waiters == 0
+        ]
+        log.warning(
+            "model %s: its worker ran out of memory while loading; unloading %s and trying once more",
+            rt.config.name,
+            ", ".join(o.config.name for o in idle) or "nothing (no idle model)",
+        )
+        await asyncio.gather(*(self._begin_stop(o, f"out of memory loading {rt.config.name}") for o in idle))
+        deadline = self.clock.monotonic() + self.settings.memory.recovery_timeout
+        while self._decide(rt).kind not in ("start", "refuse") and self.clock.monotonic() < deadline:
+            await self._wait(_RECOVERY_POLL)
+        worker = self._factory(self._placed(rt), self._runtime_dir, self._on_worker_exit)
+        rt.worker = worker
+        try:
+            await worker.start()
+        except ModelLoadFailed as again:
+            if rt.worker is worker:
+                rt.worker = None
+            oom = " (out of memory again, after unloading every idle model)" if _out_of_memory(worker, again) else ""
+            raise ModelLoadFailed(f"{again.message}{oom}", retry_after=again.retry_after) from exc
+        return worker
 
     # -- stall watchdog ---------------------------------------------------------------------
     def _watch_progress(self, rt: Runtime, worker: WorkerHandle) -> None:
@@ -422,8 +643,10 @@ class ModelManager:
             if rt.worker is worker:
                 rt.worker = None
             self._transition(rt, State.STOPPED, "the worker is stopped")
+            self._stopped_at = self.clock.monotonic()
+            rt.need = self._counted(rt)  # the next load starts from what this one measured
+            rt.gpu = None
             rt.stop_task = None
-            rt.evicting_for = None
             rt.loaded_at = None
             rt.keep_alive = rt.default_keep_alive  # the next load is a first load again
             log.info("model %s: stopped", rt.config.name)
@@ -437,6 +660,8 @@ class ModelManager:
                 self._cancel_idle(rt)
                 rt.worker = None
                 self._transition(rt, State.STOPPED, why)
+                self._stopped_at = self.clock.monotonic()
+                rt.gpu = None
                 rt.loaded_at = None
                 rt.keep_alive = rt.default_keep_alive
                 asyncio.get_running_loop().create_task(worker.stop(0))  # reap, close its client
@@ -510,6 +735,9 @@ class ModelManager:
     def status(self) -> Iterator[ModelStatus]:
         for rt in self._runtimes.values():
             worker = rt.worker
+            pid = worker.pid if worker is not None else None
+            running = rt.state in (State.STARTING, State.READY) and rt.config.url is None
+            vram = sum(self.probe.vram(pid).values()) if pid and running else None
             yield ModelStatus(
                 name=rt.config.name,
                 backend=rt.config.backend,
@@ -520,8 +748,12 @@ class ModelManager:
                 expires_at=self._expires_at(rt),
                 loaded_at=rt.loaded_at,
                 last_error=rt.last_error,
-                rss_bytes=_rss(worker.pid) if worker is not None and worker.pid else None,
+                rss_bytes=self.probe.rss(pid) if pid else None,
                 config=rt.config,
+                need=self._counted(rt) if rt.state is State.READY else rt.need,
+                device=(f"cuda:{rt.gpu}" if rt.gpu is not None else "cpu") if running else None,
+                vram_bytes=vram,
+                waiting=rt.waiting,
             )
 
     async def worker_reports(self) -> dict[str, dict[str, Any]]:
@@ -547,13 +779,12 @@ class ModelManager:
         return self._queued
 
 
-def _rss(pid: int) -> int | None:
-    """Resident memory of a worker and its children (psutil; None when it is gone)."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-        return sum(p.memory_info().rss for p in procs)
-    except psutil.Error:
-        return None
+def _out_of_memory(worker: WorkerHandle, exc: ModelLoadFailed) -> bool:
+    """Did this load fail for want of memory? Killed by SIGKILL that we did not send (the kernel's OOM
+    killer), or an out-of-memory message in its log (CUDA, ggml, torch). Not a load timeout (we killed it)."""
+    if isinstance(exc, LoadTimeout):
+        return False
+    if worker.returncode == -signal.SIGKILL and worker.kill_reason is None:
+        return True
+    tail = worker.log_tail().lower()
+    return any(marker.lower() in tail for marker in _OOM_MARKERS)

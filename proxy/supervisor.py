@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,19 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def worker_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a worker (and of the helpers the proxy runs under a model's interpreter)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    # A failed GGML_ASSERT prints a backtrace by forking a debugger and waiting for it; in a
+    # multi-threaded worker that child can hang for ever, leaving a stuck worker and an orphan
+    # (issue 16). Without the backtrace, an assertion ends the worker at once.
+    env.setdefault("GGML_NO_BACKTRACE", "1")
+    env.update(extra)
+    return env
 
 
 class Worker:
@@ -88,15 +101,7 @@ class Worker:
         return argv, sock, "http://worker"
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        # A failed GGML_ASSERT prints a backtrace by forking a debugger and waiting for it; in a
-        # multi-threaded worker that child can hang for ever, leaving a stuck worker and an orphan
-        # (issue 16). Without the backtrace, an assertion ends the worker at once.
-        env.setdefault("GGML_NO_BACKTRACE", "1")
-        env.update(self.config.env)
-        return env
+        return worker_env(self.config.env)
 
     async def _read(self, stream: asyncio.StreamReader | None, watch_ready: bool) -> None:
         if stream is None:

@@ -24,7 +24,9 @@ from proxy.clock import ManualClock
 from proxy.config import DetailsSection, ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull, Unavailable
 from proxy.manager import TRANSITIONS, InvalidTransition, ModelManager, Runtime, State, WorkerFactory
+from proxy.memory import MemoryStore
 from proxy.upstream import Upstream
+from tests.fake_memory import FakeProbe
 
 
 def model(name: str, keep_alive: float | None = None, **kw: Any) -> ModelConfig:
@@ -127,7 +129,9 @@ def _reset() -> None:
 
 def make(*models: ModelConfig, factory: WorkerFactory = FakeWorker, **kw: Any) -> tuple[ModelManager, ManualClock]:
     clock = ManualClock()
-    manager = ModelManager(settings(*models, **kw), clock=clock, worker_factory=factory)
+    manager = ModelManager(
+        settings(*models, **kw), clock=clock, worker_factory=factory, probe=FakeProbe(), store=MemoryStore(None)
+    )
     return manager, clock
 
 

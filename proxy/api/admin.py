@@ -40,6 +40,10 @@ def _status(s: ModelStatus, worker: dict[str, Any] | None, admin: bool) -> dict[
         "loaded_at": s.loaded_at,
         "last_error": s.last_error if admin or s.last_error is None else for_users(s.last_error),
         "kind": s.config.kind,
+        "need": {"ram": s.need.ram, "vram": s.need.vram, "source": s.need.source} if s.need else None,
+        "device": s.device,
+        "vram_bytes": s.vram_bytes,
+        "waiting": s.waiting,
         "worker": worker,
     }
 
@@ -47,12 +51,14 @@ def _status(s: ModelStatus, worker: dict[str, Any] | None, admin: bool) -> dict[
 @guarded(Role.USER)
 async def status(request: Request) -> Response:
     manager = services(request).manager
+    manager.estimate_soon()
     reports = await manager.worker_reports()
     return JSONResponse(
         {
             "models": [_status(s, reports.get(s.name), is_admin(request)) for s in manager.status()],
             "queued": manager.queued,
             "max_loaded_models": services(request).settings.max_loaded_models,
+            "memory": manager.memory_status(),
         }
     )
 

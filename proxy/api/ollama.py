@@ -200,13 +200,14 @@ async def ps(request: Request) -> Response:
         if status.state != "ready" or status.name not in wanted:
             continue
         tag = _tag(status.config)
-        size = status.rss_bytes or tag["size"]
+        vram = status.vram_bytes or 0
+        size = (status.rss_bytes or 0) + vram or tag["size"]  # Ollama's size is the whole, size_vram its GPU part
         models.append(
             {
                 **tag,
                 "expires_at": _expires(status),
                 "size": size,
-                "size_vram": 0,
+                "size_vram": vram,
                 "context_length": int(status.config.options.get("n_ctx") or 0),
                 "keep_alive": format_keep_alive(status.keep_alive),
             }

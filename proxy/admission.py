@@ -1,0 +1,247 @@
+"""Admission by memory: may a model start now, on which GPU, and if not, what to unload or wait for.
+
+``decide`` is a function of plain data (what is loaded, what each needs, what the probe reads, the
+limits); the manager gathers the data, acts on the ``Decision`` and owns every state change.
+
+What is free, for RAM and for each GPU's VRAM, is the smaller of
+- the budget: ``limits.memory.ram`` / ``.vram`` (or the total less the reserve) less the needs of every
+  model loaded, starting or stopping;
+- what the box has now: psutil's available RAM / NVML's free VRAM, less the reserve, less the full need of
+  every load in progress (its memory is not all taken yet).
+A stopping model's need counts as coming back: nothing more is unloaded for it, the start waits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from proxy.config import MemoryLimits
+from proxy.memory import Need, format_bytes
+from proxy.nvml import GpuMemory
+from proxy.policy import Candidate, Deficit, choose_victims
+
+
+@dataclass(frozen=True)
+class Occupant:
+    """A model that holds memory: starting, ready or stopping."""
+
+    name: str
+    state: Literal["starting", "ready", "stopping"]
+    need: Need
+    gpu: int | None
+    busy: bool = False
+    keep_alive: float = 300.0
+    remaining: float | None = None
+    last_used: float = 0.0
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    ram_total: int
+    ram_available: int
+    gpus: Sequence[GpuMemory] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: Literal["start", "evict", "wait", "recover", "refuse"]
+    gpu: int | None = None
+    victims: list[str] = field(default_factory=list)
+    reason: str = ""  # why it waits, what it evicts, or why it is refused
+
+
+def _ram_whole(limits: MemoryLimits, snap: Snapshot) -> int:
+    whole = snap.ram_total - limits.reserve_ram
+    return min(whole, limits.ram) if limits.ram is not None else whole
+
+
+def _vram_whole(limits: MemoryLimits, gpu: GpuMemory) -> int:
+    whole = gpu.total - limits.reserve_vram
+    return min(whole, limits.vram) if limits.vram is not None else whole
+
+
+def budgets(limits: MemoryLimits, snap: Snapshot) -> dict[str, object]:
+    """The budgets and what is free now, for /status."""
+    return {
+        "ram": {
+            "budget": _ram_whole(limits, snap),
+            "available": snap.ram_available,
+            "reserve": limits.reserve_ram,
+        },
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "budget": _vram_whole(limits, g),
+                "free": g.free,
+                "total": g.total,
+                "reserve": limits.reserve_vram,
+            }
+            for g in snap.gpus
+        ],
+    }
+
+
+def _free_ram(limits: MemoryLimits, snap: Snapshot, occupants: Sequence[Occupant]) -> int:
+    booked = _ram_whole(limits, snap) - sum(o.need.ram for o in occupants)
+    loading = sum(o.need.ram for o in occupants if o.state == "starting")
+    physical = snap.ram_available - limits.reserve_ram - loading
+    return min(booked, physical)
+
+
+def _free_vram(limits: MemoryLimits, gpu: GpuMemory, occupants: Sequence[Occupant]) -> int:
+    here = [o for o in occupants if o.gpu == gpu.index]
+    booked = _vram_whole(limits, gpu) - sum(o.need.vram for o in here)
+    loading = sum(o.need.vram for o in here if o.state == "starting")
+    physical = gpu.free - limits.reserve_vram - loading
+    return min(booked, physical)
+
+
+def _candidates(occupants: Sequence[Occupant], gpu: int | None, *, busy_too: bool = False) -> list[Candidate]:
+    return [
+        Candidate(
+            name=o.name,
+            keep_alive=o.keep_alive,
+            last_used=o.last_used,
+            busy=o.busy and not busy_too,
+            ram=o.need.ram,
+            vram=o.need.vram if gpu is not None and o.gpu == gpu else 0,
+            pinned=o.pinned,
+            remaining=o.remaining,
+        )
+        for o in occupants
+        if o.state == "ready"
+    ]
+
+
+def decide(
+    name: str,
+    need: Need,
+    allowed_gpus: Sequence[int] | None,
+    occupants: Sequence[Occupant],
+    snap: Snapshot,
+    limits: MemoryLimits,
+    max_loaded: int | None = None,
+    recovering: bool = False,
+) -> Decision:
+    """What to do for ``name`` (stopped, wanted) now. ``recovering``: a model stopped less than
+    ``limits.memory.recovery_timeout`` ago, so the box may not show its memory back yet."""
+    gpus = [g for g in snap.gpus if allowed_gpus is None or g.index in allowed_gpus]
+    vram_need = need.vram if gpus else 0  # no GPU (or no NVML): VRAM needs are zero
+    # -- never fits -----------------------------------------------------------------------------------------
+    ram_whole = _ram_whole(limits, snap)
+    if need.ram > ram_whole:
+        return Decision(
+            "refuse",
+            reason=f"model '{name}' needs {format_bytes(need.ram)} of RAM; "
+            f"the whole budget is {format_bytes(ram_whole)}",
+        )
+    if vram_need and not any(vram_need <= _vram_whole(limits, g) for g in gpus):
+        best = max(_vram_whole(limits, g) for g in gpus)
+        return Decision(
+            "refuse",
+            reason=f"model '{name}' needs {format_bytes(vram_need)} of VRAM; the largest GPU budget is "
+            f"{format_bytes(best)}",
+        )
+    # -- on which GPU: the most free that fits; else the one where unloading frees the most ---------------
+    gpu: int | None = None
+    if vram_need:
+        free = {g.index: _free_vram(limits, g, occupants) for g in gpus}
+        fitting = [g for g in gpus if free[g.index] >= vram_need]
+        if fitting:
+            gpu = max(fitting, key=lambda g: (free[g.index], -g.index)).index
+        else:
+
+            def reclaimable(g: GpuMemory) -> int:
+                return free[g.index] + sum(o.need.vram for o in occupants if o.gpu == g.index and not o.pinned)
+
+            gpu = max(gpus, key=lambda g: (reclaimable(g), -g.index)).index
+    where = f" on cuda:{gpu}" if gpu is not None else ""
+    # -- what is missing --------------------------------------------------------------------------------------
+    free_ram = _free_ram(limits, snap, occupants)
+    free_vram = _free_vram(limits, next(g for g in gpus if g.index == gpu), occupants) if gpu is not None else 0
+    count = len(occupants)
+    missing = Deficit(
+        ram=need.ram - free_ram,
+        vram=vram_need - free_vram if gpu is not None else 0,
+        slots=count + 1 - max_loaded if max_loaded else 0,
+    )
+    if missing.nothing:
+        return Decision("start", gpu=gpu)
+    stopping = [o for o in occupants if o.state == "stopping"]
+    after = Deficit(
+        ram=missing.ram - sum(o.need.ram for o in stopping),
+        vram=missing.vram - sum(o.need.vram for o in stopping if o.gpu == gpu),
+        slots=missing.slots - len(stopping),
+    )
+    short = _shortfall(need, vram_need, free_ram, free_vram, gpu)
+    if after.nothing:
+        names = ", ".join(o.name for o in stopping)
+        return Decision("wait", gpu=gpu, reason=f"waiting for memory: {short}; unloading {names}")
+    if recovering and _booked_fits(need, vram_need, gpu, gpus, occupants, limits, snap) and missing.slots <= 0:
+        # what we unloaded is not back yet as the box sees it: wait for it rather than unload more
+        return Decision("recover", gpu=gpu, reason=f"waiting for memory: {short}; waiting for it to come back")
+    victims = choose_victims(_candidates(occupants, gpu), after)
+    if victims:
+        return Decision(
+            "evict", gpu=gpu, victims=victims, reason=f"waiting for memory: {short}; unloading " + ", ".join(victims)
+        )
+    if stopping:
+        names = ", ".join(o.name for o in stopping)
+        return Decision("wait", gpu=gpu, reason=f"waiting for memory: {short}; unloading {names}")
+    busy = [o.name for o in occupants if o.busy and o.state == "ready"]
+    if choose_victims(_candidates(occupants, gpu, busy_too=True), after) is not None:
+        return Decision("wait", gpu=gpu, reason=f"waiting for memory: {short}; busy: {', '.join(busy)}")
+    # Even every model of ours that may be unloaded would not free enough.
+    booked_ram = ram_whole - sum(o.need.ram for o in occupants if o.pinned)
+    booked_vram = (
+        min(
+            _vram_whole(limits, g) - sum(o.need.vram for o in occupants if o.pinned and o.gpu == g.index)
+            for g in gpus
+            if g.index == gpu
+        )
+        if gpu is not None
+        else math.inf
+    )
+    if need.ram > booked_ram or vram_need > booked_vram:
+        pinned = ", ".join(o.name for o in occupants if o.pinned)
+        return Decision(
+            "refuse",
+            reason=f"model '{name}' needs {need.describe()}{where}; models kept loaded for ever ({pinned}) leave "
+            f"{format_bytes(booked_ram)} of RAM"
+            + (f" and {format_bytes(booked_vram)} of VRAM" if gpu is not None else ""),
+        )
+    # Other programs hold the memory: give the box time to hand back what we freed, then try anyway.
+    if recovering:
+        return Decision("recover", gpu=gpu, reason=f"waiting for memory: {short}; waiting for it to come back")
+    return Decision("start", gpu=gpu, reason=f"starting with too little memory free: {short}")
+
+
+def _booked_fits(
+    need: Need,
+    vram_need: int,
+    gpu: int | None,
+    gpus: Sequence[GpuMemory],
+    occupants: Sequence[Occupant],
+    limits: MemoryLimits,
+    snap: Snapshot,
+) -> bool:
+    if need.ram > _ram_whole(limits, snap) - sum(o.need.ram for o in occupants):
+        return False
+    for g in gpus:
+        if g.index == gpu:
+            return vram_need <= _vram_whole(limits, g) - sum(o.need.vram for o in occupants if o.gpu == gpu)
+    return True
+
+
+def _shortfall(need: Need, vram_need: int, free_ram: int, free_vram: int, gpu: int | None) -> str:
+    parts = []
+    if need.ram > free_ram:
+        parts.append(f"needs {format_bytes(need.ram)} RAM, {format_bytes(max(0, free_ram))} free")
+    if gpu is not None and vram_need > free_vram:
+        parts.append(f"needs {format_bytes(vram_need)} VRAM on cuda:{gpu}, {format_bytes(max(0, free_vram))} free")
+    return "; ".join(parts) or "no model slot free"
