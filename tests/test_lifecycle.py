@@ -508,7 +508,7 @@ def test_a_failed_load_is_retried_after_the_backoff(make_proxy: MakeProxy, tmp_p
     assert proxy.status()["flaky"]["state"] == "ready" and proxy.status()["flaky"]["last_error"] is None
 
 
-STREAMS = {  # route, body, the end of a complete stream
+STREAMS: dict[str, tuple[str, dict[str, Any], str]] = {  # route, body, the end of a complete stream
     "openai": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "data: [DONE]"),
     "ollama": ("/api/chat", {"messages": [{"role": "user", "content": "x"}]}, '"done":true'),
     "anthropic": ("/v1/messages", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 50}, "message_stop"),
