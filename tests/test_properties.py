@@ -16,7 +16,7 @@ from proxy.dialects.blocks import StopScanner
 from proxy.dialects.ollama import StreamTranslator
 from proxy.dialects.responses import ResponseStream
 from proxy.keepalive import format_keep_alive, parse_keep_alive
-from proxy.policy import Candidate, choose_victim
+from proxy.policy import Candidate, Deficit, choose_victim, choose_victims
 
 settings.register_profile("suite", max_examples=200, deadline=None)
 settings.load_profile("suite")
@@ -258,3 +258,38 @@ def test_the_victim_is_never_busy_and_is_the_shortest_keep_alive_then_least_rece
     assert chosen, "the victim must be an idle candidate"
     best = min((c.keep_alive, c.last_used) for c in idle)
     assert min((c.keep_alive, c.last_used) for c in chosen) == best
+
+
+_SIZED = st.lists(
+    st.builds(
+        Candidate,
+        name=st.text(min_size=1, max_size=5),
+        keep_alive=st.sampled_from([0.0, 60.0, 300.0, math.inf]),
+        last_used=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+        busy=st.booleans(),
+        ram=st.integers(0, 8 << 30),
+        vram=st.integers(0, 8 << 30),
+        pinned=st.booleans(),
+    ),
+    max_size=8,
+    unique_by=lambda c: c.name,
+)
+
+
+@given(_SIZED, st.builds(Deficit, ram=st.integers(0, 24 << 30), vram=st.integers(0, 24 << 30), slots=st.integers(0, 2)))
+def test_evicting_the_victims_always_makes_room_and_never_touches_a_busy_or_pinned_model(
+    candidates: list[Candidate], deficit: Deficit
+) -> None:
+    """Never over budget: what is unloaded covers what is missing, or nothing is unloaded and the request
+    waits (None exactly when the idle, unpinned models together cannot cover it); nothing needless goes."""
+    chosen = choose_victims(candidates, deficit)
+    evictable = [c for c in candidates if not c.busy and not c.pinned]
+    if chosen is None:
+        assert not deficit.covered_by(evictable)
+        return
+    by_name = {c.name: c for c in candidates}
+    victims = [by_name[n] for n in chosen]
+    assert len(set(chosen)) == len(chosen) and all(not v.busy and not v.pinned for v in victims)
+    assert deficit.covered_by(victims)
+    for v in victims:  # each victim was needed
+        assert not deficit.covered_by([w for w in victims if w is not v])
