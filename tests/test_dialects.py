@@ -178,6 +178,16 @@ def test_load_and_embed_responses() -> None:
             "messages",
         ),
         ({"messages": [], "tools": {"type": "function"}}, "'tools' must be an array of tools, got dict", "tools"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]},
+            "'messages[0].tool_calls[0]' must be an object with 'function': {'name', 'arguments'}",
+            "messages",
+        ),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": ["not a call"]}]},
+            "'messages[0].tool_calls[0]' must be an object with 'function': {'name', 'arguments'}",
+            "messages",
+        ),
     ],
 )
 def test_bad_chat_fields_get_a_clear_message_and_param(body: dict[str, Any], message: str, param: str) -> None:
@@ -195,8 +205,7 @@ def test_chat_request_exactly() -> None:
                 "role": "assistant",
                 "tool_calls": [
                     {"id": "c1", "function": {"name": "f", "arguments": {"x": 1}}},
-                    {"function": {}},
-                    "not a call",
+                    {"function": {"name": "g"}},
                 ],
             },
             {"role": "tool", "content": "r"},
@@ -228,7 +237,7 @@ def test_chat_request_exactly() -> None:
                 "content": "",
                 "tool_calls": [
                     {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
-                    {"id": "call_2_1", "type": "function", "function": {"name": "", "arguments": "{}"}},
+                    {"id": "call_2_1", "type": "function", "function": {"name": "g", "arguments": "{}"}},
                 ],
             },
             {"role": "tool", "content": "r"},
