@@ -29,6 +29,12 @@ class InvalidRequest(BackendError):
     status = 400
 
 
+class TooLarge(BackendError):
+    """The input is over one of the worker's limits (audio seconds, image pixels)."""
+
+    status = 413
+
+
 class NotSupported(BackendError):
     status = 404
 
