@@ -86,6 +86,10 @@ class LimitsSection(_Strict):
     # repetition counts in a JSON schema (maxLength, minItems, {m,n}, ...) above this are refused: llama.cpp
     # builds one grammar rule per repetition and crashes on large ones
     max_schema_repeat: int = 500
+    # an audio upload longer than this (read from its header, or counted while decoding) is a 413
+    max_audio_seconds: float = 3600.0
+    # an init_image with more pixels than this (read from its header, before decoding) is a 413
+    max_image_pixels: int = 4096 * 4096
 
 
 class ConfigFile(_Strict):
@@ -186,6 +190,8 @@ class ModelConfig:
     model_options: ModelFileOptions | None = None
     memory: Need | None = None  # memory: in its YAML (source "config")
     gpus: tuple[int, ...] | None = None
+    # the limits its worker enforces on what it decodes (max_audio_seconds, max_image_pixels)
+    worker_limits: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def facts(self) -> BackendInfo:
@@ -221,6 +227,8 @@ class Settings:
     max_user_keep_alive: float = 3600.0
     max_schema_repeat: int = 500
     memory: MemoryLimits = field(default_factory=MemoryLimits)
+    max_audio_seconds: float = 3600.0
+    max_image_pixels: int = 4096 * 4096
 
 
 def _read_yaml(path: Path) -> Any:
@@ -312,7 +320,13 @@ def resolve_model_file(opts: ModelFileOptions, models_dir: Path, file: str) -> P
     return under(models_dir, opts.path)
 
 
-def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], models_dir: Path) -> ModelConfig:
+def _model(
+    raw: ModelFile,
+    file: str,
+    settings_defaults: dict[str, float],
+    models_dir: Path,
+    worker_limits: Mapping[str, float] | None = None,
+) -> ModelConfig:
     facts = BACKENDS[raw.backend]
     options: dict[str, Any] = dict(raw.model)
     opts: ModelFileOptions | None = None
@@ -375,6 +389,7 @@ def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], model
         model_options=opts,
         memory=memory,
         gpus=tuple(raw.gpus) if raw.gpus is not None else None,
+        worker_limits=dict(worker_limits or {}),
     )
 
 
@@ -400,13 +415,19 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
             raise ConfigError(file, f"defaults.{key}", "must be a positive duration")
     models_dir = rel(raw.models_dir)
     configs_dir = rel(raw.configs_dir)
+    if not (raw.limits.max_audio_seconds > 0 and math.isfinite(raw.limits.max_audio_seconds)):
+        raise ConfigError(file, "limits.max_audio_seconds", "must be a positive number of seconds")
+    worker_limits = {
+        "max_audio_seconds": float(raw.limits.max_audio_seconds),
+        "max_image_pixels": _positive(raw.limits.max_image_pixels, file, "limits.max_image_pixels"),
+    }
     models: list[ModelConfig] = []
     seen: dict[str, str] = {}
     if configs_dir.is_dir():
         for model_file in sorted([*configs_dir.glob("*.yaml"), *configs_dir.glob("*.yml")]):
             mfile = str(model_file)
             data = _read_yaml(model_file)
-            model = _model(_convert(data, ModelFile, mfile), mfile, defaults, models_dir)  # type: ignore[arg-type]
+            model = _model(_convert(data, ModelFile, mfile), mfile, defaults, models_dir, worker_limits)  # type: ignore[arg-type]
             for name in (model.name, *model.aliases):
                 if name in seen:
                     raise ConfigError(mfile, "name", f"'{name}' is already used by {seen[name]}")
@@ -441,4 +462,6 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_user_keep_alive=_finite(raw.limits.max_user_keep_alive, file, "limits.max_user_keep_alive"),
         max_schema_repeat=_positive(raw.limits.max_schema_repeat, file, "limits.max_schema_repeat"),
         memory=_memory(raw.limits.memory, file),
+        max_audio_seconds=worker_limits["max_audio_seconds"],
+        max_image_pixels=int(worker_limits["max_image_pixels"]),
     )

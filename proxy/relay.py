@@ -7,16 +7,19 @@
 
 Entering acquires the lease (starting the model, queueing for room); leaving releases it, unless a
 stream was handed to the response: then the response's close releases it, after closing the upstream
-stream. Either way the release happens once, in ``_close``. Like httpx's ``stream()``, the call is a
-context manager over its transport; handlers only parse, translate, call and shape.
+stream. Given the client's request (``client=``), the call watches it: if the client goes away while the
+block runs (an answer that is not streamed: a JSON answer, a wav, a transcript, a stream read whole),
+the block is cancelled, which closes the upstream (the worker sees its client go and stops within a token
+or a step) and releases the lease; the handler then raises ``ClientGone``. A stream handed to the response
+is watched by the response itself. Either way the release happens once, in ``_close``. Like httpx's
+``stream()``, the call is a context manager over its transport; handlers only parse, translate, call and shape.
 No HTTP framework here but Starlette's response class (``proxy.streaming``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
@@ -32,23 +35,47 @@ T = TypeVar("T")
 
 
 class LeasedCall:
-    def __init__(self, manager: ModelManager, name: str, keep_alive: float | None) -> None:
+    def __init__(
+        self, manager: ModelManager, name: str, keep_alive: float | None, *, client: Request | None = None
+    ) -> None:
         self._manager = manager
         self._name = name
         self._keep_alive = keep_alive
+        self._client = client
         self._lease: Lease | None = None
         self._stream: UpstreamStream | None = None
         self._handed_over = False
+        self._watch: asyncio.Task[None] | None = None
+        self._gone = False
 
     async def __aenter__(self) -> LeasedCall:
         self._lease = await self._manager.acquire(self._name, self._keep_alive)
+        if self._client is not None:
+            self._watch = asyncio.create_task(self._watch_client(self._client, asyncio.current_task()))
         return self
+
+    async def _watch_client(self, client: Request, block: asyncio.Task[Any] | None) -> None:
+        await client_gone(client.receive)
+        if block is not None and not self._handed_over:
+            self._gone = True
+            block.cancel()
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._stop_watching()
         if not self._handed_over:
             await self._close()
+        if self._gone and kind is not None and issubclass(kind, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # our cancel, not the server's: the request ends as a 499
+            raise ClientGone("the client went away")
+
+    def _stop_watching(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
 
     async def _close(self) -> None:
         """Close the upstream stream (if one was opened) and release the lease: exactly once."""
@@ -79,12 +106,8 @@ class LeasedCall:
     async def post(self, path: str, body: bytes) -> bytes:
         return await self.upstream.post(path, body)
 
-    async def post_json(
-        self, path: str, payload: Mapping[str, Any], *, until_gone: Request | None = None
-    ) -> dict[str, Any]:
-        """POST JSON, the JSON answer; with ``until_gone``, cancelled if that client goes away first."""
-        work = self.upstream.post_json(path, payload)
-        return await (unless_gone(until_gone, work) if until_gone is not None else work)
+    async def post_json(self, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.upstream.post_json(path, payload)
 
     async def post_file(
         self,
@@ -108,21 +131,5 @@ class LeasedCall:
         worker's stream into the client's bytes; the response's close releases both however it ends."""
         upstream = await self.open(path, body)
         self._handed_over = True
+        self._stop_watching()  # the response watches its own client
         return ClosingStream(relay(upstream), on_close=self._close, media_type=media_type, headers=STREAM_HEADERS)
-
-
-async def unless_gone(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client goes away first (the worker then sees its own client
-    go and stops). A non-streaming handler's request is otherwise never told of the disconnect."""
-    job = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(client_gone(request.receive))
-    try:
-        await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if not job.done():
-            job.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
-            raise ClientGone("the client went away")
-        return job.result()
-    finally:
-        watch.cancel()

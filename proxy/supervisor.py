@@ -94,6 +94,7 @@ class Worker:
             "options": dict(cfg.options),
             "parallel": cfg.parallel,
             "cache_dir": str(cfg.cache_dir) if cfg.cache_dir else None,
+            "limits": dict(cfg.worker_limits),
         }
         python = cfg.python or sys.executable
         argv = [python, "-m", "proxy.worker", "--socket", sock, "--spec", json.dumps(spec)]

@@ -7,6 +7,7 @@ Ollama dialect is translated in front of it, the server itself only speaks OpenA
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -124,3 +125,21 @@ def test_already_running_at_a_url_is_routed_to_and_never_stopped(
 
 def _up(port: int) -> bool:
     return answers(f"http://127.0.0.1:{port}/v1/models")
+
+
+@pytest.mark.parametrize("how", ["proxy killed", "unload"])
+def test_nothing_started_for_a_cmd_outlives_it(make_proxy: MakeProxy, how: str) -> None:
+    """Issue 11 item 12: a `cmd` whose shell leaves a background child (`sleep 1000 &`, the kernel's
+    parent-death signal is cleared in forked children) and execs the server. Whether the proxy is
+    SIGKILLed or the model unloaded, every process of that tree is gone, the background child too."""
+    server = f"exec {sys.executable} -m http.server --bind 127.0.0.1 ${{PORT}}"
+    proxy = make_proxy([external("shell", cmd=["bash", "-c", f"sleep 1000 & {server}"], health_path="/")])
+    assert httpx.post(proxy.url + "/load/shell", timeout=60).status_code == 200
+    tree = wait_until(lambda: (t := proxy.workers()) and any(p.name() == "sleep" for p in t) and t, timeout=30)
+    assert any("http.server" in " ".join(p.cmdline()) for p in tree)
+    pids = [p.pid for p in tree]
+    if how == "proxy killed":
+        proxy.stop(signal.SIGKILL)
+    else:
+        assert httpx.post(proxy.url + "/unload/shell", timeout=30).status_code == 200
+    wait_until(lambda: gone(pids), timeout=30)

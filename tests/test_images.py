@@ -235,6 +235,11 @@ async def test_progress_in_status_and_disconnect_stops_the_job(proxy: LiveProxy)
             ("init_image", "PNG"),
         ),
         ("/img2img", {"prompt": "x"}, ("init_image",)),
+        (
+            "/img2img",
+            {"prompt": "x", "init_image": base64.b64encode(b"\x89PNG\r\n\x1a\n").decode(), "num_inference_steps": 1},
+            ("steps x strength", "1 x 0.75"),
+        ),
         ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "high"}, ("cfg_scale",)),
         ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 3, "n_iter": 2}, ("batch_size",)),
         ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Heun++"}, ("sampler_name",)),
@@ -275,3 +280,23 @@ def test_single_file_checkpoint_gives_the_same_image(proxy: LiveProxy) -> None:
     from_file = post(proxy, "/txt2img", {"model": "tiny-sd-file", **body})
     assert from_file.status_code == 200, from_file.text
     assert from_file.json()["images"][0]["base64"] == from_folder  # the same weights, the same bytes
+
+
+def test_huge_init_image_is_refused_from_its_header(proxy: LiveProxy) -> None:
+    """Issue 11 item 7: a PNG of 13,000 x 13,000 pixels is a small file but ~0.5 GB decoded: the worker
+    reads its size from the header and answers 413 (limits.max_image_pixels, 4096 x 4096 by default)
+    without decoding it, and keeps serving."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (13_000, 13_000)).save(buf, format="PNG", optimize=True)
+    assert len(buf.getvalue()) < 1024 * 1024
+    init = base64.b64encode(buf.getvalue()).decode()
+    r = post(proxy, "/img2img", {"model": MODEL, "prompt": "x", "init_image": init, "num_inference_steps": 4})
+    assert r.status_code == 413, r.text
+    assert "13000x13000" in r.json()["error"]["message"] and "limit" in r.json()["error"]["message"]
+    pid = proxy.status()[MODEL]["pid"]
+    ok = post(proxy, "/txt2img", {"model": MODEL, "prompt": "x", "num_inference_steps": 1})
+    assert ok.status_code == 200 and proxy.status()[MODEL]["pid"] == pid

@@ -19,6 +19,7 @@ from tests.harness import REPO, LiveProxy, fake_config, running, wait_until
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 WORDS = ["quick", "brown", "fox", "jumps", "over", "lazy", "dog", "river"]
 LIMIT = 2 * 1024 * 1024
+MAX_SECONDS = 60  # limits.max_audio_seconds in this module's proxy
 # container, codec for each format clients send (Open WebUI records webm/opus)
 ENCODINGS = {
     "flac": ("flac", "flac"),
@@ -58,6 +59,47 @@ def encode(wav: bytes, container: str, codec: str) -> bytes:
     return out.getvalue()
 
 
+class _Sink:
+    """A write-only file: the muxer cannot seek back, so a WebM gets no duration (as a browser's recorder)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+
+def silence(seconds: int, container: str, codec: str, rate: int, seekable: bool = True) -> bytes:
+    """``seconds`` of silence, encoded with PyAV (FLAC: ~190 bytes a second)."""
+    import av
+    import numpy as np
+    from av.audio.stream import AudioStream
+
+    out: io.BytesIO | _Sink = io.BytesIO() if seekable else _Sink()
+    with av.open(out, "w", format=container) as dst:
+        stream = dst.add_stream(codec, rate=rate)
+        assert isinstance(stream, AudioStream)
+        stream.layout = "mono"
+        block = np.zeros((1, rate), dtype=np.int16)
+        for i in range(seconds):
+            frame = av.AudioFrame.from_ndarray(block, format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, i * rate
+            for packet in stream.encode(frame):
+                dst.mux(packet)
+        for packet in stream.encode(None):
+            dst.mux(packet)
+    return out.getvalue() if isinstance(out, io.BytesIO) else b"".join(out.parts)
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
 @pytest.fixture(scope="module")
 def wav() -> bytes:
     return speak(SENTENCE)
@@ -66,9 +108,8 @@ def wav() -> bytes:
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
     whisper = yaml.safe_load((REPO / "configs" / "whisper.yaml").read_text())
-    with running(
-        tmp_path_factory.mktemp("whisper"), [whisper, fake_config("chatty")], limits={"max_body_bytes": LIMIT}
-    ) as live:
+    limits = {"max_body_bytes": LIMIT, "max_audio_seconds": MAX_SECONDS}
+    with running(tmp_path_factory.mktemp("whisper"), [whisper, fake_config("chatty")], limits=limits) as live:
         yield live
 
 
@@ -212,3 +253,28 @@ def test_lifecycle_is_shared(proxy: LiveProxy, wav: bytes) -> None:
     models = {m["id"]: m["kind"] for m in httpx.get(proxy.url + "/v1/models").json()["data"]}
     assert models["whisper-base"] == "transcription"
     assert "whisper-base:latest" not in [m["name"] for m in httpx.get(proxy.url + "/api/tags").json()["models"]]
+
+
+def test_long_audio_is_refused_before_decoding(proxy: LiveProxy, wav: bytes) -> None:
+    """Issue 11 item 7: an hour of silence in a 700 KB FLAC is a 413 from its header's duration, before
+    decoding; a WebM with no duration in its header (a browser's recording) is decoded only up to the
+    limit. The worker's peak memory does not move and it keeps its pid."""
+    url = proxy.url + "/v1/audio/transcriptions"
+    first = httpx.post(url, data={"model": "whisper-1"}, files={"file": ("a.wav", wav)}, timeout=120)
+    assert first.status_code == 200, first.text
+    (worker,) = [p for p in proxy.workers() if "proxy.worker" in " ".join(p.cmdline())]
+    before = peak_rss(worker.pid)
+    hour = silence(3600, "flac", "flac", 16000)
+    assert len(hour) < LIMIT
+    r = httpx.post(url, data={"model": "whisper-1"}, files={"file": ("hour.flac", hour)}, timeout=120)
+    assert r.status_code == 413, r.text
+    assert "3600 s" in r.json()["error"]["message"] and f"{MAX_SECONDS} s" in r.json()["error"]["message"]
+    undeclared = silence(3 * MAX_SECONDS, "webm", "libopus", 48000, seekable=False)
+    r = httpx.post(url, data={"model": "whisper-1"}, files={"file": ("rec.webm", undeclared)}, timeout=120)
+    assert r.status_code == 413, r.text
+    assert "runs longer" in r.json()["error"]["message"]
+    assert peak_rss(worker.pid) - before < 48 * 1024 * 1024
+    short = silence(MAX_SECONDS // 2, "webm", "libopus", 48000, seekable=False)  # under the limit: decoded
+    r = httpx.post(url, data={"model": "whisper-1"}, files={"file": ("rec.webm", short)}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert worker.is_running() and proxy.status()["whisper-base"]["pid"] == worker.pid

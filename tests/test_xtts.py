@@ -91,6 +91,22 @@ def test_cloning_from_speaker_wav_and_voice_files(proxy: LiveProxy, checkpoint: 
         assert wav_info(r.content)[0] == 16000
 
 
+def test_a_long_speaker_wav_is_read_only_as_far_as_it_is_used(proxy: LiveProxy) -> None:
+    """Issue 11 item 7: twenty minutes of 48 kHz reference (a ~1 MB FLAC) is read only for its first 30 s:
+    the worker's peak memory does not grow by the ~0.5 GB a whole read and resample would take."""
+    from tests.test_transcription import peak_rss, silence
+
+    thirty = base64.b64encode(silence(30, "flac", "flac", 48000)).decode()  # the most that is used
+    body = {"model": "xtts-tiny", "text": "hello", "speaker_wav": thirty}
+    assert httpx.post(proxy.url + "/api/tts", timeout=120, json=body).status_code == 200
+    (worker,) = proxy.workers()
+    before = peak_rss(worker.pid)
+    long_one = base64.b64encode(silence(20 * 60, "flac", "flac", 48000)).decode()
+    r = httpx.post(proxy.url + "/api/tts", timeout=120, json={**body, "speaker_wav": long_one})
+    assert r.status_code == 200, r.text
+    assert peak_rss(worker.pid) - before < 128 * 1024 * 1024
+
+
 STREAM_CHUNKS = """
 import sys, torch
 from proxy.worker.backends.xtts import XttsBackend

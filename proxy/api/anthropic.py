@@ -61,7 +61,7 @@ async def messages(request: Request) -> Response:
     cfg, keep_alive, (openai, stops) = _prepare(request, body, count_only=False)
     stream = bool(body.get("stream"))
     tr = dialect.MessageStream(cfg.name, stops)
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         if stream:
             return await call.stream(
                 "/v1/chat/completions", json_bytes(openai), lambda up: _events(up, tr), "text/event-stream"
@@ -80,15 +80,15 @@ async def count_tokens(request: Request) -> Response:
     without the tokenize route (an external server) is asked for one token and its prompt count."""
     body = await read_json(request)
     cfg, keep_alive, (openai, _) = _prepare(request, body, count_only=True)
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         try:
-            counted = await call.post_json(TOKENIZE_PATH, openai, until_gone=request)
+            counted = await call.post_json(TOKENIZE_PATH, openai)
             tokens = int(counted["count"])
         except UpstreamError as exc:
             if exc.status != 404:
                 raise
             openai.update(max_tokens=1, stream=False)
-            answer = await call.post_json("/v1/chat/completions", openai, until_gone=request)
+            answer = await call.post_json("/v1/chat/completions", openai)
             tokens = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
     return JSONResponse({"input_tokens": tokens})
 

@@ -29,8 +29,8 @@ REFUSAL = "does not make images"
 async def _generate(
     request: Request, cfg: ModelConfig, keep_alive: float | None, canonical: ImageRequest
 ) -> dict[str, Any]:
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
-        return await call.post_json("/v1/images", canonical, until_gone=request)
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
+        return await call.post_json("/v1/images", canonical)
 
 
 def _image_models(request: Request) -> list[ModelConfig]:

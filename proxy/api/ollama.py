@@ -59,7 +59,7 @@ async def _generation(
     generate: bool,
 ) -> Response:
     started = time.perf_counter_ns()
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         tr = dialect.StreamTranslator(cfg.name, generate, started, load_ns=int(call.load_duration * 1e9))
         if stream:
             return await call.stream(path, json_bytes(body), lambda upstream: _ndjson(upstream, tr), NDJSON)
@@ -120,7 +120,7 @@ async def _embed(
     request: Request, cfg: ModelConfig, inputs: list[str], keep_alive: float | None
 ) -> tuple[dict[str, Any], int, int]:
     started = time.perf_counter_ns()
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         result = await call.post_json("/v1/embeddings", {"model": cfg.name, "input": inputs})
         load_ns = int(call.load_duration * 1e9)
     return result, time.perf_counter_ns() - started, load_ns

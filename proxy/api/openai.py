@@ -61,7 +61,7 @@ async def forward(
     request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool, keep_alive: float | None
 ) -> Response:
     """Lease the model, send ``body`` to its worker, relay the answer; the lease ends with it."""
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         if stream:
             return await call.stream(path, json_bytes(body), _relay, "text/event-stream")
         content = await call.post(path, json_bytes(body))
@@ -104,7 +104,7 @@ async def embeddings(request: Request) -> Response:
     fmt = pop_encoding_format(body)
     if fmt != "base64":
         return await forward(request, cfg, "/v1/embeddings", body, False, keep_alive)
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         result = await call.post_json("/v1/embeddings", body)
     for item in result.get("data") or []:
         # what the openai SDK asks for by default: little-endian float32, base64

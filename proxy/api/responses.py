@@ -49,7 +49,7 @@ async def create(request: Request) -> Response:
     now = services(request).clock.time()
     apply_model_defaults(openai, cfg, now)
     tr = dialect.ResponseStream(cfg.name, body, now)
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         if body.get("stream"):
             return await call.stream(
                 "/v1/chat/completions", json_bytes(openai), lambda up: _events(up, tr), "text/event-stream"

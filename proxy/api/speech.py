@@ -37,7 +37,7 @@ async def _speak(
     request: Request, cfg: ModelConfig, keep_alive: float | None, body: SpeechRequest, stream: bool
 ) -> Response:
     media_type = AUDIO_MEDIA_TYPES[body["response_format"]]
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive) as call:
+    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         if stream:
             return await call.stream("/v1/audio/speech", json_bytes(body), _relay, media_type)
         upstream = await call.open("/v1/audio/speech", json_bytes(body))

@@ -60,7 +60,7 @@ def transcribe_route(task: str) -> Any:
             if "transcription" not in cfg.capabilities:
                 raise BadRequest(f"model '{cfg.name}' does not transcribe audio", param="model")
             send = {k: v for k, v in fields.items() if k in ("language", "prompt", "temperature")}
-            async with LeasedCall(manager, cfg.name, keep_alive) as call:
+            async with LeasedCall(manager, cfg.name, keep_alive, client=request) as call:
                 transcript = await call.post_file(
                     f"/v1/audio/{'translations' if task == 'translate' else 'transcriptions'}",
                     send,

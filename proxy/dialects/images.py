@@ -116,6 +116,11 @@ def _canonical(
         "scheduler": sampler,
     }
     if init is not None:
+        if int(steps * strength) < 1:  # diffusers would run no step at all and fail
+            raise BadRequest(
+                f"with an init image, steps x strength must be at least 1 (got {steps} x {strength:g})",
+                param="strength",
+            )
         out["init_image"] = init
         out["strength"] = float(strength)
     return out

@@ -28,7 +28,8 @@ log = logging.getLogger("proxy.worker")
 
 def make_backend(spec: dict[str, Any]) -> Any:
     """The spec's entry point, "module:Class", imported here only; every Backend class takes (served name,
-    model path, options)."""
+    model path, options). The proxy's limits on what a worker decodes (``max_audio_seconds``,
+    ``max_image_pixels``) come in the spec's ``limits`` and reach the backend among its options."""
     target = spec.get("entry")
     if not target:
         raise SystemExit(f"no entry point for backend {spec.get('backend')!r} in the spec")
@@ -37,6 +38,8 @@ def make_backend(spec: dict[str, Any]) -> Any:
     options = dict(spec.get("options", {}))
     if spec.get("cache_dir"):
         options.setdefault("cache_dir", spec["cache_dir"])
+    for key, value in (spec.get("limits") or {}).items():
+        options.setdefault(key, value)
     return cls(spec["name"], spec["model_path"], options)
 
 

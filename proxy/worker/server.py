@@ -183,14 +183,47 @@ async def health(request: Request) -> Response:
     return JSONResponse({**report, **state.backend.info()}, 200 if state.ready else 503)
 
 
+async def _unless_gone(request: Request, work: Awaitable[Any], stop: Callable[[asyncio.Future[Any]], None]) -> Any:
+    """``work``'s result; if the client goes away first, ``stop`` it (set the backend's cancel event, or
+    cancel the task), wait until it has stopped (the slot stays held until then), and raise ClientWentAway.
+    A non-streaming endpoint is otherwise never told of the disconnect and works to the end."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(client_gone(request.receive))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if job.done():
+        return job.result()
+    stop(job)
+    await asyncio.wait({job})
+    if not job.cancelled():
+        job.exception()  # retrieved: whatever it ended with, nobody is left to tell
+    raise ClientWentAway("the client went away")
+
+
+def _setter(cancel: threading.Event) -> Callable[[asyncio.Future[Any]], None]:
+    return lambda job: cancel.set()
+
+
+def _cancel(job: asyncio.Future[Any]) -> None:
+    job.cancel()
+
+
 def _generation(method: str) -> Callable[[Request], Awaitable[Response]]:
-    """An LLM route: a JSON answer, or SSE when the backend returns an iterator of chunks."""
+    """An LLM route: a JSON answer, or SSE when the backend returns an iterator of chunks. A JSON answer
+    stops within a token when the client goes away (the backend's ``cancel``), as a stream does."""
 
     async def endpoint(request: Request) -> Response:
         body = await _body(request)
         state = _state(request)
+        cancel = threading.Event()
+        run = getattr(state.backend, method)
         async with state.slot() as slot:
-            result = await run_in_threadpool(getattr(state.backend, method), body)
+            if body.get("stream") or method == "embeddings":
+                result = await run_in_threadpool(run, body)
+            else:
+                result = await _unless_gone(request, run_in_threadpool(run, body, cancel), _setter(cancel))
             if isinstance(result, dict):
                 return _json(result)
             return ClosingStream(_sse(result), on_close=slot.hand_over(), headers=STREAM_HEADERS)
@@ -227,16 +260,8 @@ async def images(request: Request) -> Response:
     backend = state.backend
     assert isinstance(backend, ImageMaker)
     cancel = threading.Event()
-    async with state.slot():
-        job = asyncio.ensure_future(run_in_threadpool(backend.images, body, cancel))
-        gone = asyncio.ensure_future(client_gone(request.receive))
-        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if not job.done():  # the client went away: stop at the next step, then free the slot
-            cancel.set()
-            await asyncio.wait({job})
-            raise ClientWentAway("the client went away")
-        return _json(job.result())
+    async with state.slot():  # the client going away stops the job at its next step
+        return _json(await _unless_gone(request, run_in_threadpool(backend.images, body, cancel), _setter(cancel)))
 
 
 def _transcription(task: str) -> Callable[[Request], Awaitable[Response]]:
@@ -252,9 +277,17 @@ def _transcription(task: str) -> Callable[[Request], Awaitable[Response]]:
             params["task"] = task
             params["temperature"] = float(params.get("temperature") or 0.0)
             params["word_timestamps"] = "word" in form.getlist("timestamp_granularities[]")
-            async with state.slot():
+
+            async def transcribe() -> tuple[dict[str, Any], list[Any]]:
                 header, segments = await run_in_threadpool(backend.transcribe, upload.file, params)
-                found = [segment async for segment in pump(segments)]
+                items = pump(segments)
+                try:
+                    return header, [segment async for segment in items]
+                finally:
+                    await items.aclose()  # a cancelled transcription stops after the segment it is making
+
+            async with state.slot():
+                header, found = await _unless_gone(request, transcribe(), _cancel)
         transcript: Transcript = {
             "language": header["language"],
             "duration": header["duration"],

@@ -29,6 +29,18 @@ class InvalidRequest(BackendError):
     status = 400
 
 
+class TooLarge(BackendError):
+    """The input is over one of the worker's limits (audio seconds, image pixels)."""
+
+    status = 413
+
+
+class Cancelled(BackendError):
+    """The client went away and the backend stopped early (nobody reads the answer)."""
+
+    status = 499
+
+
 class NotSupported(BackendError):
     status = 404
 
@@ -61,11 +73,19 @@ class BackendFailure(BackendError):
 # What a backend can do is the protocols it implements; the worker serves the routes that go with them.
 @runtime_checkable
 class Generator(Protocol):
-    """An LLM backend: OpenAI's chat, completions and embeddings (a dict, or an iterator of SSE chunks)."""
+    """An LLM backend: OpenAI's chat, completions and embeddings (a dict, or an iterator of SSE chunks).
 
-    def chat(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
+    ``cancel`` (answers that are not streamed) is set when the client goes away: the backend stops within
+    a token, raising ``Cancelled`` or returning what it has (the answer is thrown away).
+    """
 
-    def completion(self, body: dict[str, Any]) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
+    def chat(
+        self, body: dict[str, Any], cancel: threading.Event | None = None
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
+
+    def completion(
+        self, body: dict[str, Any], cancel: threading.Event | None = None
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
 
     def embeddings(self, body: dict[str, Any]) -> dict[str, Any]: ...
 

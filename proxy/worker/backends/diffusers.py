@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.wire import SAMPLERS, Image, ImageRequest, ImageResult
-from proxy.worker.backends.base import InvalidRequest
+from proxy.worker.backends.base import InvalidRequest, TooLarge
 
 
 class Cancelled(Exception):
@@ -112,11 +112,20 @@ class DiffusersBackend:
     def _init_image(self, data: str, width: int, height: int) -> Any:
         from PIL import Image
 
+        limit = int(self.options.get("max_image_pixels") or 4096 * 4096)
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1]))).convert("RGB")
+            image = Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[-1])))  # reads the header only
+        except Image.DecompressionBombError as exc:  # PIL's own cap, far above ours
+            raise TooLarge(f"'init_image' is too large: {exc}", param="init_image") from exc
         except Exception as exc:  # PIL's errors for anything it cannot read
             raise InvalidRequest(f"'init_image' is not an image: {exc}", param="init_image") from exc
-        return image.resize((width, height))
+        w, h = image.size
+        if w * h > limit:  # refused before the pixels are decoded
+            raise TooLarge(f"'init_image' is {w}x{h} = {w * h} pixels; the limit is {limit}", param="init_image")
+        try:
+            return image.convert("RGB").resize((width, height))
+        except Exception as exc:  # a header that reads but pixels that do not
+            raise InvalidRequest(f"'init_image' is not an image: {exc}", param="init_image") from exc
 
     def images(self, body: ImageRequest, cancel: threading.Event) -> ImageResult:
         """Generate ``n`` images for the canonical request; PNGs as base64 with the seed of each."""

@@ -13,6 +13,7 @@ however the server schedules its threads and however a cancelled consumer behave
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from proxy.wire import TokenCount, TokenizeRequest
-from proxy.worker.backends.base import InvalidRequest, NotSupported
+from proxy.worker.backends.base import Cancelled, InvalidRequest, NotSupported
 
 # Request fields passed on to llama-cpp-python when its method takes them.
 _RENAMES = {"max_completion_tokens": "max_tokens"}
@@ -30,11 +31,15 @@ _POOLING_MEAN = 1  # llama_cpp.LLAMA_POOLING_TYPE_MEAN, without importing llama_
 _SKIP = ("model", "stream_options", "logits_processor", "grammar", "stopping_criteria", "logprobs_processor")
 
 
+_LIMITS = ("max_audio_seconds", "max_image_pixels")
+
+
 class LlamaCppBackend:
     def __init__(self, name: str, model_path: str, options: dict[str, Any]) -> None:
         self.name = name
         self.model_path = model_path
-        self.options = {k: v for k, v in options.items() if k != "cache_dir"}  # the rest is for Llama()
+        # the rest is for Llama(); the limits on decoded input are not for this backend
+        self.options = {k: v for k, v in options.items() if k not in ("cache_dir", *_LIMITS)}
         self._llm: Any = None
         self._embedder: Any = None
         self._embed_lock = threading.Lock()  # creates the embedder once
@@ -102,10 +107,13 @@ class LlamaCppBackend:
             out["stop"] = [out["stop"]]
         return out
 
-    def _run(self, fn: Any, kwargs: dict[str, Any], stream: bool, include_usage: bool) -> Any:
+    def _run(
+        self, fn: Any, kwargs: dict[str, Any], stream: bool, include_usage: bool, cancel: threading.Event | None
+    ) -> Any:
         self._context.acquire()
         try:
-            result = fn(**kwargs)
+            with _stopped_by(self._llm, None if stream else cancel):
+                result = fn(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "bad request"
             self._context.release()
             raise InvalidRequest(str(exc)) from exc
@@ -155,7 +163,7 @@ class LlamaCppBackend:
                 },
             }
 
-    def chat(self, body: dict[str, Any]) -> Any:
+    def chat(self, body: dict[str, Any], cancel: threading.Event | None = None) -> Any:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty list", param="messages")
@@ -165,16 +173,16 @@ class LlamaCppBackend:
             kwargs["response_format"] = _response_format(kwargs["response_format"])
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return self._run(self._llm.create_chat_completion, kwargs, stream, include_usage)
+        return self._run(self._llm.create_chat_completion, kwargs, stream, include_usage, cancel)
 
-    def completion(self, body: dict[str, Any]) -> Any:
+    def completion(self, body: dict[str, Any], cancel: threading.Event | None = None) -> Any:
         prompt = body.get("prompt")
         if not isinstance(prompt, str | list):
             raise InvalidRequest("'prompt' must be a string", param="prompt")
         kwargs = self._kwargs(body, self._completion_params, _SKIP)
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return self._run(self._llm.create_completion, kwargs, stream, include_usage)
+        return self._run(self._llm.create_completion, kwargs, stream, include_usage, cancel)
 
     def count_tokens(self, body: TokenizeRequest) -> TokenCount:
         """The prompt a chat call would feed the model, in its tokens: the messages rendered by the GGUF's
@@ -221,6 +229,31 @@ class LlamaCppBackend:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "duration_ns": time.perf_counter_ns() - started,
         }
+
+
+@contextlib.contextmanager
+def _stopped_by(llm: Any, cancel: threading.Event | None) -> Iterator[None]:
+    """While inside, ``llm`` raises ``Cancelled`` before evaluating its next token once ``cancel`` is set.
+
+    Its ``eval`` is wrapped for the call (the caller holds the context's lock): llama-cpp-python's generate
+    loop calls it between tokens, in Python. (A logits processor cannot stop it: those run as a ctypes
+    callback, whose exceptions are swallowed; stopping_criteria exists for completions only.) The state
+    left behind is the one a closed stream leaves: the tokens evaluated so far, reused as a prefix."""
+    if cancel is None:
+        yield
+        return
+    evaluate = llm.eval
+
+    def checked(tokens: Any) -> None:
+        if cancel.is_set():
+            raise Cancelled("the client went away")
+        evaluate(tokens)
+
+    llm.eval = checked
+    try:
+        yield
+    finally:
+        del llm.eval  # the class's method again
 
 
 def _device(n_gpu_layers: Any) -> str:

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from proxy.wire import Segment
-from proxy.worker.backends.base import InvalidRequest
+from proxy.worker.backends.base import InvalidRequest, TooLarge
 
 log = logging.getLogger("proxy.worker.whisper")
 
+_RATE = 16000  # what Whisper listens at
 _TIMESTAMPS = 1501  # <|0.00|> ... <|30.00|>
 _COPIED = ("config.json", "tokenizer.json", "preprocessor_config.json")
 
@@ -82,6 +83,70 @@ def assemble(folder: Path, part_dirs: list[Path], cache_dir: Path) -> Path:
     return target
 
 
+def _too_long(limit: float, seconds: float | None = None) -> TooLarge:
+    length = f"is {seconds:.0f} s long" if seconds is not None else "runs longer"
+    return TooLarge(f"the audio {length}; the limit is {limit:g} s (limits.max_audio_seconds)", param="file")
+
+
+def declared_seconds(container: Any) -> float | None:
+    """The duration the file's header declares (the container's, else its audio stream's), if any."""
+    if container.duration:  # in AV_TIME_BASE units (microseconds)
+        return float(container.duration) / 1_000_000
+    stream = container.streams.audio[0]
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return None
+
+
+def _readable(frames: Iterator[Any]) -> Iterator[Any]:
+    """The frames PyAV can decode, skipping the damaged ones (as faster-whisper's own decoder does)."""
+    import av
+
+    while True:
+        try:
+            yield next(frames)
+        except StopIteration:
+            return
+        except av.error.InvalidDataError:
+            continue
+
+
+def decode_bounded(audio: Any, max_seconds: float) -> Any:
+    """16 kHz mono float32 samples of ``audio``; over ``max_seconds`` is a 413: refused from the header's
+    duration before decoding, or, when the header says nothing (or lies), as soon as the decoded samples
+    pass the limit. Memory stays within the limit's worth of samples."""
+    import av
+    import numpy as np
+
+    limit = int(max_seconds * _RATE)
+    chunks: list[Any] = []
+    count = 0
+    try:
+        with av.open(audio, mode="r", metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise InvalidRequest("the file holds no audio stream", param="file")
+            declared = declared_seconds(container)
+            if declared is not None and declared > max_seconds:
+                raise _too_long(max_seconds, declared)
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=_RATE)
+            for frame in _readable(container.decode(audio=0)):
+                for out in resampler.resample(frame):
+                    samples = out.to_ndarray().reshape(-1)
+                    count += len(samples)
+                    if count > limit:
+                        raise _too_long(max_seconds)
+                    chunks.append(samples)
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except (InvalidRequest, TooLarge):
+        raise
+    except Exception as exc:  # PyAV's errors for anything it cannot read
+        raise InvalidRequest(f"could not decode the audio file: {type(exc).__name__}: {exc}", param="file") from exc
+    if not chunks:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32) / 32768.0
+
+
 class WhisperBackend:
     def __init__(self, name: str, model_path: str, options: dict[str, Any]) -> None:
         self.name = name
@@ -123,12 +188,7 @@ class WhisperBackend:
 
     def transcribe(self, audio: Any, params: dict[str, Any]) -> tuple[dict[str, Any], Iterator[Segment]]:
         """Decode and start transcribing; returns the header (language, duration) and the segments."""
-        from faster_whisper.audio import decode_audio
-
-        try:
-            samples = decode_audio(audio)
-        except Exception as exc:  # PyAV's errors for anything it cannot read
-            raise InvalidRequest(f"could not decode the audio file: {type(exc).__name__}: {exc}", param="file") from exc
+        samples = decode_bounded(audio, float(self.options.get("max_audio_seconds") or 3600.0))
         if len(samples) == 0:
             raise InvalidRequest("the audio file holds no audio", param="file")
         segments, info = self.model.transcribe(

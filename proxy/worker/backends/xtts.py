@@ -20,6 +20,7 @@ from proxy.worker.audio import encode
 from proxy.worker.backends.base import InvalidRequest
 
 _COND_RATE = 22050
+_REFERENCE_SECONDS = 30  # how much of a speaker_wav conditions the voice
 
 
 class XttsBackend:
@@ -106,14 +107,16 @@ class XttsBackend:
         import torch
         import torchaudio
 
-        try:
-            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        try:  # only the first 30 s are used: read no more than that, before resampling
+            with soundfile.SoundFile(io.BytesIO(data)) as sound:
+                rate = sound.samplerate
+                samples = sound.read(frames=rate * _REFERENCE_SECONDS, dtype="float32", always_2d=True)
         except Exception as exc:  # libsndfile's errors for anything it cannot read
             raise InvalidRequest(f"'speaker_wav' could not be read as audio: {exc}", param="speaker_wav") from exc
         audio = torch.from_numpy(samples.mean(axis=1)).unsqueeze(0)
         if rate != _COND_RATE:
             audio = torchaudio.functional.resample(audio, rate, _COND_RATE)
-        audio = audio[:, : _COND_RATE * 30].to(self.device)
+        audio = audio[:, : _COND_RATE * _REFERENCE_SECONDS].to(self.device)
         with torch.inference_mode():
             return (
                 self.model.get_gpt_cond_latents(audio, _COND_RATE),
