@@ -54,7 +54,9 @@ def test_require_refuses_with_the_right_error() -> None:
 
 def test_keys_from_a_tokens_file(tmp_path: Path) -> None:
     path = tmp_path / "api_tokens.yml"
-    assert KeyRing.load(path).open  # no file: open
+    with pytest.raises(ConfigError) as missing:  # no file: a typo in its name must not run the proxy open
+        KeyRing.load(path)
+    assert missing.value.file == str(path) and "does not exist" in missing.value.problem
     path.write_text("")
     assert KeyRing.load(path).open  # an empty file: open
     path.write_text("api_key: [u1, '', u2]\nadmin_key: a1\n")

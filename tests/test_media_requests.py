@@ -102,7 +102,7 @@ def test_inference_dialect_fields() -> None:
 def test_a1111_dialect_fields() -> None:
     body = {
         "prompt": "a cat",
-        "steps": 1,
+        "steps": 2,
         "cfg_scale": 30,
         "batch_size": 2,
         "n_iter": 2,
@@ -112,7 +112,7 @@ def test_a1111_dialect_fields() -> None:
         "sampler_index": "DDIM",
     }
     assert images.from_a1111(body, SD, img2img=True) == canonical(
-        steps=1, guidance_scale=30.0, n=4, seed=0, scheduler="ddim", init_image=PNG, strength=0.5
+        steps=2, guidance_scale=30.0, n=4, seed=0, scheduler="ddim", init_image=PNG, strength=0.5
     )
     assert images.from_a1111({**body, "sampler_name": "lms"}, SD, img2img=False)["scheduler"] == "lms"
     assert images.from_a1111({**body, "sampler_name": ""}, SD, img2img=False)["scheduler"] == "ddim"

@@ -78,7 +78,16 @@ def test_messages_are_checked_one_by_one() -> None:
     ok = [{"role": r, "content": "x"} for r in ("system", "developer", "user", "assistant", "tool", "function")]
     assert shaping.check_messages(ok, cfg) is ok
     assert shaping.check_messages([{"role": "user", "content": [{"type": "text", "text": "x"}]}], cfg)
-    assert shaping.check_messages([{"role": "assistant", "content": None}], cfg)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert shaping.check_messages([{"role": "assistant", "content": None, "tool_calls": [call]}], cfg)
+    assert refused(shaping.check_messages, [{"role": "assistant", "content": None}], cfg) == (
+        "'messages[0].content' is required",
+        "messages",
+    )
+    assert refused(shaping.check_messages, [{"role": "user", "content": ["x"]}], cfg) == (
+        "'messages[0].content' parts must be objects with a 'type' (text, image_url)",
+        "messages",
+    )
     must = "'messages' must be a non-empty array of messages"
     assert refused(shaping.check_messages, [], cfg) == (must, "messages")
     assert refused(shaping.check_messages, {"role": "user"}, cfg) == (must, "messages")
@@ -95,7 +104,7 @@ def test_messages_are_checked_one_by_one() -> None:
 
 @pytest.mark.parametrize("kind", ["image_url", "input_image", "image"])
 def test_images_need_a_vision_model(kind: str) -> None:
-    messages = [{"role": "user", "content": "x"}, {"role": "user", "content": ["text", {"type": kind}]}]
+    messages = [{"role": "user", "content": "x"}, {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": kind}]}]
     with pytest.raises(UnsupportedInput) as info:
         shaping.check_messages(messages, model(name="plain"))
     assert info.value.message == "model 'plain' cannot read images (messages[1] has one); configure a vision model"
