@@ -227,11 +227,18 @@ def test_stopping_the_proxy_stops_every_worker(make_proxy: MakeProxy, tmp_path: 
     )
     assert chat(proxy, "a").status_code == 200 and chat(proxy, "b").status_code == 200
     pids = {name: proxy.status()[name]["pid"] for name in ("a", "b")}
+    trees = {name: _tree(pid) for name, pid in pids.items()}  # an external cmd runs under its guard
     assert proxy.stop(sig) in (0, -sig)  # uvicorn re-raises the signal once it has shut down
-    wait_until(lambda: gone(list(pids.values())), timeout=30)
+    wait_until(lambda: gone([p for tree in trees.values() for p in tree]), timeout=30)
     for name, path in signals.items():
-        assert path.read_text().split() == ["SIGTERM", str(pids[name])], name
+        received, pid = path.read_text().split()
+        assert received == "SIGTERM" and int(pid) in trees[name], name
     assert f"worker {pids['b']} ignored SIGTERM for 1s; killing" in proxy.log()
+
+
+def _tree(pid: int) -> set[int]:
+    """A process and its descendants' pids."""
+    return {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
 
 
 def test_killing_the_proxy_leaves_no_worker(make_proxy: MakeProxy) -> None:
@@ -456,10 +463,13 @@ def test_unload_sends_sigterm_and_kills_a_worker_that_ignores_it(make_proxy: Mak
     )
     assert chat(proxy, "a").status_code == 200 and chat(proxy, "b").status_code == 200
     pids = {name: proxy.status()[name]["pid"] for name in ("a", "b")}
+    trees = {name: _tree(pid) for name, pid in pids.items()}  # an external cmd runs under its guard
     for name in ("a", "b"):
         assert httpx.post(proxy.url + f"/unload/{name}", timeout=60).json() == {"unloaded": [name]}
         assert gone([pids[name]]), name  # gone when /unload answers
-        assert signals[name].read_text().split() == ["SIGTERM", str(pids[name])], name
+        wait_until(lambda: gone(list(trees[name])))  # noqa: B023 (waited on within the iteration)
+        received, pid = signals[name].read_text().split()
+        assert received == "SIGTERM" and int(pid) in trees[name], name
     log = proxy.log()
     assert f"worker {pids['b']} ignored SIGTERM for 1s; killing" in log
     assert f"worker {pids['a']} ignored SIGTERM" not in log
@@ -475,7 +485,7 @@ def test_unload_stops_the_processes_an_external_cmd_started(make_proxy: MakeProx
     proxy = make_proxy([{"name": "spawner", "backend": "external", "cmd": cmd}])
     assert chat(proxy, "spawner").status_code == 200
     pid, sleeper = proxy.status()["spawner"]["pid"], int(child.read_text())
-    assert psutil.Process(sleeper).ppid() == pid and psutil.Process(sleeper).name() == "sleep"
+    assert sleeper in _tree(pid) and psutil.Process(sleeper).name() == "sleep"
     assert httpx.post(proxy.url + "/unload/spawner", timeout=60).json() == {"unloaded": ["spawner"]}
     wait_until(lambda: gone([pid, sleeper]), timeout=30)
 
