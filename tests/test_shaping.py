@@ -104,7 +104,10 @@ def test_messages_are_checked_one_by_one() -> None:
 
 @pytest.mark.parametrize("kind", ["image_url", "input_image", "image"])
 def test_images_need_a_vision_model(kind: str) -> None:
-    messages = [{"role": "user", "content": "x"}, {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": kind}]}]
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": kind}]},
+    ]
     with pytest.raises(UnsupportedInput) as info:
         shaping.check_messages(messages, model(name="plain"))
     assert info.value.message == "model 'plain' cannot read images (messages[1] has one); configure a vision model"
