@@ -71,7 +71,9 @@ def choose_victims(candidates: Iterable[Candidate], deficit: Deficit) -> list[st
         missing = _missing(deficit, taken)
         alone = [c for c in rest if missing.covered_by([c])]
         if alone and len(taken) + 1 >= deficit.slots:
-            best = min(alone, key=lambda c: (c.size, c.order))
+            # short of memory: the smallest that frees enough; short of a slot only: size is beside the point
+            short_of_memory = missing.ram > 0 or missing.vram > 0
+            best = min(alone, key=lambda c: (c.size, c.order)) if short_of_memory else alone[0]
             taken.append(best)
             break
         taken.append(rest[0])

@@ -27,3 +27,10 @@ def test_victim_is_the_shortest_keep_alive_then_the_least_recently_used_then_by_
     assert choose_victim([c("forever", math.inf, 0), c("five", 300, 5)]) == "five"
     assert choose_victim([c("b", 60, 1), c("a", 60, 1)]) == "a"  # a full tie: the same choice every time
     assert choose_victim([c("busy", 0, 0, busy=True), c("idle", 600, 9)]) == "idle"
+
+
+def test_when_only_a_slot_is_missing_size_does_not_decide() -> None:
+    # max_loaded_models full: the shortest keep_alive goes, even when it is the bigger model
+    big_short = Candidate("big", keep_alive=60, last_used=0, busy=False, ram=2 << 30)
+    small_long = Candidate("small", keep_alive=3600, last_used=0, busy=False, ram=1 << 20)
+    assert choose_victim([small_long, big_short]) == "big"
