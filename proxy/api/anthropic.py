@@ -9,41 +9,24 @@ from ``x-api-key`` or a Bearer token (``auth.key_from_headers``); ``anthropic-ve
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, model_for, read_json, services
+from proxy.api.common import guarded, json_bytes, model_for, named_events, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects import anthropic as dialect
-from proxy.dialects.blocks import sse
 from proxy.dialects.shaping import apply_model_defaults, check_messages
 from proxy.errors import ProxyError, UpstreamError
 from proxy.relay import LeasedCall
-from proxy.upstream import UpstreamStream
 from proxy.wire import TOKENIZE_PATH
 
 
-def _frames(events: list[tuple[str, dict[str, Any]]]) -> bytes:
-    return b"".join(sse(name, data) for name, data in events)
-
-
-async def _events(upstream: UpstreamStream, tr: dialect.MessageStream) -> AsyncIterator[bytes]:
-    try:
-        yield _frames(tr.start())
-        async for chunk in upstream.events():
-            out = tr.feed(chunk)
-            if out:
-                yield _frames(out)
-            if tr.done:  # a stop sequence: the worker is stopped by closing its stream
-                break
-        yield _frames(tr.finish())
-    except ProxyError as exc:
-        yield sse("error", dialect.error_body(exc.status, exc.message))
+def _error_event(exc: ProxyError) -> list[tuple[str, dict[str, Any]]]:
+    return [("error", dialect.error_body(exc.status, exc.message))]
 
 
 def _prepare(request: Request, body: dict[str, Any], count_only: bool) -> tuple[ModelConfig, float | None, Any]:
@@ -64,7 +47,10 @@ async def messages(request: Request) -> Response:
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         if stream:
             return await call.stream(
-                "/v1/chat/completions", json_bytes(openai), lambda up: _events(up, tr), "text/event-stream"
+                "/v1/chat/completions",
+                json_bytes(openai),
+                lambda up: named_events(up, tr, _error_event),
+                "text/event-stream",
             )
         async for chunk in (await call.open("/v1/chat/completions", json_bytes(openai))).events():
             tr.feed(chunk)

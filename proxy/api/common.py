@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -17,11 +17,13 @@ from starlette.types import Message
 from proxy.auth import KeyRing, Role, key_from_headers
 from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
+from proxy.dialects.blocks import frames
 from proxy.dialects.shaping import require_model
-from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
+from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, ProxyError, UnsupportedMediaType
 from proxy.jsonbody import OFF_LOOP_BYTES, parse_large, parse_small
 from proxy.keepalive import keep_alive_of
 from proxy.manager import ModelManager
+from proxy.upstream import UpstreamStream
 
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -150,3 +152,36 @@ def model_for(
 
 def json_bytes(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+Events = list[tuple[str, dict[str, Any]]]
+
+
+class EventTranslator(Protocol):
+    """OpenAI chat chunks in, a dialect's named SSE events out (Anthropic's, the Responses API's)."""
+
+    @property
+    def done(self) -> bool: ...  # ended early (a stop sequence): the worker is stopped by closing its stream
+
+    def start(self) -> Events: ...
+
+    def feed(self, chunk: dict[str, Any]) -> Events: ...
+
+    def finish(self) -> Events: ...
+
+
+async def named_events(
+    upstream: UpstreamStream, tr: EventTranslator, on_error: Callable[[ProxyError], Events]
+) -> AsyncIterator[bytes]:
+    """The worker's stream, translated event by event; an error ends it with the dialect's own events."""
+    try:
+        yield frames(tr.start())
+        async for chunk in upstream.events():
+            out = tr.feed(chunk)
+            if out:
+                yield frames(out)
+            if tr.done:
+                break
+        yield frames(tr.finish())
+    except ProxyError as exc:
+        yield frames(on_error(exc))

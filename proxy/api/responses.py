@@ -7,37 +7,15 @@ breaks ends with ``response.failed``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, model_for, read_json, services
+from proxy.api.common import guarded, json_bytes, model_for, named_events, read_json, services
 from proxy.auth import Role
 from proxy.dialects import responses as dialect
-from proxy.dialects.blocks import sse
 from proxy.dialects.shaping import apply_model_defaults, check_messages
-from proxy.errors import ProxyError
 from proxy.relay import LeasedCall
-from proxy.upstream import UpstreamStream
-
-
-def _frames(events: list[tuple[str, dict[str, Any]]]) -> bytes:
-    return b"".join(sse(name, data) for name, data in events)
-
-
-async def _events(upstream: UpstreamStream, tr: dialect.ResponseStream) -> AsyncIterator[bytes]:
-    try:
-        yield _frames(tr.start())
-        async for chunk in upstream.events():
-            out = tr.feed(chunk)
-            if out:
-                yield _frames(out)
-        yield _frames(tr.finish())
-    except ProxyError as exc:
-        yield _frames(tr.failed("server_error", exc.message))  # the codes OpenAI gives a failed response
 
 
 @guarded(Role.USER)
@@ -52,7 +30,11 @@ async def create(request: Request) -> Response:
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         if body.get("stream"):
             return await call.stream(
-                "/v1/chat/completions", json_bytes(openai), lambda up: _events(up, tr), "text/event-stream"
+                "/v1/chat/completions",
+                json_bytes(openai),
+                # a broken stream fails the response, with the code OpenAI gives a failed response
+                lambda up: named_events(up, tr, lambda exc: tr.failed("server_error", exc.message)),
+                "text/event-stream",
             )
         async for chunk in (await call.open("/v1/chat/completions", json_bytes(openai))).events():
             tr.feed(chunk)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +24,11 @@ from typing import Any, Literal
 def sse(name: str, data: Mapping[str, Any]) -> bytes:
     """One named SSE event (``event:`` and ``data:`` lines), as both dialects stream them."""
     return b"event: " + name.encode() + b"\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def frames(events: Iterable[tuple[str, Mapping[str, Any]]]) -> bytes:
+    """Named SSE events, in order, as one piece to send."""
+    return b"".join(sse(name, data) for name, data in events)
 
 
 def new_id(prefix: str) -> str:

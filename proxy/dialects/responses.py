@@ -338,6 +338,11 @@ class ResponseStream:
         out.append(self._event(kind, response=self.response(status)))
         return out
 
+    @property
+    def done(self) -> bool:
+        """Never early: the Responses API has no stop sequences; the worker's stream ends it."""
+        return False
+
     def failed(self, code: str, message: str) -> list[tuple[str, dict[str, Any]]]:
         """The stream broke (its worker went away): the response fails, with what it had."""
         self.planner.finish()
