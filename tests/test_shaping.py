@@ -10,38 +10,15 @@ from typing import Any
 
 import pytest
 
-from proxy.config import DetailsSection, ModelConfig
+from proxy.config import ModelConfig
 from proxy.dialects import shaping
 from proxy.errors import BadRequest, UnsupportedInput
+from tests.test_manager import model as manager_model
 
 
 def model(**kw: Any) -> ModelConfig:
-    base: dict[str, Any] = dict(
-        name="m",
-        aliases=(),
-        backend="external",
-        source="test",
-        options={},
-        model_path=None,
-        cmd=("x",),
-        url=None,
-        health_path="/health",
-        python=None,
-        env={},
-        sampling={},
-        system=None,
-        system_time=False,
-        keep_alive=None,
-        pin_keep_alive=False,
-        parallel=1,
-        load_timeout=5.0,
-        unload_grace=1.0,
-        capabilities=("chat",),
-        vision=False,
-        details=DetailsSection(),
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    """A chat model's config (the manager tests' builder, with a chat capability)."""
+    return manager_model(kw.pop("name", "m"), **{"capabilities": ("chat",), **kw})
 
 
 def refused(call: Any, *args: Any) -> tuple[str, str | None]:
