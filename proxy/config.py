@@ -73,6 +73,9 @@ class LimitsSection(_Strict):
     memory: MemoryLimitsSection = msgspec.field(default_factory=MemoryLimitsSection)
     max_loaded_models: int | None = None  # an extra cap on the count; none: memory alone decides
     max_queue: int = 512
+    # when requests wait for models that cannot all be loaded, the loaded model serves its waiting requests
+    # first; no request waits longer than this behind other models' requests before its switch comes
+    max_wait_for_switch: Duration = "30s"
     max_body_bytes: int = 32 * 1024 * 1024
     # a worker with requests in flight that uses no CPU for this long is stuck: it is killed and its
     # requests get an error ("0" turns the watchdog off)
@@ -140,6 +143,7 @@ class ModelFile(_Strict):
     details: DetailsSection = msgspec.field(default_factory=DetailsSection)
     memory: MemorySection | None = None  # what it needs, overriding the estimate
     gpus: list[int] | None = None  # the GPUs (NVML indices) it may run on; default: any
+    priority: int = 0  # between requests for different models that wait as long, the higher goes first
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,7 @@ class ModelConfig:
     model_options: ModelFileOptions | None = None
     memory: Need | None = None  # memory: in its YAML (source "config")
     gpus: tuple[int, ...] | None = None
+    priority: int = 0
 
     @property
     def facts(self) -> BackendInfo:
@@ -221,6 +226,7 @@ class Settings:
     max_user_keep_alive: float = 3600.0
     max_schema_repeat: int = 500
     memory: MemoryLimits = field(default_factory=MemoryLimits)
+    max_wait_for_switch: float = 30.0  # seconds a request waits at most behind other models' requests
 
 
 def _read_yaml(path: Path) -> Any:
@@ -375,6 +381,7 @@ def _model(raw: ModelFile, file: str, settings_defaults: dict[str, float], model
         model_options=opts,
         memory=memory,
         gpus=tuple(raw.gpus) if raw.gpus is not None else None,
+        priority=raw.priority,
     )
 
 
@@ -441,4 +448,5 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_user_keep_alive=_finite(raw.limits.max_user_keep_alive, file, "limits.max_user_keep_alive"),
         max_schema_repeat=_positive(raw.limits.max_schema_repeat, file, "limits.max_schema_repeat"),
         memory=_memory(raw.limits.memory, file),
+        max_wait_for_switch=_finite(raw.limits.max_wait_for_switch, file, "limits.max_wait_for_switch"),
     )
