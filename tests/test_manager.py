@@ -754,3 +754,21 @@ async def test_a_steady_stream_for_a_loaded_model_cannot_keep_another_waiting_pa
     for task in stream:  # a's later requests are served after b's batch
         (await asyncio.wait_for(task, 5)).release()
     await manager.shutdown()
+
+
+@pytest.mark.parametrize(("b_priority", "first"), [(1, "b"), (0, "a")])
+async def test_priority_orders_requests_that_came_together(b_priority: int, first: str) -> None:
+    manager, clock = make(model("a"), model("b", priority=b_priority), max_loaded=1)
+    busy = await manager.acquire("a")
+    for_a = asyncio.create_task(manager.acquire("a"))  # same moment; a's came first
+    for_b = asyncio.create_task(manager.acquire("b"))
+    await settle()
+    clock.advance(manager.settings.max_wait_for_switch + 1)  # b's request is past the bound
+    await settle()
+    busy.release()
+    done, _ = await asyncio.wait({for_a, for_b}, return_when=asyncio.FIRST_COMPLETED, timeout=5)
+    assert [t is for_b for t in done] == [first == "b"]
+    (await asyncio.wait_for(next(iter(done)), 5)).release()
+    for task in {for_a, for_b} - done:  # the other one is served after
+        (await asyncio.wait_for(task, 5)).release()
+    await manager.shutdown()
