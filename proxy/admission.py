@@ -51,6 +51,7 @@ class Decision:
     kind: Literal["start", "evict", "wait", "recover", "refuse"]
     gpu: int | None = None
     victims: list[str] = field(default_factory=list)
+    blockers: list[str] = field(default_factory=list)  # busy models it would unload were they idle ("wait")
     reason: str = ""  # why it waits, what it evicts, or why it is refused
 
 
@@ -194,8 +195,11 @@ def decide(
         names = ", ".join(o.name for o in stopping)
         return Decision("wait", gpu=gpu, reason=f"waiting for memory: {short}; unloading {names}")
     busy = [o.name for o in occupants if o.busy and o.state == "ready"]
-    if choose_victims(_candidates(occupants, gpu, busy_too=True), after) is not None:
-        return Decision("wait", gpu=gpu, reason=f"waiting for memory: {short}; busy: {', '.join(busy)}")
+    blockers = choose_victims(_candidates(occupants, gpu, busy_too=True), after)
+    if blockers is not None:
+        return Decision(
+            "wait", gpu=gpu, blockers=blockers, reason=f"waiting for memory: {short}; busy: {', '.join(busy)}"
+        )
     # Even every model of ours that may be unloaded would not free enough.
     booked_ram = ram_whole - sum(o.need.ram for o in occupants if o.pinned)
     booked_vram = (

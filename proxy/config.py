@@ -73,6 +73,9 @@ class LimitsSection(_Strict):
     memory: MemoryLimitsSection = msgspec.field(default_factory=MemoryLimitsSection)
     max_loaded_models: int | None = None  # an extra cap on the count; none: memory alone decides
     max_queue: int = 512
+    # when requests wait for models that cannot all be loaded, the loaded model serves its waiting requests
+    # first; no request waits longer than this behind other models' requests before its switch comes
+    max_wait_for_switch: Duration = "30s"
     max_body_bytes: int = 32 * 1024 * 1024
     # a worker with requests in flight that uses no CPU for this long is stuck: it is killed and its
     # requests get an error ("0" turns the watchdog off)
@@ -144,6 +147,7 @@ class ModelFile(_Strict):
     details: DetailsSection = msgspec.field(default_factory=DetailsSection)
     memory: MemorySection | None = None  # what it needs, overriding the estimate
     gpus: list[int] | None = None  # the GPUs (NVML indices) it may run on; default: any
+    priority: int = 0  # between requests for different models that wait as long, the higher goes first
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,7 @@ class ModelConfig:
     gpus: tuple[int, ...] | None = None
     # the limits its worker enforces on what it decodes (max_audio_seconds, max_image_pixels)
     worker_limits: Mapping[str, float] = field(default_factory=dict)
+    priority: int = 0
 
     @property
     def facts(self) -> BackendInfo:
@@ -229,6 +234,7 @@ class Settings:
     memory: MemoryLimits = field(default_factory=MemoryLimits)
     max_audio_seconds: float = 3600.0
     max_image_pixels: int = 4096 * 4096
+    max_wait_for_switch: float = 30.0  # seconds a request waits at most behind other models' requests
 
 
 def _read_yaml(path: Path) -> Any:
@@ -390,6 +396,7 @@ def _model(
         memory=memory,
         gpus=tuple(raw.gpus) if raw.gpus is not None else None,
         worker_limits=dict(worker_limits or {}),
+        priority=raw.priority,
     )
 
 
@@ -464,4 +471,5 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         memory=_memory(raw.limits.memory, file),
         max_audio_seconds=worker_limits["max_audio_seconds"],
         max_image_pixels=int(worker_limits["max_image_pixels"]),
+        max_wait_for_switch=_finite(raw.limits.max_wait_for_switch, file, "limits.max_wait_for_switch"),
     )

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import dataclasses
 import enum
+import itertools
 import logging
 import math
 import signal
@@ -148,11 +149,27 @@ class Runtime:
         self.gpu: int | None = None  # the GPU it runs (or starts) on
         self.waiting: str | None = None  # why a request for it waits, while one does
         self.peak = Need(0, 0, "measured")  # the most its worker used, this load
+        self.tickets: list[Ticket] = []  # its requests inside ``acquire``, in arrival order
+        self.blockers: tuple[str, ...] = ()  # busy models it must wait for (its last decision)
 
     @property
     def occupies_slot(self) -> bool:
         local = self.config.url is None
         return local and self.state in (State.STARTING, State.READY, State.STOPPING)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request inside ``acquire``: when it came, for the queue's order."""
+
+    rt: Runtime
+    since: float
+    seq: int
+
+    @property
+    def order(self) -> tuple[float, int, int]:
+        """Who was first: the earlier, then the higher priority, then the earlier arrival."""
+        return (self.since, -self.rt.config.priority, self.seq)
 
 
 @dataclass(frozen=True)
@@ -225,6 +242,7 @@ class ModelManager:
                 self._names[name] = rt
         self._changed = asyncio.Event()
         self._queued = 0
+        self._seq = itertools.count()
         self._shutting_down = False
         self._estimating: asyncio.Task[None] | None = None
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
@@ -261,14 +279,18 @@ class ModelManager:
             rt.keep_alive = keep_alive
 
     async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
-        """Wait until the model is ready (starting it, making room) and lease it."""
+        """Wait until the model is ready (starting it, making room) and one of its ``parallel`` slots is
+        free in turn, and lease it."""
         rt = self._runtime(name)
         if self._shutting_down:
             raise Unavailable("the proxy is shutting down", retry_after=5)
         self._apply_keep_alive(rt, keep_alive)
         started = self.clock.monotonic()
+        ticket = Ticket(rt, started, next(self._seq))
+        rt.tickets.append(ticket)
         waited_for_start = False
         queued = False
+        bound: Timer | None = None
         lease: Lease | None = None
         rt.waiters += 1
         try:
@@ -278,17 +300,23 @@ class ModelManager:
                     raise Unavailable("the proxy is shutting down", retry_after=5)
             while True:
                 if rt.state is State.READY and not rt.draining and rt.worker is not None:
-                    self._cancel_idle(rt)
-                    rt.in_flight += 1
-                    rt.last_used = self.clock.monotonic()
-                    load = self.clock.monotonic() - started if waited_for_start else 0.0
-                    lease = Lease(self, rt, rt.worker, load)
-                    return lease
-                if rt.state is State.STARTING and rt.start_task is not None:
+                    if self._may_serve(ticket):
+                        self._cancel_idle(rt)
+                        rt.in_flight += 1
+                        rt.last_used = self.clock.monotonic()
+                        load = self.clock.monotonic() - started if waited_for_start else 0.0
+                        lease = Lease(self, rt, rt.worker, load)
+                        return lease
+                    rt.waiting = (
+                        f"waiting for a slot: {rt.in_flight} of {rt.config.parallel} in use"
+                        if not self._overtaken(ticket)
+                        else "waiting: requests for other models have waited longer than limits.max_wait_for_switch"
+                    )
+                elif rt.state is State.STARTING and rt.start_task is not None:
                     waited_for_start = True
                     await asyncio.shield(rt.start_task)
                     continue
-                if rt.state in (State.STOPPED, State.FAILED) and not rt.draining:
+                elif rt.state in (State.STOPPED, State.FAILED) and not rt.draining and not self._overtaken(ticket):
                     if rt.state is State.FAILED and self.clock.monotonic() < rt.retry_at:
                         raise ModelLoadFailed(
                             rt.last_error or "the model failed to load",
@@ -298,6 +326,9 @@ class ModelManager:
                         self._begin_start(rt, None)
                         continue
                     decision = self._decide(rt)
+                    # the models in its way, while requests for it wait (those it unloads too: the switch
+                    # it waits for until it starts)
+                    rt.blockers = tuple(dict.fromkeys((*rt.blockers, *decision.blockers, *decision.victims)))
                     if decision.kind == "refuse":
                         raise InsufficientMemory(decision.reason)
                     if decision.kind == "start":
@@ -310,25 +341,66 @@ class ModelManager:
                     rt.waiting = decision.reason
                     for victim in decision.victims:
                         self._begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}")
-                    if not queued:
-                        if self._queued >= self.settings.max_queue:
-                            raise QueueFull(
-                                f"{self._queued} requests are already waiting for a model slot; try again later",
-                                retry_after=5,
-                            )
-                        queued = True
-                        self._queued += 1
                     if decision.kind == "recover":
+                        self._enqueue(queued)
+                        queued = True
                         await self._wait(_RECOVERY_POLL)
                         continue
+                if not queued:
+                    self._enqueue(queued)
+                    queued = True
+                    # past the bound, the models in its way take no more requests: wake everyone then
+                    due = ticket.since + self.settings.max_wait_for_switch - self.clock.monotonic()
+                    bound = self.clock.call_later(max(0.0, due), self._notify)
                 await self._changed.wait()
         finally:
-            rt.waiting = None
+            rt.tickets.remove(ticket)
+            if not rt.tickets:
+                rt.waiting = None
+                rt.blockers = ()
             rt.waiters -= 1
+            if bound is not None:
+                bound.cancel()
             if queued:
                 self._queued -= 1
             if lease is None:
                 self._maybe_idle(rt)
+                self._notify()  # a place in line is free
+
+    def _enqueue(self, queued: bool) -> None:
+        if queued:
+            return
+        if self._queued >= self.settings.max_queue:
+            raise QueueFull(
+                f"{self._queued} requests are already waiting for a model or a slot; try again later",
+                retry_after=5,
+            )
+        self._queued += 1
+
+    # -- the queue: batches by model, bounded by limits.max_wait_for_switch --------------------
+    def _overdue(self) -> list[Ticket]:
+        """Requests that have waited past the bound for a model that must wait for busy models."""
+        limit = self.clock.monotonic() - self.settings.max_wait_for_switch
+        return [
+            t
+            for rt in self._runtimes.values()
+            if rt.blockers and rt.state in (State.STOPPED, State.FAILED, State.STOPPING)
+            for t in rt.tickets
+            if t.since <= limit
+        ]
+
+    def _overtaken(self, ticket: Ticket) -> bool:
+        """Would serving this request overtake an earlier one, past the bound, that its model is in the way of?"""
+        name = ticket.rt.config.name
+        return any(o.rt is not ticket.rt and name in o.rt.blockers and o.order < ticket.order for o in self._overdue())
+
+    def _may_serve(self, ticket: Ticket) -> bool:
+        """A slot is free for this request: its model's earlier requests that may go take theirs first."""
+        rt = ticket.rt
+        if rt.in_flight >= rt.config.parallel or self._overtaken(ticket):
+            return False
+        ahead = sum(1 for t in rt.tickets if t.order < ticket.order and not self._overtaken(t))
+        return rt.in_flight + ahead < rt.config.parallel
 
     def _release(self, rt: Runtime) -> None:
         rt.in_flight -= 1
@@ -361,7 +433,8 @@ class ModelManager:
                     state=o.state.value,  # type: ignore[arg-type]  # starting, ready or stopping here
                     need=self._counted(o),
                     gpu=o.gpu,
-                    busy=o.in_flight > 0 or o.waiters > 0 or o.draining,
+                    # its waiting requests keep it only while none for a model in its way waited too long
+                    busy=o.in_flight > 0 or o.draining or any(not self._overtaken(t) for t in o.tickets),
                     keep_alive=o.keep_alive,
                     remaining=remaining,
                     last_used=o.last_used,

@@ -34,6 +34,7 @@ def test_the_shipped_configuration_loads() -> None:
     model = next(m for m in settings.models if m.name == "smollm2:135m")
     assert model.model_path is not None and model.model_path.is_file()
     assert model.keep_alive == 600 and settings.keep_alive == 300 and settings.port == 11434
+    assert settings.max_wait_for_switch == 30 and model.priority == 0  # the defaults
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,9 @@ def test_the_shipped_configuration_loads() -> None:
         ({"limits": {"max_audio_seconds": 0}}, {}, "config.yml", "limits.max_audio_seconds"),
         ({"limits": {"max_audio_seconds": ".inf"}}, {}, "config.yml", "limits.max_audio_seconds"),
         ({"limits": {"max_image_pixels": 0}}, {}, "config.yml", "limits.max_image_pixels"),
+        ({"limits": {"max_wait_for_switch": "0s"}}, {}, "config.yml", "limits.max_wait_for_switch"),
+        ({"limits": {"max_wait_for_switch": "soon"}}, {}, "config.yml", "limits.max_wait_for_switch"),
+        ({}, {"a.yaml": {**GOOD, "priority": "high"}}, "a.yaml", "priority"),
         ({}, {"a.yaml": {**GOOD, "colour": "red"}}, "a.yaml", "colour"),
         ({}, {"a.yaml": {**GOOD, "keep_alive": "soon"}}, "a.yaml", "keep_alive"),
         ({}, {"a.yaml": {**GOOD, "template": {"sys": "x"}}}, "a.yaml", "template.sys"),
@@ -115,3 +119,9 @@ def test_help_is_the_console_script() -> None:
         [str(Path(sys.executable).parent / "proxy"), "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "--config" in result.stdout and "--port" in result.stdout
+
+
+def test_max_wait_for_switch_and_priority_are_read(tmp_path: Path) -> None:
+    path = write(tmp_path, {"limits": {"max_wait_for_switch": "2m"}}, {"a.yaml": {**GOOD, "priority": 5}})
+    settings = load_settings(path)
+    assert settings.max_wait_for_switch == 120 and settings.models[0].priority == 5

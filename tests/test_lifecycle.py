@@ -419,7 +419,7 @@ def test_keep_alive_zero_waits_for_every_overlapping_request(make_proxy: MakePro
     """With keep_alive 0, the end of one request does not unload the model under another one still
     streaming: the idle timer starts only when the in-flight count reaches zero."""
     gate = tmp_path / "gate"
-    proxy = make_proxy([fake_config("f", "--gate", str(gate), "--tokens", "40")])
+    proxy = make_proxy([fake_config("f", "--gate", str(gate), "--tokens", "40", parallel=2)])  # two at once
     long = _stream_chat(proxy, "f", keep_alive=0)
     lines = [next(long)]  # the long stream is open, held by its worker after its first chunk
     assert proxy.status()["f"]["in_flight"] == 1
@@ -546,3 +546,24 @@ def test_each_dialect_relays_a_piece_while_the_worker_holds_the_rest(
         seen += list(lines)
     text = "".join(seen).replace(" ", "")
     assert end.replace(" ", "") in text and text.count("tok") >= 5
+
+
+def test_requests_beyond_the_parallel_slots_wait_in_the_proxy(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    """The (parallel+1)th request waits in the proxy's queue, not in the worker; max_queue bounds it (503)."""
+    gate = tmp_path / "gate"
+    proxy = make_proxy([fake_config("a", "--gate", str(gate), "--tokens", "10", parallel=2)], limits={"max_queue": 1})
+    first, second = _stream_chat(proxy, "a"), _stream_chat(proxy, "a")
+    held = [[next(first)], [next(second)]]  # both slots hold a stream until the gate opens
+    result: dict[str, int] = {}
+    third = threading.Thread(target=lambda: result.update(status=chat(proxy, "a").status_code))
+    third.start()
+    wait_until(lambda: httpx.get(proxy.url + "/status").json()["queued"] == 1)
+    assert worker_health(proxy, "a")["in_flight"] == 2  # the third never reached the worker
+    refused = chat(proxy, "a")
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+    gate.touch()
+    held[0] += first
+    held[1] += second
+    assert _pieces(held[0]) == (10, "done") and _pieces(held[1]) == (10, "done")
+    third.join(60)
+    assert result["status"] == 200

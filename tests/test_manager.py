@@ -158,7 +158,7 @@ async def settle() -> None:
 
 
 async def test_concurrent_acquires_share_one_start() -> None:
-    manager, _ = make(model("a"))
+    manager, _ = make(model("a", parallel=10))
     leases = await asyncio.gather(*(manager.acquire("a") for _ in range(10)))
     assert len(FakeWorker.instances) == 1
     assert all(lease.worker is FakeWorker.instances[0] for lease in leases)
@@ -168,7 +168,7 @@ async def test_concurrent_acquires_share_one_start() -> None:
 
 
 async def test_idle_timer_starts_when_in_flight_reaches_zero() -> None:
-    manager, clock = make(model("a", keep_alive=10))
+    manager, clock = make(model("a", keep_alive=10, parallel=2))
     first = await manager.acquire("a")
     second = await manager.acquire("a")
     clock.advance(100)  # busy: no timer runs while requests are in flight
@@ -453,7 +453,7 @@ class GraceWorker(FakeWorker):
 
 
 async def test_one_request_in_flight_holds_off_the_idle_timer() -> None:
-    manager, clock = make(model("a", keep_alive=0))
+    manager, clock = make(model("a", keep_alive=0, parallel=2))
     first = await manager.acquire("a")
     lease = await manager.acquire("a")  # two overlapping requests (streams)
     first.release()
@@ -685,4 +685,91 @@ async def test_model_names_with_and_without_the_latest_tag() -> None:
         with pytest.raises(ModelNotFound) as info:
             manager.is_loaded(wrong)  # type: ignore[arg-type]
         assert info.value.message == f"model '{wrong}' not found"
+    await manager.shutdown()
+
+
+# -- the queue: parallel slots, batches by model, the bound on a switch's wait ------------------------------
+
+
+async def test_the_request_past_the_parallel_slots_waits_for_one_to_finish() -> None:
+    manager, _ = make(model("a", parallel=2), max_queue=1)
+    first, second = await manager.acquire("a"), await manager.acquire("a")
+    third = asyncio.create_task(manager.acquire("a"))
+    await settle()
+    assert not third.done() and manager.queued == 1
+    with pytest.raises(QueueFull) as info:  # max_queue bounds the requests waiting for a slot too
+        await manager.acquire("a")
+    assert info.value.headers()["Retry-After"]
+    first.release()
+    lease = await asyncio.wait_for(third, 5)
+    assert manager.queued == 0
+    lease.release()
+    second.release()
+    await manager.shutdown()
+
+
+async def test_waiting_requests_for_the_loaded_model_go_before_a_switch() -> None:
+    manager, clock = make(model("a"), model("b"), max_loaded=1)
+    busy = await manager.acquire("a")
+    clock.advance(1)
+    for_b = asyncio.create_task(manager.acquire("b"))
+    await settle()
+    clock.advance(1)
+    more_a = [asyncio.create_task(manager.acquire("a")) for _ in range(3)]  # later, but within the bound
+    await settle()
+    busy.release()
+    for task in more_a:  # a's batch, one slot at a time, before b's switch
+        lease = await asyncio.wait_for(task, 5)
+        assert state(manager, "a") == "ready" and not for_b.done()
+        lease.release()
+    lease = await asyncio.wait_for(for_b, 5)
+    assert state(manager, "a") == "stopped" and len(FakeWorker.instances) == 2  # one switch, not three
+    lease.release()
+    await manager.shutdown()
+
+
+async def test_a_steady_stream_for_a_loaded_model_cannot_keep_another_waiting_past_the_bound() -> None:
+    manager, clock = make(model("a"), model("b"), max_loaded=1)
+    bound = manager.settings.max_wait_for_switch
+    lease = await manager.acquire("a")
+    for_b = asyncio.create_task(manager.acquire("b"))
+    await settle()
+    waited = 0.0
+    stream = []
+    while not for_b.done() and waited <= bound + 1:  # a fresh request for a before each one ends
+        stream.append(asyncio.create_task(manager.acquire("a")))
+        clock.advance(1)
+        waited += 1
+        await settle()
+        lease.release()
+        await settle()
+        nxt = [t for t in stream if t.done()]
+        if not nxt:
+            break
+        lease = nxt[-1].result()
+        stream.remove(nxt[-1])
+    assert waited <= bound + 1
+    b_lease = await asyncio.wait_for(for_b, 5)
+    assert state(manager, "b") == "ready" and state(manager, "a") == "stopped"
+    b_lease.release()
+    for task in stream:  # a's later requests are served after b's batch
+        (await asyncio.wait_for(task, 5)).release()
+    await manager.shutdown()
+
+
+@pytest.mark.parametrize(("b_priority", "first"), [(1, "b"), (0, "a")])
+async def test_priority_orders_requests_that_came_together(b_priority: int, first: str) -> None:
+    manager, clock = make(model("a"), model("b", priority=b_priority), max_loaded=1)
+    busy = await manager.acquire("a")
+    for_a = asyncio.create_task(manager.acquire("a"))  # same moment; a's came first
+    for_b = asyncio.create_task(manager.acquire("b"))
+    await settle()
+    clock.advance(manager.settings.max_wait_for_switch + 1)  # b's request is past the bound
+    await settle()
+    busy.release()
+    done, _ = await asyncio.wait({for_a, for_b}, return_when=asyncio.FIRST_COMPLETED, timeout=5)
+    assert [t is for_b for t in done] == [first == "b"]
+    (await asyncio.wait_for(next(iter(done)), 5)).release()
+    for task in {for_a, for_b} - done:  # the other one is served after
+        (await asyncio.wait_for(task, 5)).release()
     await manager.shutdown()
