@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -78,7 +80,7 @@ def test_job_completes_survives_a_restart_cancels_and_belongs_to_its_key(tmp_pat
     second.start()
     try:
         for job in ids[:2]:
-            done = wait_until(lambda j=job: finished(second, "llm", j), timeout=120, interval=0.2)
+            done = wait_until(functools.partial(finished, second, "llm", job), timeout=120, interval=0.2)
             assert done["status"] == "COMPLETED", done
             assert done["output"]["choices"][0]["message"]["content"], done
             assert done["delayTime"] >= 0 and done["executionTime"] >= 0
@@ -161,8 +163,6 @@ def test_dropped_gguf_is_discovered_rescanned_and_chats(tmp_path: Path) -> None:
         names = [m["name"] for m in httpx.get(f"{proxy.url}/api/tags", headers=auth(USER)).json()["models"]]
         assert names == ["second:latest"]
         # the content id (sha256 prefix of the file) names it too, once hashed
-        import hashlib
-
         cid = hashlib.sha256((models / "second.gguf").read_bytes()).hexdigest()[:12]
 
         def by_id() -> bool:
