@@ -30,7 +30,6 @@ from proxy import memory
 from proxy.admission import Occupant, Snapshot, budgets, decide
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
-from proxy.events import EventBus, LoadEnded, LoadStarted, StateChanged, Unloaded, UnloadReason
 from proxy.errors import (
     InsufficientMemory,
     LoadTimeout,
@@ -40,6 +39,7 @@ from proxy.errors import (
     QueueFull,
     Unavailable,
 )
+from proxy.events import EventBus, LoadEnded, LoadStarted, StateChanged, Unloaded, UnloadReason
 from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
 from proxy.nvml import Nvml
 from proxy.policy import backoff

@@ -4,9 +4,10 @@ Run as an ``external`` model's cmd: ``python tests/fake_worker.py --port ${PORT}
 It streams ``--tokens`` chunks of ``tok`` at ``--rate`` per second (0: as fast as it can), and
 can be told to load slowly, crash while loading (``--fail-unless FILE``: unless that file exists), hang
 while loading, crash, hang or end early mid-stream, hold its streams after the first chunk until a file
-exists (``--gate``), print a request's ``user`` field as a log line (``--say``), or ignore SIGTERM; ``--signals FILE`` records each SIGTERM it receives, so a test can
-tell a stop by SIGTERM from a kill. ``GET /health`` reports ``in_flight`` and the number of chunks
-generated so far, so a test can see generation stop when its client goes away.
+exists (``--gate``), print a request's ``user`` field as a log line (``--say``), or ignore SIGTERM;
+``--signals FILE`` records each SIGTERM it receives, so a test can tell a stop by SIGTERM from a kill.
+``GET /health`` reports ``in_flight`` and the number of chunks generated so far, so a test can see
+generation stop when its client goes away.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from proxy.metrics import NAMES
-from tests.harness import REPO, LiveProxy, fake_config, wait_until
+from tests.harness import REPO, LiveProxy, fake_config
 
 MakeProxy = Callable[..., LiveProxy]
 KEYS = {"api_key": ["user-key"], "admin_key": ["admin-key"]}

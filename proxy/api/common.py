@@ -19,8 +19,8 @@ from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.blocks import frames
 from proxy.dialects.shaping import require_model
-from proxy.events import EventBus, RequestNote
 from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, ProxyError, UnsupportedMediaType
+from proxy.events import EventBus, RequestNote
 from proxy.jsonbody import OFF_LOOP_BYTES, parse_large, parse_small
 from proxy.keepalive import keep_alive_of
 from proxy.manager import ModelManager
