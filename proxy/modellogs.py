@@ -106,6 +106,10 @@ class LogBook:
             found = self._logs[name] = ModelLog(name, path, self.max_bytes)
         return found
 
+    def followers(self) -> dict[str, int]:
+        """How many follow each model's log now (models nobody follows left out)."""
+        return {name: log.followers for name, log in self._logs.items() if log.followers}
+
     def close(self) -> None:
         for model_log in self._logs.values():
             model_log.close()

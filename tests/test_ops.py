@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from proxy.metrics import NAMES
-from tests.harness import REPO, LiveProxy, fake_config
+from tests.harness import REPO, LiveProxy, fake_config, wait_until
 
 MakeProxy = Callable[..., LiveProxy]
 KEYS = {"api_key": ["user-key"], "admin_key": ["admin-key"]}
@@ -122,9 +122,20 @@ def test_logs_tail_follow_keys_and_names(make_proxy: MakeProxy) -> None:
         assert c.post("/v1/chat/completions", json={**chat, "user": "second line"}).status_code == 200
     reader.join(30)
     assert got == ["fake worker says: first line", "fake worker says: second line"]
-    # the follower that left is gone: a later follow and tail still work, nothing piles up
+    # the follower that left is gone, and so is every event stream that left: nothing piles up
     with proxy.client(headers=ADMIN) as c:
         assert "second line" in c.get("/logs/team/fake").text
+    wait_until(lambda: watchers(proxy) == {"events": 1, "logs": {}}, timeout=30, interval=0.2)
+
+
+def watchers(proxy: LiveProxy) -> dict[str, Any]:
+    """Who watches the proxy, as the snapshot of a new event stream says (that stream counts itself)."""
+    with httpx.stream("GET", proxy.url + "/status/events", headers=ADMIN, timeout=30) as r:
+        for name, data in sse_events(r.iter_lines()):
+            assert name == "snapshot"
+            found: dict[str, Any] = data["watchers"]
+            return found
+    raise AssertionError("no snapshot")
 
 
 def test_metrics_need_a_key_only_when_not_public(make_proxy: MakeProxy) -> None:

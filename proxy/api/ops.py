@@ -3,9 +3,9 @@
 - ``GET /metrics``: the text exposition format; no key when ``server.metrics_public`` (the default),
   else any valid key.
 - ``GET /status/events`` (admin): Server-Sent Events. The first event is ``snapshot`` (every model as
-  ``/status`` shows it, and the last requests), then one event per thing that happens, named by its
-  type (``state``, ``load_start``, ``load_progress``, ``load_end``, ``unload``, ``request_start``,
-  ``request_end``; ``proxy.events``), its JSON in ``data``. A client that reads too slowly loses the
+  ``/status`` shows it, the last requests, and how many watch: ``watchers``), then one event per thing
+  that happens, named by its type (``state``, ``load_start``, ``load_progress``, ``load_end``, ``unload``,
+  ``request_start``, ``request_end``; ``proxy.events``), its JSON in ``data``. A client that reads too slowly loses the
   oldest events and gets a ``dropped`` event with the count; a ``: ping`` comment comes every 15 s.
 - ``GET /status/requests`` (admin): the last request ends as JSON, oldest first.
 - ``GET /logs/{model}`` (admin): the tail of a model's worker output as text/plain (``?lines=N``,
@@ -55,6 +55,8 @@ def snapshot(request: Request) -> dict[str, Any]:
         "models": [model_status(s, None, True) for s in svc.manager.status()],
         "queued": svc.manager.queued,
         "requests": [e.as_dict() for e in svc.events.recent()],
+        # who watches now: event streams (this one included) and log followers per model
+        "watchers": {"events": svc.events.subscribers, "logs": svc.logs.followers()},
     }
 
 
