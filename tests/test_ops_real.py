@@ -91,6 +91,8 @@ def test_metrics_events_and_logs_after_real_requests(make_proxy: MakeProxy, requ
     assert value(samples, "proxy_generated_tokens_total", model=MODEL) == expected_tokens
     # time to first token: the two streamed requests (the openai SDK ones; the Ollama one was not streamed)
     assert value(samples, "proxy_time_to_first_token_seconds_count", model=MODEL, route=CHAT) == 2
+    ttft_counts = [v for (name, _), v in samples.items() if name == "proxy_time_to_first_token_seconds_count"]
+    assert sum(ttft_counts) == 2
     assert value(samples, "proxy_request_seconds_count", model=MODEL, route=CHAT) == 3
 
     # the last requests, as the page reads them
