@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -14,21 +14,26 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from proxy import rundirs
-from proxy.api import admin, anthropic, images, infer, jobs, ollama, openai, responses, speech, transcription
+from proxy.api import admin, anthropic, images, infer, jobs, ollama, openai, ops, responses, speech, transcription
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
+from proxy.api.observe import RequestEvents
 from proxy.api.security import RequestGuard
 from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
-from proxy.config import Settings
+from proxy.config import ModelConfig, Settings
 from proxy.discovery import ContentIds, Discovery
+from proxy.events import EventBus
 from proxy.jobs import Jobs, JobStore
-from proxy.manager import ModelManager, WorkerFactory
+from proxy.manager import ModelManager, WorkerFactory, WorkerHandle
+from proxy.metrics import Metrics
+from proxy.modellogs import LogBook
+from proxy.supervisor import Worker
 
 log = logging.getLogger("proxy")
 
 # each API module brings its own routes (one module per dialect or kind of model)
-ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, transcription, speech, images, infer, jobs]
+ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, ops, transcription, speech, images, infer, jobs]
 
 
 def create_app(
@@ -40,6 +45,12 @@ def create_app(
 ) -> Starlette:
     keyring = keys if keys is not None else KeyRing.load(settings.api_tokens)
     clock = clock or SystemClock()
+    bus = EventBus()
+    metrics = Metrics(bus)
+    logbook = LogBook(settings.log_dir, settings.log_file_bytes)
+
+    def worker(cfg: ModelConfig, runtime_dir: Path, on_exit: Callable[[WorkerHandle], None]) -> WorkerHandle:
+        return Worker(cfg, runtime_dir, on_exit, logs=logbook.model(cfg.name))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -47,7 +58,8 @@ def create_app(
             settings, settings.models, ContentIds(settings.models_dir / ".cache" / "content_ids.json")
         )
         catalog = dataclasses.replace(settings, models=tuple(discovery.scan_now()))
-        manager = ModelManager(catalog, clock=clock, worker_factory=worker_factory)
+        manager = ModelManager(catalog, clock=clock, worker_factory=worker_factory or worker, events=bus)
+        metrics.watch(manager.status)
         discovery.hash_soon(manager)
         app.state.discovery = discovery
         store = JobStore(settings.data_dir / "jobs.sqlite3" if settings.data_dir is not None else None)
@@ -63,7 +75,9 @@ def create_app(
         runtime_dir: Path = manager._runtime_dir
         lock = rundirs.hold(runtime_dir)
         rundirs.sweep(runtime_dir.parent, keep=runtime_dir)
-        app.state.services = Services(settings=catalog, manager=manager, keys=keyring, clock=clock)
+        app.state.services = Services(
+            settings=catalog, manager=manager, keys=keyring, clock=clock, events=bus, metrics=metrics, logs=logbook
+        )
         if keyring.open:
             where = settings.api_tokens or "api_tokens: null"
             log.warning("!!! no API keys in %s: the proxy is OPEN to anyone who can reach it !!!", where)
@@ -76,9 +90,10 @@ def create_app(
             await queue.close()  # first: jobs running now stay unfinished on disk, to run again at the next start
             await discovery.close()
             await manager.shutdown()
+            logbook.close()
             os.close(lock)
 
-    middleware = [Middleware(RequestGuard, settings=settings)]
+    middleware = [Middleware(RequestEvents, bus=bus), Middleware(RequestGuard, settings=settings)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

@@ -45,6 +45,10 @@ class ServerSection(_Strict):
     cors_origins: list[str] = []
     # Host header names answered besides localhost, 127.0.0.1, [::1] and ``host`` ("*": any)
     allowed_hosts: list[str] = []
+    # /metrics without a key (true), or with any valid key (false)
+    metrics_public: bool = True
+    # where each model's worker output goes (<log_dir>/<model>.log); relative to config.yml; null: no files
+    log_dir: str | None = "logs"
 
 
 class DefaultsSection(_Strict):
@@ -93,6 +97,8 @@ class LimitsSection(_Strict):
     max_audio_seconds: float = 3600.0
     # an init_image with more pixels than this (read from its header, before decoding) is a 413
     max_image_pixels: int = 4096 * 4096
+    # a model's log file is rotated past this size (3 old files are kept)
+    log_file_bytes: Size = "10MiB"
 
 
 class JobsSection(_Strict):
@@ -247,6 +253,9 @@ class Settings:
     data_dir: Path | None = None  # None: nothing kept across restarts (jobs live in memory)
     jobs_ttl: float = 86400.0
     jobs_max_queued: int = 1000
+    metrics_public: bool = True  # /metrics without a key
+    log_dir: Path | None = None  # each model's worker output as <log_dir>/<model>.log; None: no files
+    log_file_bytes: int = 10 * 1024 * 1024  # rotated past this size
 
 
 def _read_yaml(path: Path) -> Any:
@@ -487,6 +496,11 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         data_dir=rel(raw.data_dir),
         jobs_ttl=_finite(raw.jobs.ttl, file, "jobs.ttl"),
         jobs_max_queued=_positive(raw.jobs.max_queued, file, "jobs.max_queued"),
+        metrics_public=raw.server.metrics_public,
+        log_dir=rel(raw.server.log_dir) if raw.server.log_dir is not None else None,
+        log_file_bytes=_positive(
+            _size(raw.limits.log_file_bytes, file, key := "limits.log_file_bytes") or 0, file, key
+        ),
     )
 
 

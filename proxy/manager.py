@@ -39,6 +39,7 @@ from proxy.errors import (
     QueueFull,
     Unavailable,
 )
+from proxy.events import EventBus, LoadEnded, LoadStarted, StateChanged, Unloaded, UnloadReason
 from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
 from proxy.nvml import Nvml
 from proxy.policy import backoff
@@ -152,6 +153,7 @@ class Runtime:
         self.tickets: list[Ticket] = []  # its requests inside ``acquire``, in arrival order
         self.blockers: tuple[str, ...] = ()  # busy models it must wait for (its last decision)
         self.retired = False  # gone from the catalog (a rescan): unloads when idle, then is forgotten
+        self.stop_cause = UnloadReason.IDLE  # why its stop in progress began (the unload event's reason)
 
     @property
     def occupies_slot(self) -> bool:
@@ -190,6 +192,7 @@ class ModelStatus:
     device: str | None = None  # cpu, cuda:N while it runs
     vram_bytes: int | None = None
     waiting: str | None = None
+    queued: int = 0  # its requests waiting inside ``acquire``
 
 
 class Lease:
@@ -226,8 +229,10 @@ class ModelManager:
         worker_factory: WorkerFactory | None = None,
         probe: MemoryProbe | None = None,
         store: MemoryStore | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.settings = settings
+        self.events = events or EventBus()  # what happens to models is published here (proxy.events)
         self.clock = clock or SystemClock()
         self.probe: MemoryProbe = probe or SystemProbe(Nvml.open())
         self.store = store or MemoryStore(settings.models_dir / ".cache" / "memory.json")
@@ -311,7 +316,7 @@ class ModelManager:
             if self._runtimes.get(rt.config.name) is rt:
                 del self._runtimes[rt.config.name]
         elif rt.state is State.READY and not rt.draining:
-            self._begin_stop(rt, "no longer in the catalog")
+            self._begin_stop(rt, "no longer in the catalog", UnloadReason.CONFIG)
 
     def add_content_id(self, name: str, content_id: str) -> None:
         """Let ``content_id`` name the model ``name`` too (unless that name is taken)."""
@@ -390,7 +395,7 @@ class ModelManager:
                         log.info("model %s: %s", rt.config.name, decision.reason)
                     rt.waiting = decision.reason
                     for victim in decision.victims:
-                        self._begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}")
+                        self._begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}", UnloadReason.EVICTED)
                     if decision.kind == "recover":
                         self._enqueue(queued)
                         queued = True
@@ -620,9 +625,9 @@ class ModelManager:
             return
         self._cancel_idle(rt)
         if rt.retired:
-            self._begin_stop(rt, "no longer in the catalog")
+            self._begin_stop(rt, "no longer in the catalog", UnloadReason.CONFIG)
         elif rt.keep_alive <= 0:
-            self._begin_stop(rt, "keep_alive is 0")
+            self._begin_stop(rt, "keep_alive is 0", UnloadReason.IDLE)
         elif not math.isinf(rt.keep_alive):
             rt.idle_deadline = self.clock.monotonic() + rt.keep_alive
             rt.idle_timer = self.clock.call_later(rt.keep_alive, lambda: self._expire(rt))
@@ -631,7 +636,7 @@ class ModelManager:
         rt.idle_timer = None
         if rt.state is State.READY and rt.in_flight == 0 and rt.waiters == 0:
             log.info("model %s: keep_alive of %gs ran out; unloading", rt.config.name, rt.keep_alive)
-            self._begin_stop(rt, "keep_alive ran out")
+            self._begin_stop(rt, "keep_alive ran out", UnloadReason.IDLE)
 
     # -- state ------------------------------------------------------------------------------
     def _transition(self, rt: Runtime, new: State, reason: str) -> None:
@@ -639,7 +644,8 @@ class ModelManager:
         if new not in TRANSITIONS[rt.state]:
             raise InvalidTransition(f"model {rt.config.name}: {rt.state} -> {new} is not allowed ({reason})")
         log.debug("model %s: %s -> %s (%s)", rt.config.name, rt.state, new, reason)
-        rt.state = new
+        old, rt.state = rt.state, new
+        self.events.publish(StateChanged(model=rt.config.name, old=old.value, new=new.value, reason=reason))
 
     # -- start / stop -----------------------------------------------------------------------
     def _placed(self, rt: Runtime) -> ModelConfig:
@@ -660,6 +666,7 @@ class ModelManager:
     async def _start(self, rt: Runtime, worker: WorkerHandle) -> None:
         began = self.clock.monotonic()
         log.info("model %s: starting%s", rt.config.name, f" on cuda:{rt.gpu}" if rt.gpu is not None else "")
+        self.events.publish(LoadStarted(model=rt.config.name))
         try:
             try:
                 await worker.start()
@@ -674,11 +681,13 @@ class ModelManager:
             rt.failures += 1
             rt.retry_at = self.clock.monotonic() + backoff(rt.failures)
             log.error("model %s: failed to start: %s", rt.config.name, exc.message)
+            self._load_ended(rt, began, exc.message)
             self._notify()
             raise
         except BaseException as exc:
             self._transition(rt, State.STOPPED, f"its start ended with {type(exc).__name__}")
             rt.worker = None
+            self._load_ended(rt, began, f"its start ended with {type(exc).__name__}")
             self._notify()
             raise
         self._transition(rt, State.READY, "the worker is up")
@@ -688,10 +697,15 @@ class ModelManager:
         rt.loaded_at = self.clock.time()
         rt.last_used = self.clock.monotonic()
         log.info("model %s: ready in %.2fs (pid %s)", rt.config.name, rt.load_duration, worker.pid)
+        self._load_ended(rt, began, None)
         self._measure(rt, worker)
         self._watch_progress(rt, worker)
         self._maybe_idle(rt)
         self._notify()
+
+    def _load_ended(self, rt: Runtime, began: float, error: str | None) -> None:
+        seconds = self.clock.monotonic() - began
+        self.events.publish(LoadEnded(model=rt.config.name, seconds=seconds, ok=error is None, error=error))
 
     async def _retry_after_oom(self, rt: Runtime, exc: ModelLoadFailed) -> WorkerHandle:
         """A load that ran out of memory: unload every idle model, wait for the memory, try once more."""
@@ -705,7 +719,9 @@ class ModelManager:
             rt.config.name,
             ", ".join(o.config.name for o in idle) or "nothing (no idle model)",
         )
-        await asyncio.gather(*(self._begin_stop(o, f"out of memory loading {rt.config.name}") for o in idle))
+        await asyncio.gather(
+            *(self._begin_stop(o, f"out of memory loading {rt.config.name}", UnloadReason.EVICTED) for o in idle)
+        )
         deadline = self.clock.monotonic() + self.settings.memory.recovery_timeout
         while self._decide(rt).kind not in ("start", "refuse") and self.clock.monotonic() < deadline:
             await self._wait(_RECOVERY_POLL)
@@ -752,10 +768,11 @@ class ModelManager:
 
         rt.watchdog = self.clock.call_later(interval, check)
 
-    def _begin_stop(self, rt: Runtime, reason: str) -> asyncio.Task[None]:
+    def _begin_stop(self, rt: Runtime, reason: str, cause: UnloadReason) -> asyncio.Task[None]:
         if rt.stop_task is not None:
             return rt.stop_task
         self._cancel_idle(rt)
+        rt.stop_cause = cause
         self._transition(rt, State.STOPPING, reason)
         rt.stop_task = asyncio.create_task(self._stop(rt, rt.worker))
         self._notify()
@@ -769,6 +786,8 @@ class ModelManager:
             if rt.worker is worker:
                 rt.worker = None
             self._transition(rt, State.STOPPED, "the worker is stopped")
+            if worker is not None:  # a start that never ran unloads nothing
+                self.events.publish(Unloaded(model=rt.config.name, reason=rt.stop_cause))
             self._stopped_at = self.clock.monotonic()
             rt.need = self._counted(rt)  # the next load starts from what this one measured
             rt.gpu = None
@@ -787,6 +806,7 @@ class ModelManager:
                 self._cancel_idle(rt)
                 rt.worker = None
                 self._transition(rt, State.STOPPED, why)
+                self.events.publish(Unloaded(model=rt.config.name, reason=UnloadReason.CRASH, detail=why))
                 self._stopped_at = self.clock.monotonic()
                 rt.gpu = None
                 rt.loaded_at = None
@@ -811,7 +831,7 @@ class ModelManager:
                 await self._changed.wait()
             task = rt.stop_task if rt.state is State.STOPPING else None
             if rt.state is State.READY:
-                task = self._begin_stop(rt, "unload")
+                task = self._begin_stop(rt, "unload", UnloadReason.ADMIN)
             if task is not None:
                 await asyncio.shield(task)
         finally:
@@ -837,7 +857,11 @@ class ModelManager:
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
-        stops = [self._begin_stop(rt, "shutdown") for rt in self._runtimes.values() if rt.worker is not None]
+        stops = [
+            self._begin_stop(rt, "shutdown", UnloadReason.SHUTDOWN)
+            for rt in self._runtimes.values()
+            if rt.worker is not None
+        ]
         await asyncio.gather(*stops, return_exceptions=True)
         with contextlib.suppress(OSError):
             for path in self._runtime_dir.iterdir():
@@ -882,6 +906,7 @@ class ModelManager:
                 device=(f"cuda:{rt.gpu}" if rt.gpu is not None else "cpu") if running else None,
                 vram_bytes=vram,
                 waiting=rt.waiting,
+                queued=rt.waiters,
             )
 
     async def worker_reports(self) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ No HTTP framework here but Starlette's response class (``proxy.streaming``).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
@@ -26,12 +27,66 @@ from typing import Any, BinaryIO, TypeVar
 from starlette.requests import Request
 
 from proxy.errors import ClientGone
+from proxy.events import RequestNote
 from proxy.manager import Lease, ModelManager
 from proxy.streaming import ClosingStream
 from proxy.upstream import Upstream, UpstreamStream
 from proxy.wire import STREAM_HEADERS, client_gone
 
 T = TypeVar("T")
+
+_USAGE = b'"completion_tokens"'  # in a usage object that counts generated tokens (not an embedding's)
+
+
+def _completion_tokens(data: Any) -> int:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and tokens > 0 else 0
+
+
+def _tokens_in_sse(chunk: bytes) -> int:
+    """The completion tokens of the usage event(s) in a chunk of OpenAI SSE (0 when none is whole in it)."""
+    total = 0
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data: {") and _USAGE in line:
+            try:
+                total += _completion_tokens(json.loads(line[6:]))
+            except ValueError:
+                pass
+    return total
+
+
+class ObservedStream(UpstreamStream):
+    """A worker's streamed answer that tells the request's note of its usage and, when the answer is
+    streamed to the client (``timed``), of the worker's first byte (the time to first token)."""
+
+    def __init__(self, stream: UpstreamStream, note: RequestNote, timed: bool) -> None:
+        super().__init__(stream.response)
+        self._note = note
+        self._timed = timed
+
+    async def raw(self) -> AsyncIterator[bytes]:
+        note = self._note
+        async for chunk in super().raw():
+            if self._timed:
+                note.first_chunk()
+            if _USAGE in chunk:
+                note.add_tokens(_tokens_in_sse(chunk))
+            yield chunk
+
+    async def lines(self) -> AsyncIterator[str]:
+        note = self._note
+        async for line in super().lines():
+            if self._timed:
+                note.first_chunk()
+            yield line
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        note = self._note
+        async for chunk in super().events():
+            if "usage" in chunk:
+                note.add_tokens(_completion_tokens(chunk))
+            yield chunk
 
 
 class LeasedCall:
@@ -47,8 +102,12 @@ class LeasedCall:
         self._handed_over = False
         self._watch: asyncio.Task[None] | None = None
         self._gone = False
+        # what the events say of this request (model, first byte, tokens); None outside a request
+        self._note = RequestNote.of(client.scope) if client is not None else None
 
     async def __aenter__(self) -> LeasedCall:
+        if self._note is not None:
+            self._note.for_model(self._name)
         self._lease = await self._manager.acquire(self._name, self._keep_alive)
         if self._client is not None:
             self._watch = asyncio.create_task(self._watch_client(self._client, asyncio.current_task()))
@@ -104,10 +163,19 @@ class LeasedCall:
 
     # -- answered in full ---------------------------------------------------------------------
     async def post(self, path: str, body: bytes) -> bytes:
-        return await self.upstream.post(path, body)
+        content = await self.upstream.post(path, body)
+        if self._note is not None and _USAGE in content:
+            try:
+                self._note.add_tokens(_completion_tokens(json.loads(content)))
+            except ValueError:
+                pass
+        return content
 
     async def post_json(self, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-        return await self.upstream.post_json(path, payload)
+        data = await self.upstream.post_json(path, payload)
+        if self._note is not None:
+            self._note.add_tokens(_completion_tokens(data))
+        return data
 
     async def post_file(
         self,
@@ -119,9 +187,10 @@ class LeasedCall:
         return await self.upstream.post_file(path, fields, repeated, file)
 
     # -- streamed -----------------------------------------------------------------------------
-    async def open(self, path: str, body: bytes) -> UpstreamStream:
+    async def open(self, path: str, body: bytes, *, timed: bool = False) -> UpstreamStream:
         """Open a streamed answer that this call closes when it ends (read it inside the block)."""
-        self._stream = await self.upstream.open_stream(path, body)
+        stream = await self.upstream.open_stream(path, body)
+        self._stream = ObservedStream(stream, self._note, timed) if self._note is not None else stream
         return self._stream
 
     async def stream(
@@ -129,7 +198,7 @@ class LeasedCall:
     ) -> ClosingStream:
         """Open a streamed answer and hand it, with the lease, to the response: ``relay`` turns the
         worker's stream into the client's bytes; the response's close releases both however it ends."""
-        upstream = await self.open(path, body)
+        upstream = await self.open(path, body, timed=True)
         self._handed_over = True
         self._stop_watching()  # the response watches its own client
         return ClosingStream(relay(upstream), on_close=self._close, media_type=media_type, headers=STREAM_HEADERS)

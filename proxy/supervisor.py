@@ -15,13 +15,13 @@ import os
 import signal
 import socket
 import sys
-from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from proxy.config import ModelConfig
 from proxy.errors import LoadTimeout, ModelLoadFailed
+from proxy.modellogs import ModelLog
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.supervisor")
@@ -53,13 +53,22 @@ def worker_env(extra: Mapping[str, str]) -> dict[str, str]:
 class Worker:
     """One start of one model. A new start makes a new Worker."""
 
-    def __init__(self, config: ModelConfig, runtime_dir: Path, on_exit: Callable[[Worker], None]) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        runtime_dir: Path,
+        on_exit: Callable[[Worker], None],
+        *,
+        logs: ModelLog | None = None,
+    ) -> None:
         self.config = config
         self.runtime_dir = runtime_dir
         self.on_exit = on_exit
         self.process: asyncio.subprocess.Process | None = None
         self.upstream: Upstream | None = None
-        self.log: deque[str] = deque(maxlen=200)
+        # its model's log (ring, file, followers); this worker's own lines are those after _log_from
+        self.logs = logs if logs is not None else ModelLog(config.name, None, 0, lines=200)
+        self._log_from = self.logs.count
         self.stopping = False
         self.returncode: int | None = None
         self.socket_path: str | None = None  # an internal worker's Unix socket, removed when it is reaped
@@ -73,7 +82,7 @@ class Worker:
         return self.process.pid if self.process else None
 
     def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(list(self.log)[-lines:])
+        return "\n".join(self.logs.tail(lines, since=self._log_from))
 
     # -- start --------------------------------------------------------------------------------
     def _argv(self) -> tuple[list[str], str | None, str]:
@@ -117,7 +126,7 @@ class Worker:
                 continue
             if watch_ready and text.startswith('{"event": "error"'):
                 text = self._failure(text)
-            self.log.append(text)
+            self.logs.append(text)
             log.debug("[%s] %s", self.config.name, text)
 
     def _failure(self, line: str) -> str:

@@ -4,9 +4,10 @@ Run as an ``external`` model's cmd: ``python tests/fake_worker.py --port ${PORT}
 It streams ``--tokens`` chunks of ``tok`` at ``--rate`` per second (0: as fast as it can), and
 can be told to load slowly, crash while loading (``--fail-unless FILE``: unless that file exists), hang
 while loading, crash, hang or end early mid-stream, hold its streams after the first chunk until a file
-exists (``--gate``), or ignore SIGTERM; ``--signals FILE`` records each SIGTERM it receives, so a test can
-tell a stop by SIGTERM from a kill. ``GET /health`` reports ``in_flight`` and the number of chunks
-generated so far, so a test can see generation stop when its client goes away.
+exists (``--gate``), print a request's ``user`` field as a log line (``--say``), or ignore SIGTERM;
+``--signals FILE`` records each SIGTERM it receives, so a test can tell a stop by SIGTERM from a kill.
+``GET /health`` reports ``in_flight`` and the number of chunks generated so far, so a test can see
+generation stop when its client goes away.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def build(args: argparse.Namespace) -> Starlette:
             with open(args.record, "a") as fh:
                 fh.write(json.dumps({"path": request.url.path, "body": body}) + "\n")
         n = int(body.get("max_tokens") or args.tokens)
+        if args.say and isinstance(body.get("user"), str):  # a line in its log, on demand
+            print(f"fake worker says: {body['user']}", file=sys.stderr, flush=True)
         if not body.get("stream"):
             await asyncio.sleep(args.delay)
             while args.gate_answers and not os.path.exists(args.gate_answers):  # held until the test opens it
@@ -200,6 +203,7 @@ def main() -> None:
     p.add_argument("--record", default=None, help="append each generation request (path, body) to this file")
     p.add_argument("--tool-calls", action="store_true", help="answer a request with tools by calling two at once")
     p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--say", action="store_true", help="print a request's `user` field to stderr (a log line)")
     p.add_argument("--pidfile", default=None, help="write our pid here")
     args = p.parse_args()
     if args.pidfile:

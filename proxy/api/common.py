@@ -20,9 +20,12 @@ from proxy.config import ModelConfig, Settings
 from proxy.dialects.blocks import frames
 from proxy.dialects.shaping import require_model
 from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, ProxyError, UnsupportedMediaType
+from proxy.events import EventBus, RequestNote
 from proxy.jsonbody import OFF_LOOP_BYTES, parse_large, parse_small
 from proxy.keepalive import keep_alive_of
 from proxy.manager import ModelManager
+from proxy.metrics import Metrics
+from proxy.modellogs import LogBook
 from proxy.upstream import UpstreamStream
 
 T = TypeVar("T")
@@ -44,6 +47,9 @@ class Services:
     manager: ModelManager
     keys: KeyRing
     clock: Clock
+    events: EventBus
+    metrics: Metrics
+    logs: LogBook
     options: ClientOptions = field(default_factory=ClientOptions)
     # large bodies are parsed in a thread, this many at a time (each may take memory several times its
     # size while it is turned into Python objects)
@@ -156,6 +162,9 @@ def model_for(
     model = require_model(body)
     keep_alive = checked_keep_alive(request, keep_alive_of(body))
     cfg = services(request).manager.resolve(model)
+    note = RequestNote.of(request.scope)
+    if note is not None:
+        note.for_model(cfg.name)
     if not set(needs) & set(cfg.capabilities):
         raise BadRequest(f"model '{cfg.name}' {refusal}", param="model")
     return cfg, keep_alive

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 from proxy.worker.guard import die_with_parent
@@ -57,11 +58,14 @@ def _start_loading(backend: Any) -> concurrent.futures.Future[None]:
     loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def load() -> None:
+        began = time.monotonic()
+        log.info("loading %s", getattr(backend, "model_path", None) or type(backend).__name__)
         try:
             backend.load()
         except BaseException as exc:  # reported to the proxy through the log and the exit code
             loaded.set_exception(exc)
         else:
+            log.info("loaded in %.2fs", time.monotonic() - began)
             loaded.set_result(None)
 
     threading.Thread(target=load, name="load", daemon=True).start()

@@ -1,0 +1,120 @@
+"""Prometheus metrics: counters and histograms fed by the event bus, gauges read from the manager.
+
+``Metrics`` listens on the bus (``EventBus.listen``: called synchronously for every event, so no count
+is ever dropped) and owns a private ``CollectorRegistry`` (one per app: tests build many apps). Gauges
+are read at scrape time from ``ModelManager.status()`` by a custom collector. Labels are bounded: model
+names come from the config ("" for a request that named no served model), routes are templates.
+No HTTP here; ``proxy.api.ops`` serves ``render()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from proxy.events import Event, EventBus, LoadEnded, RequestEnded, Unloaded
+from proxy.manager import ModelStatus, State
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# every metric the proxy exports (the Grafana dashboard's test checks its queries against these)
+NAMES = (
+    "proxy_models_loaded",
+    "proxy_model_state",
+    "proxy_model_loads_total",
+    "proxy_model_load_seconds",
+    "proxy_model_unloads_total",
+    "proxy_model_memory_bytes",
+    "proxy_requests_total",
+    "proxy_request_seconds",
+    "proxy_time_to_first_token_seconds",
+    "proxy_generated_tokens_total",
+    "proxy_queue_waiting",
+)
+
+
+class _Gauges(Collector):
+    """What the manager's status says now: loaded count, state, memory, waiting requests per model."""
+
+    def __init__(self, status: Callable[[], Iterable[ModelStatus]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        loaded = GaugeMetricFamily("proxy_models_loaded", "Models loaded and ready now")
+        state = GaugeMetricFamily("proxy_model_state", "1 for the state each model is in", labels=["model", "state"])
+        memory = GaugeMetricFamily(
+            "proxy_model_memory_bytes", "Memory a loaded model's worker uses", labels=["model", "kind"]
+        )
+        waiting = GaugeMetricFamily("proxy_queue_waiting", "Requests waiting for a model", labels=["model"])
+        ready = 0
+        for s in self._status():
+            ready += s.state == State.READY
+            for name in State:
+                state.add_metric([s.name, name.value], 1.0 if s.state == name.value else 0.0)
+            memory.add_metric([s.name, "ram"], float(s.rss_bytes or 0))
+            memory.add_metric([s.name, "vram"], float(s.vram_bytes or 0))
+            waiting.add_metric([s.name], float(s.queued))
+        loaded.add_metric([], float(ready))
+        yield from (loaded, state, memory, waiting)
+
+
+class Metrics:
+    def __init__(self, bus: EventBus) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.loads = Counter("proxy_model_loads_total", "Model loads that succeeded", ["model"], registry=r)
+        self.load_seconds = Histogram(
+            "proxy_model_load_seconds", "Time a model took to load", ["model"], buckets=LOAD_BUCKETS, registry=r
+        )
+        self.unloads = Counter("proxy_model_unloads_total", "Model unloads by reason", ["model", "reason"], registry=r)
+        self.requests = Counter("proxy_requests_total", "Requests answered", ["model", "route", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "proxy_request_seconds",
+            "Time from a request's arrival to the end of its answer",
+            ["model", "route"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "proxy_time_to_first_token_seconds",
+            "Time from a streamed request's arrival to the worker's first byte",
+            ["model", "route"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("proxy_generated_tokens_total", "Tokens generated (from usage)", ["model"], registry=r)
+        self._gauges: _Gauges | None = None
+        bus.listen(self.on_event)
+
+    def watch(self, status: Callable[[], Iterable[ModelStatus]]) -> None:
+        """Read the gauges from this status at each scrape (the manager's, once it exists)."""
+        if self._gauges is not None:
+            self.registry.unregister(self._gauges)
+        self._gauges = _Gauges(status)
+        self.registry.register(self._gauges)
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, RequestEnded):
+            self.requests.labels(event.model, event.route, str(event.status)).inc()
+            self.request_seconds.labels(event.model, event.route).observe(event.seconds)
+            if event.ttft is not None:
+                self.ttft.labels(event.model, event.route).observe(event.ttft)
+            if event.tokens:
+                self.tokens.labels(event.model).inc(event.tokens)
+        elif isinstance(event, LoadEnded):
+            if event.ok:
+                self.loads.labels(event.model).inc()
+                self.load_seconds.labels(event.model).observe(event.seconds)
+        elif isinstance(event, Unloaded):
+            self.unloads.labels(event.model, event.reason.value).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
