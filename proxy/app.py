@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -13,19 +14,21 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from proxy import rundirs
-from proxy.api import admin, anthropic, images, ollama, openai, responses, speech, transcription
+from proxy.api import admin, anthropic, images, infer, jobs, ollama, openai, responses, speech, transcription
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
 from proxy.api.security import RequestGuard
 from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
+from proxy.discovery import ContentIds, Discovery
+from proxy.jobs import Jobs, JobStore
 from proxy.manager import ModelManager, WorkerFactory
 
 log = logging.getLogger("proxy")
 
 # each API module brings its own routes (one module per dialect or kind of model)
-ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, transcription, speech, images]
+ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, transcription, speech, images, infer, jobs]
 
 
 def create_app(
@@ -40,20 +43,38 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        manager = ModelManager(settings, clock=clock, worker_factory=worker_factory)
+        discovery = Discovery(
+            settings, settings.models, ContentIds(settings.models_dir / ".cache" / "content_ids.json")
+        )
+        catalog = dataclasses.replace(settings, models=tuple(discovery.scan_now()))
+        manager = ModelManager(catalog, clock=clock, worker_factory=worker_factory)
+        discovery.hash_soon(manager)
+        app.state.discovery = discovery
+        store = JobStore(settings.data_dir / "jobs.sqlite3" if settings.data_dir is not None else None)
+        app.state.jobs = queue = Jobs(
+            store,
+            jobs.executor(app, manager.resolve),
+            clock,
+            parallel_of=lambda name: manager.resolve(name).parallel,
+            max_queued=settings.jobs_max_queued,
+            ttl=settings.jobs_ttl,
+        )
         # TODO(manager): expose the runtime dir; it is the manager's (read here for the lock and the sweep)
         runtime_dir: Path = manager._runtime_dir
         lock = rundirs.hold(runtime_dir)
         rundirs.sweep(runtime_dir.parent, keep=runtime_dir)
-        app.state.services = Services(settings=settings, manager=manager, keys=keyring, clock=clock)
+        app.state.services = Services(settings=catalog, manager=manager, keys=keyring, clock=clock)
         if keyring.open:
             where = settings.api_tokens or "api_tokens: null"
             log.warning("!!! no API keys in %s: the proxy is OPEN to anyone who can reach it !!!", where)
-        names = ", ".join(c.name for c in settings.models) or "none"
+        names = ", ".join(c.name for c in catalog.models) or "none"
         log.info("serving models: %s", names)
+        await queue.start()
         try:
             yield
         finally:
+            await queue.close()  # first: jobs running now stay unfinished on disk, to run again at the next start
+            await discovery.close()
             await manager.shutdown()
             os.close(lock)
 

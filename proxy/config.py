@@ -97,6 +97,13 @@ class LimitsSection(_Strict):
     max_image_pixels: int = 4096 * 4096
 
 
+class JobsSection(_Strict):
+    # finished jobs (COMPLETED, FAILED, CANCELLED) are kept this long for /status, then deleted
+    ttl: Duration = "24h"
+    # jobs waiting or running at once, over every model; more get 503 with Retry-After
+    max_queued: int = 1000
+
+
 class ConfigFile(_Strict):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     models_dir: str = "models"
@@ -105,6 +112,8 @@ class ConfigFile(_Strict):
     defaults: DefaultsSection = msgspec.field(default_factory=DefaultsSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     log_level: str = "info"
+    data_dir: str = "data"  # what the proxy keeps across restarts (the jobs database), beside config.yml
+    jobs: JobsSection = msgspec.field(default_factory=JobsSection)
 
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
@@ -241,6 +250,9 @@ class Settings:
     max_image_pixels: int = 4096 * 4096
     max_wait_for_switch: float = 30.0  # seconds a request waits at most behind other models' requests
     loading_comment_interval: float = 1.5  # seconds between SSE comments while a model loads
+    data_dir: Path | None = None  # None: nothing kept across restarts (jobs live in memory)
+    jobs_ttl: float = 86400.0
+    jobs_max_queued: int = 1000
 
 
 def _read_yaml(path: Path) -> Any:
@@ -480,4 +492,19 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_image_pixels=int(worker_limits["max_image_pixels"]),
         max_wait_for_switch=_finite(raw.limits.max_wait_for_switch, file, "limits.max_wait_for_switch"),
         loading_comment_interval=_finite(raw.server.loading_comment_interval, file, "server.loading_comment_interval"),
+        data_dir=rel(raw.data_dir),
+        jobs_ttl=_finite(raw.jobs.ttl, file, "jobs.ttl"),
+        jobs_max_queued=_positive(raw.jobs.max_queued, file, "jobs.max_queued"),
     )
+
+
+def model_from_options(settings: Settings, name: str, backend: Backend, model: dict[str, Any]) -> ModelConfig:
+    """A model with every default but its backend and ``model:`` options (discovery: weights without a
+    YAML). A ConfigError names the weights."""
+    defaults = {
+        "load_timeout": settings.load_timeout,
+        "unload_grace": settings.unload_grace,
+    }
+    limits = {"max_audio_seconds": settings.max_audio_seconds, "max_image_pixels": float(settings.max_image_pixels)}
+    raw = ModelFile(name=name, backend=backend, model=model)
+    return _model(raw, f"discovered: {model.get('path')}", defaults, settings.models_dir, limits)

@@ -156,6 +156,7 @@ class Runtime:
         self.blockers: tuple[str, ...] = ()  # busy models it must wait for (its last decision)
         self.progress: float | None = None  # while it starts: its load's fraction done (0..1), and the phase
         self.phase: str | None = None
+        self.retired = False  # gone from the catalog (a rescan): unloads when idle, then is forgotten
 
     @property
     def occupies_slot(self) -> bool:
@@ -241,12 +242,10 @@ class ModelManager:
         self._factory: WorkerFactory = worker_factory or Worker
         self._runtimes: dict[str, Runtime] = {}
         self._names: dict[str, Runtime] = {}
+        self._content_ids: dict[str, str] = {}  # a discovered model's content id -> its name
         for cfg in settings.models:
-            keep_alive = cfg.keep_alive if cfg.keep_alive is not None else settings.keep_alive
-            rt = Runtime(cfg, keep_alive)
-            self._runtimes[cfg.name] = rt
-            for name in (cfg.name, *cfg.aliases):
-                self._names[name] = rt
+            self._runtimes[cfg.name] = self._new_runtime(cfg)
+        self._index()
         self._changed = asyncio.Event()
         self._queued = 0
         self._seq = itertools.count()
@@ -273,7 +272,58 @@ class ModelManager:
 
     @property
     def configs(self) -> list[ModelConfig]:
-        return [rt.config for rt in self._runtimes.values()]
+        return [rt.config for rt in self._runtimes.values() if not rt.retired]
+
+    # -- the catalog (start-up, rescans) -------------------------------------------------------
+    def _new_runtime(self, cfg: ModelConfig) -> Runtime:
+        return Runtime(cfg, cfg.keep_alive if cfg.keep_alive is not None else self.settings.keep_alive)
+
+    def _index(self) -> None:
+        self._names = {}
+        for rt in self._runtimes.values():
+            if not rt.retired:
+                for name in (rt.config.name, *rt.config.aliases):
+                    self._names[name] = rt
+        for cid, name in self._content_ids.items():
+            owner = self._runtimes.get(name)
+            if owner is not None and not owner.retired:
+                self._names.setdefault(cid, owner)
+
+    def replace_models(self, configs: list[ModelConfig]) -> None:
+        """A new catalog (a rescan). A model still in it keeps its state (a stopped one takes the new
+        config); a new one is added stopped; one no longer in it answers no new request, finishes what
+        it has, unloads when idle and is then forgotten."""
+        wanted = {cfg.name: cfg for cfg in configs}
+        for name, rt in list(self._runtimes.items()):
+            if name in wanted:
+                rt.retired = False
+                if rt.state in (State.STOPPED, State.FAILED) and rt.config != wanted[name]:
+                    rt.config = wanted[name]
+                    rt.need = None
+            elif not rt.retired:
+                rt.retired = True
+                log.info("model %s: no longer in the catalog; it unloads when idle", name)
+                self._forget_or_stop(rt)
+        for name, cfg in wanted.items():
+            if name not in self._runtimes:
+                self._runtimes[name] = self._new_runtime(cfg)
+        self._index()
+        self._notify()
+
+    def _forget_or_stop(self, rt: Runtime) -> None:
+        """A retired model: forgotten when stopped and unused, stopped when loaded and idle."""
+        if not rt.retired or rt.in_flight > 0 or rt.waiters > 0:
+            return
+        if rt.state in (State.STOPPED, State.FAILED):
+            if self._runtimes.get(rt.config.name) is rt:
+                del self._runtimes[rt.config.name]
+        elif rt.state is State.READY and not rt.draining:
+            self._begin_stop(rt, "no longer in the catalog")
+
+    def add_content_id(self, name: str, content_id: str) -> None:
+        """Let ``content_id`` name the model ``name`` too (unless that name is taken)."""
+        self._content_ids[content_id] = name
+        self._index()
 
     # -- change notification ----------------------------------------------------------------
     def _notify(self) -> None:
@@ -384,6 +434,7 @@ class ModelManager:
                 self._queued -= 1
             if lease is None:
                 self._maybe_idle(rt)
+                self._forget_or_stop(rt)
                 self._notify()  # a place in line is free
 
     def _enqueue(self, queued: bool) -> None:
@@ -587,7 +638,9 @@ class ModelManager:
         if rt.state is not State.READY or rt.in_flight > 0 or rt.waiters > 0 or rt.draining:
             return
         self._cancel_idle(rt)
-        if rt.keep_alive <= 0:
+        if rt.retired:
+            self._begin_stop(rt, "no longer in the catalog")
+        elif rt.keep_alive <= 0:
             self._begin_stop(rt, "keep_alive is 0")
         elif not math.isinf(rt.keep_alive):
             rt.idle_deadline = self.clock.monotonic() + rt.keep_alive
@@ -764,6 +817,7 @@ class ModelManager:
             rt.loaded_at = None
             rt.keep_alive = rt.default_keep_alive  # the next load is a first load again
             log.info("model %s: stopped", rt.config.name)
+            self._forget_or_stop(rt)
             self._notify()
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
@@ -779,6 +833,7 @@ class ModelManager:
                 rt.loaded_at = None
                 rt.keep_alive = rt.default_keep_alive
                 asyncio.get_running_loop().create_task(worker.stop(0))  # reap, close its client
+                self._forget_or_stop(rt)
                 self._notify()
 
     # -- by hand ----------------------------------------------------------------------------

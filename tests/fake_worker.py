@@ -78,6 +78,8 @@ def build(args: argparse.Namespace) -> Starlette:
         n = int(body.get("max_tokens") or args.tokens)
         if not body.get("stream"):
             await asyncio.sleep(args.delay)
+            while args.gate_answers and not os.path.exists(args.gate_answers):  # held until the test opens it
+                await asyncio.sleep(0.05)
             text = "tok " * n
             return JSONResponse(
                 {
@@ -190,6 +192,7 @@ def main() -> None:
     p.add_argument("--crash-on-load", action="store_true")
     p.add_argument("--fail-unless", default=None, help="crash while loading unless this file exists")
     p.add_argument("--gate", default=None, help="streams wait after their first chunk until this file exists")
+    p.add_argument("--gate-answers", default=None, help="answers that are not streamed wait until this file exists")
     p.add_argument("--signals", default=None, help="append a line here for each SIGTERM received")
     p.add_argument("--hang-on-load", action="store_true")
     p.add_argument("--crash-after", type=int, default=None, help="exit after this many streamed chunks")

@@ -59,11 +59,22 @@ def services(request: Request) -> Services:
     return services
 
 
+# a request the proxy makes to itself (a job: proxy.api.jobs) carries its owner's role in its ASGI scope,
+# which no client can set
+INTERNAL_ROLE = "proxy.internal_role"
+
+
 def guarded(role: Role) -> Callable[[Handler], Handler]:
     """Check the caller's key before the handler runs (401/403 in the caller's dialect)."""
 
     def wrap(handler: Handler) -> Handler:
         async def checked(request: Request) -> Response:
+            internal = request.scope.get(INTERNAL_ROLE)
+            if isinstance(internal, Role):
+                if internal < role:
+                    raise Forbidden(f"this needs {role.name.lower()} rights")
+                request.state.role = internal
+                return await handler(request)
             request.state.role = services(request).keys.require(key_from_headers(request.headers), role)
             return await handler(request)
 

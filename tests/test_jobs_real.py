@@ -1,0 +1,180 @@
+"""RunPod-style async jobs on the real path: a live proxy, SmolLM2 through llama.cpp, raw HTTP (the
+``runpod`` SDK pulls fastapi[all], boto3, paramiko and more: too much for a test dependency; its
+``Endpoint`` makes exactly these calls: POST {id}/run, {id}/runsync, GET {id}/status/{job}, POST
+{id}/cancel/{job}, GET {id}/health)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.harness import LiveProxy, fake_config, smollm2_config, smollm2_path, wait_until
+
+pytestmark = pytest.mark.real
+
+USER = "user-key-1"
+OTHER = "user-key-2"
+TOKENS = {"api_key": [USER, OTHER], "admin_key": ["admin-key"]}
+CHAT = {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "temperature": 0}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def with_jobs(proxy: LiveProxy, data_dir: Path, **jobs: Any) -> LiveProxy:
+    """The harness's config.yml with data_dir (and jobs: settings) added."""
+    path = proxy.root / "config.yml"
+    config = yaml.safe_load(path.read_text())
+    config["data_dir"] = str(data_dir)
+    if jobs:
+        config["jobs"] = jobs
+    path.write_text(yaml.safe_dump(config))
+    return proxy
+
+
+def finished(proxy: LiveProxy, model: str, job: str, key: str = USER) -> dict[str, Any] | None:
+    r = httpx.get(f"{proxy.url}/v2/{model}/status/{job}", headers=auth(key), timeout=10)
+    r.raise_for_status()
+    body: dict[str, Any] = r.json()
+    return body if body["status"] in ("COMPLETED", "FAILED", "CANCELLED") else None
+
+
+def test_job_completes_survives_a_restart_cancels_and_belongs_to_its_key(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    # the first proxy: "llm" never finishes loading, so its jobs wait (one IN_PROGRESS, the rest IN_QUEUE)
+    first = with_jobs(
+        LiveProxy(
+            tmp_path / "a", [fake_config("llm", "--hang-on-load")], tokens=TOKENS, defaults={"load_timeout": "600s"}
+        ),
+        data,
+    ).start()
+    try:
+        ids = []
+        for _ in range(3):
+            r = httpx.post(f"{first.url}/v2/llm/run", json={"input": CHAT}, headers=auth(USER), timeout=10)
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "IN_QUEUE"
+            ids.append(r.json()["id"])
+        states = [httpx.get(f"{first.url}/v2/llm/status/{j}", headers=auth(USER)).json()["status"] for j in ids]
+        assert states[1:] == ["IN_QUEUE", "IN_QUEUE"]
+        # another key sees nothing of them
+        assert httpx.get(f"{first.url}/v2/llm/status/{ids[0]}", headers=auth(OTHER)).status_code == 404
+        assert httpx.post(f"{first.url}/v2/llm/cancel/{ids[0]}", headers=auth(OTHER)).status_code == 404
+        # cancel the last one while it waits
+        r = httpx.post(f"{first.url}/v2/llm/cancel/{ids[2]}", headers=auth(USER))
+        assert r.json() == {"id": ids[2], "status": "CANCELLED"}
+        health = httpx.get(f"{first.url}/v2/llm/health", headers=auth(USER)).json()
+        assert health["jobs"]["inQueue"] == 1 and health["jobs"]["inProgress"] == 1
+    finally:
+        first.stop()
+    # the second proxy, on the same data_dir: "llm" is SmolLM2 now; the unfinished jobs run
+    second = with_jobs(LiveProxy(tmp_path / "b", [smollm2_config(name="llm", aliases=[])], tokens=TOKENS), data)
+    second.start()
+    try:
+        for job in ids[:2]:
+            done = wait_until(functools.partial(finished, second, "llm", job), timeout=120, interval=0.2)
+            assert done["status"] == "COMPLETED", done
+            assert done["output"]["choices"][0]["message"]["content"], done
+            assert done["delayTime"] >= 0 and done["executionTime"] >= 0
+        cancelled = httpx.get(f"{second.url}/v2/llm/status/{ids[2]}", headers=auth(USER)).json()
+        assert cancelled["status"] == "CANCELLED" and "output" not in cancelled
+        # runsync within its wait answers with the output; a completion job too
+        r = httpx.post(
+            f"{second.url}/v2/llm/runsync",
+            json={"input": {"prompt": "Hello", "max_tokens": 3}},
+            headers=auth(OTHER),
+            timeout=120,
+        )
+        assert r.json()["status"] == "COMPLETED", r.text
+        assert r.json()["output"]["choices"][0]["text"] is not None
+        health = httpx.get(f"{second.url}/v2/llm/health", headers=auth(USER)).json()
+        assert health["jobs"]["completed"] >= 3 and health["workers"]["idle"] + health["workers"]["running"] == 1
+        # bad input: 400 in the usual shape, nothing queued; unknown model: 404
+        r = httpx.post(f"{second.url}/v2/llm/run", json={"input": "hi"}, headers=auth(USER))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+        assert httpx.post(f"{second.url}/v2/nope/run", json={"input": CHAT}, headers=auth(USER)).status_code == 404
+        assert httpx.post(f"{second.url}/v2/llm/run", json={"input": CHAT}).status_code == 401
+    finally:
+        second.stop()
+
+
+def test_runsync_beyond_its_wait_answers_the_id_and_the_job_goes_on(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    model = fake_config("slow", "--gate-answers", str(gate))
+    proxy = with_jobs(LiveProxy(tmp_path, [model]), tmp_path / "data", max_queued=2).start()
+    try:
+        r = httpx.post(f"{proxy.url}/v2/slow/runsync?wait=1000", json={"input": CHAT}, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["status"] in ("IN_QUEUE", "IN_PROGRESS") and "output" not in body
+        # past jobs.max_queued: 503 with Retry-After
+        r2 = httpx.post(f"{proxy.url}/v2/slow/run", json={"input": CHAT}, timeout=10)
+        assert r2.status_code == 200
+        r3 = httpx.post(f"{proxy.url}/v2/slow/run", json={"input": CHAT}, timeout=10)
+        assert r3.status_code == 503 and "retry-after" in r3.headers
+        gate.touch()
+        done = wait_until(lambda: finished(proxy, "slow", body["id"], ""), timeout=60, interval=0.1)
+        assert done["status"] == "COMPLETED" and done["output"]["choices"][0]["message"]["content"]
+    finally:
+        proxy.stop()
+
+
+def test_dropped_gguf_is_discovered_rescanned_and_chats(tmp_path: Path) -> None:
+    proxy = LiveProxy(tmp_path, [], tokens=TOKENS)
+    models = proxy.root / "models"
+    shutil.copy(smollm2_path(), models / "Tiny-Chat.Q4_1.gguf")
+    (models / "broken.gguf").write_bytes(b"not a gguf at all")
+    proxy.start()
+    try:
+        tags = httpx.get(f"{proxy.url}/api/tags", headers=auth(USER)).json()["models"]
+        assert [m["name"] for m in tags] == ["tiny-chat.q4_1:latest"]
+        assert "broken.gguf" in proxy.log()  # skipped with a warning
+        r = httpx.post(
+            f"{proxy.url}/api/chat",
+            json={
+                "model": "tiny-chat.q4_1",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": False,
+                "options": {"num_predict": 3},
+            },
+            headers=auth(USER),
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["message"]["role"] == "assistant"
+        # a second copy appears on rescan (admin only); the first stays loaded
+        shutil.copy(smollm2_path(), models / "second.gguf")
+        assert httpx.post(f"{proxy.url}/models/rescan", headers=auth(USER)).status_code == 403
+        r = httpx.post(f"{proxy.url}/models/rescan", headers=auth("admin-key"))
+        assert r.status_code == 200 and sorted(r.json()["discovered"]) == ["second:latest", "tiny-chat.q4_1:latest"]
+        assert proxy.status(auth(USER))["tiny-chat.q4_1:latest"]["state"] == "ready"
+        # removed from models/: gone from the lists, and unloaded (it was idle)
+        (models / "Tiny-Chat.Q4_1.gguf").unlink()
+        httpx.post(f"{proxy.url}/models/rescan", headers=auth("admin-key")).raise_for_status()
+        wait_until(lambda: "tiny-chat.q4_1:latest" not in proxy.status(auth(USER)), timeout=30)
+        names = [m["name"] for m in httpx.get(f"{proxy.url}/api/tags", headers=auth(USER)).json()["models"]]
+        assert names == ["second:latest"]
+        # the content id (sha256 prefix of the file) names it too, once hashed
+        cid = hashlib.sha256((models / "second.gguf").read_bytes()).hexdigest()[:12]
+
+        def by_id() -> bool:
+            r = httpx.post(
+                f"{proxy.url}/v1/chat/completions",
+                json={"model": cid, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                headers=auth(USER),
+                timeout=120,
+            )
+            return r.status_code == 200
+
+        wait_until(by_id, timeout=60, interval=0.2)
+        assert (models / ".cache" / "content_ids.json").is_file()
+    finally:
+        proxy.stop()
