@@ -49,6 +49,8 @@ class ServerSection(_Strict):
     metrics_public: bool = True
     # where each model's worker output goes (<log_dir>/<model>.log); relative to config.yml; null: no files
     log_dir: str | None = "logs"
+    # while a model loads, a streamed /v1/* answer sends an SSE comment (": loading NAME 40%") this often
+    loading_comment_interval: Duration = "1.5s"
 
 
 class DefaultsSection(_Strict):
@@ -163,6 +165,8 @@ class ModelFile(_Strict):
     memory: MemorySection | None = None  # what it needs, overriding the estimate
     gpus: list[int] | None = None  # the GPUs (NVML indices) it may run on; default: any
     priority: int = 0  # between requests for different models that wait as long, the higher goes first
+    # streamed /v1/* answers get their headers and SSE comments while it loads (false: nothing until loaded)
+    loading_feedback: bool = True
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ class ModelConfig:
     # the limits its worker enforces on what it decodes (max_audio_seconds, max_image_pixels)
     worker_limits: Mapping[str, float] = field(default_factory=dict)
     priority: int = 0
+    loading_feedback: bool = True  # SSE comments while it loads (proxy.loading)
 
     @property
     def facts(self) -> BackendInfo:
@@ -250,6 +255,7 @@ class Settings:
     max_audio_seconds: float = 3600.0
     max_image_pixels: int = 4096 * 4096
     max_wait_for_switch: float = 30.0  # seconds a request waits at most behind other models' requests
+    loading_comment_interval: float = 1.5  # seconds between SSE comments while a model loads
     data_dir: Path | None = None  # None: nothing kept across restarts (jobs live in memory)
     jobs_ttl: float = 86400.0
     jobs_max_queued: int = 1000
@@ -418,6 +424,7 @@ def _model(
         gpus=tuple(raw.gpus) if raw.gpus is not None else None,
         worker_limits=dict(worker_limits or {}),
         priority=raw.priority,
+        loading_feedback=raw.loading_feedback,
     )
 
 
@@ -493,6 +500,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_audio_seconds=worker_limits["max_audio_seconds"],
         max_image_pixels=int(worker_limits["max_image_pixels"]),
         max_wait_for_switch=_finite(raw.limits.max_wait_for_switch, file, "limits.max_wait_for_switch"),
+        loading_comment_interval=_finite(raw.server.loading_comment_interval, file, "server.loading_comment_interval"),
         data_dir=rel(raw.data_dir),
         jobs_ttl=_finite(raw.jobs.ttl, file, "jobs.ttl"),
         jobs_max_queued=_positive(raw.jobs.max_queued, file, "jobs.max_queued"),

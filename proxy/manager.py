@@ -39,7 +39,7 @@ from proxy.errors import (
     QueueFull,
     Unavailable,
 )
-from proxy.events import EventBus, LoadEnded, LoadStarted, StateChanged, Unloaded, UnloadReason
+from proxy.events import EventBus, LoadEnded, LoadProgress, LoadStarted, StateChanged, Unloaded, UnloadReason
 from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
 from proxy.nvml import Nvml
 from proxy.policy import backoff
@@ -70,6 +70,9 @@ class WorkerHandle(Protocol):
 
     @property
     def kill_reason(self) -> str | None: ...
+
+    # called with its load's progress (fraction 0..1, phase) while it starts; set by the manager
+    on_progress: Callable[[float, str], None] | None
 
     def log_tail(self) -> str: ...
 
@@ -152,6 +155,8 @@ class Runtime:
         self.peak = Need(0, 0, "measured")  # the most its worker used, this load
         self.tickets: list[Ticket] = []  # its requests inside ``acquire``, in arrival order
         self.blockers: tuple[str, ...] = ()  # busy models it must wait for (its last decision)
+        self.progress: float | None = None  # while it starts: its load's fraction done (0..1), and the phase
+        self.phase: str | None = None
         self.retired = False  # gone from the catalog (a rescan): unloads when idle, then is forgotten
         self.stop_cause = UnloadReason.IDLE  # why its stop in progress began (the unload event's reason)
 
@@ -193,6 +198,8 @@ class ModelStatus:
     vram_bytes: int | None = None
     waiting: str | None = None
     queued: int = 0  # its requests waiting inside ``acquire``
+    progress: float | None = None  # while it starts (0..1), with its phase
+    phase: str | None = None
 
 
 class Lease:
@@ -333,9 +340,15 @@ class ModelManager:
         if keep_alive is not None and not rt.config.pin_keep_alive:
             rt.keep_alive = keep_alive
 
-    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
+    async def acquire(
+        self, name: str, keep_alive: float | None = None, on_loading: Callable[[], None] | None = None
+    ) -> Lease:
         """Wait until the model is ready (starting it, making room) and one of its ``parallel`` slots is
-        free in turn, and lease it."""
+        free in turn, and lease it.
+
+        ``on_loading`` is called once, when the request is admitted and waits for its model's load (the
+        model is starting and the request holds a place in the queue, so no 503 for a full queue can come
+        after it): from then on the only failures are the load's own, or a shutdown (``proxy.loading``)."""
         rt = self._runtime(name)
         if self._shutting_down:
             raise Unavailable("the proxy is shutting down", retry_after=5)
@@ -344,6 +357,7 @@ class ModelManager:
         ticket = Ticket(rt, started, next(self._seq))
         rt.tickets.append(ticket)
         waited_for_start = False
+        signalled = on_loading is None
         queued = False
         bound: Timer | None = None
         lease: Lease | None = None
@@ -369,6 +383,11 @@ class ModelManager:
                     )
                 elif rt.state is State.STARTING and rt.start_task is not None:
                     waited_for_start = True
+                    if not signalled and (queued or self._queued < self.settings.max_queue):
+                        self._enqueue(queued)  # its place now: a full queue answers 503 before, never after
+                        queued = signalled = True
+                        assert on_loading is not None
+                        on_loading()
                     await asyncio.shield(rt.start_task)
                     continue
                 elif rt.state in (State.STOPPED, State.FAILED) and not rt.draining and not self._overtaken(ticket):
@@ -658,10 +677,29 @@ class ModelManager:
         self._transition(rt, State.STARTING, "requested")
         rt.gpu = gpu
         rt.peak = Need(0, 0, "measured")
-        rt.worker = self._factory(self._placed(rt), self._runtime_dir, self._on_worker_exit)
+        rt.progress, rt.phase = 0.0, "starting"
+        rt.worker = self._new_worker(rt)
         rt.start_task = asyncio.create_task(self._start(rt, rt.worker))
         rt.start_task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._notify()
+
+    def _new_worker(self, rt: Runtime) -> WorkerHandle:
+        worker = self._factory(self._placed(rt), self._runtime_dir, self._on_worker_exit)
+        worker.on_progress = lambda fraction, phase: self._on_progress(rt, worker, fraction, phase)
+        return worker
+
+    def _on_progress(self, rt: Runtime, worker: WorkerHandle, fraction: float, phase: str) -> None:
+        """A starting worker's load progress (its progress lines): kept on the runtime for /status."""
+        if rt.worker is worker and rt.state is State.STARTING:
+            rt.progress, rt.phase = fraction, phase
+            self.events.publish(LoadProgress(model=rt.config.name, progress=fraction, detail=phase))
+
+    def loading(self, name: str) -> tuple[float, str] | None:
+        """A starting model's load progress (fraction, phase); None when it is not starting."""
+        rt = self._runtime(name)
+        if rt.state is not State.STARTING or rt.progress is None:
+            return None
+        return rt.progress, rt.phase or ""
 
     async def _start(self, rt: Runtime, worker: WorkerHandle) -> None:
         began = self.clock.monotonic()
@@ -676,6 +714,7 @@ class ModelManager:
                 worker = await self._retry_after_oom(rt, exc)
         except ProxyError as exc:
             self._transition(rt, State.FAILED, "its start failed")
+            rt.progress = rt.phase = None
             rt.worker = None
             rt.last_error = exc.message
             rt.failures += 1
@@ -686,11 +725,13 @@ class ModelManager:
             raise
         except BaseException as exc:
             self._transition(rt, State.STOPPED, f"its start ended with {type(exc).__name__}")
+            rt.progress = rt.phase = None
             rt.worker = None
             self._load_ended(rt, began, f"its start ended with {type(exc).__name__}")
             self._notify()
             raise
         self._transition(rt, State.READY, "the worker is up")
+        rt.progress = rt.phase = None
         rt.failures = 0
         rt.last_error = None
         rt.load_duration = self.clock.monotonic() - began
@@ -725,7 +766,8 @@ class ModelManager:
         deadline = self.clock.monotonic() + self.settings.memory.recovery_timeout
         while self._decide(rt).kind not in ("start", "refuse") and self.clock.monotonic() < deadline:
             await self._wait(_RECOVERY_POLL)
-        worker = self._factory(self._placed(rt), self._runtime_dir, self._on_worker_exit)
+        worker = self._new_worker(rt)
+        rt.progress, rt.phase = 0.0, "starting again"
         rt.worker = worker
         try:
             await worker.start()
@@ -907,6 +949,8 @@ class ModelManager:
                 vram_bytes=vram,
                 waiting=rt.waiting,
                 queued=rt.waiters,
+                progress=rt.progress if rt.state is State.STARTING else None,
+                phase=rt.phase if rt.state is State.STARTING else None,
             )
 
     async def worker_reports(self) -> dict[str, dict[str, Any]]:

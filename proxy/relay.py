@@ -91,7 +91,13 @@ class ObservedStream(UpstreamStream):
 
 class LeasedCall:
     def __init__(
-        self, manager: ModelManager, name: str, keep_alive: float | None, *, client: Request | None = None
+        self,
+        manager: ModelManager,
+        name: str,
+        keep_alive: float | None,
+        *,
+        client: Request | None = None,
+        on_loading: Callable[[], None] | None = None,
     ) -> None:
         self._manager = manager
         self._name = name
@@ -104,11 +110,18 @@ class LeasedCall:
         self._gone = False
         # what the events say of this request (model, first byte, tokens); None outside a request
         self._note = RequestNote.of(client.scope) if client is not None else None
+        self._on_loading = on_loading
+
+    async def acquire(self) -> None:
+        """Take the lease (``ModelManager.acquire``; ``on_loading`` is its signal that the request waits for a
+        load). Entering does it unless it was done before (``proxy.loading`` does it first, in a task)."""
+        if self._lease is None:
+            if self._note is not None:
+                self._note.for_model(self._name)
+            self._lease = await self._manager.acquire(self._name, self._keep_alive, self._on_loading)
 
     async def __aenter__(self) -> LeasedCall:
-        if self._note is not None:
-            self._note.for_model(self._name)
-        self._lease = await self._manager.acquire(self._name, self._keep_alive)
+        await self.acquire()
         if self._client is not None:
             self._watch = asyncio.create_task(self._watch_client(self._client, asyncio.current_task()))
         return self
@@ -135,6 +148,10 @@ class LeasedCall:
         watch, self._watch = self._watch, None
         if watch is not None:
             watch.cancel()
+
+    async def close(self) -> None:
+        """Close what the call holds (for a response that took it over before entering: ``proxy.loading``)."""
+        await self._close()
 
     async def _close(self) -> None:
         """Close the upstream stream (if one was opened) and release the lease: exactly once."""

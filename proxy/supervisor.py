@@ -23,6 +23,7 @@ from proxy.config import ModelConfig
 from proxy.errors import LoadTimeout, ModelLoadFailed
 from proxy.modellogs import ModelLog
 from proxy.upstream import Upstream
+from proxy.wire import read_progress
 
 log = logging.getLogger("proxy.supervisor")
 
@@ -76,6 +77,8 @@ class Worker:
         self._readers: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
+        # its load's progress lines (proxy.wire.progress_line) until it is ready: fraction 0..1 and phase
+        self.on_progress: Callable[[float, str], None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -123,6 +126,11 @@ class Worker:
             text = line.decode("utf-8", "replace").rstrip()
             if watch_ready and text.startswith('{"event": "ready"'):
                 self._ready.set()
+                continue
+            progress = read_progress(text) if watch_ready else None
+            if progress is not None:
+                if not self._ready.is_set() and self.on_progress is not None:
+                    self.on_progress(*progress)
                 continue
             if watch_ready and text.startswith('{"event": "error"'):
                 text = self._failure(text)

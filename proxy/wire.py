@@ -44,6 +44,29 @@ AUDIO_FORMATS: tuple[str, ...] = tuple(AUDIO_MEDIA_TYPES)
 # streamed answers are flushed as they are made, by us and by any reverse proxy in front
 STREAM_HEADERS: Mapping[str, str] = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+# -- what a worker says on stdout while it starts -------------------------------------------------
+# one JSON object a line: {"event": "progress", "progress": 0.4, "phase": "loading weights"} as the load goes
+# on (progress: the backend's own fraction of its weights loaded, 0..1), then {"event": "ready", ...}
+PROGRESS_EVENT = "progress"
+
+
+def progress_line(fraction: float, phase: str) -> str:
+    return json.dumps({"event": PROGRESS_EVENT, "progress": round(min(1.0, max(0.0, fraction)), 3), "phase": phase})
+
+
+def read_progress(line: str) -> tuple[float, str] | None:
+    """A progress line's fraction (0..1) and phase; None for any other line."""
+    if not line.startswith('{"event": "progress"'):
+        return None
+    try:
+        data = json.loads(line)
+        fraction = float(data["progress"])
+        phase = str(data["phase"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return min(1.0, max(0.0, fraction)) if fraction == fraction else 0.0, phase[:80]
+
+
 # -- payloads ------------------------------------------------------------------------------------
 
 

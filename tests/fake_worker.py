@@ -2,7 +2,8 @@
 
 Run as an ``external`` model's cmd: ``python tests/fake_worker.py --port ${PORT} [flags]``.
 It streams ``--tokens`` chunks of ``tok`` at ``--rate`` per second (0: as fast as it can), and
-can be told to load slowly, crash while loading (``--fail-unless FILE``: unless that file exists), hang
+can be told to load slowly (``--load-time``, or ``--load-until FILE``: until that file exists), crash
+while loading (``--fail-unless FILE``: unless that file exists), hang
 while loading, crash, hang or end early mid-stream, hold its streams after the first chunk until a file
 exists (``--gate``), print a request's ``user`` field as a log line (``--say``), or ignore SIGTERM;
 ``--signals FILE`` records each SIGTERM it receives, so a test can tell a stop by SIGTERM from a kill.
@@ -205,6 +206,7 @@ def main() -> None:
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--say", action="store_true", help="print a request's `user` field to stderr (a log line)")
     p.add_argument("--pidfile", default=None, help="write our pid here")
+    p.add_argument("--load-until", default=None, help="the load lasts until this file exists (then goes on)")
     args = p.parse_args()
     if args.pidfile:
         with open(args.pidfile, "a") as fh:
@@ -212,6 +214,8 @@ def main() -> None:
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, _record(args.signals) if args.signals else signal.SIG_IGN)
     print(f"fake worker {os.getpid()} loading", file=sys.stderr, flush=True)
+    while args.load_until and not os.path.exists(args.load_until):
+        time.sleep(0.02)
     if args.crash_on_load or (args.fail_unless and not os.path.exists(args.fail_unless)):
         print("fake worker: cannot load weights: file is corrupt", file=sys.stderr, flush=True)
         raise SystemExit(7)

@@ -87,6 +87,7 @@ class LiveProxy:
         limits: dict[str, Any] | None = None,
         cors: list[str] | None = None,
         allowed_hosts: list[str] | None = None,
+        server: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         (root / "configs").mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ class LiveProxy:
             safe = model["name"].replace(":", "_").replace("/", "_")
             (root / "configs" / f"{safe}.yaml").write_text(yaml.safe_dump(model))
         config: dict[str, Any] = {
-            "server": {"host": "127.0.0.1", "port": 0, "cors_origins": cors or []},
+            "server": {"host": "127.0.0.1", "port": 0, "cors_origins": cors or [], **(server or {})},
             "defaults": {"keep_alive": "5m", "load_timeout": "60s", "unload_grace": "5s", **(defaults or {})},
             "limits": {"max_loaded_models": 3, "max_queue": 64, **(limits or {})},
             "log_level": "info",

@@ -279,7 +279,7 @@ def _openai_stream_lines(proxy: LiveProxy, model: str) -> list[str]:
         json={"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True},
     ) as r:
         assert r.status_code == 200
-        return [line for line in r.iter_lines() if line]
+        return [line for line in r.iter_lines() if line and not line.startswith(":")]  # data, not load comments
 
 
 def _ollama_stream_lines(proxy: LiveProxy, model: str) -> list[dict[str, Any]]:
@@ -400,11 +400,12 @@ def test_two_tool_calls_at_once_pass_through_both_dialects(
 
 
 def _stream_chat(proxy: LiveProxy, model: str, **extra: object) -> Iterator[str]:
-    """The SSE lines of a streamed chat, yielded as they come (the stream stays open between reads)."""
+    """The SSE data lines of a streamed chat, yielded as they come (the stream stays open between reads); the
+    comments sent while its model loads (loading feedback, tests/test_loading.py) are skipped."""
     body = {"model": model, "messages": [{"role": "user", "content": "x"}], "stream": True, **extra}
     with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
-        yield from (line for line in r.iter_lines() if line)
+        yield from (line for line in r.iter_lines() if line and not line.startswith(":"))
 
 
 def _pieces(lines: list[str]) -> tuple[int, str | None]:

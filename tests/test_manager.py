@@ -22,6 +22,7 @@ import pytest
 from proxy.clock import ManualClock
 from proxy.config import DetailsSection, ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull, Unavailable
+from proxy.events import LoadProgress
 from proxy.manager import TRANSITIONS, InvalidTransition, ModelManager, Runtime, State, WorkerFactory
 from proxy.memory import MemoryStore
 from proxy.upstream import Upstream
@@ -96,6 +97,7 @@ class FakeWorker:
         self.returncode: int | None = None
         self.cpu: float | None = 0.0  # what cpu_seconds() reports; a test moves it
         self.kill_reason: str | None = None
+        self.on_progress: Callable[[float, str], None] | None = None
         FakeWorker.instances.append(self)
 
     def cpu_seconds(self) -> float | None:
@@ -772,4 +774,42 @@ async def test_priority_orders_requests_that_came_together(b_priority: int, firs
     (await asyncio.wait_for(next(iter(done)), 5)).release()
     for task in {for_a, for_b} - done:  # the other one is served after
         (await asyncio.wait_for(task, 5)).release()
+    await manager.shutdown()
+
+
+async def test_on_loading_is_said_once_while_the_model_starts_and_progress_shows_in_status() -> None:
+    manager, _ = make(model("a"), factory=held)
+    said: list[str] = []
+    task = asyncio.create_task(manager.acquire("a", on_loading=lambda: said.append("loading")))
+    await settle()
+    assert said == ["loading"]
+    assert manager.queued == 1  # it holds its place: no 503 for a full queue can follow its early answer
+    worker = FakeWorker.instances[0]
+    assert worker.on_progress is not None
+    seen = manager.events.subscribe()
+    worker.on_progress(0.4, "loading weights")
+    (status,) = manager.status()
+    assert (status.state, status.progress, status.phase) == ("starting", 0.4, "loading weights")
+    (event,) = seen.get_nowait()  # the page and /status/events show it
+    assert isinstance(event, LoadProgress)
+    assert (event.model, event.progress, event.detail) == ("a", 0.4, "loading weights")
+    assert manager.loading("a") == (0.4, "loading weights")
+    worker.gate.set()
+    (await task).release()
+    (status,) = manager.status()
+    assert (status.progress, status.phase, manager.loading("a")) == (None, None, None)
+    lease = await manager.acquire("a", on_loading=lambda: said.append("again"))  # loaded: no load to wait for
+    lease.release()
+    assert said == ["loading"]
+    await manager.shutdown()
+
+
+async def test_on_loading_is_not_said_when_the_queue_is_full() -> None:
+    manager, _ = make(model("a"), factory=held, max_queue=0)
+    said: list[str] = []
+    task = asyncio.create_task(manager.acquire("a", on_loading=lambda: said.append("loading")))
+    await settle()
+    assert said == []  # it waits without an early answer, so a refusal later can still be a status
+    FakeWorker.instances[0].gate.set()
+    (await task).release()
     await manager.shutdown()

@@ -44,6 +44,8 @@ def _status(s: ModelStatus, worker: dict[str, Any] | None, admin: bool) -> dict[
         "device": s.device,
         "vram_bytes": s.vram_bytes,
         "waiting": s.waiting,
+        "progress": s.progress,  # while it loads: 0..1, with the phase
+        "phase": s.phase,
         "worker": worker,
     }
 

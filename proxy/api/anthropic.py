@@ -15,10 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, model_for, named_events, read_json, services
+from proxy.api.common import guarded, json_bytes, leased_stream, model_for, named_events, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects import anthropic as dialect
+from proxy.dialects.blocks import frames
 from proxy.dialects.shaping import apply_model_defaults, check_messages
 from proxy.errors import ProxyError, UpstreamError
 from proxy.relay import LeasedCall
@@ -44,14 +45,17 @@ async def messages(request: Request) -> Response:
     cfg, keep_alive, (openai, stops) = _prepare(request, body, count_only=False)
     stream = bool(body.get("stream"))
     tr = dialect.MessageStream(cfg.name, stops)
+    if stream:
+        return await leased_stream(
+            request,
+            cfg,
+            keep_alive,
+            "/v1/chat/completions",
+            json_bytes(openai),
+            lambda up: named_events(up, tr, _error_event),
+            lambda exc: frames(_error_event(exc)),
+        )
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
-        if stream:
-            return await call.stream(
-                "/v1/chat/completions",
-                json_bytes(openai),
-                lambda up: named_events(up, tr, _error_event),
-                "text/event-stream",
-            )
         async for chunk in (await call.open("/v1/chat/completions", json_bytes(openai))).events():
             tr.feed(chunk)
             if tr.done:

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
+from proxy import loading
 from proxy.auth import KeyRing, Role, key_from_headers
 from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
@@ -168,6 +169,21 @@ def model_for(
     if not set(needs) & set(cfg.capabilities):
         raise BadRequest(f"model '{cfg.name}' {refusal}", param="model")
     return cfg, keep_alive
+
+
+async def leased_stream(
+    request: Request,
+    cfg: ModelConfig,
+    keep_alive: float | None,
+    path: str,
+    body: bytes,
+    relay: Callable[[UpstreamStream], AsyncIterator[bytes]],
+    on_error: Callable[[ProxyError], bytes],
+) -> Response:
+    """A streamed SSE answer from the model's worker, with loading feedback while it loads (``proxy.loading``)."""
+    svc = services(request)
+    interval = svc.settings.loading_comment_interval
+    return await loading.leased_stream(svc.manager, cfg, keep_alive, request, path, body, relay, on_error, interval)
 
 
 def json_bytes(data: Any) -> bytes:

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.api import anthropic
-from proxy.api.common import guarded, json_bytes, model_for, read_json, services
+from proxy.api.common import guarded, json_bytes, leased_stream, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects.schemas import check_schemas
@@ -61,9 +61,9 @@ async def forward(
     request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool, keep_alive: float | None
 ) -> Response:
     """Lease the model, send ``body`` to its worker, relay the answer; the lease ends with it."""
+    if stream:
+        return await leased_stream(request, cfg, keep_alive, path, json_bytes(body), _relay, sse_error)
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
-        if stream:
-            return await call.stream(path, json_bytes(body), _relay, "text/event-stream")
         content = await call.post(path, json_bytes(body))
     return Response(content, media_type="application/json")
 

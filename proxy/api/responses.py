@@ -11,9 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, model_for, named_events, read_json, services
+from proxy.api.common import guarded, json_bytes, leased_stream, model_for, named_events, read_json, services
 from proxy.auth import Role
 from proxy.dialects import responses as dialect
+from proxy.dialects.blocks import frames
 from proxy.dialects.shaping import apply_model_defaults, check_messages
 from proxy.relay import LeasedCall
 
@@ -27,15 +28,18 @@ async def create(request: Request) -> Response:
     now = services(request).clock.time()
     apply_model_defaults(openai, cfg, now)
     tr = dialect.ResponseStream(cfg.name, body, now)
+    if body.get("stream"):
+        return await leased_stream(
+            request,
+            cfg,
+            keep_alive,
+            "/v1/chat/completions",
+            json_bytes(openai),
+            # a broken stream fails the response, with the code OpenAI gives a failed response
+            lambda up: named_events(up, tr, lambda exc: tr.failed("server_error", exc.message)),
+            lambda exc: frames(tr.failed("server_error", exc.message)),
+        )
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
-        if body.get("stream"):
-            return await call.stream(
-                "/v1/chat/completions",
-                json_bytes(openai),
-                # a broken stream fails the response, with the code OpenAI gives a failed response
-                lambda up: named_events(up, tr, lambda exc: tr.failed("server_error", exc.message)),
-                "text/event-stream",
-            )
         async for chunk in (await call.open("/v1/chat/completions", json_bytes(openai))).events():
             tr.feed(chunk)
         tr.finish()

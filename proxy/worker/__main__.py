@@ -3,8 +3,10 @@
 The proxy passes a JSON spec (backend, its entry point, served name, model file, options): the
 worker knows no backend table of its own (``proxy.backends`` is the proxy's). The socket is bound
 before the model loads, so nothing connects too early; when the model is loaded the worker
-writes one line, ``{"event": "ready"}``, on stdout. Its log goes to stderr, which the proxy keeps
-a tail of. If the model cannot be loaded the worker says why on stderr and exits 1.
+writes one line, ``{"event": "ready"}``, on stdout; before that, progress lines (``proxy.wire.progress_line``:
+the phase, importing then loading weights, and the backend's own fraction, polled while it loads). Its log
+goes to stderr, which the proxy keeps a tail of. If the model cannot be loaded the worker says why on
+stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -22,9 +24,40 @@ import threading
 import time
 from typing import Any
 
+from proxy.wire import progress_line
 from proxy.worker.guard import die_with_parent
 
 log = logging.getLogger("proxy.worker")
+
+_PROGRESS_POLL = 0.1  # seconds between looks at the backend's progress while it loads
+_say_lock = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One line to the proxy on stdout, whole."""
+    with _say_lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+def _report_progress(backend: Any, loading: concurrent.futures.Future[None]) -> None:
+    """Until the load ends, a progress line whenever the backend's fraction moves by a percent or more."""
+    last = -1.0
+    while True:
+        try:
+            fraction = float(backend.progress())
+        except Exception:  # a backend's progress is best effort
+            fraction = last
+        if fraction >= last + 0.01:
+            say(progress_line(fraction, "loading weights"))
+            last = fraction
+        try:
+            loading.result(timeout=_PROGRESS_POLL)
+        except concurrent.futures.TimeoutError:
+            continue
+        except BaseException:
+            return
+        return
 
 
 def make_backend(spec: dict[str, Any]) -> Any:
@@ -97,8 +130,7 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
         await serving
         return 1
     state.ready = True
-    sys.stdout.write(json.dumps({"event": "ready", "pid": os.getpid()}) + "\n")
-    sys.stdout.flush()
+    say(json.dumps({"event": "ready", "pid": os.getpid()}))
     await serving
     backend.close()
     return 0
@@ -115,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy stops us with SIGTERM
     spec = json.loads(args.spec)
     sock = _bind(args.socket)
+    say(progress_line(0.0, "importing"))
     backend = make_backend(spec)
     # Imports first, in this thread (they hold the GIL); then the weights load in a thread, mostly in C
     # with the GIL released, while this thread imports the HTTP stack: the two overlap instead of contending.
@@ -122,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if prepare is not None:
         prepare()
     loading = _start_loading(backend)
+    threading.Thread(target=_report_progress, args=(backend, loading), name="progress", daemon=True).start()
     import asyncio  # here, not at the top: its import overlaps the load (llama.cpp's start is a bench goal)
 
     raise SystemExit(asyncio.run(_serve(backend, loading, int(spec.get("parallel", 1)), sock)))

@@ -8,9 +8,11 @@ progress, and a job whose client went away stops at the next step.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,41 @@ from proxy.worker.backends.base import InvalidRequest, TooLarge
 
 class Cancelled(Exception):
     """The client went away; the job stopped at a step boundary."""
+
+
+_LOADING_COMPONENTS = "Loading pipeline components..."  # diffusers' own progress bar over them
+
+
+@contextlib.contextmanager
+def _components_counted(report: Callable[[float], None]) -> Iterator[None]:
+    """Report the share of pipeline components loaded while the block runs. diffusers loads them in a loop
+    over ``diffusers.utils.logging.tqdm(components, desc=_LOADING_COMPONENTS)`` (``from_pretrained`` and
+    ``from_single_file``); that tqdm is wrapped for the block to count the loop's items as they are taken."""
+    from diffusers.utils import logging as dlogging
+
+    original = dlogging.tqdm
+
+    def counted(items: list[Any], bar: Any) -> Iterator[Any]:
+        for done, item in enumerate(bar):
+            report(done / max(1, len(items)))
+            yield item
+        report(1.0)
+
+    class Counting:
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("desc") != _LOADING_COMPONENTS or not args:
+                return original(*args, **kwargs)
+            items = list(args[0])
+            return counted(items, original(items, *args[1:], **kwargs))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(original, name)
+
+    dlogging.tqdm = Counting()
+    try:
+        yield
+    finally:
+        dlogging.tqdm = original
 
 
 class DiffusersBackend:
@@ -34,6 +71,7 @@ class DiffusersBackend:
         self.step = 0
         self.total = 0
         self.busy = False
+        self._loaded_parts = 0.0  # pipeline components loaded / all of them, while it loads
 
     def prepare(self) -> None:
         import diffusers  # noqa: F401
@@ -66,19 +104,24 @@ class DiffusersBackend:
             "safety_checker": None,
             "requires_safety_checker": False,
         }
-        if self.path.is_dir():
-            pipe = StableDiffusionPipeline.from_pretrained(self.path, **common)
-        else:
-            config = self.options.get("config")
-            if not config:
-                raise FileNotFoundError("a single-file checkpoint needs model.config: a local diffusers folder")
-            pipe = StableDiffusionPipeline.from_single_file(str(self.path), config=config, **common)
+        with _components_counted(self._set_loaded_parts):
+            if self.path.is_dir():
+                pipe = StableDiffusionPipeline.from_pretrained(self.path, **common)
+            else:
+                config = self.options.get("config")
+                if not config:
+                    raise FileNotFoundError("a single-file checkpoint needs model.config: a local diffusers folder")
+                pipe = StableDiffusionPipeline.from_single_file(str(self.path), config=config, **common)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
         self.device, self.dtype = device, str(dtype).removeprefix("torch.")
 
+    def _set_loaded_parts(self, fraction: float) -> None:
+        self._loaded_parts = fraction
+
     def progress(self) -> float:
-        return 1.0 if self.pipe is not None else 0.0
+        """Components loaded / all of them (to 0.9; moving the pipeline to its device is the rest)."""
+        return 1.0 if self.pipe is not None else 0.9 * self._loaded_parts
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {

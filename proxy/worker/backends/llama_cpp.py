@@ -24,6 +24,34 @@ from typing import Any
 from proxy.wire import TokenCount, TokenizeRequest
 from proxy.worker.backends.base import Cancelled, InvalidRequest, NotSupported
 
+
+@contextlib.contextmanager
+def _progress_reported(report: Any) -> Iterator[None]:
+    """llama.cpp's load progress (``llama_model_params.progress_callback``) while the block runs.
+
+    ``Llama()`` takes no callback: it builds its params with ``llama_model_default_params()``, so that is
+    wrapped for the block to set ours (a worker loads one model, in one thread)."""
+    import llama_cpp.llama_cpp as capi
+
+    def on_progress(fraction: float, _user_data: Any) -> bool:
+        report(float(fraction))
+        return True  # go on loading
+
+    callback = capi.llama_progress_callback(on_progress)  # kept alive here until the load ends
+    original = capi.llama_model_default_params
+
+    def params() -> Any:
+        out = original()
+        out.progress_callback = callback
+        return out
+
+    capi.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        capi.llama_model_default_params = original
+
+
 # Request fields passed on to llama-cpp-python when its method takes them.
 _RENAMES = {"max_completion_tokens": "max_tokens"}
 _POOLING_MEAN = 1  # llama_cpp.LLAMA_POOLING_TYPE_MEAN, without importing llama_cpp here
@@ -49,6 +77,7 @@ class LlamaCppBackend:
         self._chat_params: frozenset[str] = frozenset()
         self._completion_params: frozenset[str] = frozenset()
         self._formatter: Any = None
+        self._progress = 0.0  # llama.cpp's own, from its progress callback while the weights load
 
     # -- lifecycle -------------------------------------------------------------------------
     def _make(self, **extra: Any) -> Any:
@@ -61,7 +90,8 @@ class LlamaCppBackend:
         import llama_cpp  # noqa: F401  (the import is the point: see proxy.worker.__main__)
 
     def load(self) -> None:
-        self._llm = self._make()
+        with _progress_reported(self._set_progress):
+            self._llm = self._make()
         self._chat_params = frozenset(inspect.signature(self._llm.create_chat_completion).parameters)
         self._completion_params = frozenset(inspect.signature(self._llm.create_completion).parameters)
         self._formatter = self._chat_formatter()
@@ -84,8 +114,11 @@ class LlamaCppBackend:
             stop_token_ids=[eos],
         )
 
+    def _set_progress(self, fraction: float) -> None:
+        self._progress = fraction
+
     def progress(self) -> float:
-        return 1.0 if self._loaded else 0.0
+        return 1.0 if self._loaded else self._progress
 
     def info(self) -> dict[str, Any]:
         return {"backend": "llama_cpp", "device": _device(self.options.get("n_gpu_layers"))}
