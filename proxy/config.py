@@ -45,6 +45,8 @@ class ServerSection(_Strict):
     cors_origins: list[str] = []
     # Host header names answered besides localhost, 127.0.0.1, [::1] and ``host`` ("*": any)
     allowed_hosts: list[str] = []
+    # /v1/audio/voices and /v1/audio/models answer without a key (Open WebUI asks for them with none)
+    public_audio_listings: bool = True
 
 
 class DefaultsSection(_Strict):
@@ -235,6 +237,7 @@ class Settings:
     max_audio_seconds: float = 3600.0
     max_image_pixels: int = 4096 * 4096
     max_wait_for_switch: float = 30.0  # seconds a request waits at most behind other models' requests
+    public_audio_listings: bool = True  # the audio voices and models lists need no key
 
 
 def _read_yaml(path: Path) -> Any:
@@ -472,4 +475,5 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_audio_seconds=worker_limits["max_audio_seconds"],
         max_image_pixels=int(worker_limits["max_image_pixels"]),
         max_wait_for_switch=_finite(raw.limits.max_wait_for_switch, file, "limits.max_wait_for_switch"),
+        public_audio_listings=raw.server.public_audio_listings,
     )

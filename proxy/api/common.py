@@ -72,6 +72,32 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
     return wrap
 
 
+def public_listing(enabled: Callable[[Settings], bool]) -> Callable[[Handler], Handler]:
+    """A listing served without a key when ``enabled(settings)`` (Open WebUI fetches the audio listings
+    with no Authorization header at all); a request that sends a key is checked as usual (401 for a bad one)."""
+
+    def wrap(handler: Handler) -> Handler:
+        user = guarded(Role.USER)(handler)
+
+        async def checked(request: Request) -> Response:
+            sent = "authorization" in request.headers or "x-api-key" in request.headers
+            if sent or not enabled(services(request).settings):
+                return await user(request)
+            request.state.role = Role.NONE
+            return await handler(request)
+
+        checked.__name__ = handler.__name__
+        return checked
+
+    return wrap
+
+
+def visible_models(request: Request) -> list[ModelConfig]:
+    """The models the caller's key may see: the one place a key's view of the model list is decided
+    (every key sees every model today; a keyless public listing gets what a user key would)."""
+    return services(request).manager.configs
+
+
 def role_of(request: Request) -> Role:
     """The caller's role, as ``guarded`` found it."""
     role: Role = getattr(request.state, "role", Role.NONE)
