@@ -847,6 +847,10 @@ class ModelManager:
     def is_loaded(self, name: str) -> bool:
         return self._runtime(name).state is State.READY
 
+    def state_of(self, name: str) -> str:
+        """Its state now (``State``'s value)."""
+        return self._runtime(name).state.value
+
     @property
     def queued(self) -> int:
         return self._queued
