@@ -48,7 +48,8 @@ def test_loading_shows_while_a_worker_starts_and_unload_needs_an_admin_key(
     assert statuses(client) == {"slow": "unloaded", "quick": "unloaded"}
     user = {"Authorization": "Bearer user-key"}
     admin = {"x-api-key": "admin-key"}
-    loader = threading.Thread(target=httpx.post, args=(proxy.url + "/load/slow",), kwargs={"headers": admin, "timeout": 60})
+    load = {"headers": admin, "timeout": 60}
+    loader = threading.Thread(target=httpx.post, args=(proxy.url + "/load/slow",), kwargs=load)
     loader.start()
     try:
         wait_until(lambda: statuses(client)["slow"] == "loading")
