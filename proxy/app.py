@@ -13,19 +13,20 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from proxy import rundirs
-from proxy.api import admin, anthropic, images, ollama, openai, responses, speech, transcription
+from proxy.api import admin, anthropic, images, ollama, ollama_models, openai, responses, speech, transcription
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
 from proxy.api.security import RequestGuard
 from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
+from proxy.digests import Digests
 from proxy.manager import ModelManager, WorkerFactory
 
 log = logging.getLogger("proxy")
 
 # each API module brings its own routes (one module per dialect or kind of model)
-ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, transcription, speech, images]
+ROUTE_MODULES = [openai, anthropic, responses, ollama, ollama_models, admin, transcription, speech, images]
 
 
 def create_app(
@@ -45,7 +46,8 @@ def create_app(
         runtime_dir: Path = manager._runtime_dir
         lock = rundirs.hold(runtime_dir)
         rundirs.sweep(runtime_dir.parent, keep=runtime_dir)
-        app.state.services = Services(settings=settings, manager=manager, keys=keyring, clock=clock)
+        digests = Digests(settings.models_dir / ".cache" / "digests.json")
+        app.state.services = Services(settings=settings, manager=manager, keys=keyring, clock=clock, digests=digests)
         if keyring.open:
             where = settings.api_tokens or "api_tokens: null"
             log.warning("!!! no API keys in %s: the proxy is OPEN to anyone who can reach it !!!", where)

@@ -526,6 +526,22 @@ class ModelManager:
             log.warning("model %s: no memory estimate (%s); admitted unchecked until measured", cfg.name, exc)
         return Need(0, 0, "unknown")
 
+    async def gguf_metadata(self, cfg: ModelConfig) -> dict[str, Any] | None:
+        """A llama.cpp model's GGUF metadata as Ollama's /api/show has it (the same reader and cache as the
+        memory estimate); None for other models or a file that cannot be read."""
+        path = cfg.model_path
+        if cfg.backend != "llama_cpp" or path is None or not path.is_file():
+            return None
+        key = memory.file_key(path)
+        facts = self.store.gguf(key)
+        if facts is None or "metadata" not in facts:  # read before /api/show wanted it
+            facts = await memory.read_gguf(path, cfg.python)
+            if facts is None:
+                return None
+            self.store.put_gguf(key, facts)
+        metadata = facts.get("metadata")
+        return dict(metadata) if isinstance(metadata, dict) else None
+
     def _measure(self, rt: Runtime, worker: WorkerHandle) -> None:
         """The worker's RSS (process tree) and VRAM now; the peak of this load is remembered."""
         if worker.pid is None:

@@ -19,6 +19,7 @@ from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.blocks import frames
 from proxy.dialects.shaping import require_model
+from proxy.digests import Digests
 from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, ProxyError, UnsupportedMediaType
 from proxy.jsonbody import OFF_LOOP_BYTES, parse_large, parse_small
 from proxy.keepalive import keep_alive_of
@@ -45,6 +46,7 @@ class Services:
     keys: KeyRing
     clock: Clock
     options: ClientOptions = field(default_factory=ClientOptions)
+    digests: Digests = field(default_factory=lambda: Digests(None))  # weight files' sha256 (/api/pull)
     # large bodies are parsed in a thread, this many at a time (each may take memory several times its
     # size while it is turned into Python objects)
     parses: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(PARSE_SLOTS))
