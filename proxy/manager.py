@@ -245,6 +245,7 @@ class ModelManager:
         self._seq = itertools.count()
         self._shutting_down = False
         self._estimating: asyncio.Task[None] | None = None
+        self._gguf_reads: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
         atexit.register(self._kill_all_sync)
 
@@ -534,8 +535,12 @@ class ModelManager:
             return None
         key = memory.file_key(path)
         facts = self.store.gguf(key)
-        if facts is None or "metadata" not in facts:  # read before /api/show wanted it
-            facts = await memory.read_gguf(path, cfg.python)
+        if facts is None or "metadata" not in facts:  # not read yet, or read before /api/show wanted it
+            task = self._gguf_reads.get(key)
+            if task is None:  # one read per file, however many ask at once (it takes seconds)
+                task = self._gguf_reads[key] = asyncio.ensure_future(memory.read_gguf(path, cfg.python))
+                task.add_done_callback(lambda _: self._gguf_reads.pop(key, None))
+            facts = await asyncio.shield(task)
             if facts is None:
                 return None
             self.store.put_gguf(key, facts)
