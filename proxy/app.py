@@ -14,7 +14,20 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from proxy import rundirs
-from proxy.api import admin, anthropic, images, infer, jobs, ollama, openai, ops, responses, speech, transcription
+from proxy.api import (
+    admin,
+    anthropic,
+    images,
+    infer,
+    jobs,
+    ollama,
+    ollama_models,
+    openai,
+    ops,
+    responses,
+    speech,
+    transcription,
+)
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
 from proxy.api.observe import RequestEvents
@@ -22,6 +35,7 @@ from proxy.api.security import RequestGuard
 from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
 from proxy.config import ModelConfig, Settings
+from proxy.digests import Digests
 from proxy.discovery import ContentIds, Discovery
 from proxy.events import EventBus
 from proxy.jobs import Jobs, JobStore
@@ -33,7 +47,20 @@ from proxy.supervisor import Worker
 log = logging.getLogger("proxy")
 
 # each API module brings its own routes (one module per dialect or kind of model)
-ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, ops, transcription, speech, images, infer, jobs]
+ROUTE_MODULES = [
+    openai,
+    anthropic,
+    responses,
+    ollama,
+    ollama_models,
+    admin,
+    ops,
+    transcription,
+    speech,
+    images,
+    infer,
+    jobs,
+]
 
 
 def create_app(
@@ -75,8 +102,16 @@ def create_app(
         runtime_dir: Path = manager._runtime_dir
         lock = rundirs.hold(runtime_dir)
         rundirs.sweep(runtime_dir.parent, keep=runtime_dir)
+        digests = Digests(settings.models_dir / ".cache" / "digests.json")
         app.state.services = Services(
-            settings=catalog, manager=manager, keys=keyring, clock=clock, events=bus, metrics=metrics, logs=logbook
+            settings=catalog,
+            manager=manager,
+            keys=keyring,
+            clock=clock,
+            events=bus,
+            metrics=metrics,
+            logs=logbook,
+            digests=digests,
         )
         if keyring.open:
             where = settings.api_tokens or "api_tokens: null"
