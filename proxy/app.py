@@ -36,7 +36,7 @@ from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
 from proxy.config import ModelConfig, Settings
 from proxy.digests import Digests
-from proxy.discovery import ContentIds, Discovery
+from proxy.discovery import Discovery
 from proxy.events import EventBus
 from proxy.jobs import Jobs, JobStore
 from proxy.manager import ModelManager, WorkerFactory, WorkerHandle
@@ -81,9 +81,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        discovery = Discovery(
-            settings, settings.models, ContentIds(settings.models_dir / ".cache" / "content_ids.json")
-        )
+        digests = Digests(settings.models_dir / ".cache" / "digests.json")  # /api/pull and content ids
+        discovery = Discovery(settings, settings.models, digests)
         catalog = dataclasses.replace(settings, models=tuple(discovery.scan_now()))
         manager = ModelManager(catalog, clock=clock, worker_factory=worker_factory or worker, events=bus)
         metrics.watch(manager.status)
@@ -102,7 +101,6 @@ def create_app(
         runtime_dir: Path = manager._runtime_dir
         lock = rundirs.hold(runtime_dir)
         rundirs.sweep(runtime_dir.parent, keep=runtime_dir)
-        digests = Digests(settings.models_dir / ".cache" / "digests.json")
         app.state.services = Services(
             settings=catalog,
             manager=manager,
