@@ -80,6 +80,10 @@ class LimitsSection(_Strict):
     # a worker with requests in flight that uses no CPU for this long is stuck: it is killed and its
     # requests get an error ("0" turns the watchdog off)
     stall_timeout: Duration = "60s"
+    # a request that gets no bytes from its worker for this long (counted from the last byte, or from the
+    # request's send for the first: a prompt's prefill and a whole answer that is not streamed count) ends
+    # with an error, and the worker is killed and restarted on the next request ("0" turns it off)
+    worker_idle_timeout: Duration = "300s"
     # a JSON body's own limit (max_body_bytes still bounds uploads such as transcriptions)
     max_json_bytes: int = 8 * 1024 * 1024
     # a large JSON body may hold at most this many objects, arrays, strings and numbers
@@ -197,6 +201,7 @@ class ModelConfig:
     # the limits its worker enforces on what it decodes (max_audio_seconds, max_image_pixels)
     worker_limits: Mapping[str, float] = field(default_factory=dict)
     priority: int = 0
+    idle_timeout: float = 300.0  # limits.worker_idle_timeout (0: off)
 
     @property
     def facts(self) -> BackendInfo:
@@ -235,6 +240,7 @@ class Settings:
     max_audio_seconds: float = 3600.0
     max_image_pixels: int = 4096 * 4096
     max_wait_for_switch: float = 30.0  # seconds a request waits at most behind other models' requests
+    worker_idle_timeout: float = 300.0  # 0: off
 
 
 def _read_yaml(path: Path) -> Any:
@@ -387,6 +393,7 @@ def _model(
         parallel=_positive(raw.parallel, file, "parallel"),
         load_timeout=load_timeout if load_timeout is not None else settings_defaults["load_timeout"],
         unload_grace=settings_defaults["unload_grace"],
+        idle_timeout=settings_defaults.get("idle_timeout") or 0.0,
         capabilities=capabilities,
         vision=raw.vision,
         details=raw.details,
@@ -416,6 +423,8 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         "load_timeout": _seconds(raw.defaults.load_timeout, file, "defaults.load_timeout"),
         "unload_grace": _seconds(raw.defaults.unload_grace, file, "defaults.unload_grace"),
     }
+    idle = _seconds(raw.limits.worker_idle_timeout, file, "limits.worker_idle_timeout") or 0.0
+    defaults["idle_timeout"] = 0.0 if math.isinf(idle) else idle
     for key in ("load_timeout", "unload_grace"):
         value = defaults[key]
         if value is None or math.isinf(value):
@@ -472,4 +481,5 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_audio_seconds=worker_limits["max_audio_seconds"],
         max_image_pixels=int(worker_limits["max_image_pixels"]),
         max_wait_for_switch=_finite(raw.limits.max_wait_for_switch, file, "limits.max_wait_for_switch"),
+        worker_idle_timeout=defaults["idle_timeout"] or 0.0,
     )

@@ -20,6 +20,7 @@ by walking the exception's MRO, so a new subclass inherits its parent's status.
     │   ├── ModelLoadFailed              its worker failed to start (reason and log tail inside)
     │   │   └── LoadTimeout              its worker did not become ready within load_timeout
     │   └── WorkerUnavailable            its worker went away (crashed, killed) while we talked
+    │       └── WorkerHung                   it sent nothing for limits.worker_idle_timeout: killed
     ├── InsufficientMemory          507  the model needs more memory than the whole budget
     ├── ClientGone                  499  the client went away first (nginx's code; nobody reads it)
     └── UpstreamError               (the worker's status) the worker refused the request itself
@@ -121,6 +122,12 @@ class LoadTimeout(ModelLoadFailed):
 
 class WorkerUnavailable(Unavailable):
     code = "worker_unavailable"
+
+
+class WorkerHung(WorkerUnavailable):
+    """The worker sent no byte for ``limits.worker_idle_timeout``; it is killed, the next request restarts it."""
+
+    code = "worker_hung"
 
 
 class InsufficientMemory(ProxyError):

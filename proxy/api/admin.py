@@ -1,4 +1,5 @@
-"""Operations: /health (no auth), /status, /load/{model}, /unload and /unload/{model}."""
+"""Operations: /health (no auth), /status, /load/{model}, /unload and /unload/{model} (``?force=true``:
+kill at once, in-flight requests end with an error)."""
 
 from __future__ import annotations
 
@@ -76,12 +77,16 @@ async def load(request: Request) -> Response:
 async def unload(request: Request) -> Response:
     manager = services(request).manager
     name = request.path_params.get("model")
+    force = request.query_params.get("force", "false").lower() in ("true", "1", "yes")
     if name is None:
-        return JSONResponse({"unloaded": await manager.unload_all()})
+        return JSONResponse({"unloaded": await manager.unload_all(force=force)})
     cfg = manager.resolve(name)
     in_flight = next(s.in_flight for s in manager.status() if s.name == cfg.name)
-    log.info("model %s: unload requested; waiting for %d requests in flight", cfg.name, in_flight)
-    done = await manager.unload(cfg.name)
+    if force:
+        log.info("model %s: forced unload requested; killing it with %d requests in flight", cfg.name, in_flight)
+    else:
+        log.info("model %s: unload requested; waiting at most unload_grace for %d requests", cfg.name, in_flight)
+    done = await manager.unload(cfg.name, force=force)
     return JSONResponse({"unloaded": [cfg.name] if done else []})
 
 
