@@ -707,7 +707,9 @@ class ModelManager:
         self._transition(rt, State.STOPPING, reason)
         # the next load is a first load again: reset now, so a keep_alive sent while it stops wins
         rt.keep_alive = rt.default_keep_alive
-        rt.stop_task = asyncio.create_task(self._stop(rt, rt.worker, rt.config.unload_grace if grace is None else grace))
+        rt.stop_task = asyncio.create_task(
+            self._stop(rt, rt.worker, rt.config.unload_grace if grace is None else grace)
+        )
         self._notify()
         return rt.stop_task
 

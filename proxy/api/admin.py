@@ -85,7 +85,9 @@ async def unload(request: Request) -> Response:
     if force:
         log.info("model %s: forced unload requested; killing it with %d requests in flight", cfg.name, in_flight)
     else:
-        log.info("model %s: unload requested; waiting at most unload_grace for %d requests", cfg.name, in_flight)
+        log.info(
+            "model %s: unload requested; waiting for %d requests in flight (at most unload_grace)", cfg.name, in_flight
+        )
     done = await manager.unload(cfg.name, force=force)
     return JSONResponse({"unloaded": [cfg.name] if done else []})
 
