@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         settings = load_settings(args.config, host=args.host, port=args.port)
-        keys = KeyRing.load(settings.api_tokens)
+        keys = KeyRing.load(settings.api_tokens, settings.jwt_secret)
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
         raise SystemExit(2) from None

@@ -99,6 +99,11 @@ class LimitsSection(_Strict):
     max_image_pixels: int = 4096 * 4096
 
 
+class AuthSection(_Strict):
+    # HS256 secret for JWT bearer tokens (at least 32 bytes); none: the SECRET_KEY environment variable, if set
+    jwt_secret: str | None = None
+
+
 class ConfigFile(_Strict):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     models_dir: str = "models"
@@ -106,6 +111,7 @@ class ConfigFile(_Strict):
     api_tokens: str | None = "api_tokens.yml"  # null: no keys, open on purpose
     defaults: DefaultsSection = msgspec.field(default_factory=DefaultsSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    auth: AuthSection = msgspec.field(default_factory=AuthSection)
     log_level: str = "info"
 
 
@@ -241,6 +247,7 @@ class Settings:
     max_image_pixels: int = 4096 * 4096
     max_wait_for_switch: float = 30.0  # seconds a request waits at most behind other models' requests
     worker_idle_timeout: float = 300.0  # 0: off
+    jwt_secret: str | None = None  # auth.jwt_secret, else $SECRET_KEY; None: no JWTs
 
 
 def _read_yaml(path: Path) -> Any:
@@ -482,4 +489,5 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_image_pixels=int(worker_limits["max_image_pixels"]),
         max_wait_for_switch=_finite(raw.limits.max_wait_for_switch, file, "limits.max_wait_for_switch"),
         worker_idle_timeout=defaults["idle_timeout"] or 0.0,
+        jwt_secret=raw.auth.jwt_secret or os.environ.get("SECRET_KEY") or None,
     )

@@ -62,6 +62,17 @@ class Unauthorized(ProxyError):
     code = "invalid_api_key"
     openai_type = "authentication_error"
 
+    def __init__(self, message: str, *, token_given: bool = False) -> None:
+        super().__init__(message)
+        self.token_given = token_given
+
+    def headers(self) -> dict[str, str]:
+        """RFC 6750's challenge: ``invalid_token`` with the reason when a key or token was sent."""
+        if not self.token_given:
+            return {"WWW-Authenticate": 'Bearer realm="llm-proxy"'}
+        reason = self.message.replace("\\", "").replace('"', "'")
+        return {"WWW-Authenticate": f'Bearer realm="llm-proxy", error="invalid_token", error_description="{reason}"'}
+
 
 class Forbidden(ProxyError):
     status = 403
