@@ -87,6 +87,7 @@ class LiveProxy:
         limits: dict[str, Any] | None = None,
         cors: list[str] | None = None,
         allowed_hosts: list[str] | None = None,
+        auth: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         (root / "configs").mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,8 @@ class LiveProxy:
         }
         if allowed_hosts:
             config["server"]["allowed_hosts"] = allowed_hosts
+        if auth:
+            config["auth"] = auth
         (root / "config.yml").write_text(yaml.safe_dump(config))
         (root / "api_tokens.yml").write_text(yaml.safe_dump(tokens or {}))
         self.port = free_port()
