@@ -113,7 +113,8 @@ class LiveProxy:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LiveProxy:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {k: v for k, v in os.environ.items() if k != "SECRET_KEY"}  # JWTs only where a test asks
+        env["PYTHONUNBUFFERED"] = "1"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "--config", str(self.root / "config.yml"), "--port", str(self.port)],
