@@ -70,7 +70,7 @@ def create_app(
     clock: Clock | None = None,
     worker_factory: WorkerFactory | None = None,
 ) -> Starlette:
-    keyring = keys if keys is not None else KeyRing.load(settings.api_tokens)
+    keyring = keys if keys is not None else KeyRing.load(settings.api_tokens, settings.jwt_secret)
     clock = clock or SystemClock()
     bus = EventBus()
     metrics = Metrics(bus)
