@@ -125,6 +125,8 @@ def test_page_lists_loads_follows_logs_and_shows_requests(
         expect(first.locator("td").nth(3)).to_have_text("200")
         expect(first.locator("td").nth(5)).to_have_text(str(tokens))
         expect(first.locator("td").nth(6)).to_have_text(RATE)
+        expect(smol.locator("td.inflight")).to_have_text("0")  # the request is over: no stale /status wins
+        expect(page.locator("#requests tbody tr")).to_have_count(1)  # /load names no model: not listed
 
         shot = tmp_path / "ui.png"
         page.screenshot(path=str(shot), full_page=True)

@@ -17,6 +17,8 @@ const ui = {
   admin: false,
   events: null, // AbortController of the event stream
   refreshTimer: null,
+  refreshing: false,
+  refreshAgain: false,
   pollTimer: null,
   follows: [], // names whose log is followed, oldest first
 };
@@ -198,13 +200,27 @@ function setModels(list) {
 }
 
 async function refresh() {
+  // one /status call at a time, so an older answer never overwrites a newer one
   ui.refreshTimer = null;
-  const resp = await api("status");
-  if (resp.status === 401) return askKey(await reason(resp));
-  if (!resp.ok) return notice("GET /status: " + (await reason(resp)), "error");
-  const date = resp.headers.get("date");
-  if (date) ui.offset = Date.parse(date) / 1000 - Date.now() / 1000;
-  setModels((await resp.json()).models);
+  if (ui.refreshing) {
+    ui.refreshAgain = true;
+    return;
+  }
+  ui.refreshing = true;
+  try {
+    const resp = await api("status");
+    if (resp.status === 401) return askKey(await reason(resp));
+    if (!resp.ok) return notice("GET /status: " + (await reason(resp)), "error");
+    const date = resp.headers.get("date");
+    if (date) ui.offset = Date.parse(date) / 1000 - Date.now() / 1000;
+    setModels((await resp.json()).models);
+  } finally {
+    ui.refreshing = false;
+    if (ui.refreshAgain) {
+      ui.refreshAgain = false;
+      refreshSoon();
+    }
+  }
 }
 
 function refreshSoon() {
@@ -293,6 +309,7 @@ function onEvent(name, raw) {
       }
       return;
     case "request_end":
+      if (!e.model && e.status < 400) break; // as /status/requests: requests that named a model, or failed
       ui.requests.push(e);
       if (ui.requests.length > MAX_REQUESTS) ui.requests.shift();
       renderRequests();
