@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -42,6 +43,7 @@ def browser() -> Iterator[Browser]:
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.fail("Debian's chromium is missing: scripts/setup.sh --test installs it (apt-get install chromium)")
+    expect.set_options(timeout=UI_TIMEOUT)  # a loaded 2-core box
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium, headless=True)
         yield b
@@ -133,8 +135,10 @@ def test_page_lists_loads_follows_logs_and_shows_requests(
         if os.environ.get("UI_SCREENSHOT"):
             shutil.copyfile(shot, REPO / "docs" / "ui.png")
 
-        smol.locator("button.unload").click()
+        # an unload from elsewhere reaches the page by the event stream alone
+        assert httpx.post(f"{proxy.url}/unload/{MODEL}", timeout=60).json() == {"unloaded": [MODEL]}
         expect(smol.locator(".badge")).to_have_text("stopped", timeout=LOAD_TIMEOUT)
+        expect(smol.locator("td.where")).to_have_text("—")
         assert page.evaluate("window.notReloaded") is True
         assert watched.errors == []
         assert watched.outside_origin() == []
