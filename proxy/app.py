@@ -27,6 +27,7 @@ from proxy.api import (
     responses,
     speech,
     transcription,
+    ui,
 )
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
@@ -60,6 +61,7 @@ ROUTE_MODULES = [
     images,
     infer,
     jobs,
+    ui,
 ]
 
 

@@ -937,6 +937,12 @@ class ModelManager:
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
+        # a GGUF still being read for /status's estimate: its subprocess goes too (read_gguf kills it)
+        tasks = [self._estimating, *(rt.need_task for rt in self._runtimes.values())]
+        reading = [t for t in tasks if t is not None and not t.done()]
+        for reader in reading:
+            reader.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
         stops = [
             self._begin_stop(rt, "shutdown", UnloadReason.SHUTDOWN)
             for rt in self._runtimes.values()

@@ -45,7 +45,8 @@ def _status(s: ModelStatus, worker: dict[str, Any] | None, admin: bool) -> dict[
         "need": {"ram": s.need.ram, "vram": s.need.vram, "source": s.need.source} if s.need else None,
         "device": s.device,
         "vram_bytes": s.vram_bytes,
-        "waiting": s.waiting,
+        "waiting": s.waiting,  # why its requests wait, while some do
+        "queued": s.queued,  # how many of its requests wait for it (the queue)
         "progress": s.progress,  # while it loads: 0..1, with the phase
         "phase": s.phase,
         "worker": worker,
