@@ -19,7 +19,8 @@ import httpx
 import jwt
 import pytest
 import yaml
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from proxy.app import create_app
 from proxy.auth import KeyRing
@@ -99,6 +100,8 @@ def app_routes() -> list[tuple[str, str]]:
     )
     out = []
     for route in app.routes:
+        if isinstance(route, Mount) and isinstance(route.app, StaticFiles):
+            continue  # the page's own files (/ui/static): no model data behind them
         assert isinstance(route, Route)
         for method in sorted(route.methods or ()):
             if method != "HEAD":
@@ -145,8 +148,21 @@ def _call(proxy: LiveProxy, method: str, path: str, model: str, key: str, anthro
         "max_tokens": 1,
         "sd_model_checkpoint": model,
         "override_settings": {"sd_model_checkpoint": model},
+        "model_id": model,
+        "source": model,
+        "destination": "copy-of-it",
     }
     return httpx.post(url, headers=headers, json=body, timeout=60)
+
+
+ADMIN_ONLY = ("/load", "/unload", "/models/unload", "/v1/models/unload", "/logs/")
+# views over every model at once: only for callers not scoped to some (403 for a scoped key, admin or not)
+SPANS_EVERY_MODEL = {"/models/rescan", "/status/events", "/status/requests"}
+# refused whatever the model (Ollama's management calls that change what is installed)
+ALWAYS_REFUSED = {"/api/create", "/api/push", "/api/blobs/{digest}"}
+# not per caller by design: /metrics is public (server.metrics_public), and with it off it needs an unscoped
+# key (test_metrics_need_an_unscoped_key_when_not_public)
+NOT_PER_CALLER = {"/metrics"}
 
 
 @pytest.mark.parametrize("caller", list(CALLERS))
@@ -155,7 +171,13 @@ def test_a_scoped_caller_never_sees_nor_reaches_another_model(
     proxy: LiveProxy, method: str, path: str, caller: str
 ) -> None:
     key = CALLERS[caller]
+    if path in NOT_PER_CALLER:
+        return
     _load_llms(proxy)
+    if path in SPANS_EVERY_MODEL:
+        r = _call(proxy, method, path, HIDDEN[0], key)
+        assert r.status_code == 403 and "secret-" not in r.text, r.text[:300]
+        return
     if path == "/unload":  # unloads what the caller sees, and says so: nothing else
         r = _call(proxy, method, path, "", key)
         assert r.status_code == (200 if "admin" in caller else 403) and "secret-" not in r.text
@@ -176,7 +198,7 @@ def test_a_scoped_caller_never_sees_nor_reaches_another_model(
                 ghost.text.replace("ghost-model", "@"),
             )
             assert "secret-" not in r.text.replace(hidden, "@")
-            if path.startswith(("/load", "/unload")) and "admin" not in caller:
+            if path.startswith(ADMIN_ONLY) and "admin" not in caller or path in ALWAYS_REFUSED:
                 assert r.status_code == 403
             else:
                 assert r.status_code == 404, r.text[:300]
@@ -246,3 +268,14 @@ def test_a_user_jwt_is_refused_admin_routes_an_admin_jwt_is_not(proxy: LiveProxy
         proxy.url + "/load/open-llm", headers={"Authorization": f"Bearer {token('admin', None)}"}, timeout=60
     )
     assert r.status_code == 200
+
+
+def test_metrics_need_an_unscoped_key_when_not_public(tmp_path: Path) -> None:
+    tokens = {"api_key": ["full-user-key", {"key": "scoped-user-key", "models": ["open-llm"]}], "admin_key": []}
+    models = [fake_config("open-llm"), fake_config("secret-llm")]
+    with running(tmp_path, models, tokens=tokens, server={"metrics_public": False}) as live:
+        assert httpx.get(live.url + "/metrics", timeout=30).status_code == 401
+        scoped = httpx.get(live.url + "/metrics", headers={"Authorization": "Bearer scoped-user-key"}, timeout=30)
+        assert scoped.status_code == 403 and "secret-" not in scoped.text
+        full = httpx.get(live.url + "/metrics", headers={"Authorization": "Bearer full-user-key"}, timeout=30)
+        assert full.status_code == 200 and 'model="secret-llm"' in full.text

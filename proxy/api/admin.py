@@ -101,7 +101,7 @@ async def router_unload(request: Request) -> Response:
     """llama.cpp's router API (Open WebUI's eject button): ``{"model": id}`` -> ``{"success": true}``."""
     body = await read_json(request)
     manager = services(request).manager
-    cfg = manager.resolve(require_model(body))
+    cfg = caller(request).resolve(require_model(body))
     log.info("model %s: unload requested (router API)", cfg.name)
     await manager.unload(cfg.name)
     return JSONResponse({"success": True})

@@ -158,6 +158,14 @@ class View:
         return [name for name in loaded if await self.manager.unload(name, force=force)]
 
 
+def every_model(request: Request) -> None:
+    """Views that span every model (the event stream, the last requests, a rescan) are for unscoped
+    callers only: a scoped key or token gets 403 there, never a glimpse of the models it may not see."""
+    principal: Principal = getattr(request.state, "principal", _NOBODY)
+    if principal.models is not None:
+        raise Forbidden("this view spans every model; it needs a key or token not scoped to some models")
+
+
 def caller(request: Request) -> View:
     """The caller's view of the models (what ``guarded`` found it may see)."""
     principal: Principal = getattr(request.state, "principal", _NOBODY)

@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import proxy
-from proxy.api.common import guarded, model_for, read_json, services
+from proxy.api.common import caller, every_model, guarded, model_for, read_json, services
 from proxy.auth import Role
 from proxy.dialects import infer as dialect
 from proxy.discovery import Discovery
@@ -31,6 +31,7 @@ async def infer(request: Request) -> Response:
     body = await read_json(request)
     rid = dialect.request_id(body)
     named = await discovery_of(request).resolve(services(request).manager, dialect.model_id(body))
+    named = caller(request).resolve(named.name)  # a scoped caller's other models are 404
     cfg, keep_alive = model_for(
         request, {"model": named.name, "keep_alive": body.get("keep_alive")}, ("image",), REFUSAL
     )
@@ -65,6 +66,7 @@ async def health(request: Request) -> Response:
 
 @guarded(Role.ADMIN)
 async def rescan(request: Request) -> Response:
+    every_model(request)
     names = await discovery_of(request).rescan(services(request).manager)
     return JSONResponse({"discovered": names, "models": [c.name for c in services(request).manager.configs]})
 

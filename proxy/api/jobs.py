@@ -226,7 +226,7 @@ async def runsync(request: Request) -> Response:
 
 
 def _model_name(request: Request) -> str:
-    return services(request).manager.resolve(request.path_params["model"]).name
+    return caller(request).resolve(request.path_params["model"]).name
 
 
 @guarded(Role.USER)
@@ -248,7 +248,7 @@ async def health(request: Request) -> Response:
     jobs = jobs_of(request)
     waiting, running = jobs.counts(name)
     done = await jobs.finished_counts(name)
-    state = next((s for s in services(request).manager.status() if s.name == name), None)
+    state = next((s for s in caller(request).status() if s.name == name), None)
     loaded = state is not None and state.state == "ready"
     busy = loaded and state is not None and state.in_flight > 0
     return JSONResponse(

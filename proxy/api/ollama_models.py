@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, read_json, services
+from proxy.api.common import caller, guarded, json_bytes, read_json, services
 from proxy.auth import Role
 from proxy.dialects.shaping import optional
 from proxy.errors import BadRequest, Forbidden, ModelNotFound, NotFound, ProxyError
@@ -51,7 +51,7 @@ async def pull(request: Request) -> Response:
     name = _named(body, "model", "name")
     stream = optional(body, "stream", bool, "a boolean")
     try:
-        cfg = services(request).manager.resolve(name)
+        cfg = caller(request).resolve(name)
     except ModelNotFound:
         raise NotFound(
             f"model '{name}' is not installed here and cannot be pulled: {_installed_here(request)}"
@@ -77,7 +77,7 @@ async def pull(request: Request) -> Response:
 @guarded(Role.USER)
 async def delete(request: Request) -> Response:
     body = await read_json(request)
-    cfg = services(request).manager.resolve(_named(body, "model", "name"))
+    cfg = caller(request).resolve(_named(body, "model", "name"))
     raise Forbidden(
         f"model '{cfg.name}' is not deleted over the API: remove its config from "
         f"{services(request).settings.configs_dir.name}/ (and its files) to uninstall it"
@@ -87,7 +87,7 @@ async def delete(request: Request) -> Response:
 @guarded(Role.USER)
 async def copy(request: Request) -> Response:
     body = await read_json(request)
-    cfg = services(request).manager.resolve(_named(body, "source"))
+    cfg = caller(request).resolve(_named(body, "source"))
     _named(body, "destination")
     raise Forbidden(f"models are not copied over the API: add the new name to aliases: in '{cfg.name}''s config")
 

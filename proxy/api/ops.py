@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from proxy.api.admin import _status as model_status
-from proxy.api.common import guarded, services
+from proxy.api.common import caller, every_model, guarded, services
 from proxy.auth import Role, key_from_headers
 from proxy.errors import BadRequest
 from proxy.events import Event, Feed
@@ -40,7 +40,9 @@ DEFAULT_LINES = 100
 async def metrics(request: Request) -> Response:
     svc = services(request)
     if not svc.settings.metrics_public:
-        svc.keys.require(key_from_headers(request.headers), Role.USER)
+        # every model's figures: a key scoped to some models may not see them (403)
+        request.state.principal = svc.keys.authenticate(key_from_headers(request.headers), Role.USER)
+        every_model(request)
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
 
 
@@ -77,6 +79,7 @@ async def _event_stream(first: bytes, feed: Feed[Event]) -> AsyncIterator[bytes]
 
 @guarded(Role.ADMIN)
 async def events(request: Request) -> Response:
+    every_model(request)
     feed = services(request).events.subscribe()  # before the snapshot: nothing falls between the two
     first = _sse("snapshot", snapshot(request))
 
@@ -90,6 +93,7 @@ async def events(request: Request) -> Response:
 
 @guarded(Role.ADMIN)
 async def recent_requests(request: Request) -> Response:
+    every_model(request)
     return JSONResponse({"requests": [e.as_dict() for e in services(request).events.recent()]})
 
 
@@ -117,7 +121,7 @@ async def _follow(tail: list[str], feed: Feed[str]) -> AsyncIterator[bytes]:
 @guarded(Role.ADMIN)
 async def logs(request: Request) -> Response:
     svc = services(request)
-    cfg = svc.manager.resolve(request.path_params["model"])
+    cfg = caller(request).resolve(request.path_params["model"])
     lines, follow = _lines_param(request), _follow_param(request)
     model_log = svc.logs.model(cfg.name)
     if not follow:
