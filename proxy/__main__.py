@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="address to listen on (default: server.host in config.yml)")
     parser.add_argument("--port", type=int, help="port to listen on (default: server.port in config.yml)")
     parser.add_argument("--log-level", help="debug, info, warning, error (default: log_level in config.yml)")
+    parser.add_argument("--watch", action="store_true", help="reload the configuration when its files change")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
 
@@ -35,11 +36,15 @@ def main(argv: list[str] | None = None) -> None:
     level = (args.log_level or settings.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from pathlib import Path
+
     import uvicorn
 
     from proxy.app import create_app
+    from proxy.reload import ReloadFrom
 
-    app = create_app(settings, keys=keys)
+    overrides = {"host": args.host, "port": args.port}
+    app = create_app(settings, keys=keys, reload=ReloadFrom(Path(args.config), overrides, watch=args.watch))
     uvicorn.run(
         app,
         host=settings.host,
