@@ -116,7 +116,16 @@ class LiveProxy:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "--config", str(self.root / "config.yml"), "--port", str(self.port), *self.args],
+                [
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "--config",
+                    str(self.root / "config.yml"),
+                    "--port",
+                    str(self.port),
+                    *self.args,
+                ],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
