@@ -14,7 +14,20 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from proxy import rundirs
-from proxy.api import admin, anthropic, images, infer, jobs, ollama, openai, ops, responses, speech, transcription
+from proxy.api import (
+    admin,
+    anthropic,
+    images,
+    infer,
+    jobs,
+    ollama,
+    ollama_models,
+    openai,
+    ops,
+    responses,
+    speech,
+    transcription,
+)
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
 from proxy.api.observe import RequestEvents
@@ -22,7 +35,8 @@ from proxy.api.security import RequestGuard
 from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
 from proxy.config import ModelConfig, Settings
-from proxy.discovery import ContentIds, Discovery
+from proxy.digests import Digests
+from proxy.discovery import Discovery
 from proxy.events import EventBus
 from proxy.jobs import Jobs, JobStore
 from proxy.manager import ModelManager, WorkerFactory, WorkerHandle
@@ -34,7 +48,20 @@ from proxy.supervisor import Worker
 log = logging.getLogger("proxy")
 
 # each API module brings its own routes (one module per dialect or kind of model)
-ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, ops, transcription, speech, images, infer, jobs]
+ROUTE_MODULES = [
+    openai,
+    anthropic,
+    responses,
+    ollama,
+    ollama_models,
+    admin,
+    ops,
+    transcription,
+    speech,
+    images,
+    infer,
+    jobs,
+]
 
 
 def create_app(
@@ -56,9 +83,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        discovery = Discovery(
-            settings, settings.models, ContentIds(settings.models_dir / ".cache" / "content_ids.json")
-        )
+        digests = Digests(settings.models_dir / ".cache" / "digests.json")  # /api/pull and content ids
+        discovery = Discovery(settings, settings.models, digests)
         catalog = dataclasses.replace(settings, models=tuple(discovery.scan_now()))
         manager = ModelManager(catalog, clock=clock, worker_factory=worker_factory or worker, events=bus)
         metrics.watch(manager.status)
@@ -78,7 +104,14 @@ def create_app(
         lock = rundirs.hold(runtime_dir)
         rundirs.sweep(runtime_dir.parent, keep=runtime_dir)
         app.state.services = Services(
-            settings=catalog, manager=manager, keys=keyring, clock=clock, events=bus, metrics=metrics, logs=logbook
+            settings=catalog,
+            manager=manager,
+            keys=keyring,
+            clock=clock,
+            events=bus,
+            metrics=metrics,
+            logs=logbook,
+            digests=digests,
         )
         if keyring.open:
             where = settings.api_tokens or "api_tokens: null"

@@ -7,6 +7,8 @@ all the proxy runs open.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import hmac
 from collections.abc import Iterable, Mapping
@@ -95,10 +97,28 @@ class KeyRing:
 
 
 def key_from_headers(headers: Mapping[str, str]) -> str | None:
-    """The key from ``Authorization: Bearer ...`` or ``x-api-key``."""
+    """The key from ``Authorization: Bearer KEY``, ``Authorization: Basic base64(KEY | user:KEY | :KEY)``
+    (AUTOMATIC1111 clients such as Open WebUI's send their "API Auth" field that way) or ``x-api-key``.
+    An Authorization header with another scheme is a 401 that names it."""
     auth = headers.get("authorization")
     if auth:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+        scheme, _, value = auth.strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer" and value:
+            return value
+        if scheme.lower() == "basic" and value:
+            return basic_key(value)
+        if scheme.lower() not in ("bearer", "basic"):
+            raise Unauthorized(f"unsupported authorization scheme {scheme[:32]}: send Bearer KEY, Basic or x-api-key")
     return headers.get("x-api-key") or None
+
+
+def basic_key(value: str) -> str:
+    """The key in Basic credentials: the password when there is one (``user:KEY``, ``:KEY``), else the
+    whole credential (``KEY``). Keys containing ':' are sent as ``:KEY``."""
+    try:
+        credential = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise Unauthorized("malformed Basic credentials: expected base64 of KEY, user:KEY or :KEY") from None
+    _, colon, password = credential.partition(":")
+    return password if colon else credential

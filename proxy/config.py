@@ -51,6 +51,8 @@ class ServerSection(_Strict):
     log_dir: str | None = "logs"
     # while a model loads, a streamed /v1/* answer sends an SSE comment (": loading NAME 40%") this often
     loading_comment_interval: Duration = "1.5s"
+    # /v1/audio/voices and /v1/audio/models answer without a key (Open WebUI asks for them with none)
+    public_audio_listings: bool = True
 
 
 class DefaultsSection(_Strict):
@@ -262,6 +264,7 @@ class Settings:
     metrics_public: bool = True  # /metrics without a key
     log_dir: Path | None = None  # each model's worker output as <log_dir>/<model>.log; None: no files
     log_file_bytes: int = 10 * 1024 * 1024  # rotated past this size
+    public_audio_listings: bool = True  # the audio voices and models lists need no key
 
 
 def _read_yaml(path: Path) -> Any:
@@ -509,6 +512,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         log_file_bytes=_positive(
             _size(raw.limits.log_file_bytes, file, key := "limits.log_file_bytes") or 0, file, key
         ),
+        public_audio_listings=raw.server.public_audio_listings,
     )
 
 

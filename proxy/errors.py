@@ -57,9 +57,15 @@ class UnsupportedInput(BadRequest):
 
 
 class Unauthorized(ProxyError):
+    """Every 401 names the schemes it takes (``WWW-Authenticate``); ``api.errors`` adds Basic where it applies."""
+
     status = 401
     code = "invalid_api_key"
     openai_type = "authentication_error"
+    REALM = "llm-proxy"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": f'Bearer realm="{self.REALM}"'}
 
 
 class Forbidden(ProxyError):

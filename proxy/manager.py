@@ -257,6 +257,7 @@ class ModelManager:
         self._seq = itertools.count()
         self._shutting_down = False
         self._estimating: asyncio.Task[None] | None = None
+        self._gguf_reads: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
         atexit.register(self._kill_all_sync)
 
@@ -628,6 +629,26 @@ class ModelManager:
             log.warning("model %s: no memory estimate (%s); admitted unchecked until measured", cfg.name, exc)
         return Need(0, 0, "unknown")
 
+    async def gguf_metadata(self, cfg: ModelConfig) -> dict[str, Any] | None:
+        """A llama.cpp model's GGUF metadata as Ollama's /api/show has it (the same reader and cache as the
+        memory estimate); None for other models or a file that cannot be read."""
+        path = cfg.model_path
+        if cfg.backend != "llama_cpp" or path is None or not path.is_file():
+            return None
+        key = memory.file_key(path)
+        facts = self.store.gguf(key)
+        if facts is None or "metadata" not in facts:  # not read yet, or read before /api/show wanted it
+            task = self._gguf_reads.get(key)
+            if task is None:  # one read per file, however many ask at once (it takes seconds)
+                task = self._gguf_reads[key] = asyncio.ensure_future(memory.read_gguf(path, cfg.python))
+                task.add_done_callback(lambda _: self._gguf_reads.pop(key, None))
+            facts = await asyncio.shield(task)
+            if facts is None:
+                return None
+            self.store.put_gguf(key, facts)
+        metadata = facts.get("metadata")
+        return dict(metadata) if isinstance(metadata, dict) else None
+
     def _measure(self, rt: Runtime, worker: WorkerHandle) -> None:
         """The worker's RSS (process tree) and VRAM now; the peak of this load is remembered."""
         if worker.pid is None:
@@ -997,6 +1018,10 @@ class ModelManager:
 
     def is_loaded(self, name: str) -> bool:
         return self._runtime(name).state is State.READY
+
+    def state_of(self, name: str) -> str:
+        """Its state now (``State``'s value)."""
+        return self._runtime(name).state.value
 
     @property
     def queued(self) -> int:

@@ -10,9 +10,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, services
+from proxy.api.common import guarded, read_json, services
 from proxy.api.errors import for_users, is_admin
 from proxy.auth import Role
+from proxy.dialects.shaping import require_model
 from proxy.keepalive import format_keep_alive, parse_keep_alive
 from proxy.manager import ModelStatus
 
@@ -87,10 +88,23 @@ async def unload(request: Request) -> Response:
     return JSONResponse({"unloaded": [cfg.name] if done else []})
 
 
+@guarded(Role.ADMIN)
+async def router_unload(request: Request) -> Response:
+    """llama.cpp's router API (Open WebUI's eject button): ``{"model": id}`` -> ``{"success": true}``."""
+    body = await read_json(request)
+    manager = services(request).manager
+    cfg = manager.resolve(require_model(body))
+    log.info("model %s: unload requested (router API)", cfg.name)
+    await manager.unload(cfg.name)
+    return JSONResponse({"success": True})
+
+
 routes = [
     Route("/health", health, methods=["GET", "HEAD"]),
     Route("/status", status, methods=["GET"]),
     Route("/load/{model:path}", load, methods=["POST"]),
     Route("/unload", unload, methods=["POST"]),
     Route("/unload/{model:path}", unload, methods=["POST"]),
+    Route("/models/unload", router_unload, methods=["POST"]),
+    Route("/v1/models/unload", router_unload, methods=["POST"]),
 ]

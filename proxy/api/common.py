@@ -20,6 +20,7 @@ from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.blocks import frames
 from proxy.dialects.shaping import require_model
+from proxy.digests import Digests
 from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, ProxyError, UnsupportedMediaType
 from proxy.events import EventBus, RequestNote
 from proxy.jsonbody import OFF_LOOP_BYTES, parse_large, parse_small
@@ -52,6 +53,7 @@ class Services:
     metrics: Metrics
     logs: LogBook
     options: ClientOptions = field(default_factory=ClientOptions)
+    digests: Digests = field(default_factory=lambda: Digests(None))  # weight files' sha256 (/api/pull)
     # large bodies are parsed in a thread, this many at a time (each may take memory several times its
     # size while it is turned into Python objects)
     parses: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(PARSE_SLOTS))
@@ -88,6 +90,32 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
         return checked
 
     return wrap
+
+
+def public_listing(enabled: Callable[[Settings], bool]) -> Callable[[Handler], Handler]:
+    """A listing served without a key when ``enabled(settings)`` (Open WebUI fetches the audio listings
+    with no Authorization header at all); a request that sends a key is checked as usual (401 for a bad one)."""
+
+    def wrap(handler: Handler) -> Handler:
+        user = guarded(Role.USER)(handler)
+
+        async def checked(request: Request) -> Response:
+            sent = "authorization" in request.headers or "x-api-key" in request.headers
+            if sent or not enabled(services(request).settings):
+                return await user(request)
+            request.state.role = Role.NONE
+            return await handler(request)
+
+        checked.__name__ = handler.__name__
+        return checked
+
+    return wrap
+
+
+def visible_models(request: Request) -> list[ModelConfig]:
+    """The models the caller's key may see: the one place a key's view of the model list is decided
+    (every key sees every model today; a keyless public listing gets what a user key would)."""
+    return services(request).manager.configs
 
 
 def role_of(request: Request) -> Role:

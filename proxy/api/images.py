@@ -75,7 +75,7 @@ def inference_route(img2img: bool) -> Callable[[Request], Any]:
             {
                 "images": result["images"],
                 "processing_time": result["processing_time"],
-                "parameters": dialect.parameters(canonical),
+                "parameters": dialect.parameters(canonical, result),
             }
         )
 

@@ -156,10 +156,27 @@ async def embeddings(request: Request) -> Response:
 
 
 def _capabilities(cfg: ModelConfig) -> list[str]:
+    """What Ollama's lists say a model can do: its own capabilities, ``embedding`` where its worker makes
+    embeddings for it (a chat model on llama.cpp serves /api/embed too), ``vision`` where configured."""
     caps = list(cfg.capabilities)
+    if "completion" in caps and cfg.backend_can("embed") and "embedding" not in caps:
+        caps.append("embedding")
     if cfg.vision and "vision" not in caps:
         caps.append("vision")
     return caps
+
+
+async def _model_info(request: Request, cfg: ModelConfig, family: str, file_type: str) -> dict[str, Any]:
+    """The GGUF's own metadata where there is one; else what the config says."""
+    metadata = await services(request).manager.gguf_metadata(cfg)
+    if metadata:
+        return metadata
+    return {
+        "general.architecture": family,
+        "general.basename": cfg.name,
+        "general.file_type": file_type,
+        f"{family}.context_length": int(cfg.options.get("n_ctx") or 0),
+    }
 
 
 def _tag(cfg: ModelConfig) -> dict[str, Any]:
@@ -238,12 +255,7 @@ async def show(request: Request) -> Response:
             "template": "",
             "system": cfg.system or "",
             "details": e.details,
-            "model_info": {
-                "general.architecture": e.details["family"],
-                "general.basename": cfg.name,
-                "general.file_type": e.details["quantization_level"],
-                f"{e.details['family']}.context_length": int(cfg.options.get("n_ctx") or 0),
-            },
+            "model_info": await _model_info(request, cfg, e.details["family"], e.details["quantization_level"]),
             "capabilities": _capabilities(cfg),
             "modified_at": dialect.rfc3339(e.modified_at or None),
         }

@@ -113,6 +113,10 @@ async def embeddings(request: Request) -> Response:
     return Response(json_bytes(result), media_type="application/json")
 
 
+# llama.cpp's router reports each model's status as loaded, loading or unloaded (Open WebUI's Loaded badge)
+_ROUTER_STATUS = {"ready": "loaded", "starting": "loading"}
+
+
 def model_object(request: Request, cfg: ModelConfig) -> dict[str, Any]:
     manager = services(request).manager
     return {
@@ -124,6 +128,7 @@ def model_object(request: Request, cfg: ModelConfig) -> dict[str, Any]:
         "backend": cfg.backend,
         "aliases": list(cfg.aliases),
         "loaded": manager.is_loaded(cfg.name),
+        "status": {"value": _ROUTER_STATUS.get(manager.state_of(cfg.name), "unloaded")},
     }
 
 
