@@ -71,7 +71,7 @@ class ReloadFrom:
 def read(path: Path, overrides: Mapping[str, Any]) -> tuple[Settings, KeyRing]:
     """The whole configuration, or a ConfigError (blocking: file reads)."""
     settings = load_settings(path, **overrides)
-    return settings, KeyRing.load(settings.api_tokens)
+    return settings, KeyRing.load(settings.api_tokens, settings.jwt_secret)
 
 
 def _changes(before: Mapping[str, ModelConfig], after: Mapping[str, ModelConfig]) -> tuple[list[str], ...]:

@@ -19,11 +19,7 @@ pytestmark = pytest.mark.real
 
 MODEL = "smollm2:135m"
 KEYS = {"api_key": ["user-key"], "admin_key": ["admin-key"]}
-CLI = [
-    sys.executable,
-    "-c",
-    'import click; from proxy.cli_ops import register; g = click.Group("proxy"); register(g); g()',
-]
+CLI = [sys.executable, "-m", "proxy"]  # the proxy console script
 
 
 def cli(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
