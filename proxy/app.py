@@ -43,6 +43,7 @@ from proxy.jobs import Jobs, JobStore
 from proxy.manager import ModelManager, WorkerFactory, WorkerHandle
 from proxy.metrics import Metrics
 from proxy.modellogs import LogBook
+from proxy.reload import Reloader, ReloadFrom
 from proxy.supervisor import Worker
 
 log = logging.getLogger("proxy")
@@ -71,6 +72,7 @@ def create_app(
     keys: KeyRing | None = None,
     clock: Clock | None = None,
     worker_factory: WorkerFactory | None = None,
+    reload: ReloadFrom | None = None,
 ) -> Starlette:
     keyring = keys if keys is not None else KeyRing.load(settings.api_tokens, settings.jwt_secret)
     clock = clock or SystemClock()
@@ -118,10 +120,26 @@ def create_app(
             log.warning("!!! no API keys in %s: the proxy is OPEN to anyone who can reach it !!!", where)
         names = ", ".join(c.name for c in catalog.models) or "none"
         log.info("serving models: %s", names)
+        reloader: Reloader | None = None
+        if reload is not None:
+
+            def install(new: Settings, keys: KeyRing) -> None:
+                app.state.services = dataclasses.replace(app.state.services, settings=new, keys=keys)
+                if keys.open:
+                    source = new.api_tokens or "api_tokens: null"
+                    log.warning("!!! no API keys in %s: the proxy is OPEN to anyone who can reach it !!!", source)
+
+            reloader = Reloader(reload.path, reload.overrides, settings, manager, discovery, bus, install)
+            if reload.signal:
+                reloader.listen()
+            if reload.watch:
+                reloader.watch()
         await queue.start()
         try:
             yield
         finally:
+            if reloader is not None:
+                await reloader.close()
             await queue.close()  # first: jobs running now stay unfinished on disk, to run again at the next start
             await discovery.close()
             await manager.shutdown()

@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -39,6 +40,11 @@ def _serve_options(function: F) -> F:
                 "--port", type=int, default=None, help="port to listen on (default: server.port in config.yml)"
             ),
             click.option("--log-level", default=None, help="debug, info, warning, error (default: log_level)"),
+            click.option(
+                "--watch",
+                is_flag=True,
+                help="reload the configuration when its files change (SIGHUP always does)",
+            ),
         ]
     ):
         function = option(function)
@@ -60,19 +66,22 @@ def _settings(config: str, **overrides: Any) -> Settings:
 @_serve_options
 @click.version_option(__version__, prog_name="proxy")
 @click.pass_context
-def main(ctx: click.Context, config: str, host: str | None, port: int | None, log_level: str | None) -> None:
+def main(
+    ctx: click.Context, config: str, host: str | None, port: int | None, log_level: str | None, watch: bool
+) -> None:
     if ctx.invoked_subcommand is None:
-        run_server(config, host, port, log_level)
+        run_server(config, host, port, log_level, watch)
 
 
 @main.command()
 @_serve_options
-def serve(config: str, host: str | None, port: int | None, log_level: str | None) -> None:
-    """Serve (what `proxy` with no subcommand does)."""
-    run_server(config, host, port, log_level)
+def serve(config: str, host: str | None, port: int | None, log_level: str | None, watch: bool) -> None:
+    """Serve (what `proxy` with no subcommand does). SIGHUP reloads the configuration; so does a saved file
+    with --watch."""
+    run_server(config, host, port, log_level, watch)
 
 
-def run_server(config: str, host: str | None, port: int | None, log_level: str | None) -> None:
+def run_server(config: str, host: str | None, port: int | None, log_level: str | None, watch: bool = False) -> None:
     from proxy.auth import KeyRing
 
     settings = _settings(config, host=host, port=port)
@@ -87,8 +96,10 @@ def run_server(config: str, host: str | None, port: int | None, log_level: str |
     import uvicorn
 
     from proxy.app import create_app
+    from proxy.reload import ReloadFrom
 
-    app = create_app(settings, keys=keys)
+    reload = ReloadFrom(Path(config), {"host": host, "port": port}, watch=watch)
+    app = create_app(settings, keys=keys, reload=reload)
     uvicorn.run(
         app,
         host=settings.host,
@@ -142,3 +153,12 @@ def token(role: str, ttl: str, models: str | None, config: str) -> None:
         if unknown:
             raise click.ClickException(f"no such model in {config}: {', '.join(unknown)}")
     click.echo(mint_token(secret, role, seconds, scope))
+
+
+def _register_client_commands() -> None:
+    from proxy.cli_ops import register
+
+    register(main)
+
+
+_register_client_commands()  # proxy ps, models, load, unload, logs (proxy/cli_ops.py)

@@ -195,10 +195,13 @@ class Discovery:
         self.found = scan(self.settings, self.configured)
         return [*self.configured, *self.found]
 
-    async def rescan(self, manager: ModelManager) -> list[str]:
-        """Scan again (in a thread) and replace the manager's catalog; the names discovered."""
+    async def rescan(self, manager: ModelManager, settings: Settings | None = None) -> list[str]:
+        """Scan again (in a thread) and replace the manager's catalog; the names discovered. With
+        ``settings`` (a config reload), its models are the configured ones from now on."""
+        if settings is not None:
+            self.settings, self.configured = settings, settings.models
         self.found = await anyio.to_thread.run_sync(scan, self.settings, self.configured)
-        manager.replace_models([*self.configured, *self.found])
+        manager.replace_models([*self.configured, *self.found], settings)
         self.hash_soon(manager)
         return [c.name for c in self.found]
 

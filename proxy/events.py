@@ -96,6 +96,28 @@ class Unloaded(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ConfigReloaded(Event):
+    """A reload (SIGHUP, a watched file) applied: the models it added, removed and changed (these restart
+    when idle), and the settings that wait for a restart of the proxy."""
+
+    kind: ClassVar[str] = "config_reload"
+    trigger: str
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    needs_restart: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigRejected(Event):
+    """A reload refused whole (the old configuration keeps serving): why, naming the file and key."""
+
+    kind: ClassVar[str] = "config_rejected"
+    trigger: str
+    error: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class RequestStarted(Event):
     kind: ClassVar[str] = "request_start"
     id: int

@@ -158,6 +158,7 @@ class Runtime:
         self.progress: float | None = None  # while it starts: its load's fraction done (0..1), and the phase
         self.phase: str | None = None
         self.retired = False  # gone from the catalog (a rescan): unloads when idle, then is forgotten
+        self.pending: ModelConfig | None = None  # its changed config (a reload), taken when it has stopped
         self.stop_cause = UnloadReason.IDLE  # why its stop in progress began (the unload event's reason)
 
     @property
@@ -280,9 +281,14 @@ class ModelManager:
     def configs(self) -> list[ModelConfig]:
         return [rt.config for rt in self._runtimes.values() if not rt.retired]
 
+    @property
+    def pending_configs(self) -> list[ModelConfig]:
+        """The new configs of loaded models that restart with them when idle (a reload)."""
+        return [rt.pending for rt in self._runtimes.values() if rt.pending is not None and not rt.retired]
+
     # -- the catalog (start-up, rescans) -------------------------------------------------------
     def _new_runtime(self, cfg: ModelConfig) -> Runtime:
-        return Runtime(cfg, cfg.keep_alive if cfg.keep_alive is not None else self.settings.keep_alive)
+        return Runtime(cfg, self._default_keep_alive(cfg))
 
     def _index(self) -> None:
         self._names = {}
@@ -295,19 +301,28 @@ class ModelManager:
             if owner is not None and not owner.retired:
                 self._names.setdefault(cid, owner)
 
-    def replace_models(self, configs: list[ModelConfig]) -> None:
-        """A new catalog (a rescan). A model still in it keeps its state (a stopped one takes the new
-        config); a new one is added stopped; one no longer in it answers no new request, finishes what
-        it has, unloads when idle and is then forgotten."""
+    def replace_models(self, configs: list[ModelConfig], settings: Settings | None = None) -> None:
+        """A new catalog (a rescan, a config reload with its ``settings``: limits and defaults apply at
+        once). A model still in it keeps its state: a stopped one takes its new config, a loaded one whose
+        config changed keeps its worker until idle, then stops and takes it (its next request loads the new
+        config); an unchanged one keeps its worker. A new one is added stopped; one no longer in it answers
+        no new request, finishes what it has, unloads when idle and is then forgotten."""
+        if settings is not None:
+            self.settings = settings
+            for rt in self._runtimes.values():
+                rt.default_keep_alive = self._default_keep_alive(rt.config)
         wanted = {cfg.name: cfg for cfg in configs}
         for name, rt in list(self._runtimes.items()):
             if name in wanted:
                 rt.retired = False
-                if rt.state in (State.STOPPED, State.FAILED) and rt.config != wanted[name]:
-                    rt.config = wanted[name]
-                    rt.need = None
+                cfg = wanted[name]
+                rt.pending = cfg if cfg != rt.config else None
+                if rt.pending is not None and rt.state not in (State.STOPPED, State.FAILED):
+                    log.info("model %s: its config changed; it restarts with the new one when idle", name)
+                self._forget_or_stop(rt)
             elif not rt.retired:
                 rt.retired = True
+                rt.pending = None
                 log.info("model %s: no longer in the catalog; it unloads when idle", name)
                 self._forget_or_stop(rt)
         for name, cfg in wanted.items():
@@ -316,15 +331,27 @@ class ModelManager:
         self._index()
         self._notify()
 
+    def _default_keep_alive(self, cfg: ModelConfig) -> float:
+        return cfg.keep_alive if cfg.keep_alive is not None else self.settings.keep_alive
+
     def _forget_or_stop(self, rt: Runtime) -> None:
-        """A retired model: forgotten when stopped and unused, stopped when loaded and idle."""
-        if not rt.retired or rt.in_flight > 0 or rt.waiters > 0:
+        """A retired model: forgotten when stopped and unused, stopped when loaded and idle. A changed one
+        (``pending``): takes its new config once stopped, is stopped when loaded and idle."""
+        if rt.pending is not None and rt.state in (State.STOPPED, State.FAILED):
+            rt.config, rt.pending = rt.pending, None
+            rt.need, rt.need_task = None, None
+            rt.default_keep_alive = rt.keep_alive = self._default_keep_alive(rt.config)
+            rt.failures, rt.retry_at = 0, 0.0  # a new config deserves a try at once
+            self._index()
+            return
+        if not (rt.retired or rt.pending is not None) or rt.in_flight > 0 or rt.waiters > 0:
             return
         if rt.state in (State.STOPPED, State.FAILED):
             if self._runtimes.get(rt.config.name) is rt:
                 del self._runtimes[rt.config.name]
         elif rt.state is State.READY and not rt.draining:
-            self._begin_stop(rt, "no longer in the catalog", UnloadReason.CONFIG)
+            why = "no longer in the catalog" if rt.retired else "its config changed"
+            self._begin_stop(rt, why, UnloadReason.CONFIG)
 
     def add_content_id(self, name: str, content_id: str) -> None:
         """Let ``content_id`` name the model ``name`` too (unless that name is taken)."""
@@ -664,8 +691,8 @@ class ModelManager:
         if rt.state is not State.READY or rt.in_flight > 0 or rt.waiters > 0 or rt.draining:
             return
         self._cancel_idle(rt)
-        if rt.retired:
-            self._begin_stop(rt, "no longer in the catalog", UnloadReason.CONFIG)
+        if rt.retired or rt.pending is not None:
+            self._forget_or_stop(rt)
         elif rt.keep_alive <= 0:
             self._begin_stop(rt, "keep_alive is 0", UnloadReason.IDLE)
         elif not math.isinf(rt.keep_alive):

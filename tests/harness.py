@@ -88,9 +88,11 @@ class LiveProxy:
         cors: list[str] | None = None,
         allowed_hosts: list[str] | None = None,
         server: dict[str, Any] | None = None,
+        args: list[str] | None = None,
         auth: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
+        self.args = list(args or [])  # more command-line arguments (--watch)
         (root / "configs").mkdir(parents=True, exist_ok=True)
         (root / "models").mkdir(exist_ok=True)
         for model in models:
@@ -118,7 +120,16 @@ class LiveProxy:
         env["PYTHONUNBUFFERED"] = "1"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "--config", str(self.root / "config.yml"), "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "proxy",
+                    "--config",
+                    str(self.root / "config.yml"),
+                    "--port",
+                    str(self.port),
+                    *self.args,
+                ],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
