@@ -22,7 +22,7 @@ from proxy.backends import BACKENDS, Backend, BackendInfo, Capability, Kind, Mod
 from proxy.errors import BadRequest, ConfigError
 from proxy.keepalive import parse_keep_alive
 from proxy.memory import Need, parse_bytes
-from proxy.runtime_options import BACKEND_OPTION, RuntimeOption
+from proxy.runtime_options import BACKEND_OPTION, RUNTIME_OPTIONS
 
 Duration = str | int | float
 
@@ -171,7 +171,7 @@ class ModelFile(_Strict):
     # streamed /v1/* answers get their headers and SSE comments while it loads (false: nothing until loaded)
     loading_feedback: bool = True
     # runner options an Ollama request's ``options`` may change by reloading the model (proxy.runtime_options)
-    runtime_options: list[RuntimeOption] = []
+    runtime_options: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -401,7 +401,10 @@ def _model(
         )
     if raw.gpus is not None and (not raw.gpus or any(g < 0 for g in raw.gpus)):
         raise ConfigError(file, "gpus", "must list GPU indices (0, 1, ...)")
-    for option in raw.runtime_options:
+    for i, option in enumerate(raw.runtime_options):
+        if option not in RUNTIME_OPTIONS:
+            known = ", ".join(RUNTIME_OPTIONS)
+            raise ConfigError(file, f"runtime_options[{i}]", f"'{option}' is not a runtime option (known: {known})")
         if option not in BACKEND_OPTION.get(raw.backend, {}):
             raise ConfigError(file, "runtime_options", f"{option} is a runtime option of llama_cpp models only")
     return ModelConfig(

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from proxy.errors import BadRequest
 
 if TYPE_CHECKING:
     from proxy.config import ModelConfig
 
-RuntimeOption = Literal["num_ctx"]
+RUNTIME_OPTIONS = ("num_ctx",)  # what a model's ``runtime_options`` may list
 # Ollama's runner options: fixed when a model loads; those not in a model's runtime_options are ignored
 RUNNER_OPTIONS = ("num_ctx", "num_gpu", "num_thread", "num_batch")
 # the Ollama option -> the backend's ``model:`` option it replaces for one load, by backend

