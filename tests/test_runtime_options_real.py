@@ -26,7 +26,7 @@ def loaded(proxy: LiveProxy, name: str) -> tuple[int, int, int]:
 
 
 def test_a_request_with_another_num_ctx_reloads_the_model_with_it(tmp_path: Path) -> None:
-    models = [smollm2_config(runtime_options=["num_ctx"]), smollm2_config(name="plain", aliases=[])]
+    models = [smollm2_config(), smollm2_config(name="plain", aliases=[], runtime_options=[])]
     with running(tmp_path, models) as proxy, ollama.Client(host=proxy.url) as client:
         name = "smollm2:135m"
         client.chat(model=name, messages=HI, options={"num_ctx": 1024, "num_predict": 4})
@@ -56,7 +56,7 @@ def test_a_request_with_another_num_ctx_reloads_the_model_with_it(tmp_path: Path
 
 
 def test_a_stream_in_flight_finishes_before_the_reload(tmp_path: Path) -> None:
-    with running(tmp_path, [smollm2_config(runtime_options=["num_ctx"])]) as proxy:
+    with running(tmp_path, [smollm2_config()]) as proxy:
         name = "smollm2:135m"
         client = ollama.Client(host=proxy.url)
         stream = client.chat(
