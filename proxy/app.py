@@ -27,6 +27,7 @@ from proxy.api import (
     responses,
     speech,
     transcription,
+    ui,
 )
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
@@ -60,6 +61,7 @@ ROUTE_MODULES = [
     images,
     infer,
     jobs,
+    ui,
 ]
 
 
@@ -70,7 +72,7 @@ def create_app(
     clock: Clock | None = None,
     worker_factory: WorkerFactory | None = None,
 ) -> Starlette:
-    keyring = keys if keys is not None else KeyRing.load(settings.api_tokens)
+    keyring = keys if keys is not None else KeyRing.load(settings.api_tokens, settings.jwt_secret)
     clock = clock or SystemClock()
     bus = EventBus()
     metrics = Metrics(bus)

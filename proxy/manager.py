@@ -917,20 +917,28 @@ class ModelManager:
 
         rt.watchdog = self.clock.call_later(interval, check)
 
-    def _begin_stop(self, rt: Runtime, reason: str, cause: UnloadReason) -> asyncio.Task[None]:
+    def _begin_stop(
+        self, rt: Runtime, reason: str, cause: UnloadReason, grace: float | None = None
+    ) -> asyncio.Task[None]:
+        """Stop its worker: SIGTERM, ``grace`` (its ``unload_grace`` by default), then SIGKILL; ``cause`` is
+        the unload event's reason."""
         if rt.stop_task is not None:
             return rt.stop_task
         self._cancel_idle(rt)
         rt.stop_cause = cause
         self._transition(rt, State.STOPPING, reason)
-        rt.stop_task = asyncio.create_task(self._stop(rt, rt.worker))
+        # the next load is a first load again: reset now, so a keep_alive sent while it stops wins
+        rt.keep_alive = rt.default_keep_alive
+        rt.stop_task = asyncio.create_task(
+            self._stop(rt, rt.worker, rt.config.unload_grace if grace is None else grace)
+        )
         self._notify()
         return rt.stop_task
 
-    async def _stop(self, rt: Runtime, worker: WorkerHandle | None) -> None:
+    async def _stop(self, rt: Runtime, worker: WorkerHandle | None, grace: float) -> None:
         try:
             if worker is not None:
-                await worker.stop(rt.config.unload_grace)
+                await worker.stop(grace)
         finally:
             if rt.worker is worker:
                 rt.worker = None
@@ -942,7 +950,6 @@ class ModelManager:
             rt.gpu = None
             rt.stop_task = None
             rt.loaded_at = None
-            rt.keep_alive = rt.default_keep_alive  # the next load is a first load again
             log.info("model %s: stopped", rt.config.name)
             self._forget_or_stop(rt)
             self._notify()
@@ -965,8 +972,9 @@ class ModelManager:
                 self._notify()
 
     # -- by hand ----------------------------------------------------------------------------
-    async def unload(self, name: str) -> bool:
-        """Wait for in-flight requests, then stop the worker. False when nothing was loaded."""
+    async def unload(self, name: str, *, force: bool = False) -> bool:
+        """Wait for in-flight requests at most ``unload_grace``, then stop the worker (killed at once when
+        requests are still in flight then, or with ``force``). False when nothing was loaded."""
         rt = self._runtime(name)
         if rt.state is State.STARTING and rt.start_task is not None:
             with contextlib.suppress(ProxyError):
@@ -976,11 +984,20 @@ class ModelManager:
         rt.draining = True
         self._notify()
         try:
-            while rt.in_flight > 0 and rt.state is State.READY:
-                await self._changed.wait()
+            deadline = self.clock.monotonic() + (0.0 if force else rt.config.unload_grace)
+            while rt.in_flight > 0 and rt.state is State.READY and self.clock.monotonic() < deadline:
+                await self._wait(deadline - self.clock.monotonic())
+            grace = rt.config.unload_grace
+            if force or (rt.in_flight > 0 and rt.state is State.READY):
+                grace = 0.0
+                if rt.in_flight > 0:
+                    why = "forced" if force else f"still in flight after unload_grace ({rt.config.unload_grace:g}s)"
+                    log.warning("model %s: unload: %d requests %s; killing", rt.config.name, rt.in_flight, why)
             task = rt.stop_task if rt.state is State.STOPPING else None
             if rt.state is State.READY:
-                task = self._begin_stop(rt, "unload", UnloadReason.ADMIN)
+                task = self._begin_stop(rt, "unload" if grace else "unload: killed", UnloadReason.ADMIN, grace=grace)
+            elif force and rt.worker is not None:
+                rt.worker.kill("unload forced")  # a stop under way: its SIGTERM grace is cut short
             if task is not None:
                 await asyncio.shield(task)
         finally:
@@ -988,9 +1005,9 @@ class ModelManager:
             self._notify()
         return True
 
-    async def unload_all(self) -> list[str]:
+    async def unload_all(self, *, force: bool = False) -> list[str]:
         names = [rt.config.name for rt in self._runtimes.values() if rt.state in (State.READY, State.STARTING)]
-        results = await asyncio.gather(*(self.unload(n) for n in names))
+        results = await asyncio.gather(*(self.unload(n, force=force) for n in names))
         return [n for n, done in zip(names, results, strict=True) if done]
 
     async def preload(
@@ -1008,6 +1025,12 @@ class ModelManager:
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
+        # a GGUF still being read for /status's estimate: its subprocess goes too (read_gguf kills it)
+        tasks = [self._estimating, *(rt.need_task for rt in self._runtimes.values())]
+        reading = [t for t in tasks if t is not None and not t.done()]
+        for reader in reading:
+            reader.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
         stops = [
             self._begin_stop(rt, "shutdown", UnloadReason.SHUTDOWN)
             for rt in self._runtimes.values()

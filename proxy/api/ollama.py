@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from proxy import __version__
 from proxy import runtime_options as ropts
-from proxy.api.common import guarded, json_bytes, model_for, read_json, services
+from proxy.api.common import caller, guarded, json_bytes, model_for, read_json, services
 from proxy.api.errors import is_admin
 from proxy.auth import Role
 from proxy.catalog import entry, tag_name
@@ -200,7 +200,7 @@ def _tag(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _llm_configs(request: Request) -> list[ModelConfig]:
-    return [c for c in services(request).manager.configs if {"completion", "embedding"} & set(c.capabilities)]
+    return [c for c in caller(request).configs if {"completion", "embedding"} & set(c.capabilities)]
 
 
 @guarded(Role.USER)
@@ -220,7 +220,7 @@ def _expires(status: ModelStatus) -> str:
 async def ps(request: Request) -> Response:
     wanted = {c.name for c in _llm_configs(request)}
     models = []
-    for status in services(request).manager.status():
+    for status in caller(request).status():
         if status.state != "ready" or status.name not in wanted:
             continue
         tag = _tag(status.config)
@@ -245,7 +245,7 @@ async def show(request: Request) -> Response:
     name = body.get("model") or body.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest("'model' is required", param="model")
-    cfg = services(request).manager.resolve(name)
+    cfg = caller(request).resolve(name)
     e = entry(cfg)
     params = "\n".join(f"{k:<20} {json.dumps(v)}" for k, v in cfg.sampling.items())
     if is_admin(request):

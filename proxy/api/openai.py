@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.api import anthropic
-from proxy.api.common import guarded, json_bytes, leased_stream, model_for, read_json, services
+from proxy.api.common import caller, guarded, json_bytes, leased_stream, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects.schemas import check_schemas
@@ -136,14 +136,14 @@ def model_object(request: Request, cfg: ModelConfig) -> dict[str, Any]:
 async def list_models(request: Request) -> Response:
     if anthropic.wants_anthropic(request):
         return anthropic.list_models(request)
-    data = [model_object(request, cfg) for cfg in services(request).manager.configs]
+    data = [model_object(request, cfg) for cfg in caller(request).configs]
     return JSONResponse({"object": "list", "data": data})
 
 
 @guarded(Role.USER)
 async def get_model(request: Request) -> Response:
     name = request.path_params["model"]
-    cfg = services(request).manager.resolve(name)
+    cfg = caller(request).resolve(name)
     if anthropic.wants_anthropic(request):
         return JSONResponse(anthropic.model_info(request, cfg))
     return JSONResponse(model_object(request, cfg))

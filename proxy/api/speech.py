@@ -14,12 +14,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import voices
-from proxy.api.common import guarded, json_bytes, model_for, public_listing, read_json, services, visible_models
+from proxy.api.common import caller, guarded, json_bytes, model_for, public_listing, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.shaping import optional
 from proxy.dialects.speech import check, sized_wav
-from proxy.errors import ModelNotFound, ProxyError
+from proxy.errors import ProxyError
 from proxy.relay import LeasedCall
 from proxy.upstream import UpstreamStream
 from proxy.wire import AUDIO_MEDIA_TYPES, SpeechRequest
@@ -65,7 +65,7 @@ async def tts(request: Request) -> Response:
 
 
 def _speech_models(request: Request) -> list[ModelConfig]:
-    return [c for c in visible_models(request) if "speech" in c.capabilities]
+    return [c for c in caller(request).configs if "speech" in c.capabilities]
 
 
 def _public(settings: Settings) -> bool:
@@ -82,10 +82,7 @@ async def audio_voices(request: Request) -> Response:
     wanted = request.query_params.get("model")
     models = _speech_models(request)
     if wanted:
-        cfg = services(request).manager.resolve(wanted)
-        if cfg not in visible_models(request):
-            raise ModelNotFound(wanted)
-        models = [cfg]
+        models = [caller(request).resolve(wanted)]
     names: dict[str, None] = {}
     for cfg in models:
         names.update(dict.fromkeys(voices.listed(cfg)))
