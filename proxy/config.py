@@ -22,6 +22,7 @@ from proxy.backends import BACKENDS, Backend, BackendInfo, Capability, Kind, Mod
 from proxy.errors import BadRequest, ConfigError
 from proxy.keepalive import parse_keep_alive
 from proxy.memory import Need, parse_bytes
+from proxy.runtime_options import BACKEND_OPTION, RUNTIME_OPTIONS
 
 Duration = str | int | float
 
@@ -179,6 +180,8 @@ class ModelFile(_Strict):
     priority: int = 0  # between requests for different models that wait as long, the higher goes first
     # streamed /v1/* answers get their headers and SSE comments while it loads (false: nothing until loaded)
     loading_feedback: bool = True
+    # runner options an Ollama request's ``options`` may change by reloading the model (proxy.runtime_options)
+    runtime_options: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ class ModelConfig:
     worker_limits: Mapping[str, float] = field(default_factory=dict)
     priority: int = 0
     loading_feedback: bool = True  # SSE comments while it loads (proxy.loading)
+    runtime_options: tuple[str, ...] = ()  # what a request may reload it with (proxy.runtime_options)
     idle_timeout: float = 300.0  # limits.worker_idle_timeout (0: off)
 
     @property
@@ -410,6 +414,12 @@ def _model(
         )
     if raw.gpus is not None and (not raw.gpus or any(g < 0 for g in raw.gpus)):
         raise ConfigError(file, "gpus", "must list GPU indices (0, 1, ...)")
+    for i, option in enumerate(raw.runtime_options):
+        if option not in RUNTIME_OPTIONS:
+            known = ", ".join(RUNTIME_OPTIONS)
+            raise ConfigError(file, f"runtime_options[{i}]", f"'{option}' is not a runtime option (known: {known})")
+        if option not in BACKEND_OPTION.get(raw.backend, {}):
+            raise ConfigError(file, "runtime_options", f"{option} is a runtime option of llama_cpp models only")
     return ModelConfig(
         name=raw.name,
         aliases=tuple(raw.aliases),
@@ -442,6 +452,7 @@ def _model(
         worker_limits=dict(worker_limits or {}),
         priority=raw.priority,
         loading_feedback=raw.loading_feedback,
+        runtime_options=tuple(dict.fromkeys(raw.runtime_options)),
     )
 
 

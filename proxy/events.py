@@ -41,6 +41,7 @@ class UnloadReason(enum.StrEnum):
     ADMIN = "admin"  # /unload, keep_alive 0 from an admin key, the Ollama unload
     CRASH = "crash"  # the worker exited on its own, or the stall watchdog killed it
     CONFIG = "config"  # its config changed or was removed (config reload)
+    OPTIONS = "options"  # a request asked for other runtime options (num_ctx): reloaded with them
     SHUTDOWN = "shutdown"  # the proxy is stopping
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from proxy import memory
+from proxy import runtime_options as ropts
 from proxy.admission import Occupant, Snapshot, budgets, decide
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
@@ -160,6 +161,13 @@ class Runtime:
         self.retired = False  # gone from the catalog (a rescan): unloads when idle, then is forgotten
         self.pending: ModelConfig | None = None  # its changed config (a reload), taken when it has stopped
         self.stop_cause = UnloadReason.IDLE  # why its stop in progress began (the unload event's reason)
+        self.overrides: dict[str, Any] = {}  # runtime options its load runs with (proxy.runtime_options)
+        self.ignored: set[str] = set()  # runner options requests asked for in vain, logged once each
+
+    @property
+    def effective(self) -> ModelConfig:
+        """Its config as its worker runs it: with the runtime options of its load."""
+        return ropts.with_options(self.config, self.overrides)
 
     @property
     def occupies_slot(self) -> bool:
@@ -174,6 +182,8 @@ class Ticket:
     rt: Runtime
     since: float
     seq: int
+    wants: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # backend options it needs loaded
+    need: Need | None = None  # the model's need with those options
 
     @property
     def order(self) -> tuple[float, int, int]:
@@ -215,7 +225,7 @@ class Lease:
 
     @property
     def config(self) -> ModelConfig:
-        return self._runtime.config
+        return self._runtime.effective
 
     @property
     def upstream(self) -> Upstream:
@@ -369,20 +379,29 @@ class ModelManager:
             rt.keep_alive = keep_alive
 
     async def acquire(
-        self, name: str, keep_alive: float | None = None, on_loading: Callable[[], None] | None = None
+        self,
+        name: str,
+        keep_alive: float | None = None,
+        on_loading: Callable[[], None] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> Lease:
         """Wait until the model is ready (starting it, making room) and one of its ``parallel`` slots is
         free in turn, and lease it.
 
         ``on_loading`` is called once, when the request is admitted and waits for its model's load (the
         model is starting and the request holds a place in the queue, so no 503 for a full queue can come
-        after it): from then on the only failures are the load's own, or a shutdown (``proxy.loading``)."""
+        after it): from then on the only failures are the load's own, or a shutdown (``proxy.loading``).
+
+        ``options``: the request's runner options (``runtime_options.requested``). Those its config lists
+        in ``runtime_options`` are honoured: a loaded model with other values finishes the requests that
+        came before, then reloads with these (later requests wait behind it, in order); the rest are ignored."""
         rt = self._runtime(name)
+        wants, need = await self._wants(rt, options) if options else ({}, None)
         if self._shutting_down:
             raise Unavailable("the proxy is shutting down", retry_after=5)
         self._apply_keep_alive(rt, keep_alive)
         started = self.clock.monotonic()
-        ticket = Ticket(rt, started, next(self._seq))
+        ticket = Ticket(rt, started, next(self._seq), wants, need)
         rt.tickets.append(ticket)
         waited_for_start = False
         signalled = on_loading is None
@@ -396,7 +415,15 @@ class ModelManager:
                 if self._shutting_down:
                     raise Unavailable("the proxy is shutting down", retry_after=5)
             while True:
-                if rt.state is State.READY and not rt.draining and rt.worker is not None:
+                first = self._first_misfit(rt) if rt.state is State.READY else None
+                if first is not None and first.order <= ticket.order and rt.worker is not None and not rt.draining:
+                    # the model must reload with other runtime options: those that came before go first
+                    if first is ticket and rt.in_flight == 0 and not self._overtaken(ticket):
+                        if all(t.order >= ticket.order for t in rt.tickets):
+                            self._reload(rt, ticket)
+                            continue
+                    rt.waiting = f"waiting to reload with {_shown(first.wants)} once its earlier requests finish"
+                elif rt.state is State.READY and not rt.draining and rt.worker is not None:
                     if self._may_serve(ticket):
                         self._cancel_idle(rt)
                         rt.in_flight += 1
@@ -426,6 +453,11 @@ class ModelManager:
                         )
                     if rt.config.url is not None:
                         self._begin_start(rt, None)
+                        continue
+                    overrides = self._load_options(rt)
+                    if overrides != rt.overrides:  # a load with other runtime options: its need anew
+                        rt.overrides, rt.need = overrides, None
+                        await self._ensure_need(rt)
                         continue
                     decision = self._decide(rt)
                     # the models in its way, while requests for it wait (those it unloads too: the switch
@@ -505,6 +537,55 @@ class ModelManager:
         ahead = sum(1 for t in rt.tickets if t.order < ticket.order and not self._overtaken(t))
         return rt.in_flight + ahead < rt.config.parallel
 
+    # -- runtime options (proxy.runtime_options) ------------------------------------------------
+    async def _wants(self, rt: Runtime, options: Mapping[str, Any]) -> tuple[dict[str, Any], Need | None]:
+        """The backend options a request's runner options need loaded (bounded: 400), and the model's need
+        with them; those its config does not list are ignored, and logged once per model."""
+        cfg = rt.config
+        allowed = {k: v for k, v in options.items() if k in cfg.runtime_options}
+        ignored = sorted(set(options) - set(allowed) - rt.ignored)
+        if ignored:
+            rt.ignored.update(ignored)
+            log.info(
+                "model %s: requests ask for %s; ignored: not in its runtime_options (said once)",
+                cfg.name,
+                ", ".join(ignored),
+            )
+        if not allowed:
+            return {}, None
+        facts = await self._gguf_facts(cfg)
+        for key, value in allowed.items():
+            ropts.check_bound(key, value, int(facts.get("context_length") or 0) if facts else 0)
+        wants = ropts.backend_options(cfg.backend, allowed)
+        loaded = ropts.with_options(cfg, wants)
+        need = self._need_now(loaded)
+        return wants, need if need is not None else await self._need_from_gguf(loaded)
+
+    def _first_misfit(self, rt: Runtime) -> Ticket | None:
+        """Its earliest request that wants other runtime options than its worker was loaded with."""
+        options = rt.effective.options
+        misfits = [t for t in rt.tickets if not ropts.fits(options, t.wants)]
+        return min(misfits, key=lambda t: t.order) if misfits else None
+
+    def _load_options(self, rt: Runtime) -> dict[str, Any]:
+        """The runtime options a load starts with: those of its earliest request that asks for some; else
+        the config's (a value stays until the model unloads, and the next load starts from the config)."""
+        asking = [t for t in rt.tickets if t.wants]
+        if not asking:
+            return {}
+        wants = min(asking, key=lambda t: t.order).wants
+        return {k: v for k, v in wants.items() if rt.config.options.get(k) != v}
+
+    def _reload(self, rt: Runtime, ticket: Ticket) -> None:
+        """Stop the idle, loaded model so that this request's load starts it with its runtime options; a
+        need that can never fit is refused (507) first, and the loaded model keeps serving."""
+        decision = self._decide(rt, ticket.need)
+        if decision.kind == "refuse":
+            raise InsufficientMemory(decision.reason)
+        was = {k: rt.effective.options.get(k) for k in ticket.wants}
+        log.info("model %s: reloading with %s (was %s)", rt.config.name, _shown(ticket.wants), _shown(was))
+        self._begin_stop(rt, f"a request asks for {_shown(ticket.wants)}", UnloadReason.OPTIONS)
+
     def _release(self, rt: Runtime) -> None:
         rt.in_flight -= 1
         rt.last_used = self.clock.monotonic()
@@ -556,11 +637,11 @@ class ModelManager:
     def snapshot(self) -> Snapshot:
         return Snapshot(self.probe.ram_total(), self.probe.ram_available(), self.probe.gpus())
 
-    def _decide(self, rt: Runtime) -> Any:
+    def _decide(self, rt: Runtime, need: Need | None = None) -> Any:
         recovering = self.clock.monotonic() < self._stopped_at + self.settings.memory.recovery_timeout
         return decide(
             rt.config.name,
-            rt.need or Need(0, 0, "unknown"),
+            need or rt.need or Need(0, 0, "unknown"),
             rt.config.gpus,
             self._occupants(rt),
             self.snapshot(),
@@ -572,12 +653,12 @@ class ModelManager:
     async def _ensure_need(self, rt: Runtime) -> Need:
         """Its need, found once; only a GGUF not read before takes a wait (a subprocess)."""
         if rt.need is None:
-            rt.need = self._need_now(rt.config)
+            rt.need = self._need_now(rt.effective)
         if rt.need is not None:
             return rt.need
         task = rt.need_task
         if task is None:
-            task = rt.need_task = asyncio.ensure_future(self._need_from_gguf(rt.config))
+            task = rt.need_task = asyncio.ensure_future(self._need_from_gguf(rt.effective))
         need = await asyncio.shield(task)
         rt.need, rt.need_task = need, None
         return need
@@ -632,6 +713,12 @@ class ModelManager:
     async def gguf_metadata(self, cfg: ModelConfig) -> dict[str, Any] | None:
         """A llama.cpp model's GGUF metadata as Ollama's /api/show has it (the same reader and cache as the
         memory estimate); None for other models or a file that cannot be read."""
+        facts = await self._gguf_facts(cfg)
+        metadata = facts.get("metadata") if facts is not None else None
+        return dict(metadata) if isinstance(metadata, dict) else None
+
+    async def _gguf_facts(self, cfg: ModelConfig) -> dict[str, Any] | None:
+        """A llama.cpp model's GGUF facts (memory.read_gguf), read once per file; None when there are none."""
         path = cfg.model_path
         if cfg.backend != "llama_cpp" or path is None or not path.is_file():
             return None
@@ -646,8 +733,7 @@ class ModelManager:
             if facts is None:
                 return None
             self.store.put_gguf(key, facts)
-        metadata = facts.get("metadata")
-        return dict(metadata) if isinstance(metadata, dict) else None
+        return facts
 
     def _measure(self, rt: Runtime, worker: WorkerHandle) -> None:
         """The worker's RSS (process tree) and VRAM now; the peak of this load is remembered."""
@@ -661,7 +747,7 @@ class ModelManager:
         grew = peak.ram > rt.peak.ram * 1.05 or peak.vram > rt.peak.vram * 1.05
         rt.peak = peak
         if grew and rt.config.url is None and rt.config.memory is None:
-            self.store.put_measured(rt.config.name, self._fingerprint(rt.config), peak)
+            self.store.put_measured(rt.config.name, self._fingerprint(rt.effective), peak)
 
     def estimate_soon(self) -> None:
         """Find every model's need in the background (for /status), once."""
@@ -718,8 +804,8 @@ class ModelManager:
     def _placed(self, rt: Runtime) -> ModelConfig:
         """Its config, with CUDA_VISIBLE_DEVICES naming its GPU when it was placed on one."""
         if rt.gpu is None:
-            return rt.config
-        return dataclasses.replace(rt.config, env={**rt.config.env, "CUDA_VISIBLE_DEVICES": str(rt.gpu)})
+            return rt.effective
+        return dataclasses.replace(rt.effective, env={**rt.config.env, "CUDA_VISIBLE_DEVICES": str(rt.gpu)})
 
     def _begin_start(self, rt: Runtime, gpu: int | None) -> None:
         self._transition(rt, State.STARTING, "requested")
@@ -951,8 +1037,10 @@ class ModelManager:
         results = await asyncio.gather(*(self.unload(n, force=force) for n in names))
         return [n for n, done in zip(names, results, strict=True) if done]
 
-    async def preload(self, name: str, keep_alive: float | None = None) -> Lease:
-        lease = await self.acquire(name, keep_alive)
+    async def preload(
+        self, name: str, keep_alive: float | None = None, options: Mapping[str, Any] | None = None
+    ) -> Lease:
+        lease = await self.acquire(name, keep_alive, options=options)
         lease.release()
         return lease
 
@@ -1014,7 +1102,7 @@ class ModelManager:
                 loaded_at=rt.loaded_at,
                 last_error=rt.last_error,
                 rss_bytes=self.probe.rss(pid) if pid else None,
-                config=rt.config,
+                config=rt.effective,
                 need=self._counted(rt) if rt.state is State.READY else rt.need,
                 device=(f"cuda:{rt.gpu}" if rt.gpu is not None else "cpu") if running else None,
                 vram_bytes=vram,
@@ -1049,6 +1137,10 @@ class ModelManager:
     @property
     def queued(self) -> int:
         return self._queued
+
+
+def _shown(options: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
 
 
 def _out_of_memory(worker: WorkerHandle, exc: ModelLoadFailed) -> bool:

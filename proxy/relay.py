@@ -98,8 +98,10 @@ class LeasedCall:
         *,
         client: Request | None = None,
         on_loading: Callable[[], None] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         self._manager = manager
+        self._options = options  # runner options (Ollama's num_ctx): ModelManager.acquire
         self._name = name
         self._keep_alive = keep_alive
         self._client = client
@@ -118,7 +120,9 @@ class LeasedCall:
         if self._lease is None:
             if self._note is not None:
                 self._note.for_model(self._name)
-            self._lease = await self._manager.acquire(self._name, self._keep_alive, self._on_loading)
+            self._lease = await self._manager.acquire(
+                self._name, self._keep_alive, self._on_loading, options=self._options
+            )
 
     async def __aenter__(self) -> LeasedCall:
         await self.acquire()

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from proxy import __version__
+from proxy import runtime_options as ropts
 from proxy.api.common import caller, guarded, json_bytes, model_for, read_json, services
 from proxy.api.errors import is_admin
 from proxy.auth import Role
@@ -57,9 +58,11 @@ async def _generation(
     stream: bool,
     keep_alive: float | None,
     generate: bool,
+    runner: dict[str, Any],
 ) -> Response:
     started = time.perf_counter_ns()
-    async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
+    manager = services(request).manager
+    async with LeasedCall(manager, cfg.name, keep_alive, client=request, options=runner) as call:
         tr = dialect.StreamTranslator(cfg.name, generate, started, load_ns=int(call.load_duration * 1e9))
         if stream:
             return await call.stream(path, json_bytes(body), lambda upstream: _ndjson(upstream, tr), NDJSON)
@@ -68,13 +71,15 @@ async def _generation(
     return JSONResponse(tr.final(time.perf_counter_ns(), whole=True))
 
 
-async def _load_or_unload(request: Request, cfg: ModelConfig, keep_alive: float | None, generate: bool) -> Response:
+async def _load_or_unload(
+    request: Request, cfg: ModelConfig, keep_alive: float | None, generate: bool, runner: dict[str, Any]
+) -> Response:
     manager = services(request).manager
     unload = keep_alive == 0
     if unload:
         await manager.unload(cfg.name)
     else:
-        await manager.preload(cfg.name, keep_alive)
+        await manager.preload(cfg.name, keep_alive, runner)
     return JSONResponse(dialect.load_response(cfg.name, generate, unload))
 
 
@@ -92,13 +97,14 @@ async def chat(request: Request) -> Response:
     body = await read_json(request)
     cfg, keep_alive = _chat_model(request, body)
     stream = _stream_flag(body)
+    runner = ropts.requested(body.get("options"))  # num_ctx: a reload where the model's config allows it
     if not body.get("messages"):
-        return await _load_or_unload(request, cfg, keep_alive, generate=False)
+        return await _load_or_unload(request, cfg, keep_alive, False, runner)
     openai = dialect.chat_request(body, cfg.name)
     check_messages(openai["messages"], cfg)
     check_schemas(openai, services(request).settings.max_schema_repeat)
     apply_model_defaults(openai, cfg, services(request).clock.time())
-    return await _generation(request, cfg, "/v1/chat/completions", openai, stream, keep_alive, generate=False)
+    return await _generation(request, cfg, "/v1/chat/completions", openai, stream, keep_alive, False, runner)
 
 
 @guarded(Role.USER)
@@ -106,14 +112,15 @@ async def generate(request: Request) -> Response:
     body = await read_json(request)
     cfg, keep_alive = _chat_model(request, body)
     stream = _stream_flag(body)
+    runner = ropts.requested(body.get("options"))
     if not optional(body, "prompt", str, "a string") and not body.get("images"):
-        return await _load_or_unload(request, cfg, keep_alive, generate=True)
+        return await _load_or_unload(request, cfg, keep_alive, True, runner)
     path, openai = dialect.generate_request(body, cfg.name)
     if "messages" in openai:
         check_messages(openai["messages"], cfg)
     check_schemas(openai, services(request).settings.max_schema_repeat)
     apply_model_defaults(openai, cfg, services(request).clock.time())
-    return await _generation(request, cfg, path, openai, stream, keep_alive, generate=True)
+    return await _generation(request, cfg, path, openai, stream, keep_alive, True, runner)
 
 
 async def _embed(

@@ -121,7 +121,10 @@ class LlamaCppBackend:
         return 1.0 if self._loaded else self._progress
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "llama_cpp", "device": _device(self.options.get("n_gpu_layers"))}
+        info = {"backend": "llama_cpp", "device": _device(self.options.get("n_gpu_layers"))}
+        if self._loaded:
+            info["n_ctx"] = self._llm.n_ctx()  # the context llama.cpp made (n_ctx rounded up to 256)
+        return info
 
     def close(self) -> None:
         for llm in (self._llm, self._embedder):  # at exit: a generation still running is abandoned
