@@ -403,7 +403,7 @@ class ModelManager:
                         self._begin_start(rt, None)
                         continue
                     decision = self._decide(rt)
-                    if decision.kind != "start" and self._dismiss_spares(rt):
+                    if (decision.kind != "start" or decision.reason) and self._dismiss_spares(rt):
                         continue  # the warm spares of other backends were in the way: decide again without them
                     # the models in its way, while requests for it wait (those it unloads too: the switch
                     # it waits for until it starts)
