@@ -51,7 +51,7 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def test_the_next_load_is_the_spare_and_a_new_spare_follows(tmp_path: Path) -> None:
-    with running(tmp_path, _models(), limits={"max_loaded_models": 1}) as proxy:
+    with running(tmp_path, _models(), limits={"max_loaded_models": 1, "warm_spare": True}) as proxy:
         _ask(proxy, A)
         spare = _waiting_spare(proxy)
         assert "--spare" in _cmdline(spare["pid"])
@@ -67,7 +67,7 @@ def test_the_next_load_is_the_spare_and_a_new_spare_follows(tmp_path: Path) -> N
 
 
 def test_a_spare_dies_with_the_proxy(tmp_path: Path) -> None:
-    proxy = LiveProxy(tmp_path, _models(), limits={"max_loaded_models": 1}).start()
+    proxy = LiveProxy(tmp_path, _models(), limits={"max_loaded_models": 1, "warm_spare": True}).start()
     try:
         _ask(proxy, A)
         spare = _waiting_spare(proxy)
