@@ -1,24 +1,40 @@
-"""Switching between models: part "memory", the estimate of each model of the embedded default against what
-its worker measured (RSS of its process tree after one request; goal: within 25%).
+"""Switching between models (issue 17).
 
-    .venv/bin/python -m bench.switch --memory
+    .venv/bin/python -m bench.switch --memory     estimate against measured memory, each model of the embedded default
+    .venv/bin/python -m bench.switch --switch     a switch's time to first token / a bare cold load (goal <= 1.15)
+    .venv/bin/python -m bench.switch --batching   64 requests alternating between two models (goal >= 3x)
 
-(The switch-time and batching parts of issue 17 are to come here too.)
+``--switch``: two SmolLM2 configs (different names, the same GGUF) and room for one
+(``limits.max_loaded_models: 1``); A loaded and idle, then a streamed request for B, timed to its first
+content token. Against it, the bare cold load of bench.cold_start: a fresh Python that imports llama_cpp,
+loads the GGUF and streams its first token, timed from process start. Interleaved rounds, medians.
+``--warm-spare on|off|both`` picks ``limits.warm_spare`` for the proxy (both: one proxy each, interleaved).
+
+``--batching``: 64 non-streamed requests alternating A, B, A, ... at concurrency 8, against a proxy with
+the default ``limits.max_wait_for_switch`` (30 s: batches by model) and one with 0.001 s (every request
+for the other model is overdue at once, so the queue serves in arrival order: about one switch per
+request). Switches are the rise of ``proxy_model_loads_total``; the longest wait is the slowest
+request's whole time, against the bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import re
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-from bench.common import save, start_proxy, table
-from tests.harness import REPO, wait_until
+from bench.cold_start import MESSAGES, bare_ttft, quiet
+from bench.common import median, save, start_proxy, table
+from tests.harness import REPO, LiveProxy, smollm2_config, wait_until
 
 MiB = 2**20
+A, B = "smol-a", "smol-b"
 
 
 def _wav(url: str) -> bytes:
@@ -75,25 +91,165 @@ def memory() -> dict[str, Any]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--memory", action="store_true", help="estimate against measured memory (the default)")
-    parser.parse_args()
-    rows = memory()
-    path = save("switch_memory", rows)
-    print(
-        table(
-            [
-                (
-                    n,
-                    f"estimate {r['estimate_mb']:.0f} MiB, measured {r['measured_mb']:.0f} MiB, "
-                    f"ratio {r['estimate_over_measured']:.2f}",
-                )
-                for n, r in rows.items()
-            ]
+# -- switch time ---------------------------------------------------------------------------------------
+def _pair(**limits: Any) -> LiveProxy:
+    """A proxy with two SmolLM2 configs (same GGUF, different names) and room for one."""
+    models = [smollm2_config(name=A, aliases=[]), smollm2_config(name=B, aliases=[])]
+    return start_proxy(models, limits={"max_loaded_models": 1, **limits})
+
+
+def _ttft(client: httpx.Client, model: str) -> float:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 8, "stream": True}
+    start = time.perf_counter()
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {") and '"content"' in line and '"content":""' not in line:
+                took = time.perf_counter() - start
+                for _ in lines:  # let the answer end, so the model is idle
+                    pass
+                return took
+    raise RuntimeError(f"no token from {model}")
+
+
+def _settled(proxy: LiveProxy, loaded: str, spare: bool) -> None:
+    """The switched-to model loaded and the other stopped; with the warm spare on, a spare waiting."""
+
+    def done() -> bool:
+        status = proxy.status()
+        idle = status[loaded]["state"] == "ready" and all(
+            s["state"] == "stopped" for n, s in status.items() if n != loaded
         )
-    )
-    print(f"saved {Path(path).relative_to(REPO)}")
+        spares = httpx.get(proxy.url + "/status", timeout=10).json().get("spares", [])
+        return idle and (not spare or any(s.get("state") == "waiting" for s in spares))
+
+    wait_until(done, timeout=120)
+
+
+def switch(rounds: int, variants: list[str]) -> dict[str, Any]:
+    proxies = {v: _pair(warm_spare=v == "on") for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    times["bare"] = []
+    try:
+        clients = {v: httpx.Client(base_url=p.url, timeout=120) for v, p in proxies.items()}
+        bare_ttft()  # the page cache, for everyone
+        for v, client in clients.items():
+            _ttft(client, A)
+            _settled(proxies[v], A, v == "on")
+        target = {v: B for v in variants}
+        for _ in range(rounds):
+            for v, client in clients.items():
+                quiet()
+                times[v].append(_ttft(client, target[v]))
+                _settled(proxies[v], target[v], v == "on")
+                target[v] = A if target[v] == B else B
+            times["bare"].append(bare_ttft())
+        for client in clients.values():
+            client.close()
+    finally:
+        for p in proxies.values():
+            p.stop()
+    med = {k: median(v) for k, v in times.items()}
+    return {
+        "rounds": rounds,
+        "ttft_ms": {k: v * 1000 for k, v in med.items()},
+        "switch_over_bare": {v: med[v] / med["bare"] for v in variants},
+        "raw_s": times,
+    }
+
+
+# -- batching -----------------------------------------------------------------------------------------
+def _loads(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(r"^proxy_model_loads_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def _one(url: str, model: str) -> float:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 4}
+    start = time.perf_counter()
+    httpx.post(url + "/v1/chat/completions", json=body, timeout=600).raise_for_status()
+    return time.perf_counter() - start
+
+
+def batching(requests: int, concurrency: int, bounds: dict[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, bound in bounds.items():
+        proxy = _pair(max_wait_for_switch=bound, max_queue=requests * 2)
+        try:
+            _one(proxy.url, A)
+            before = _loads(proxy.url)
+            quiet()
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                urls = [proxy.url] * requests
+                waits = list(pool.map(_one, urls, [(A, B)[i % 2] for i in range(requests)]))
+            total = time.perf_counter() - start
+            out[label] = {
+                "max_wait_for_switch_s": bound,
+                "switches": _loads(proxy.url) - before,
+                "total_s": total,
+                "longest_wait_s": max(waits),
+                "median_wait_s": median(waits),
+            }
+        finally:
+            proxy.stop()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--memory", action="store_true", help="estimate against measured memory (the default)")
+    parser.add_argument("--switch", action="store_true", help="switch TTFT against a bare cold load")
+    parser.add_argument("--batching", action="store_true", help="64 alternating requests: batches vs arrival order")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warm-spare", choices=["on", "off", "both"], default="both")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 16 requests")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else args.rounds
+    rows: list[tuple[str, str]] = []
+    if args.switch:
+        variants = ["off", "on"] if args.warm_spare == "both" else [args.warm_spare]
+        res = switch(rounds, variants)
+        path = save("switch_time", res)
+        rows += [("bare cold load, first token", f"{res['ttft_ms']['bare']:.0f} ms")]
+        for v in variants:
+            rows.append(
+                (
+                    f"switch, first token (warm_spare {v})",
+                    f"{res['ttft_ms'][v]:.0f} ms, {res['switch_over_bare'][v]:.2f}x bare (goal <= 1.15)",
+                )
+            )
+        rows.append(("results", str(Path(path).relative_to(REPO))))
+    if args.batching:
+        n = 16 if args.quick else args.requests
+        res = batching(n, args.concurrency, {"batches": 30.0, "arrival order": 0.001})
+        path = save("switch_batching", res)
+        for label, r in res.items():
+            rows.append(
+                (
+                    f"{n} requests, {label} (max_wait_for_switch {r['max_wait_for_switch_s']:g}s)",
+                    f"{r['switches']:.0f} switches, {r['total_s']:.1f} s, longest wait {r['longest_wait_s']:.1f} s",
+                )
+            )
+        speedup = res["arrival order"]["total_s"] / res["batches"]["total_s"]
+        rows.append(("batches vs arrival order (goal >= 3x)", f"{speedup:.2f}x faster"))
+        rows.append(("results", str(Path(path).relative_to(REPO))))
+    if args.memory or not (args.switch or args.batching):
+        mem = memory()
+        path = save("switch_memory", mem)
+        rows += [
+            (
+                n,
+                f"estimate {r['estimate_mb']:.0f} MiB, measured {r['measured_mb']:.0f} MiB, "
+                f"ratio {r['estimate_over_measured']:.2f}",
+            )
+            for n, r in mem.items()
+        ]
+        rows.append(("results", str(Path(path).relative_to(REPO))))
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,12 @@ from proxy.policy import Candidate, Deficit, choose_victims
 
 @dataclass(frozen=True)
 class Occupant:
-    """A model that holds memory: starting, ready or stopping."""
+    """A model that holds memory: starting, ready or stopping; or a warm spare worker (``proxy.spares``):
+    its memory counts, but it takes no model slot, is never a victim here (the manager stops spares
+    first, before it asks again) and never something to wait for."""
 
     name: str
-    state: Literal["starting", "ready", "stopping"]
+    state: Literal["starting", "ready", "stopping", "spare"]
     need: Need
     gpu: int | None
     busy: bool = False
@@ -165,7 +167,7 @@ def decide(
     # -- what is missing --------------------------------------------------------------------------------------
     free_ram = _free_ram(limits, snap, occupants)
     free_vram = _free_vram(limits, next(g for g in gpus if g.index == gpu), occupants) if gpu is not None else 0
-    count = len(occupants)
+    count = sum(1 for o in occupants if o.state != "spare")
     missing = Deficit(
         ram=need.ram - free_ram,
         vram=vram_need - free_vram if gpu is not None else 0,

@@ -44,6 +44,7 @@ from proxy.manager import ModelManager, WorkerFactory, WorkerHandle
 from proxy.metrics import Metrics
 from proxy.modellogs import LogBook
 from proxy.reload import Reloader, ReloadFrom
+from proxy.spares import Spares
 from proxy.supervisor import Worker
 
 log = logging.getLogger("proxy")
@@ -79,16 +80,17 @@ def create_app(
     bus = EventBus()
     metrics = Metrics(bus)
     logbook = LogBook(settings.log_dir, settings.log_file_bytes)
+    spares = Spares() if settings.warm_spare and worker_factory is None else None
 
     def worker(cfg: ModelConfig, runtime_dir: Path, on_exit: Callable[[WorkerHandle], None]) -> WorkerHandle:
-        return Worker(cfg, runtime_dir, on_exit, logs=logbook.model(cfg.name))
+        return Worker(cfg, runtime_dir, on_exit, logs=logbook.model(cfg.name), spares=spares)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         digests = Digests(settings.models_dir / ".cache" / "digests.json")  # /api/pull and content ids
         discovery = Discovery(settings, settings.models, digests)
         catalog = dataclasses.replace(settings, models=tuple(discovery.scan_now()))
-        manager = ModelManager(catalog, clock=clock, worker_factory=worker_factory or worker, events=bus)
+        manager = ModelManager(catalog, clock=clock, worker_factory=worker_factory or worker, events=bus, spares=spares)
         metrics.watch(manager.status)
         discovery.hash_soon(manager)
         app.state.discovery = discovery

@@ -85,6 +85,9 @@ class LimitsSection(_Strict):
     # when requests wait for models that cannot all be loaded, the loaded model serves its waiting requests
     # first; no request waits longer than this behind other models' requests before its switch comes
     max_wait_for_switch: Duration = "30s"
+    # keep one spare worker per backend (and interpreter) started, imports done, waiting for its model:
+    # a load (a switch) then skips the interpreter's start and the backend's imports (proxy/spares.py)
+    warm_spare: bool = True
     max_body_bytes: int = 32 * 1024 * 1024
     # a worker with requests in flight that uses no CPU for this long is stuck: it is killed and its
     # requests get an error ("0" turns the watchdog off)
@@ -273,6 +276,7 @@ class Settings:
     max_image_pixels: int = 4096 * 4096
     max_wait_for_switch: float = 30.0  # seconds a request waits at most behind other models' requests
     loading_comment_interval: float = 1.5  # seconds between SSE comments while a model loads
+    warm_spare: bool = True  # a spare worker per backend, imports done, for the next load (proxy/spares.py)
     data_dir: Path | None = None  # None: nothing kept across restarts (jobs live in memory)
     jobs_ttl: float = 86400.0
     jobs_max_queued: int = 1000
@@ -531,6 +535,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_image_pixels=int(worker_limits["max_image_pixels"]),
         max_wait_for_switch=_finite(raw.limits.max_wait_for_switch, file, "limits.max_wait_for_switch"),
         loading_comment_interval=_finite(raw.server.loading_comment_interval, file, "server.loading_comment_interval"),
+        warm_spare=raw.limits.warm_spare,
         data_dir=rel(raw.data_dir),
         jobs_ttl=_finite(raw.jobs.ttl, file, "jobs.ttl"),
         jobs_max_queued=_positive(raw.jobs.max_queued, file, "jobs.max_queued"),

@@ -44,7 +44,8 @@ from proxy.events import EventBus, LoadEnded, LoadProgress, LoadStarted, StateCh
 from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
 from proxy.nvml import Nvml
 from proxy.policy import backoff
-from proxy.supervisor import Worker
+from proxy.spares import SpareKey, Spares
+from proxy.supervisor import Worker, worker_env
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.manager")
@@ -248,8 +249,10 @@ class ModelManager:
         probe: MemoryProbe | None = None,
         store: MemoryStore | None = None,
         events: EventBus | None = None,
+        spares: Spares | None = None,
     ) -> None:
         self.settings = settings
+        self.spares = spares  # warm spare workers (proxy.spares), counted in admission; None: off
         self.events = events or EventBus()  # what happens to models is published here (proxy.events)
         self.clock = clock or SystemClock()
         self.probe: MemoryProbe = probe or SystemProbe(Nvml.open())
@@ -460,6 +463,8 @@ class ModelManager:
                         await self._ensure_need(rt)
                         continue
                     decision = self._decide(rt)
+                    if (decision.kind != "start" or decision.reason) and self._dismiss_spares(rt):
+                        continue  # the warm spares of other backends were in the way: decide again without them
                     # the models in its way, while requests for it wait (those it unloads too: the switch
                     # it waits for until it starts)
                     rt.blockers = tuple(dict.fromkeys((*rt.blockers, *decision.blockers, *decision.victims)))
@@ -637,14 +642,59 @@ class ModelManager:
     def snapshot(self) -> Snapshot:
         return Snapshot(self.probe.ram_total(), self.probe.ram_available(), self.probe.gpus())
 
+    # -- warm spares: what they hold counts like a model's need; the first to go when room is wanted ----
+    def _spare_is_for(self, rt: Runtime, key: SpareKey) -> bool:
+        """Would ``rt``'s worker be this spare? (Its interpreter and backend; its GPU is not known yet.)"""
+        mine = SpareKey.of(rt.config)
+        return mine is not None and (mine.python, mine.entry) == (key.python, key.entry)
+
+    def _spare_occupants(self, rt: Runtime) -> tuple[list[Occupant], int]:
+        """The other backends' spares as occupants (their RSS and VRAM now), and the RSS of ``rt``'s own
+        spare: that memory is already taken on the box but becomes ``rt``'s worker, so it is not missing."""
+        if self.spares is None:
+            return [], 0
+        out, mine = [], 0
+        for spare in self.spares.waiting():
+            ram = self.probe.rss(spare.pid) or 0
+            if self._spare_is_for(rt, spare.key):
+                mine += ram
+                continue
+            held: list[tuple[int | None, int]] = [*sorted(self.probe.vram(spare.pid).items())] or [(None, 0)]
+            for gpu, vram in held:
+                out.append(Occupant(f"(spare {spare.key.describe()})", "spare", Need(ram, vram, "measured"), gpu))
+                ram = 0  # a spare's RAM counted once, with its first GPU
+        return out, mine
+
+    def _replenish_spare(self, rt: Runtime) -> None:
+        """A model of this kind is loaded and idle: have a spare of its kind ready for the next load. Not
+        earlier: on a small box the spare's imports would slow this load and its first answers."""
+        placed = self._placed(rt)
+        key = SpareKey.of(placed) if self.spares is not None and not rt.retired else None
+        if self.spares is not None and key is not None:
+            self.spares.replenish(key, worker_env(placed.env))
+
+    def _dismiss_spares(self, rt: Runtime) -> bool:
+        """Stop the spares that are not ``rt``'s (their memory is wanted); True when there were any."""
+        if self.spares is None:
+            return False
+        keep = next((s.key for s in self.spares.waiting() if self._spare_is_for(rt, s.key)), None)
+        if not self.spares.dismiss_except(keep):
+            return False
+        self._stopped_at = self.clock.monotonic()  # the box gives their memory back in a moment
+        return True
+
     def _decide(self, rt: Runtime, need: Need | None = None) -> Any:
         recovering = self.clock.monotonic() < self._stopped_at + self.settings.memory.recovery_timeout
+        spares, mine = self._spare_occupants(rt)
+        snap = self.snapshot()
+        if mine:
+            snap = dataclasses.replace(snap, ram_available=snap.ram_available + mine)
         return decide(
             rt.config.name,
             need or rt.need or Need(0, 0, "unknown"),
             rt.config.gpus,
-            self._occupants(rt),
-            self.snapshot(),
+            [*self._occupants(rt), *spares],
+            snap,
             self.settings.memory,
             self.settings.max_loaded_models,
             recovering,
@@ -777,6 +827,7 @@ class ModelManager:
         if rt.state is not State.READY or rt.in_flight > 0 or rt.waiters > 0 or rt.draining:
             return
         self._cancel_idle(rt)
+        self._replenish_spare(rt)
         if rt.retired or rt.pending is not None:
             self._forget_or_stop(rt)
         elif rt.keep_alive <= 0:
@@ -1064,6 +1115,8 @@ class ModelManager:
             if rt.worker is not None
         ]
         await asyncio.gather(*stops, return_exceptions=True)
+        if self.spares is not None:
+            await self.spares.close()
         with contextlib.suppress(OSError):
             for path in self._runtime_dir.iterdir():
                 path.unlink()
@@ -1071,6 +1124,8 @@ class ModelManager:
         atexit.unregister(self._kill_all_sync)
 
     def _kill_all_sync(self) -> None:
+        if self.spares is not None:
+            self.spares.kill_sync()
         for rt in self._runtimes.values():
             if rt.worker is not None:
                 rt.worker.kill_sync()
@@ -1126,6 +1181,12 @@ class ModelManager:
 
         reports = await asyncio.gather(*(ask(rt) for rt in ready))
         return {rt.config.name: r for rt, r in zip(ready, reports, strict=True) if r is not None}
+
+    def spare_status(self) -> list[dict[str, Any]]:
+        """The warm spares, for /status: backend, pid, state (importing, waiting) and RSS."""
+        if self.spares is None:
+            return []
+        return [{**s, "rss_bytes": self.probe.rss(int(str(s["pid"])))} for s in self.spares.status()]
 
     def is_loaded(self, name: str) -> bool:
         return self._runtime(name).state is State.READY

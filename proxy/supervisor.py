@@ -22,6 +22,7 @@ from typing import Any
 from proxy.config import ModelConfig
 from proxy.errors import LoadTimeout, ModelLoadFailed
 from proxy.modellogs import ModelLog
+from proxy.spares import SpareKey, Spares, handoff_line
 from proxy.upstream import Upstream
 from proxy.wire import read_progress
 
@@ -61,8 +62,10 @@ class Worker:
         on_exit: Callable[[Worker], None],
         *,
         logs: ModelLog | None = None,
+        spares: Spares | None = None,
     ) -> None:
         self.config = config
+        self.spares = spares  # warm spare workers (proxy.spares): the start takes the one of its key
         self.runtime_dir = runtime_dir
         self.on_exit = on_exit
         self.process: asyncio.subprocess.Process | None = None
@@ -79,6 +82,7 @@ class Worker:
         self._watch: asyncio.Task[None] | None = None
         # its load's progress lines (proxy.wire.progress_line) until it is ready: fraction 0..1 and phase
         self.on_progress: Callable[[float, str], None] | None = None
+        self.from_spare = False  # it was a warm spare (its imports done before its spec came)
 
     @property
     def pid(self) -> int | None:
@@ -98,7 +102,14 @@ class Worker:
             argv = [sys.executable, "-m", "proxy.worker.guard", str(os.getpid()), "--", *cmd]
             return argv, None, f"http://127.0.0.1:{port}"
         sock = str(self.runtime_dir / f"{abs(hash((cfg.name, id(self))))}.sock")
-        spec = {
+        python = cfg.python or sys.executable
+        argv = [python, "-m", "proxy.worker", "--socket", sock, "--spec", json.dumps(self._spec())]
+        argv += ["--parent-pid", str(os.getpid())]
+        return argv, sock, "http://worker"
+
+    def _spec(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
             "backend": cfg.backend,
             "entry": cfg.facts.entry,
             "name": cfg.name,
@@ -108,10 +119,6 @@ class Worker:
             "cache_dir": str(cfg.cache_dir) if cfg.cache_dir else None,
             "limits": dict(cfg.worker_limits),
         }
-        python = cfg.python or sys.executable
-        argv = [python, "-m", "proxy.worker", "--socket", sock, "--spec", json.dumps(spec)]
-        argv += ["--parent-pid", str(os.getpid())]
-        return argv, sock, "http://worker"
 
     def _env(self) -> dict[str, str]:
         return worker_env(self.config.env)
@@ -126,6 +133,8 @@ class Worker:
             text = line.decode("utf-8", "replace").rstrip()
             if watch_ready and text.startswith('{"event": "ready"'):
                 self._ready.set()
+                continue
+            if watch_ready and text.startswith('{"event": "spare"'):  # a spare taken while it imported
                 continue
             progress = read_progress(text) if watch_ready else None
             if progress is not None:
@@ -157,17 +166,25 @@ class Worker:
                 raise ModelLoadFailed(f"model '{cfg.name}': the server at {cfg.url} is not reachable")
             return
         argv, sock, base_url = self._argv()
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                env=self._env(),
-            )
-        except OSError as exc:
-            raise ModelLoadFailed(f"model '{cfg.name}': cannot start its worker: {exc}") from exc
+        key = SpareKey.of(cfg) if self.spares is not None and sock is not None else None
+        spare = await self.spares.take(key) if self.spares is not None and key is not None else None
+        if spare is not None and sock is not None:
+            self.process, self.from_spare = spare.process, True
+            assert self.process.stdin is not None
+            self.process.stdin.write(handoff_line(sock, self._spec()))
+            self.process.stdin.close()  # one line; a spare that died already fails below, like any worker
+        else:
+            try:
+                self.process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True,
+                    env=self._env(),
+                )
+            except OSError as exc:
+                raise ModelLoadFailed(f"model '{cfg.name}': cannot start its worker: {exc}") from exc
         internal = sock is not None
         self._readers = [
             asyncio.create_task(self._read(self.process.stdout, watch_ready=internal)),

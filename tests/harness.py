@@ -101,7 +101,8 @@ class LiveProxy:
         config: dict[str, Any] = {
             "server": {"host": "127.0.0.1", "port": 0, "cors_origins": cors or [], **(server or {})},
             "defaults": {"keep_alive": "5m", "load_timeout": "60s", "unload_grace": "5s", **(defaults or {})},
-            "limits": {"max_loaded_models": 3, "max_queue": 64, **(limits or {})},
+            # no warm spares unless a test asks (tests/test_spares_real.py): other tests count the workers
+            "limits": {"max_loaded_models": 3, "max_queue": 64, "warm_spare": False, **(limits or {})},
             "log_level": "info",
         }
         if allowed_hosts:

@@ -64,6 +64,7 @@ async def status(request: Request) -> Response:
             "queued": manager.queued,
             "max_loaded_models": services(request).settings.max_loaded_models,
             "memory": manager.memory_status(),
+            "spares": manager.spare_status(),
         }
     )
 

@@ -1,5 +1,8 @@
 """``python -m proxy.worker``: one model in one process, serving the internal API on a socket.
 
+A warm spare (``--spare ENTRY``, see ``proxy.spares``) does its imports first, says
+``{"event": "spare"}``, and gets its socket and spec as one JSON line on stdin; from there it is the same.
+
 The proxy passes a JSON spec (backend, its entry point, served name, model file, options): the
 worker knows no backend table of its own (``proxy.backends`` is the proxy's). The socket is bound
 before the model loads, so nothing connects too early; when the model is loaded the worker
@@ -136,17 +139,34 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m proxy.worker")
-    parser.add_argument("--socket", required=True, help="Unix socket path to serve on")
-    parser.add_argument("--spec", required=True, help="JSON: backend, entry, name, model_path, options, parallel")
-    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process exits")
-    args = parser.parse_args(argv)
-    die_with_parent(args.parent_pid)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy stops us with SIGTERM
-    spec = json.loads(args.spec)
-    sock = _bind(args.socket)
+def _import_backend(entry: str | None) -> None:
+    """A spare's work before its spec: the backend's module and libraries (its ``prepare``, a static
+    method), and the HTTP stack the worker serves with."""
+    if entry:
+        module_name, _, class_name = entry.partition(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        prepare = getattr(cls, "prepare", None)
+        if prepare is not None:
+            prepare()
+    import asyncio  # noqa: F401
+
+    import uvicorn  # noqa: F401
+
+    import proxy.worker.server  # noqa: F401
+
+
+def _wait_for_spec() -> tuple[str, dict[str, Any]] | None:
+    """A spare: one line on stdin, ``{"socket": ..., "spec": ...}``; None when stdin closes (dismissed)."""
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    handoff = json.loads(line)
+    return str(handoff["socket"]), dict(handoff["spec"])
+
+
+def run(socket_path: str, spec: dict[str, Any]) -> None:
+    """Serve ``spec``'s model on ``socket_path`` (the socket is bound before the model loads)."""
+    sock = _bind(socket_path)
     say(progress_line(0.0, "importing"))
     backend = make_backend(spec)
     # Imports first, in this thread (they hold the GIL); then the weights load in a thread, mostly in C
@@ -159,6 +179,32 @@ def main(argv: list[str] | None = None) -> None:
     import asyncio  # here, not at the top: its import overlaps the load (llama.cpp's start is a bench goal)
 
     raise SystemExit(asyncio.run(_serve(backend, loading, int(spec.get("parallel", 1)), sock)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m proxy.worker")
+    parser.add_argument("--socket", help="Unix socket path to serve on")
+    parser.add_argument("--spec", help="JSON: backend, entry, name, model_path, options, parallel")
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process exits")
+    parser.add_argument(
+        "--spare",
+        metavar="ENTRY",
+        help="a warm spare for this backend entry point: import it, say so, then read the socket and spec on stdin",
+    )
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent_pid)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy stops us with SIGTERM
+    if args.spare is not None:
+        _import_backend(args.spare)
+        say(json.dumps({"event": "spare", "pid": os.getpid()}))
+        handoff = _wait_for_spec()
+        if handoff is None:
+            raise SystemExit(0)
+        run(*handoff)
+    if args.socket is None or args.spec is None:
+        parser.error("--socket and --spec are required (or --spare)")
+    run(args.socket, json.loads(args.spec))
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ class Backend(Protocol):
 
     name: str
 
-    def prepare(self) -> None:
-        """Optional: import the backend's libraries (called in the main thread before ``load``)."""
+    @staticmethod
+    def prepare() -> None:
+        """Optional, a static method: import the backend's libraries (called in the main thread before
+        ``load``; a warm spare calls it on the class, before any model is known)."""
 
     def load(self) -> None:
         """Load the weights; called once, in a thread, before any request."""

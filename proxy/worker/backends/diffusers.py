@@ -73,7 +73,8 @@ class DiffusersBackend:
         self.busy = False
         self._loaded_parts = 0.0  # pipeline components loaded / all of them, while it loads
 
-    def prepare(self) -> None:
+    @staticmethod
+    def prepare() -> None:
         import diffusers  # noqa: F401
         import torch  # noqa: F401
 

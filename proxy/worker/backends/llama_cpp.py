@@ -86,7 +86,8 @@ class LlamaCppBackend:
         opts = {k: v for k, v in self.options.items() if v is not None}
         return Llama(model_path=self.model_path, verbose=False, **opts, **extra)
 
-    def prepare(self) -> None:
+    @staticmethod
+    def prepare() -> None:
         import llama_cpp  # noqa: F401  (the import is the point: see proxy.worker.__main__)
 
     def load(self) -> None:

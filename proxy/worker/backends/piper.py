@@ -23,7 +23,8 @@ class PiperBackend:
         self.sample_rate = 0
         self.speakers: dict[str, int] = {}
 
-    def prepare(self) -> None:
+    @staticmethod
+    def prepare() -> None:
         import piper  # noqa: F401  (imported before the load thread starts)
 
     def load(self) -> None:

@@ -156,7 +156,8 @@ class WhisperBackend:
         self.device = "cpu"
         self.compute_type = "int8"
 
-    def prepare(self) -> None:
+    @staticmethod
+    def prepare() -> None:
         import faster_whisper  # noqa: F401  (imported before the load thread starts)
 
     def load(self) -> None:

@@ -34,7 +34,8 @@ class XttsBackend:
         self._latents: dict[str, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
-    def prepare(self) -> None:
+    @staticmethod
+    def prepare() -> None:
         import torch  # noqa: F401
         from TTS.tts.models.xtts import Xtts  # noqa: F401
 

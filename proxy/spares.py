@@ -1,0 +1,201 @@
+"""Warm spare workers: one per backend (and interpreter, and environment), started and imported ahead of need.
+
+A model's load spends a large part of its time before its weights: the interpreter's start and the backend's
+imports (llama_cpp, torch, ...) and the worker's HTTP stack. None of that needs the model's memory, so a
+switch (unload A, load B) can have it done already: a spare is ``python -m proxy.worker --spare ENTRY``,
+which imports, says ``{"event": "spare"}`` and waits for one line on stdin with its socket and spec; from
+there it is an ordinary worker (``proxy.worker.__main__``). ``supervisor.Worker.start`` takes the spare
+of its key when there is one, and asks for a new one once its own load is ready (not before: on a small box
+the two would contend for the CPU).
+
+Spares live like workers: their own process group, ``PR_SET_PDEATHSIG`` to the proxy (``--parent-pid``), so
+a proxy killed by SIGKILL leaves none; ``close`` at shutdown, ``kill_sync`` at interpreter exit. Their memory
+is the manager's to count (``waiting``: pid and key; the manager reads their RSS and VRAM with its probe and
+kills them first when a model needs the room: ``dismiss_except``). ``limits.warm_spare: false`` makes none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from proxy.config import ModelConfig
+
+log = logging.getLogger("proxy.spares")
+
+
+@dataclass(frozen=True)
+class SpareKey:
+    """What a spare must share with the worker it becomes: interpreter, backend entry point, environment."""
+
+    python: str
+    entry: str
+    env: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> SpareKey | None:
+        """The key of a model's worker (its placed config: CUDA_VISIBLE_DEVICES included); None for an
+        external server, which has no spare."""
+        if config.facts.entry is None or config.url is not None:
+            return None
+        return cls(config.python or sys.executable, config.facts.entry, tuple(sorted(config.env.items())))
+
+    def describe(self) -> str:
+        return self.entry.rpartition(".")[2].partition(":")[0]
+
+
+@dataclass(eq=False)
+class Spare:
+    key: SpareKey
+    process: asyncio.subprocess.Process
+    ready: bool = False  # its imports are done (it said so)
+    readers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class Spares:
+    """At most one spare per key. All calls from the event loop."""
+
+    def __init__(self) -> None:
+        self._spares: dict[SpareKey, Spare] = {}
+        self._starting: set[SpareKey] = set()
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- what the manager reads ---------------------------------------------------------------------
+    def waiting(self) -> list[Spare]:
+        return list(self._spares.values())
+
+    def status(self) -> list[dict[str, object]]:
+        return [
+            {"backend": s.key.describe(), "pid": s.pid, "state": "waiting" if s.ready else "importing"}
+            for s in self._spares.values()
+        ]
+
+    # -- take, replenish ------------------------------------------------------------------------------
+    async def take(self, key: SpareKey) -> Spare | None:
+        """The spare of this key, now the caller's (its pipes free for the caller's readers); None if none."""
+        spare = self._spares.pop(key, None)
+        if spare is None or spare.process.returncode is not None:
+            return None
+        for task in spare.readers:
+            task.cancel()
+        await asyncio.gather(*spare.readers, return_exceptions=True)
+        spare.readers = []
+        log.info("warm spare %s (pid %s) taken", key.describe(), spare.pid)
+        return spare
+
+    def replenish(self, key: SpareKey, env: Mapping[str, str]) -> None:
+        """Start a spare of this key in the background, unless one is there or on its way."""
+        if self._closed or key in self._spares or key in self._starting:
+            return
+        self._starting.add(key)
+        task = asyncio.get_running_loop().create_task(self._spawn(key, env))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _spawn(self, key: SpareKey, env: Mapping[str, str]) -> None:
+        argv = [key.python, "-m", "proxy.worker", "--spare", key.entry, "--parent-pid", str(os.getpid())]
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                env=dict(env),
+            )
+        except OSError as exc:
+            log.warning("cannot start a warm spare for %s: %s", key.describe(), exc)
+            return
+        finally:
+            self._starting.discard(key)
+        spare = Spare(key, process)
+        if self._closed:
+            await _end(spare)
+            return
+        self._spares[key] = spare
+        spare.readers = [
+            asyncio.create_task(self._read(spare, process.stdout)),
+            asyncio.create_task(self._read(spare, process.stderr)),
+        ]
+        log.debug("warm spare %s starting (pid %s)", key.describe(), process.pid)
+
+    async def _read(self, spare: Spare, stream: asyncio.StreamReader | None) -> None:
+        """Its output until it is taken (import warnings, its "spare" line); at EOF, it is gone."""
+        if stream is None:
+            return
+        while True:
+            line = await stream.readline()
+            if not line:
+                break
+            text = line.decode("utf-8", "replace").rstrip()
+            if text.startswith('{"event": "spare"'):
+                spare.ready = True
+                log.info("warm spare %s ready (pid %s)", spare.key.describe(), spare.pid)
+            else:
+                log.debug("[spare %s] %s", spare.key.describe(), text)
+        if self._spares.get(spare.key) is spare:  # it exited before it was taken
+            del self._spares[spare.key]
+            code = await spare.process.wait()
+            if not self._closed:
+                log.warning("warm spare %s (pid %s) exited with code %s", spare.key.describe(), spare.pid, code)
+
+    # -- give back ------------------------------------------------------------------------------------
+    def dismiss_except(self, keep: SpareKey | None) -> list[int]:
+        """SIGKILL every spare but ``keep``'s (a model needs their memory); their pids. Reaped in the background."""
+        gone = [s for k, s in self._spares.items() if k != keep]
+        for spare in gone:
+            del self._spares[spare.key]
+            _signal(spare, signal.SIGKILL)
+            task = asyncio.get_running_loop().create_task(_end(spare))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            log.info("warm spare %s (pid %s) stopped: its memory is wanted", spare.key.describe(), spare.pid)
+        return [s.pid for s in gone]
+
+    async def close(self) -> None:
+        self._closed = True
+        spares, self._spares = list(self._spares.values()), {}
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(_end(s) for s in spares), return_exceptions=True)
+
+    def kill_sync(self) -> None:
+        for spare in self._spares.values():
+            _signal(spare, signal.SIGKILL)
+
+
+def _signal(spare: Spare, sig: int) -> None:
+    if spare.process.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(spare.pid, sig)
+
+
+async def _end(spare: Spare) -> None:
+    """Dismiss it (stdin closed: it exits) and reap it; SIGKILL when it does not go."""
+    if spare.process.stdin is not None:
+        spare.process.stdin.close()
+    _signal(spare, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(spare.process.wait(), timeout=2)
+    except TimeoutError:
+        _signal(spare, signal.SIGKILL)
+        await spare.process.wait()
+    for task in spare.readers:
+        task.cancel()
+    await asyncio.gather(*spare.readers, return_exceptions=True)
+
+
+def handoff_line(socket_path: str, spec: Mapping[str, object]) -> bytes:
+    """What a spare reads on stdin to become a worker."""
+    return (json.dumps({"socket": socket_path, "spec": dict(spec)}) + "\n").encode()
