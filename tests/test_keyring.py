@@ -3,6 +3,7 @@ from api_tokens.yml and from headers. The same rules on the live path are in tes
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 
@@ -96,11 +97,10 @@ def test_a_bad_tokens_file_names_the_file_and_the_problem(tmp_path: Path, text: 
         ({"authorization": "BEARER   k1 "}, "k1"),
         ({"x-api-key": "k2"}, "k2"),
         ({"authorization": "Bearer k1", "x-api-key": "k2"}, "k1"),
-        ({"authorization": "Basic k1", "x-api-key": "k2"}, "k2"),  # not a bearer token: x-api-key decides
-        ({"authorization": "Basic k1"}, None),
+        ({"authorization": "Basic " + base64.b64encode(b"user:k1").decode(), "x-api-key": "k2"}, "k1"),
+        ({"authorization": "Basic " + base64.b64encode(b"k1").decode()}, "k1"),
         ({"authorization": "Bearer ", "x-api-key": "k2"}, "k2"),
         ({"authorization": "Bearer    "}, None),
-        ({"authorization": "Bearerk1"}, None),
         ({"authorization": ""}, None),
         ({"x-api-key": ""}, None),
         ({}, None),
@@ -108,6 +108,19 @@ def test_a_bad_tokens_file_names_the_file_and_the_problem(tmp_path: Path, text: 
 )
 def test_the_key_comes_from_a_bearer_token_or_x_api_key(headers: dict[str, str], key: str | None) -> None:
     assert key_from_headers(headers) == key
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("Basic k1", "malformed Basic credentials"),  # not base64
+        ("Bearerk1", "unsupported authorization scheme Bearerk1"),
+        ("Digest x=1", "unsupported authorization scheme Digest"),
+    ],
+)
+def test_an_authorization_header_that_is_not_understood_is_a_401_that_says_why(value: str, said: str) -> None:
+    with pytest.raises(Unauthorized, match=said):
+        key_from_headers({"authorization": value, "x-api-key": "k2"})
 
 
 def test_scoped_keys_in_the_tokens_file_and_the_principal_they_give(tmp_path: Path) -> None:
