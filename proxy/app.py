@@ -14,7 +14,20 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from proxy import rundirs
-from proxy.api import admin, anthropic, images, infer, jobs, ollama, openai, ops, responses, speech, transcription
+from proxy.api import (
+    admin,
+    anthropic,
+    images,
+    infer,
+    jobs,
+    ollama,
+    openai,
+    openapi,
+    ops,
+    responses,
+    speech,
+    transcription,
+)
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
 from proxy.api.observe import RequestEvents
@@ -33,7 +46,7 @@ from proxy.supervisor import Worker
 log = logging.getLogger("proxy")
 
 # each API module brings its own routes (one module per dialect or kind of model)
-ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, ops, transcription, speech, images, infer, jobs]
+ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, ops, transcription, speech, images, infer, jobs, openapi]
 
 
 def create_app(
