@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import schemathesis
+from schemathesis.core.result import Ok
 from starlette.routing import Route
 
 from proxy.api import openapi
@@ -51,7 +52,7 @@ def test_the_document_is_valid_openapi_with_resolvable_schemas() -> None:
     doc = openapi.document()
     assert doc["openapi"].startswith("3.1")
     schema = schemathesis.openapi.from_dict(doc)  # validates the document against the OpenAPI 3.1 schema
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
     assert len(operations) == sum(len(ops) for ops in doc["paths"].values())
     names = set(doc["components"]["schemas"])
     refs = {ref.rsplit("/", 1)[1] for ref in _strings(doc) if ref.startswith("#/components/schemas/")}
