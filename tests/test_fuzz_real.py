@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -147,10 +148,12 @@ def _fuzz(proxy: LiveProxy, operation: Any, mode: GenerationMode) -> None:
             case.body = _cap(case.body)
         if isinstance(case.query, dict) and "wait" in case.query:
             case.query["wait"] = 100
-        endless = path in ENDLESS
-        response = case.call(base_url=proxy.url, headers=ADMIN, timeout=120, stream=endless)
-        if endless:
-            response.close()
+        if path in ENDLESS:  # the status line, then away (schemathesis would read the body to its end)
+            kwargs = case.as_transport_kwargs(base_url=proxy.url, headers=ADMIN)
+            with requests.request(**kwargs, stream=True, timeout=60) as streamed:
+                assert streamed.status_code < 500, (streamed.status_code, case.as_curl_command(base_url=proxy.url))
+            return
+        response = case.call(base_url=proxy.url, headers=ADMIN, timeout=120)
         case.validate_response(response, checks=[not_a_server_error], headers=ADMIN)
 
     run()
@@ -172,7 +175,7 @@ def test_no_operation_answers_5xx_nor_crashes_a_worker(proxy: LiveProxy) -> None
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             try:
                 _fuzz(proxy, operation, mode)
-            except Exception as exc:  # noqa: BLE001 (collected: one report of every failing operation)
+            except (Exception, BaseExceptionGroup) as exc:  # collected: one report of every failing operation
                 failures.append(f"{operation.method.upper()} {operation.path} ({mode.value}): {exc}"[:3000])
     assert not failures, "\n\n".join(failures)
 
