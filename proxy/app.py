@@ -21,12 +21,14 @@ from proxy.api import (
     infer,
     jobs,
     ollama,
+    ollama_models,
     openai,
     openapi,
     ops,
     responses,
     speech,
     transcription,
+    ui,
 )
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
@@ -35,7 +37,8 @@ from proxy.api.security import RequestGuard
 from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
 from proxy.config import ModelConfig, Settings
-from proxy.discovery import ContentIds, Discovery
+from proxy.digests import Digests
+from proxy.discovery import Discovery
 from proxy.events import EventBus
 from proxy.jobs import Jobs, JobStore
 from proxy.manager import ModelManager, WorkerFactory, WorkerHandle
@@ -46,7 +49,22 @@ from proxy.supervisor import Worker
 log = logging.getLogger("proxy")
 
 # each API module brings its own routes (one module per dialect or kind of model)
-ROUTE_MODULES = [openai, anthropic, responses, ollama, admin, ops, transcription, speech, images, infer, jobs, openapi]
+ROUTE_MODULES = [
+    openai,
+    anthropic,
+    responses,
+    ollama,
+    ollama_models,
+    admin,
+    ops,
+    transcription,
+    speech,
+    images,
+    infer,
+    jobs,
+    ui,
+    openapi,
+]
 
 
 def create_app(
@@ -56,7 +74,7 @@ def create_app(
     clock: Clock | None = None,
     worker_factory: WorkerFactory | None = None,
 ) -> Starlette:
-    keyring = keys if keys is not None else KeyRing.load(settings.api_tokens)
+    keyring = keys if keys is not None else KeyRing.load(settings.api_tokens, settings.jwt_secret)
     clock = clock or SystemClock()
     bus = EventBus()
     metrics = Metrics(bus)
@@ -67,9 +85,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        discovery = Discovery(
-            settings, settings.models, ContentIds(settings.models_dir / ".cache" / "content_ids.json")
-        )
+        digests = Digests(settings.models_dir / ".cache" / "digests.json")  # /api/pull and content ids
+        discovery = Discovery(settings, settings.models, digests)
         catalog = dataclasses.replace(settings, models=tuple(discovery.scan_now()))
         manager = ModelManager(catalog, clock=clock, worker_factory=worker_factory or worker, events=bus)
         metrics.watch(manager.status)
@@ -89,7 +106,14 @@ def create_app(
         lock = rundirs.hold(runtime_dir)
         rundirs.sweep(runtime_dir.parent, keep=runtime_dir)
         app.state.services = Services(
-            settings=catalog, manager=manager, keys=keyring, clock=clock, events=bus, metrics=metrics, logs=logbook
+            settings=catalog,
+            manager=manager,
+            keys=keyring,
+            clock=clock,
+            events=bus,
+            metrics=metrics,
+            logs=logbook,
+            digests=digests,
         )
         if keyring.open:
             where = settings.api_tokens or "api_tokens: null"

@@ -51,6 +51,8 @@ class ServerSection(_Strict):
     log_dir: str | None = "logs"
     # while a model loads, a streamed /v1/* answer sends an SSE comment (": loading NAME 40%") this often
     loading_comment_interval: Duration = "1.5s"
+    # /v1/audio/voices and /v1/audio/models answer without a key (Open WebUI asks for them with none)
+    public_audio_listings: bool = True
 
 
 class DefaultsSection(_Strict):
@@ -86,6 +88,10 @@ class LimitsSection(_Strict):
     # a worker with requests in flight that uses no CPU for this long is stuck: it is killed and its
     # requests get an error ("0" turns the watchdog off)
     stall_timeout: Duration = "60s"
+    # a request that gets no bytes from its worker for this long (counted from the last byte, or from the
+    # request's send for the first: a prompt's prefill and a whole answer that is not streamed count) ends
+    # with an error, and the worker is killed and restarted on the next request ("0" turns it off)
+    worker_idle_timeout: Duration = "300s"
     # a JSON body's own limit (max_body_bytes still bounds uploads such as transcriptions)
     max_json_bytes: int = 8 * 1024 * 1024
     # a large JSON body may hold at most this many objects, arrays, strings and numbers
@@ -110,6 +116,11 @@ class JobsSection(_Strict):
     max_queued: int = 1000
 
 
+class AuthSection(_Strict):
+    # HS256 secret for JWT bearer tokens (at least 32 bytes); none: the SECRET_KEY environment variable, if set
+    jwt_secret: str | None = None
+
+
 class ConfigFile(_Strict):
     server: ServerSection = msgspec.field(default_factory=ServerSection)
     models_dir: str = "models"
@@ -117,6 +128,7 @@ class ConfigFile(_Strict):
     api_tokens: str | None = "api_tokens.yml"  # null: no keys, open on purpose
     defaults: DefaultsSection = msgspec.field(default_factory=DefaultsSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    auth: AuthSection = msgspec.field(default_factory=AuthSection)
     log_level: str = "info"
     data_dir: str = "data"  # what the proxy keeps across restarts (the jobs database), beside config.yml
     jobs: JobsSection = msgspec.field(default_factory=JobsSection)
@@ -217,6 +229,7 @@ class ModelConfig:
     worker_limits: Mapping[str, float] = field(default_factory=dict)
     priority: int = 0
     loading_feedback: bool = True  # SSE comments while it loads (proxy.loading)
+    idle_timeout: float = 300.0  # limits.worker_idle_timeout (0: off)
 
     @property
     def facts(self) -> BackendInfo:
@@ -262,6 +275,9 @@ class Settings:
     metrics_public: bool = True  # /metrics without a key
     log_dir: Path | None = None  # each model's worker output as <log_dir>/<model>.log; None: no files
     log_file_bytes: int = 10 * 1024 * 1024  # rotated past this size
+    public_audio_listings: bool = True  # the audio voices and models lists need no key
+    worker_idle_timeout: float = 300.0  # 0: off
+    jwt_secret: str | None = None  # auth.jwt_secret, else $SECRET_KEY; None: no JWTs
 
 
 def _read_yaml(path: Path) -> Any:
@@ -414,6 +430,7 @@ def _model(
         parallel=_positive(raw.parallel, file, "parallel"),
         load_timeout=load_timeout if load_timeout is not None else settings_defaults["load_timeout"],
         unload_grace=settings_defaults["unload_grace"],
+        idle_timeout=settings_defaults.get("idle_timeout") or 0.0,
         capabilities=capabilities,
         vision=raw.vision,
         details=raw.details,
@@ -444,6 +461,8 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         "load_timeout": _seconds(raw.defaults.load_timeout, file, "defaults.load_timeout"),
         "unload_grace": _seconds(raw.defaults.unload_grace, file, "defaults.unload_grace"),
     }
+    idle = _seconds(raw.limits.worker_idle_timeout, file, "limits.worker_idle_timeout") or 0.0
+    defaults["idle_timeout"] = 0.0 if math.isinf(idle) else idle
     for key in ("load_timeout", "unload_grace"):
         value = defaults[key]
         if value is None or math.isinf(value):
@@ -509,6 +528,9 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         log_file_bytes=_positive(
             _size(raw.limits.log_file_bytes, file, key := "limits.log_file_bytes") or 0, file, key
         ),
+        public_audio_listings=raw.server.public_audio_listings,
+        worker_idle_timeout=defaults["idle_timeout"] or 0.0,
+        jwt_secret=raw.auth.jwt_secret or os.environ.get("SECRET_KEY") or None,
     )
 
 

@@ -10,7 +10,7 @@
 A YAML in ``configs/`` that names the same weights (or a name already taken) wins. A file that cannot be
 read is skipped with a warning. Each discovered model also answers to a content id: the first
 ``ID_LENGTH`` hex digits of the sha256 of its weights, computed in a thread (never on the event loop),
-once per path + size + mtime (cached in ``models/.cache/content_ids.json``).
+once per path + size + mtime (``proxy.digests``, cached in ``models/.cache/digests.json``).
 
 No I/O on import; ``scan`` reads directory entries and a few bytes per file (start-up, ``POST
 /models/rescan``: run it in a thread from async code).
@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
-import os
 import re
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +31,7 @@ import anyio.to_thread
 
 from proxy.backends import Backend
 from proxy.config import ModelConfig, Settings, model_from_options
+from proxy.digests import Digests
 from proxy.errors import ConfigError, ModelNotFound
 from proxy.manager import ModelManager
 
@@ -167,74 +164,14 @@ def scan(settings: Settings, configured: tuple[ModelConfig, ...]) -> list[ModelC
 
 
 # -- content ids -------------------------------------------------------------------------------------
-def _files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts))
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    """(total size, latest mtime in ns) of a file or a folder's files."""
-    stats = [f.stat() for f in _files(path)]
-    return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
-
-
-def _sha256(path: Path) -> str:
-    """A file's sha256; a folder's: over each file's relative path and bytes, in sorted order."""
-    digest = hashlib.sha256()
-    root = path if path.is_dir() else path.parent
-    for f in _files(path):
-        if path.is_dir():
-            digest.update(str(f.relative_to(root)).encode() + b"\0")
-        with f.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-class ContentIds:
-    """sha256 of weights, cached by path + size + mtime in a JSON file (None: in memory only). Blocking:
-    call ``content_id`` in a thread."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-        self._cache: dict[str, dict[str, Any]] = {}
-        if path is not None:
-            try:
-                data = json.loads(path.read_text())
-                self._cache = data if isinstance(data, dict) else {}
-            except (OSError, ValueError):
-                self._cache = {}
-
-    def content_id(self, weights: Path) -> str | None:
-        """The short content id of these weights, or None (with a warning) when they cannot be read."""
-        key = str(weights.resolve())
-        try:
-            size, mtime = _stamp(weights)
-            with self._lock:
-                hit = self._cache.get(key)
-            if hit and hit.get("size") == size and hit.get("mtime_ns") == mtime and isinstance(hit.get("sha256"), str):
-                return str(hit["sha256"])[:ID_LENGTH]
-            sha = _sha256(weights)
-        except OSError as exc:
-            log.warning("discovery: no content id for %s: %s", weights, exc)
-            return None
-        with self._lock:
-            self._cache[key] = {"size": size, "mtime_ns": mtime, "sha256": sha}
-            self._save()
-        return sha[:ID_LENGTH]
-
-    def _save(self) -> None:
-        if self._path is None:
-            return
-        try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._cache, indent=1, sort_keys=True))
-            os.replace(tmp, self._path)
-        except OSError as exc:
-            log.warning("discovery: cannot write %s: %s", self._path, exc)
+def content_id(digests: Digests, weights: Path) -> str | None:
+    """The short content id of these weights, or None (with a warning) when they cannot be read. Blocking:
+    call it in a thread."""
+    try:
+        return digests.sha256(weights)[:ID_LENGTH]
+    except OSError as exc:
+        log.warning("discovery: no content id for %s: %s", weights, exc)
+        return None
 
 
 def looks_like_content_id(name: str) -> bool:
@@ -246,10 +183,10 @@ class Discovery:
     manager (the one owner of model state) at start-up and on each rescan; content ids hashed in a
     thread afterwards and registered with the manager as they come."""
 
-    def __init__(self, settings: Settings, configured: tuple[ModelConfig, ...], ids: ContentIds) -> None:
+    def __init__(self, settings: Settings, configured: tuple[ModelConfig, ...], digests: Digests) -> None:
         self.settings = settings
         self.configured = configured
-        self.ids = ids
+        self.digests = digests
         self.found: list[ModelConfig] = []
         self._hashing: asyncio.Task[None] | None = None
 
@@ -275,7 +212,7 @@ class Discovery:
             for cfg in found:
                 if cfg.model_path is None:
                     continue
-                cid = await anyio.to_thread.run_sync(self.ids.content_id, cfg.model_path)
+                cid = await anyio.to_thread.run_sync(content_id, self.digests, cfg.model_path)
                 if cid is not None:
                     manager.add_content_id(cfg.name, cid)
 

@@ -20,6 +20,7 @@ by walking the exception's MRO, so a new subclass inherits its parent's status.
     │   ├── ModelLoadFailed              its worker failed to start (reason and log tail inside)
     │   │   └── LoadTimeout              its worker did not become ready within load_timeout
     │   └── WorkerUnavailable            its worker went away (crashed, killed) while we talked
+    │       └── WorkerHung                   it sent nothing for limits.worker_idle_timeout: killed
     ├── InsufficientMemory          507  the model needs more memory than the whole budget
     ├── ClientGone                  499  the client went away first (nginx's code; nobody reads it)
     └── UpstreamError               (the worker's status) the worker refused the request itself
@@ -57,9 +58,23 @@ class UnsupportedInput(BadRequest):
 
 
 class Unauthorized(ProxyError):
+    """Every 401 names the schemes it takes (``WWW-Authenticate``); ``api.errors`` adds Basic where it applies."""
+
     status = 401
     code = "invalid_api_key"
     openai_type = "authentication_error"
+    REALM = "llm-proxy"
+
+    def __init__(self, message: str, *, token_given: bool = False) -> None:
+        super().__init__(message)
+        self.token_given = token_given
+
+    def headers(self) -> dict[str, str]:
+        """RFC 6750's challenge: ``invalid_token`` with the reason when a key or token was sent."""
+        if not self.token_given:
+            return {"WWW-Authenticate": f'Bearer realm="{self.REALM}"'}
+        reason = self.message.replace("\\", "").replace('"', "'")
+        return {"WWW-Authenticate": f'Bearer realm="{self.REALM}", error="invalid_token", error_description="{reason}"'}
 
 
 class Forbidden(ProxyError):
@@ -121,6 +136,12 @@ class LoadTimeout(ModelLoadFailed):
 
 class WorkerUnavailable(Unavailable):
     code = "worker_unavailable"
+
+
+class WorkerHung(WorkerUnavailable):
+    """The worker sent no byte for ``limits.worker_idle_timeout``; it is killed, the next request restarts it."""
+
+    code = "worker_hung"
 
 
 class InsufficientMemory(ProxyError):

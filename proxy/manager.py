@@ -256,6 +256,7 @@ class ModelManager:
         self._seq = itertools.count()
         self._shutting_down = False
         self._estimating: asyncio.Task[None] | None = None
+        self._gguf_reads: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
         atexit.register(self._kill_all_sync)
 
@@ -601,6 +602,26 @@ class ModelManager:
             log.warning("model %s: no memory estimate (%s); admitted unchecked until measured", cfg.name, exc)
         return Need(0, 0, "unknown")
 
+    async def gguf_metadata(self, cfg: ModelConfig) -> dict[str, Any] | None:
+        """A llama.cpp model's GGUF metadata as Ollama's /api/show has it (the same reader and cache as the
+        memory estimate); None for other models or a file that cannot be read."""
+        path = cfg.model_path
+        if cfg.backend != "llama_cpp" or path is None or not path.is_file():
+            return None
+        key = memory.file_key(path)
+        facts = self.store.gguf(key)
+        if facts is None or "metadata" not in facts:  # not read yet, or read before /api/show wanted it
+            task = self._gguf_reads.get(key)
+            if task is None:  # one read per file, however many ask at once (it takes seconds)
+                task = self._gguf_reads[key] = asyncio.ensure_future(memory.read_gguf(path, cfg.python))
+                task.add_done_callback(lambda _: self._gguf_reads.pop(key, None))
+            facts = await asyncio.shield(task)
+            if facts is None:
+                return None
+            self.store.put_gguf(key, facts)
+        metadata = facts.get("metadata")
+        return dict(metadata) if isinstance(metadata, dict) else None
+
     def _measure(self, rt: Runtime, worker: WorkerHandle) -> None:
         """The worker's RSS (process tree) and VRAM now; the peak of this load is remembered."""
         if worker.pid is None:
@@ -810,20 +831,28 @@ class ModelManager:
 
         rt.watchdog = self.clock.call_later(interval, check)
 
-    def _begin_stop(self, rt: Runtime, reason: str, cause: UnloadReason) -> asyncio.Task[None]:
+    def _begin_stop(
+        self, rt: Runtime, reason: str, cause: UnloadReason, grace: float | None = None
+    ) -> asyncio.Task[None]:
+        """Stop its worker: SIGTERM, ``grace`` (its ``unload_grace`` by default), then SIGKILL; ``cause`` is
+        the unload event's reason."""
         if rt.stop_task is not None:
             return rt.stop_task
         self._cancel_idle(rt)
         rt.stop_cause = cause
         self._transition(rt, State.STOPPING, reason)
-        rt.stop_task = asyncio.create_task(self._stop(rt, rt.worker))
+        # the next load is a first load again: reset now, so a keep_alive sent while it stops wins
+        rt.keep_alive = rt.default_keep_alive
+        rt.stop_task = asyncio.create_task(
+            self._stop(rt, rt.worker, rt.config.unload_grace if grace is None else grace)
+        )
         self._notify()
         return rt.stop_task
 
-    async def _stop(self, rt: Runtime, worker: WorkerHandle | None) -> None:
+    async def _stop(self, rt: Runtime, worker: WorkerHandle | None, grace: float) -> None:
         try:
             if worker is not None:
-                await worker.stop(rt.config.unload_grace)
+                await worker.stop(grace)
         finally:
             if rt.worker is worker:
                 rt.worker = None
@@ -835,7 +864,6 @@ class ModelManager:
             rt.gpu = None
             rt.stop_task = None
             rt.loaded_at = None
-            rt.keep_alive = rt.default_keep_alive  # the next load is a first load again
             log.info("model %s: stopped", rt.config.name)
             self._forget_or_stop(rt)
             self._notify()
@@ -858,8 +886,9 @@ class ModelManager:
                 self._notify()
 
     # -- by hand ----------------------------------------------------------------------------
-    async def unload(self, name: str) -> bool:
-        """Wait for in-flight requests, then stop the worker. False when nothing was loaded."""
+    async def unload(self, name: str, *, force: bool = False) -> bool:
+        """Wait for in-flight requests at most ``unload_grace``, then stop the worker (killed at once when
+        requests are still in flight then, or with ``force``). False when nothing was loaded."""
         rt = self._runtime(name)
         if rt.state is State.STARTING and rt.start_task is not None:
             with contextlib.suppress(ProxyError):
@@ -869,11 +898,20 @@ class ModelManager:
         rt.draining = True
         self._notify()
         try:
-            while rt.in_flight > 0 and rt.state is State.READY:
-                await self._changed.wait()
+            deadline = self.clock.monotonic() + (0.0 if force else rt.config.unload_grace)
+            while rt.in_flight > 0 and rt.state is State.READY and self.clock.monotonic() < deadline:
+                await self._wait(deadline - self.clock.monotonic())
+            grace = rt.config.unload_grace
+            if force or (rt.in_flight > 0 and rt.state is State.READY):
+                grace = 0.0
+                if rt.in_flight > 0:
+                    why = "forced" if force else f"still in flight after unload_grace ({rt.config.unload_grace:g}s)"
+                    log.warning("model %s: unload: %d requests %s; killing", rt.config.name, rt.in_flight, why)
             task = rt.stop_task if rt.state is State.STOPPING else None
             if rt.state is State.READY:
-                task = self._begin_stop(rt, "unload", UnloadReason.ADMIN)
+                task = self._begin_stop(rt, "unload" if grace else "unload: killed", UnloadReason.ADMIN, grace=grace)
+            elif force and rt.worker is not None:
+                rt.worker.kill("unload forced")  # a stop under way: its SIGTERM grace is cut short
             if task is not None:
                 await asyncio.shield(task)
         finally:
@@ -881,9 +919,9 @@ class ModelManager:
             self._notify()
         return True
 
-    async def unload_all(self) -> list[str]:
+    async def unload_all(self, *, force: bool = False) -> list[str]:
         names = [rt.config.name for rt in self._runtimes.values() if rt.state in (State.READY, State.STARTING)]
-        results = await asyncio.gather(*(self.unload(n) for n in names))
+        results = await asyncio.gather(*(self.unload(n, force=force) for n in names))
         return [n for n, done in zip(names, results, strict=True) if done]
 
     async def preload(self, name: str, keep_alive: float | None = None) -> Lease:
@@ -899,6 +937,12 @@ class ModelManager:
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
+        # a GGUF still being read for /status's estimate: its subprocess goes too (read_gguf kills it)
+        tasks = [self._estimating, *(rt.need_task for rt in self._runtimes.values())]
+        reading = [t for t in tasks if t is not None and not t.done()]
+        for reader in reading:
+            reader.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
         stops = [
             self._begin_stop(rt, "shutdown", UnloadReason.SHUTDOWN)
             for rt in self._runtimes.values()
@@ -970,6 +1014,10 @@ class ModelManager:
 
     def is_loaded(self, name: str) -> bool:
         return self._runtime(name).state is State.READY
+
+    def state_of(self, name: str) -> str:
+        """Its state now (``State``'s value)."""
+        return self._runtime(name).state.value
 
     @property
     def queued(self) -> int:

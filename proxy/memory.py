@@ -336,6 +336,11 @@ async def read_gguf(path: Path, python: str | None, timeout: float = 120.0) -> d
         await proc.wait()
         log.warning("reading %s's metadata took more than %gs", path, timeout)
         return None
+    except asyncio.CancelledError:  # the proxy is stopping: the reader must not outlive it
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
     for line in out.decode(errors="replace").splitlines():
         with contextlib.suppress(ValueError):
             answer = json.loads(line)

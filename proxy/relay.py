@@ -61,7 +61,7 @@ class ObservedStream(UpstreamStream):
     streamed to the client (``timed``), of the worker's first byte (the time to first token)."""
 
     def __init__(self, stream: UpstreamStream, note: RequestNote, timed: bool) -> None:
-        super().__init__(stream.response)
+        super().__init__(stream.response, stream._hung)
         self._note = note
         self._timed = timed
 

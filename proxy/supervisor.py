@@ -151,7 +151,7 @@ class Worker:
         """Spawn the worker and return when it is ready; on failure no process is left."""
         cfg = self.config
         if cfg.url is not None:  # already running elsewhere: only routed to
-            self.upstream = Upstream(cfg.url, name=cfg.name)
+            self.upstream = Upstream(cfg.url, name=cfg.name, idle_timeout=cfg.idle_timeout)
             if not await self.upstream.health(cfg.health_path):
                 await self.upstream.aclose()
                 raise ModelLoadFailed(f"model '{cfg.name}': the server at {cfg.url} is not reachable")
@@ -174,7 +174,7 @@ class Worker:
             asyncio.create_task(self._read(self.process.stderr, watch_ready=False)),
         ]
         self.socket_path = sock
-        self.upstream = Upstream(base_url, uds=sock, name=cfg.name)
+        self.upstream = Upstream(base_url, uds=sock, name=cfg.name, idle_timeout=cfg.idle_timeout, on_hung=self._hung)
         try:
             await asyncio.wait_for(self._until_ready(internal), timeout=cfg.load_timeout)
         except TimeoutError:
@@ -295,6 +295,12 @@ class Worker:
         """SIGKILL the group now, as a crash would: the exit is reported through ``on_exit``."""
         self.kill_reason = reason
         self._signal_group(signal.SIGKILL)
+
+    def _hung(self, why: str) -> None:
+        """A request got no byte from this worker for its idle timeout (``Upstream``): kill it, once."""
+        if self.kill_reason is None and self.process is not None and self.process.returncode is None:
+            log.warning("model %s: worker %s: %s", self.config.name, self.pid, why)
+            self.kill(why)
 
     def kill_sync(self) -> None:
         """Last resort at interpreter exit, when no event loop is left to await in."""

@@ -3,23 +3,26 @@
 aiohttp rather than httpx here: on the streaming hot path its C parser costs a fraction of
 httpcore's per chunk (see bench/proxy_overhead.py). Its errors are translated here, once, into
 the domain tree: a worker that cannot be reached or goes away mid-answer is ``WorkerUnavailable``;
-an error status it sends is ``UpstreamError`` with its own message.
+an error status it sends is ``UpstreamError`` with its own message. A worker that sends no byte for
+``idle_timeout`` seconds (aiohttp's ``sock_read``: from the last byte, or from the end of the request's
+send for the first) is hung: ``on_hung`` is told (the supervisor kills it) and the call raises ``WorkerHung``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, BinaryIO
 
 import aiohttp
 
-from proxy.errors import UpstreamError, WorkerUnavailable
+from proxy.errors import UpstreamError, WorkerHung, WorkerUnavailable
 from proxy.wire import StreamEnd, sse_data
 
 _JSON = {"content-type": "application/json"}
 _GONE = (aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError)
+_SILENT = aiohttp.SocketTimeoutError  # no byte from the worker for sock_read seconds (caught before _GONE)
 
 
 def _message_of(status: int, body: bytes) -> str:
@@ -41,13 +44,16 @@ def _message_of(status: int, body: bytes) -> str:
 class UpstreamStream:
     """An open streamed answer; whoever opened it closes it (``aclose`` in a finally)."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, hung: Callable[[], WorkerHung]) -> None:
         self.response = response
+        self._hung = hung
 
     async def raw(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self.response.content.iter_any():
                 yield chunk
+        except _SILENT as exc:
+            raise self._hung() from exc
         except _GONE as exc:
             raise WorkerUnavailable("the worker went away mid-answer") from exc
 
@@ -55,6 +61,8 @@ class UpstreamStream:
         try:
             async for line in self.response.content:
                 yield line.decode("utf-8").rstrip("\r\n")
+        except _SILENT as exc:
+            raise self._hung() from exc
         except _GONE as exc:
             raise WorkerUnavailable("the worker went away mid-answer") from exc
 
@@ -80,12 +88,30 @@ class UpstreamStream:
 
 
 class Upstream:
-    def __init__(self, base_url: str, *, uds: str | None = None, name: str = "worker") -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        uds: str | None = None,
+        name: str = "worker",
+        idle_timeout: float = 0.0,
+        on_hung: Callable[[str], None] | None = None,
+    ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.uds = uds
+        self.idle_timeout = idle_timeout  # 0: wait for ever
+        self._on_hung = on_hung
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+
+    def _hung(self) -> WorkerHung:
+        """The worker sent nothing for ``idle_timeout``: tell the owner (who kills it), and the error to raise."""
+        why = f"model '{self.name}' sent nothing for {self.idle_timeout:g}s (limits.worker_idle_timeout)"
+        if self._on_hung is not None:
+            self._on_hung(f"{why}; killed")
+            why += "; its worker was killed and restarts on the next request"
+        return WorkerHung(why, retry_after=1)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -100,7 +126,7 @@ class Upstream:
                 connector = aiohttp.TCPConnector(limit=0, use_dns_cache=False)
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None, connect=10.0),
+                timeout=aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=self.idle_timeout or None),
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding"),
             )
@@ -112,6 +138,8 @@ class Upstream:
                 method, self.base_url + path, data=body, headers=_JSON if body else None
             ) as response:
                 return response.status, await response.read()
+        except _SILENT as exc:
+            raise self._hung() from exc
         except _GONE as exc:
             raise WorkerUnavailable(f"model '{self.name}' is not reachable: {type(exc).__name__}") from exc
 
@@ -145,6 +173,8 @@ class Upstream:
         try:
             async with self.session.post(self.base_url + path, data=form) as response:
                 status, content = response.status, await response.read()
+        except _SILENT as exc:
+            raise self._hung() from exc
         except _GONE as exc:
             raise WorkerUnavailable(f"model '{self.name}' is not reachable: {type(exc).__name__}") from exc
         if status >= 400:
@@ -157,17 +187,21 @@ class Upstream:
     async def open_stream(self, path: str, body: bytes, content_type: str = "application/json") -> UpstreamStream:
         try:
             response = await self.session.post(self.base_url + path, data=body, headers={"content-type": content_type})
+        except _SILENT as exc:
+            raise self._hung() from exc
         except _GONE as exc:
             raise WorkerUnavailable(f"model '{self.name}' is not reachable: {type(exc).__name__}") from exc
         if response.status >= 400:
             try:
                 content = await response.read()
+            except _SILENT as exc:
+                raise self._hung() from exc
             except _GONE as exc:
                 raise WorkerUnavailable("the worker went away mid-answer") from exc
             finally:
                 response.close()
             raise UpstreamError(response.status, _message_of(response.status, content))
-        return UpstreamStream(response)
+        return UpstreamStream(response, self._hung)
 
     async def health_report(self, path: str = "/health") -> dict[str, Any] | None:
         """What the worker says of itself (state, progress, device, ...); None if it cannot say."""

@@ -93,6 +93,10 @@ class ImageRequest(TypedDict):
     scheduler: str | None  # a SAMPLERS key, or None for the model's own
     init_image: NotRequired[str]  # base64 (img2img)
     strength: NotRequired[float]
+    # img2img with no width/height asked: the init image's size, rounded down to the model's multiple of 8
+    # (as diffusers does), scaled down to fit width x height's upper bound ``max_size`` where it is larger
+    size_from_init: NotRequired[bool]
+    max_size: NotRequired[int]
 
 
 class Image(TypedDict):

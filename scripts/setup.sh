@@ -8,6 +8,8 @@
 #   scripts/setup.sh          runtime                                   (locks/runtime.txt)
 #   scripts/setup.sh --test   runtime + images + test tools             (locks/test.txt)
 #                             + the XTTS venv (.venv-xtts) its tests need (locks/xtts.txt)
+#                             + Debian's chromium, which Playwright drives for the /ui test
+#                               (apt-get, only when missing; never `playwright install`)
 # Everything is installed with --no-deps from the lock, then checked against it
 # (scripts/check_lock.py): a reused venv loses what the lock doesn't name.
 set -euo pipefail
@@ -26,5 +28,11 @@ CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" "${install[
 "${install[@]}" -e .
 .venv/bin/python scripts/check_lock.py --prune "$lock" locks/models.txt
 if [ "${1:-}" = "--test" ]; then
+  if ! command -v chromium >/dev/null 2>&1; then   # tests/test_ui_real.py: the page in headless Chromium
+    sudo=()
+    if [ "$(id -u)" != 0 ]; then sudo=(sudo); fi
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
   scripts/setup_xtts.sh   # the XTTS worker's own venv, for tests/test_xtts.py (about 2 minutes, 1.9 GB)
 fi

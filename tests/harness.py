@@ -88,6 +88,7 @@ class LiveProxy:
         cors: list[str] | None = None,
         allowed_hosts: list[str] | None = None,
         server: dict[str, Any] | None = None,
+        auth: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         (root / "configs").mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,8 @@ class LiveProxy:
         }
         if allowed_hosts:
             config["server"]["allowed_hosts"] = allowed_hosts
+        if auth:
+            config["auth"] = auth
         (root / "config.yml").write_text(yaml.safe_dump(config))
         (root / "api_tokens.yml").write_text(yaml.safe_dump(tokens or {}))
         self.port = free_port()
@@ -111,7 +114,8 @@ class LiveProxy:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LiveProxy:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {k: v for k, v in os.environ.items() if k != "SECRET_KEY"}  # JWTs only where a test asks
+        env["PYTHONUNBUFFERED"] = "1"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "--config", str(self.root / "config.yml"), "--port", str(self.port)],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import struct
 import subprocess
@@ -300,3 +301,32 @@ def test_huge_init_image_is_refused_from_its_header(proxy: LiveProxy) -> None:
     pid = proxy.status()[MODEL]["pid"]
     ok = post(proxy, "/txt2img", {"model": MODEL, "prompt": "x", "num_inference_steps": 1})
     assert ok.status_code == 200 and proxy.status()[MODEL]["pid"] == pid
+
+
+def odd_png(width: int, height: int) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 120, 200)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_img2img_without_a_size_keeps_the_init_images(proxy: LiveProxy) -> None:
+    init = odd_png(300, 270)  # the model's default is 256x256; diffusers rounds down to a multiple of 8
+    r = post(proxy, "/img2img", {"model": MODEL, "prompt": "sky", "init_image": init, "strength": 0.5, "seed": 3})
+    assert r.status_code == 200, r.text
+    image = r.json()["images"][0]
+    assert png_size(base64.b64decode(image["base64"])) == (296, 264) == (image["width"], image["height"])
+    assert (r.json()["parameters"]["width"], r.json()["parameters"]["height"]) == (296, 264)
+    a1111 = {"prompt": "sky", "init_images": [init], "denoising_strength": 0.5, "steps": 2, "seed": 3}
+    r = post(proxy, "/sdapi/v1/img2img", {**a1111, "override_settings": {"sd_model_checkpoint": MODEL}})
+    assert r.status_code == 200, r.text
+    assert png_size(base64.b64decode(r.json()["images"][0])) == (296, 264)
+    assert json.loads(r.json()["info"])["width"] == 296
+    # a size asked for wins
+    r = post(
+        proxy,
+        "/sdapi/v1/img2img",
+        {**a1111, "width": 256, "height": 256, "override_settings": {"sd_model_checkpoint": MODEL}},
+    )
+    assert png_size(base64.b64decode(r.json()["images"][0])) == (256, 256)

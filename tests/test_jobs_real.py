@@ -175,6 +175,6 @@ def test_dropped_gguf_is_discovered_rescanned_and_chats(tmp_path: Path) -> None:
             return r.status_code == 200
 
         wait_until(by_id, timeout=60, interval=0.2)
-        assert (models / ".cache" / "content_ids.json").is_file()
+        assert (models / ".cache" / "digests.json").is_file()
     finally:
         proxy.stop()

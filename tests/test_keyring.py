@@ -3,11 +3,12 @@ from api_tokens.yml and from headers. The same rules on the live path are in tes
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from proxy.auth import KeyRing, Role, key_from_headers
+from proxy.auth import KeyRing, Principal, Role, key_from_headers, mint_token
 from proxy.errors import ConfigError, Forbidden, Unauthorized
 
 RING = KeyRing(user_keys=(b"user-key-1", b"user-key-2"), admin_keys=(b"admin-key", b"admin-key-2"))
@@ -107,3 +108,28 @@ def test_a_bad_tokens_file_names_the_file_and_the_problem(tmp_path: Path, text: 
 )
 def test_the_key_comes_from_a_bearer_token_or_x_api_key(headers: dict[str, str], key: str | None) -> None:
     assert key_from_headers(headers) == key
+
+
+def test_scoped_keys_in_the_tokens_file_and_the_principal_they_give(tmp_path: Path) -> None:
+    path = tmp_path / "api_tokens.yml"
+    path.write_text("api_key: [plain, {key: scoped, models: [a, b]}]\nadmin_key: [{key: boss, models: [c]}]\n")
+    ring = KeyRing.load(path)
+    assert ring.principal("plain") == Principal(Role.USER)
+    assert ring.principal("scoped") == Principal(Role.USER, frozenset({"a", "b"}))
+    assert ring.principal("boss") == Principal(Role.ADMIN, frozenset({"c"}))
+    assert ring.principal("scoped").allows(("b", "alias")) and not ring.principal("scoped").allows(("c",))
+    assert Principal(Role.USER).allows(("anything",))
+    path.write_text("api_key: [{key: k}]\n")  # a scoped entry needs its models
+    with pytest.raises(ConfigError):
+        KeyRing.load(path)
+
+
+def test_a_jwt_secret_closes_the_ring_and_must_be_long_enough(tmp_path: Path) -> None:
+    secret = "x" * 32
+    ring = KeyRing.load(None, secret)
+    assert not ring.open and ring.role_of(None) is Role.NONE
+    assert ring.principal(mint_token(secret, "admin", 60, ["m"])) == Principal(Role.ADMIN, frozenset({"m"}))
+    with pytest.raises(Unauthorized, match="expired"):
+        ring.principal(mint_token(secret, "user", 60, now=time.time() - 3600))
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        KeyRing.load(None, "short")

@@ -436,7 +436,8 @@ def test_keep_alive_zero_waits_for_every_overlapping_request(make_proxy: MakePro
 
 def test_unload_waits_for_the_stream_in_flight(make_proxy: MakeProxy, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    proxy = make_proxy([fake_config("f", "--gate", str(gate), "--tokens", "20")])
+    # /unload waits for it at most unload_grace (test_hung.py: then kills)
+    proxy = make_proxy([fake_config("f", "--gate", str(gate), "--tokens", "20")], defaults={"unload_grace": "120s"})
     stream = _stream_chat(proxy, "f")
     lines = [next(stream)]
     pid = proxy.status()["f"]["pid"]

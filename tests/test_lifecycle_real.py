@@ -228,7 +228,7 @@ def test_keep_alive_zero_does_not_cut_an_overlapping_stream(make_proxy: MakeProx
 
 
 def test_unload_waits_for_the_real_workers_stream(make_proxy: MakeProxy, openai_for: OpenAIFor) -> None:
-    proxy = make_proxy([smollm2_config()])
+    proxy = make_proxy([smollm2_config()], defaults={"unload_grace": "120s"})  # it waits at most that long
     chunks = open_stream(openai_for(proxy), 64)
     first = next(chunks)
     pid = proxy.status()[MODEL]["pid"]

@@ -34,7 +34,8 @@ def test_list_show_version_and_root(client: ollama.Client, smollm2_proxy: LivePr
     shown = client.show("smollm2")
     assert shown.capabilities is not None and "completion" in shown.capabilities
     assert shown.details is not None and shown.details.format == "gguf"
-    assert shown.modelinfo is not None and shown.modelinfo["llama.context_length"] == 2048
+    # the GGUF's own metadata, as Ollama shows it (the configured n_ctx is in /api/ps)
+    assert shown.modelinfo is not None and shown.modelinfo["llama.context_length"] == 8192
     assert "temperature" in (shown.parameters or "")
     version = httpx.get(smollm2_proxy.url + "/api/version").json()["version"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", version)

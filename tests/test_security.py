@@ -119,11 +119,12 @@ def test_user_keys_get_one_line_without_paths_admins_the_detail(make_proxy: Make
     assert "\n" not in last and "/" not in last, last
     r = httpx.post(proxy.url + "/api/chat", json=body, headers=USER, timeout=60)
     assert r.status_code == 503 and "/" not in r.json()["error"]
-    show = httpx.post(proxy.url + "/api/show", json={"model": MODEL}, headers=USER).json()
+    # the first /api/show reads the GGUF's metadata (seconds on a loaded box)
+    show = httpx.post(proxy.url + "/api/show", json={"model": MODEL}, headers=USER, timeout=60).json()
     assert "/" not in show["modelfile"], show["modelfile"]
     # an admin key gets the worker's own words, paths included
     r = httpx.post(proxy.url + "/v1/chat/completions", json=body, headers=ADMIN, timeout=60)
     assert r.status_code == 503 and "missing.gguf" in r.json()["error"]["message"]
     assert "missing.gguf" in proxy.status(ADMIN)["broken"]["last_error"]
-    show = httpx.post(proxy.url + "/api/show", json={"model": MODEL}, headers=ADMIN).json()
+    show = httpx.post(proxy.url + "/api/show", json={"model": MODEL}, headers=ADMIN, timeout=60).json()
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in show["modelfile"] and "/" in show["modelfile"]

@@ -1,4 +1,5 @@
-"""Operations: /health (no auth), /status, /load/{model}, /unload and /unload/{model}."""
+"""Operations: /health (no auth), /status, /load/{model}, /unload and /unload/{model} (``?force=true``:
+kill at once, in-flight requests end with an error)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, services
+from proxy.api.common import caller, guarded, read_json, services
 from proxy.api.errors import for_users, is_admin
 from proxy.auth import Role
+from proxy.dialects.shaping import require_model
 from proxy.keepalive import format_keep_alive, parse_keep_alive
 from proxy.manager import ModelStatus
 
@@ -43,7 +45,8 @@ def _status(s: ModelStatus, worker: dict[str, Any] | None, admin: bool) -> dict[
         "need": {"ram": s.need.ram, "vram": s.need.vram, "source": s.need.source} if s.need else None,
         "device": s.device,
         "vram_bytes": s.vram_bytes,
-        "waiting": s.waiting,
+        "waiting": s.waiting,  # why its requests wait, while some do
+        "queued": s.queued,  # how many of its requests wait for it (the queue)
         "progress": s.progress,  # while it loads: 0..1, with the phase
         "phase": s.phase,
         "worker": worker,
@@ -57,7 +60,7 @@ async def status(request: Request) -> Response:
     reports = await manager.worker_reports()
     return JSONResponse(
         {
-            "models": [_status(s, reports.get(s.name), is_admin(request)) for s in manager.status()],
+            "models": [_status(s, reports.get(s.name), is_admin(request)) for s in caller(request).status()],
             "queued": manager.queued,
             "max_loaded_models": services(request).settings.max_loaded_models,
             "memory": manager.memory_status(),
@@ -68,7 +71,7 @@ async def status(request: Request) -> Response:
 @guarded(Role.ADMIN)
 async def load(request: Request) -> Response:
     manager = services(request).manager
-    cfg = manager.resolve(request.path_params["model"])
+    cfg = caller(request).resolve(request.path_params["model"])
     keep_alive = parse_keep_alive(request.query_params.get("keep_alive"))
     await manager.preload(cfg.name, keep_alive)
     return JSONResponse({"loaded": cfg.name})
@@ -78,13 +81,30 @@ async def load(request: Request) -> Response:
 async def unload(request: Request) -> Response:
     manager = services(request).manager
     name = request.path_params.get("model")
+    force = request.query_params.get("force", "false").lower() in ("true", "1", "yes")
     if name is None:
-        return JSONResponse({"unloaded": await manager.unload_all()})
-    cfg = manager.resolve(name)
+        return JSONResponse({"unloaded": await caller(request).unload_all(force=force)})
+    cfg = caller(request).resolve(name)
     in_flight = next(s.in_flight for s in manager.status() if s.name == cfg.name)
-    log.info("model %s: unload requested; waiting for %d requests in flight", cfg.name, in_flight)
-    done = await manager.unload(cfg.name)
+    if force:
+        log.info("model %s: forced unload requested; killing it with %d requests in flight", cfg.name, in_flight)
+    else:
+        log.info(
+            "model %s: unload requested; waiting for %d requests in flight (at most unload_grace)", cfg.name, in_flight
+        )
+    done = await manager.unload(cfg.name, force=force)
     return JSONResponse({"unloaded": [cfg.name] if done else []})
+
+
+@guarded(Role.ADMIN)
+async def router_unload(request: Request) -> Response:
+    """llama.cpp's router API (Open WebUI's eject button): ``{"model": id}`` -> ``{"success": true}``."""
+    body = await read_json(request)
+    manager = services(request).manager
+    cfg = manager.resolve(require_model(body))
+    log.info("model %s: unload requested (router API)", cfg.name)
+    await manager.unload(cfg.name)
+    return JSONResponse({"success": True})
 
 
 routes = [
@@ -93,4 +113,6 @@ routes = [
     Route("/load/{model:path}", load, methods=["POST"]),
     Route("/unload", unload, methods=["POST"]),
     Route("/unload/{model:path}", unload, methods=["POST"]),
+    Route("/models/unload", router_unload, methods=["POST"]),
+    Route("/v1/models/unload", router_unload, methods=["POST"]),
 ]

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, leased_stream, model_for, named_events, read_json, services
+from proxy.api.common import caller, guarded, json_bytes, leased_stream, model_for, named_events, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects import anthropic as dialect
@@ -94,7 +94,7 @@ def model_info(request: Request, cfg: ModelConfig) -> dict[str, Any]:
 
 def list_models(request: Request) -> Response:
     """Anthropic's list: the chat models (what Claude Code's model picker can use)."""
-    chat = [cfg for cfg in services(request).manager.configs if "completion" in cfg.capabilities]
+    chat = [cfg for cfg in caller(request).configs if "completion" in cfg.capabilities]
     return JSONResponse(dialect.model_list([model_info(request, cfg) for cfg in chat]))
 
 

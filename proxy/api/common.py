@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -15,16 +15,17 @@ from starlette.responses import Response
 from starlette.types import Message
 
 from proxy import loading
-from proxy.auth import KeyRing, Role, key_from_headers
+from proxy.auth import KeyRing, Principal, Role, key_from_headers
 from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.blocks import frames
 from proxy.dialects.shaping import require_model
-from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, ProxyError, UnsupportedMediaType
+from proxy.digests import Digests
+from proxy.errors import BadRequest, Forbidden, ModelNotFound, PayloadTooLarge, ProxyError, UnsupportedMediaType
 from proxy.events import EventBus, RequestNote
 from proxy.jsonbody import OFF_LOOP_BYTES, parse_large, parse_small
 from proxy.keepalive import keep_alive_of
-from proxy.manager import ModelManager
+from proxy.manager import ModelManager, ModelStatus
 from proxy.metrics import Metrics
 from proxy.modellogs import LogBook
 from proxy.upstream import UpstreamStream
@@ -52,6 +53,7 @@ class Services:
     metrics: Metrics
     logs: LogBook
     options: ClientOptions = field(default_factory=ClientOptions)
+    digests: Digests = field(default_factory=lambda: Digests(None))  # weight files' sha256 (/api/pull)
     # large bodies are parsed in a thread, this many at a time (each may take memory several times its
     # size while it is turned into Python objects)
     parses: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(PARSE_SLOTS))
@@ -65,23 +67,47 @@ def services(request: Request) -> Services:
     return services
 
 
-# a request the proxy makes to itself (a job: proxy.api.jobs) carries its owner's role in its ASGI scope,
-# which no client can set
-INTERNAL_ROLE = "proxy.internal_role"
+# a request the proxy makes to itself (a job: proxy.api.jobs) carries its owner's Principal in its ASGI
+# scope, which no client can set
+INTERNAL_PRINCIPAL = "proxy.internal_principal"
 
 
 def guarded(role: Role) -> Callable[[Handler], Handler]:
-    """Check the caller's key before the handler runs (401/403 in the caller's dialect)."""
+    """Check the caller's key or token before the handler runs (401/403 in the caller's dialect); the
+    handler then sees the models through ``caller(request)``."""
 
     def wrap(handler: Handler) -> Handler:
         async def checked(request: Request) -> Response:
-            internal = request.scope.get(INTERNAL_ROLE)
-            if isinstance(internal, Role):
-                if internal < role:
+            internal = request.scope.get(INTERNAL_PRINCIPAL)
+            if isinstance(internal, Principal):
+                if internal.role < role:
                     raise Forbidden(f"this needs {role.name.lower()} rights")
-                request.state.role = internal
-                return await handler(request)
-            request.state.role = services(request).keys.require(key_from_headers(request.headers), role)
+                principal = internal
+            else:
+                principal = services(request).keys.authenticate(key_from_headers(request.headers), role)
+            request.state.principal = principal
+            request.state.role = principal.role
+            return await handler(request)
+
+        checked.__name__ = handler.__name__
+        return checked
+
+    return wrap
+
+
+def public_listing(enabled: Callable[[Settings], bool]) -> Callable[[Handler], Handler]:
+    """A listing served without a key when ``enabled(settings)`` (Open WebUI fetches the audio listings
+    with no Authorization header at all); a request that sends a key is checked as usual (401 for a bad one)."""
+
+    def wrap(handler: Handler) -> Handler:
+        user = guarded(Role.USER)(handler)
+
+        async def checked(request: Request) -> Response:
+            sent = "authorization" in request.headers or "x-api-key" in request.headers
+            if sent or not enabled(services(request).settings):
+                return await user(request)
+            request.state.principal = Principal(Role.NONE)  # every model's entry, as for an unscoped key
+            request.state.role = Role.NONE
             return await handler(request)
 
         checked.__name__ = handler.__name__
@@ -94,6 +120,48 @@ def role_of(request: Request) -> Role:
     """The caller's role, as ``guarded`` found it."""
     role: Role = getattr(request.state, "role", Role.NONE)
     return role
+
+
+_NOBODY = Principal(Role.NONE, frozenset())  # a route that checked no key sees no model
+
+
+class View:
+    """The caller's view of the models: only those its key or token is scoped to. Every route lists and
+    resolves models through it (``caller(request)``), never through the manager directly, so a scoped
+    caller sees only its models in every list and gets 404 for the others, as if they did not exist."""
+
+    def __init__(self, manager: ModelManager, principal: Principal) -> None:
+        self.manager = manager
+        self.principal = principal
+
+    def allows(self, cfg: ModelConfig) -> bool:
+        return self.principal.allows((cfg.name, *cfg.aliases))
+
+    @property
+    def configs(self) -> list[ModelConfig]:
+        return [cfg for cfg in self.manager.configs if self.allows(cfg)]
+
+    def resolve(self, name: object) -> ModelConfig:
+        """The model by that name or alias; ModelNotFound (404) when there is none or the caller may not see it."""
+        cfg = self.manager.resolve(name)
+        if not self.allows(cfg):
+            raise ModelNotFound(str(name))
+        return cfg
+
+    def status(self) -> Iterator[ModelStatus]:
+        return (s for s in self.manager.status() if self.allows(s.config))
+
+    async def unload_all(self, *, force: bool = False) -> list[str]:
+        if self.principal.models is None:
+            return await self.manager.unload_all(force=force)
+        loaded = [s.name for s in self.status() if s.state in ("ready", "starting")]
+        return [name for name in loaded if await self.manager.unload(name, force=force)]
+
+
+def caller(request: Request) -> View:
+    """The caller's view of the models (what ``guarded`` found it may see)."""
+    principal: Principal = getattr(request.state, "principal", _NOBODY)
+    return View(services(request).manager, principal)
 
 
 def size_limited(request: Request, limit: int | None = None) -> Request:
@@ -162,7 +230,7 @@ def model_for(
     """The model a body names and its keep_alive (taken out of the body), if it can do one of ``needs``."""
     model = require_model(body)
     keep_alive = checked_keep_alive(request, keep_alive_of(body))
-    cfg = services(request).manager.resolve(model)
+    cfg = caller(request).resolve(model)
     note = RequestNote.of(request.scope)
     if note is not None:
         note.for_model(cfg.name)

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from proxy.auth import Role
 from proxy.dialects.anthropic import error_body as anthropic_error
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, Unauthorized
 
 log = logging.getLogger("proxy.api")
 
@@ -66,6 +66,19 @@ def is_admin(request: Request) -> bool:
     return getattr(request.state, "role", Role.NONE) >= Role.ADMIN
 
 
+def _basic_applies(request: Request) -> bool:
+    """AUTOMATIC1111's routes, and any request that tried Basic, are offered Basic as well as Bearer."""
+    sent = request.headers.get("authorization", "").strip().lower()
+    return request.url.path.startswith("/sdapi/") or sent.startswith("basic")
+
+
+def _headers(request: Request, exc: ProxyError) -> dict[str, str]:
+    headers = exc.headers()
+    if isinstance(exc, Unauthorized) and _basic_applies(request):
+        headers["WWW-Authenticate"] += f', Basic realm="{exc.REALM}", charset="UTF-8"'
+    return headers
+
+
 async def proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
     message = exc.message
@@ -73,9 +86,8 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
         log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
         if not is_admin(request):
             message = for_users(message)
-    return render(
-        request, exc.status, message, kind=exc.openai_type, code=exc.code, param=exc.param, headers=exc.headers()
-    )
+    headers = _headers(request, exc)
+    return render(request, exc.status, message, kind=exc.openai_type, code=exc.code, param=exc.param, headers=headers)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import checked_keep_alive, guarded, json_bytes, model_for, read_json, services
+from proxy.api.common import caller, checked_keep_alive, guarded, json_bytes, model_for, read_json, services
 from proxy.api.errors import is_admin
 from proxy.auth import Role
 from proxy.config import ModelConfig
@@ -34,7 +34,7 @@ async def _generate(
 
 
 def _image_models(request: Request) -> list[ModelConfig]:
-    return [c for c in services(request).manager.configs if "image" in c.capabilities]
+    return [c for c in caller(request).configs if "image" in c.capabilities]
 
 
 def _image_model(request: Request, name: str) -> ModelConfig:
@@ -43,11 +43,13 @@ def _image_model(request: Request, name: str) -> ModelConfig:
 
 
 def _selected(request: Request) -> ModelConfig | None:
-    """The checkpoint A1111 clients selected (POST /sdapi/v1/options), else the first image model."""
+    """The checkpoint A1111 clients selected (POST /sdapi/v1/options), else the first image model (of those
+    the caller may see: a scoped caller never learns of a selection outside its scope)."""
     chosen = services(request).options.sd_model_checkpoint
-    if chosen is not None:
-        return _image_model(request, chosen)
     models = _image_models(request)
+    for cfg in models:
+        if cfg.name == chosen:
+            return cfg
     return models[0] if models else None
 
 
@@ -75,7 +77,7 @@ def inference_route(img2img: bool) -> Callable[[Request], Any]:
             {
                 "images": result["images"],
                 "processing_time": result["processing_time"],
-                "parameters": dialect.parameters(canonical),
+                "parameters": dialect.parameters(canonical, result),
             }
         )
 

@@ -24,8 +24,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
-from proxy.api.common import INTERNAL_ROLE, guarded, read_json, role_of, services
-from proxy.auth import Role, key_from_headers
+from proxy.api.common import INTERNAL_PRINCIPAL, caller, guarded, read_json, role_of, services
+from proxy.auth import Principal, Role, key_from_headers
 from proxy.config import ModelConfig
 from proxy.errors import BadRequest
 from proxy.jobs import FINAL, Job, Jobs, Outcome, Status
@@ -93,9 +93,9 @@ def route_for(cfg: ModelConfig, job_input: dict[str, Any]) -> tuple[str, bytes, 
 
 
 async def run_route(
-    app: ASGIApp, path: str, body: bytes, content_type: str, role: Role, cancelled: asyncio.Event
+    app: ASGIApp, path: str, body: bytes, content_type: str, principal: Principal, cancelled: asyncio.Event
 ) -> tuple[int, str, bytes]:
-    """POST ``body`` to one of the app's own routes, as a client with ``role`` would; ``cancelled``
+    """POST ``body`` to one of the app's own routes, as ``principal`` would; ``cancelled``
     acts as that client going away. (status, content type, body)."""
     scope: dict[str, Any] = {
         "type": "http",
@@ -110,7 +110,7 @@ async def run_route(
         "headers": [(b"host", b"127.0.0.1"), (b"content-type", content_type.encode())],
         "client": ("127.0.0.1", 0),
         "server": ("127.0.0.1", 0),
-        INTERNAL_ROLE: role,
+        INTERNAL_PRINCIPAL: principal,
     }
     sent = False
 
@@ -171,7 +171,11 @@ def executor(app: ASGIApp, resolve: Any) -> Any:
         except Exception as exc:  # noqa: BLE001 - the model is gone, or the input cannot make a request
             message = getattr(exc, "message", str(exc))
             return Outcome(Status.FAILED, error=message)
-        return outcome_of(*await run_route(app, path, body, content_type, Role(job.role), cancelled))
+        return outcome_of(
+            *await run_route(
+                app, path, body, content_type, Principal(Role(job.role), frozenset({job.model})), cancelled
+            )
+        )
 
     return execute
 
@@ -186,7 +190,7 @@ async def _input(request: Request) -> dict[str, Any]:
 
 
 async def _submit(request: Request) -> Job:
-    cfg = services(request).manager.resolve(request.path_params["model"])
+    cfg = caller(request).resolve(request.path_params["model"])  # a scoped key's other models are 404
     job_input = await _input(request)
     route_for(cfg, job_input)  # refuse now what cannot make a request (400), rather than fail the job later
     return await jobs_of(request).submit(cfg.name, owner_of(request), int(role_of(request)), job_input)

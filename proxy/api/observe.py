@@ -1,6 +1,6 @@
 """The request events' edge: an ASGI middleware that opens a ``RequestNote`` for each request and
 ends it with the status once the answer (a stream included) is done. The operations endpoints
-themselves (/health, /status, /metrics, /logs) are not observed: a scraper or a page watching the
+themselves (/health, /status, /metrics, /logs, the /ui page) are not observed: a scraper or a page watching the
 proxy would otherwise fill the counters and the last requests with itself."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.events import EventBus, RequestNote
 
-UNOBSERVED = frozenset({"/health", "/status", "/status/events", "/status/requests", "/metrics"})
-UNOBSERVED_PREFIXES = ("/logs/",)
+UNOBSERVED = frozenset({"/health", "/status", "/status/events", "/status/requests", "/metrics", "/ui"})
+UNOBSERVED_PREFIXES = ("/logs/", "/ui/")
 
 
 def observed(path: str) -> bool:

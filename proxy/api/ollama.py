@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from proxy import __version__
-from proxy.api.common import guarded, json_bytes, model_for, read_json, services
+from proxy.api.common import caller, guarded, json_bytes, model_for, read_json, services
 from proxy.api.errors import is_admin
 from proxy.auth import Role
 from proxy.catalog import entry, tag_name
@@ -156,10 +156,27 @@ async def embeddings(request: Request) -> Response:
 
 
 def _capabilities(cfg: ModelConfig) -> list[str]:
+    """What Ollama's lists say a model can do: its own capabilities, ``embedding`` where its worker makes
+    embeddings for it (a chat model on llama.cpp serves /api/embed too), ``vision`` where configured."""
     caps = list(cfg.capabilities)
+    if "completion" in caps and cfg.backend_can("embed") and "embedding" not in caps:
+        caps.append("embedding")
     if cfg.vision and "vision" not in caps:
         caps.append("vision")
     return caps
+
+
+async def _model_info(request: Request, cfg: ModelConfig, family: str, file_type: str) -> dict[str, Any]:
+    """The GGUF's own metadata where there is one; else what the config says."""
+    metadata = await services(request).manager.gguf_metadata(cfg)
+    if metadata:
+        return metadata
+    return {
+        "general.architecture": family,
+        "general.basename": cfg.name,
+        "general.file_type": file_type,
+        f"{family}.context_length": int(cfg.options.get("n_ctx") or 0),
+    }
 
 
 def _tag(cfg: ModelConfig) -> dict[str, Any]:
@@ -176,7 +193,7 @@ def _tag(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _llm_configs(request: Request) -> list[ModelConfig]:
-    return [c for c in services(request).manager.configs if {"completion", "embedding"} & set(c.capabilities)]
+    return [c for c in caller(request).configs if {"completion", "embedding"} & set(c.capabilities)]
 
 
 @guarded(Role.USER)
@@ -196,7 +213,7 @@ def _expires(status: ModelStatus) -> str:
 async def ps(request: Request) -> Response:
     wanted = {c.name for c in _llm_configs(request)}
     models = []
-    for status in services(request).manager.status():
+    for status in caller(request).status():
         if status.state != "ready" or status.name not in wanted:
             continue
         tag = _tag(status.config)
@@ -221,7 +238,7 @@ async def show(request: Request) -> Response:
     name = body.get("model") or body.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest("'model' is required", param="model")
-    cfg = services(request).manager.resolve(name)
+    cfg = caller(request).resolve(name)
     e = entry(cfg)
     params = "\n".join(f"{k:<20} {json.dumps(v)}" for k, v in cfg.sampling.items())
     if is_admin(request):
@@ -238,12 +255,7 @@ async def show(request: Request) -> Response:
             "template": "",
             "system": cfg.system or "",
             "details": e.details,
-            "model_info": {
-                "general.architecture": e.details["family"],
-                "general.basename": cfg.name,
-                "general.file_type": e.details["quantization_level"],
-                f"{e.details['family']}.context_length": int(cfg.options.get("n_ctx") or 0),
-            },
+            "model_info": await _model_info(request, cfg, e.details["family"], e.details["quantization_level"]),
             "capabilities": _capabilities(cfg),
             "modified_at": dialect.rfc3339(e.modified_at or None),
         }

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.api import anthropic
-from proxy.api.common import guarded, json_bytes, leased_stream, model_for, read_json, services
+from proxy.api.common import caller, guarded, json_bytes, leased_stream, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects.schemas import check_schemas
@@ -113,6 +113,10 @@ async def embeddings(request: Request) -> Response:
     return Response(json_bytes(result), media_type="application/json")
 
 
+# llama.cpp's router reports each model's status as loaded, loading or unloaded (Open WebUI's Loaded badge)
+_ROUTER_STATUS = {"ready": "loaded", "starting": "loading"}
+
+
 def model_object(request: Request, cfg: ModelConfig) -> dict[str, Any]:
     manager = services(request).manager
     return {
@@ -124,6 +128,7 @@ def model_object(request: Request, cfg: ModelConfig) -> dict[str, Any]:
         "backend": cfg.backend,
         "aliases": list(cfg.aliases),
         "loaded": manager.is_loaded(cfg.name),
+        "status": {"value": _ROUTER_STATUS.get(manager.state_of(cfg.name), "unloaded")},
     }
 
 
@@ -131,14 +136,14 @@ def model_object(request: Request, cfg: ModelConfig) -> dict[str, Any]:
 async def list_models(request: Request) -> Response:
     if anthropic.wants_anthropic(request):
         return anthropic.list_models(request)
-    data = [model_object(request, cfg) for cfg in services(request).manager.configs]
+    data = [model_object(request, cfg) for cfg in caller(request).configs]
     return JSONResponse({"object": "list", "data": data})
 
 
 @guarded(Role.USER)
 async def get_model(request: Request) -> Response:
     name = request.path_params["model"]
-    cfg = services(request).manager.resolve(name)
+    cfg = caller(request).resolve(name)
     if anthropic.wants_anthropic(request):
         return JSONResponse(anthropic.model_info(request, cfg))
     return JSONResponse(model_object(request, cfg))

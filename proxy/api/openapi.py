@@ -21,12 +21,13 @@ from starlette.routing import Route
 import proxy
 from proxy.api import openapi_types as t
 
-Access = Literal["public", "user", "admin", "metrics"]
+Access = Literal["public", "user", "admin", "setting"]  # setting: a user key unless a setting opens it
 JSON = "application/json"
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
 AUDIO = ("audio/wav", "audio/pcm", "audio/mpeg", "audio/opus", "audio/flac", "audio/aac")
 TEXT = "text/plain"
+HTML = "text/html"
 REF = "#/components/schemas/{name}"
 
 
@@ -42,6 +43,7 @@ class Op:
     body: type | None = None
     body_media: str = JSON
     ok: type | None = None  # the 200 answer's JSON schema (None: any JSON object)
+    answers: bool = True  # False: the route only explains, with an error, why it does nothing here
     ok_media: tuple[str, ...] = (JSON,)
     model: bool = False  # answered by a model's worker: 404 unknown model, 503 (Retry-After), 507
     query: tuple[tuple[str, str, str], ...] = ()  # (name, JSON type, description)
@@ -66,8 +68,10 @@ OPERATIONS: tuple[Op, ...] = (
     _op("GET", "/v1/models/{model:path}", "One model", "OpenAI", ok=t.Model, extra={404: "no such model"}),
     _op("POST", "/v1/audio/speech", "Text to speech (audio, streamed)", "OpenAI", body=t.SpeechBody,
         ok_media=AUDIO, model=True),
-    _op("GET", "/v1/audio/models", "The speech models", "OpenAI"),
-    _op("GET", "/v1/audio/voices", "The voices (of one model with ?model=)", "OpenAI",
+    _op("GET", "/v1/audio/models", "The speech models (no key with server.public_audio_listings)", "OpenAI",
+        access="setting"),
+    _op("GET", "/v1/audio/voices", "The voices, of one model with ?model= (no key with server.public_audio_listings)",
+        "OpenAI", access="setting",
         query=(("model", "string", "a speech model's name"),), extra={404: "no such model"}),
     _op("POST", "/v1/audio/transcriptions", "Speech to text", "OpenAI", body=t.TranscriptionForm,
         body_media="multipart/form-data", ok_media=(JSON, TEXT), model=True),
@@ -95,6 +99,19 @@ OPERATIONS: tuple[Op, ...] = (
     _op("POST", "/api/show", "Ollama's model details", "Ollama", body=t.OllamaShowRequest,
         extra={404: "no such model"}),
     _op("GET", "/api/version", "Ollama's version answer", "Ollama", access="public"),
+    _op("POST", "/api/pull", "Ollama pull: a model installed here succeeds at once (NDJSON unless stream: false)",
+        "Ollama", body=t.OllamaPullRequest, ok_media=(NDJSON, JSON), extra={404: "not installed here"}),
+    _op("DELETE", "/api/delete", "Ollama delete: refused (a model is removed with its config)", "Ollama",
+        body=t.OllamaModelRef, answers=False, extra={403: "not over the API", 404: "no such model"}),
+    _op("POST", "/api/copy", "Ollama copy: refused (a new name is an alias in the config)", "Ollama",
+        body=t.OllamaCopyRequest, answers=False, extra={403: "not over the API", 404: "no such model"}),
+    _op("POST", "/api/create", "Ollama create: refused (models are installed as files and a config)", "Ollama",
+        answers=False, extra={403: "not over the API"}),
+    _op("POST", "/api/push", "Ollama push: refused", "Ollama", answers=False, extra={403: "not over the API"}),
+    _op("HEAD", "/api/blobs/{digest}", "Ollama blob check: no blobs are kept here", "Ollama", answers=False,
+        extra={404: "no such blob"}),
+    _op("POST", "/api/blobs/{digest}", "Ollama blob upload: refused", "Ollama", answers=False,
+        extra={403: "not over the API"}),
     _op("GET", "/", "'Ollama is running'", "Ollama", access="public", ok_media=(TEXT,)),
     _op("POST", "/api/tts", "Text to speech (Ollama-style)", "Ollama", body=t.TtsRequest,
         ok_media=AUDIO, model=True),
@@ -135,14 +152,22 @@ OPERATIONS: tuple[Op, ...] = (
     _op("POST", "/unload", "Unload every model", "Proxy", access="admin", ok=t.Unloaded),
     _op("POST", "/unload/{model:path}", "Unload a model once its requests are done", "Proxy", access="admin",
         ok=t.Unloaded, extra={404: "no such model"}),
+    _op("POST", "/models/unload", "llama.cpp's router API: unload a model", "Proxy", access="admin",
+        body=t.RouterUnload, ok=t.RouterUnloaded),
+    _op("POST", "/v1/models/unload", "llama.cpp's router API: unload a model", "Proxy", access="admin",
+        body=t.RouterUnload, ok=t.RouterUnloaded),
     _op("POST", "/models/rescan", "Look for new weights in models/", "Proxy", access="admin"),
-    _op("GET", "/metrics", "Prometheus metrics (a user key unless metrics_public)", "Proxy", access="metrics",
+    _op("GET", "/metrics", "Prometheus metrics (no key with server.metrics_public)", "Proxy", access="setting",
         ok_media=(TEXT,)),
     _op("GET", "/status/events", "Live events (SSE)", "Proxy", access="admin", ok_media=(SSE,)),
     _op("GET", "/status/requests", "The last requests", "Proxy", access="admin"),
     _op("GET", "/logs/{model:path}", "A model's worker log (followed with ?follow=true)", "Proxy", access="admin",
         ok_media=(TEXT,), query=(("lines", "integer", "how many lines"), ("follow", "boolean", "keep streaming")),
         extra={404: "no such model"}),
+    _op("GET", "/ui", "The operator's page (its data come from the key-guarded routes)", "Proxy", access="public",
+        ok_media=(HTML,)),
+    _op("GET", "/ui/static/{path}", "The page's script and style", "Proxy", access="public",
+        ok_media=("text/css", "text/javascript"), extra={404: "no such file"}),
     _op("GET", "/openapi.json", "This document", "Proxy", access="public"),
 )  # fmt: skip
 
@@ -163,13 +188,13 @@ def _error_schema(path: str) -> str:
 def _responses(op: Op) -> dict[str, Any]:
     ok_schema = {"$ref": REF.format(name=op.ok.__name__)} if op.ok else {"type": "object"}
     content = {m: {"schema": ok_schema if m == JSON else {"type": "string"}} for m in op.ok_media}
-    out: dict[str, Any] = {"200": {"description": "OK", "content": content}}
+    out: dict[str, Any] = {"200": {"description": "OK", "content": content}} if op.answers else {}
     error = {JSON: {"schema": {"$ref": REF.format(name=_error_schema(op.path))}}}
     statuses: dict[int, str] = {}
     if op.body is not None:
         statuses |= {400: "invalid request, naming the field", 413: "body over the size limit"}
         statuses[415] = "not " + op.body_media
-    if op.access in ("user", "admin", "metrics"):
+    if op.access != "public":
         statuses |= {401: "no key or a wrong key (when keys are configured)", 403: "the key's role is too low"}
     if op.model:
         statuses |= {
@@ -208,7 +233,8 @@ def _operation(op: Op) -> dict[str, Any]:
             "content": {op.body_media: {"schema": {"$ref": REF.format(name=op.body.__name__)}}},
         }
     out["responses"] = _responses(op)
-    out["security"] = [] if op.access == "public" else [{"bearer": []}, {"apiKey": []}]
+    keys: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+    out["security"] = {"public": [], "setting": [{}, *keys]}.get(op.access, keys)
     return out
 
 
@@ -236,7 +262,11 @@ def document() -> dict[str, Any]:
         "components": {
             "schemas": schemas,
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer"},
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a key from api_tokens.yml, or a JWT signed with auth.jwt_secret (HS256)",
+                },
                 "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
             },
         },

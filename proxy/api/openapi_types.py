@@ -277,6 +277,28 @@ class OllamaShowRequest(TypedDict, total=False):
     name: str
 
 
+class OllamaPullRequest(TypedDict, total=False):
+    """``POST /api/pull``: succeeds for a model installed here (Ollama's progress lines), 404 otherwise"""
+
+    model: str
+    name: str
+    stream: bool
+
+
+class OllamaModelRef(TypedDict, total=False):
+    """``DELETE /api/delete``: ``model`` (or ``name``); answered 403 (models are removed by their config)"""
+
+    model: str
+    name: str
+
+
+class OllamaCopyRequest(TypedDict):
+    """``POST /api/copy``: answered 403 (a new name is an alias in the model's config)"""
+
+    source: Text
+    destination: Text
+
+
 class TtsRequest(TypedDict):
     """``POST /api/tts``"""
 
@@ -398,6 +420,16 @@ class Health(TypedDict):
     status: str
 
 
+class RouterUnload(TypedDict):
+    """llama.cpp's router API: ``POST /models/unload``"""
+
+    model: Text
+
+
+class RouterUnloaded(TypedDict):
+    success: bool
+
+
 # the types whose schemas go under components/schemas
 COMPONENTS: tuple[type, ...] = (
     OpenAIError,
@@ -420,6 +452,9 @@ COMPONENTS: tuple[type, ...] = (
     OllamaEmbedRequest,
     OllamaEmbeddingsRequest,
     OllamaShowRequest,
+    OllamaPullRequest,
+    OllamaModelRef,
+    OllamaCopyRequest,
     TtsRequest,
     InferenceImageRequest,
     A1111Request,
@@ -431,4 +466,6 @@ COMPONENTS: tuple[type, ...] = (
     Loaded,
     Unloaded,
     Health,
+    RouterUnload,
+    RouterUnloaded,
 )

@@ -14,9 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import voices
-from proxy.api.common import guarded, json_bytes, model_for, read_json, services
+from proxy.api.common import caller, guarded, json_bytes, model_for, public_listing, read_json, services
 from proxy.auth import Role
-from proxy.config import ModelConfig
+from proxy.config import ModelConfig, Settings
 from proxy.dialects.shaping import optional
 from proxy.dialects.speech import check, sized_wav
 from proxy.errors import ProxyError
@@ -65,20 +65,24 @@ async def tts(request: Request) -> Response:
 
 
 def _speech_models(request: Request) -> list[ModelConfig]:
-    return [c for c in services(request).manager.configs if "speech" in c.capabilities]
+    return [c for c in caller(request).configs if "speech" in c.capabilities]
 
 
-@guarded(Role.USER)
+def _public(settings: Settings) -> bool:
+    return settings.public_audio_listings
+
+
+@public_listing(_public)
 async def audio_models(request: Request) -> Response:
     return JSONResponse({"models": [{"id": c.name, "name": c.name} for c in _speech_models(request)]})
 
 
-@guarded(Role.USER)
+@public_listing(_public)
 async def audio_voices(request: Request) -> Response:
     wanted = request.query_params.get("model")
     models = _speech_models(request)
     if wanted:
-        models = [services(request).manager.resolve(wanted)]
+        models = [caller(request).resolve(wanted)]
     names: dict[str, None] = {}
     for cfg in models:
         names.update(dict.fromkeys(voices.listed(cfg)))

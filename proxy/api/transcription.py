@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import checked_keep_alive, guarded, services, size_limited
+from proxy.api.common import caller, checked_keep_alive, guarded, services, size_limited
 from proxy.auth import Role
 from proxy.dialects.transcripts import MEDIA_TYPES, check_request, render
 from proxy.errors import BadRequest, PayloadTooLarge
@@ -56,7 +56,7 @@ def transcribe_route(task: str) -> Any:
             if not model:
                 raise BadRequest("'model' is required", param="model")
             manager = services(request).manager
-            cfg = manager.resolve(model)
+            cfg = caller(request).resolve(model)
             if "transcription" not in cfg.capabilities:
                 raise BadRequest(f"model '{cfg.name}' does not transcribe audio", param="model")
             send = {k: v for k, v in fields.items() if k in ("language", "prompt", "temperature")}

@@ -126,10 +126,18 @@ def _canonical(
     return out
 
 
+def _size_from_init(out: ImageRequest, body: Mapping[str, Any], cfg: ModelConfig) -> ImageRequest:
+    """An img2img request that names no size keeps its init image's (the worker reads it)."""
+    if "init_image" in out and body.get("width") is None and body.get("height") is None:
+        out["size_from_init"] = True
+        out["max_size"] = _defaults(cfg).max_size
+    return out
+
+
 def from_inference(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> ImageRequest:
     """The older inference API's /txt2img and /img2img."""
     o = _defaults(cfg)
-    return _canonical(
+    out = _canonical(
         cfg,
         _prompt(body),
         _prompt(body, "negative_prompt", required=False),
@@ -143,6 +151,7 @@ def from_inference(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> 
         _number(body, "strength", 0.75, 0, 1, integer=False),
         _sampler(body.get("scheduler"), "scheduler"),
     )
+    return _size_from_init(out, body, cfg)
 
 
 def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> ImageRequest:
@@ -158,7 +167,7 @@ def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> Imag
         if not isinstance(images, list) or not images:
             raise BadRequest("'init_images' must be a non-empty array of base64 images", param="init_images")
         init = _image(images[0], "init_images")
-    return _canonical(
+    out = _canonical(
         cfg,
         _prompt(body),
         _prompt(body, "negative_prompt", required=False),
@@ -172,6 +181,7 @@ def from_a1111(body: Mapping[str, Any], cfg: ModelConfig, img2img: bool) -> Imag
         _number(body, "denoising_strength", 0.75, 0, 1, integer=False),
         _sampler(body.get("sampler_name") or body.get("sampler_index"), "sampler_name"),
     )
+    return _size_from_init(out, body, cfg)
 
 
 def from_openai(body: Mapping[str, Any], cfg: ModelConfig) -> ImageRequest:
@@ -203,8 +213,18 @@ def from_openai(body: Mapping[str, Any], cfg: ModelConfig) -> ImageRequest:
     )
 
 
-def parameters(canonical: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in canonical.items() if k != "init_image"}
+_NOT_ECHOED = ("init_image", "size_from_init", "max_size")
+
+
+def _made_size(canonical: Mapping[str, Any], result: Mapping[str, Any] | None) -> dict[str, int]:
+    """The size the images came out at (an img2img without a size keeps its init image's)."""
+    images = (result or {}).get("images") or []
+    first = images[0] if images else canonical
+    return {"width": int(first["width"]), "height": int(first["height"])}
+
+
+def parameters(canonical: Mapping[str, Any], result: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return {**{k: v for k, v in canonical.items() if k not in _NOT_ECHOED}, **_made_size(canonical, result)}
 
 
 def a1111_response(
@@ -216,8 +236,7 @@ def a1111_response(
         "negative_prompt": canonical["negative_prompt"],
         "seed": seeds[0],
         "all_seeds": seeds,
-        "width": canonical["width"],
-        "height": canonical["height"],
+        **_made_size(canonical, result),
         "sampler_name": canonical.get("scheduler") or "",
         "cfg_scale": canonical["guidance_scale"],
         "steps": canonical["steps"],

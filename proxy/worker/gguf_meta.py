@@ -13,6 +13,28 @@ import sys
 from typing import Any
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+_SHOWN_LIST = 64  # longer arrays (the tokenizer's vocabulary) are shown as null, as Ollama's /api/show does
+_NOT_SHOWN = ("GGUF.", "tokenizer.chat_template")
+
+
+def _shown(reader: Any) -> dict[str, Any]:
+    """The metadata as Ollama's /api/show ``model_info`` has it: every key, long arrays as null, and
+    ``general.parameter_count`` from the tensors."""
+    from gguf import GGUFValueType
+
+    info: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith(_NOT_SHOWN):
+            continue
+        if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > _SHOWN_LIST:
+            info[key] = None
+            continue
+        try:
+            info[key] = field.contents()
+        except Exception:  # a field type this reader cannot render
+            info[key] = None
+    info["general.parameter_count"] = sum(int(t.n_elements) for t in reader.tensors)
+    return dict(sorted(info.items()))
 
 
 def _scalar(value: Any) -> Any:
@@ -68,6 +90,7 @@ def read(path: str) -> dict[str, Any]:
         "layer_bytes": layers,
         "other_bytes": other,  # token embeddings, output norm and head
         "output_bytes": output,
+        "metadata": _shown(reader),
     }
 
 

@@ -152,7 +152,15 @@ class DiffusersBackend:
             self.pipe.scheduler = getattr(diffusers, cls_name).from_config(self.pipe.scheduler.config)
             self._img2img = None
 
-    def _init_image(self, data: str, width: int, height: int) -> Any:
+    def _init_size(self, image: Any, max_size: int) -> tuple[int, int]:
+        """The init image's size, scaled down to fit ``max_size`` and rounded down to the pipeline's
+        multiple (``vae_scale_factor``, 8 for Stable Diffusion), as diffusers' own image processor does."""
+        w, h = image.size
+        scale = min(1.0, max_size / max(w, h))
+        multiple = int(getattr(self.pipe, "vae_scale_factor", 8) or 8)
+        return tuple(max(multiple, int(x * scale) // multiple * multiple) for x in (w, h))  # type: ignore[return-value]
+
+    def _init_image(self, data: str, width: int, height: int, own_size: int | None = None) -> Any:
         from PIL import Image
 
         limit = int(self.options.get("max_image_pixels") or 4096 * 4096)
@@ -165,6 +173,8 @@ class DiffusersBackend:
         w, h = image.size
         if w * h > limit:  # refused before the pixels are decoded
             raise TooLarge(f"'init_image' is {w}x{h} = {w * h} pixels; the limit is {limit}", param="init_image")
+        if own_size is not None:
+            width, height = self._init_size(image, own_size)
         try:
             return image.convert("RGB").resize((width, height))
         except Exception as exc:  # a header that reads but pixels that do not
@@ -186,7 +196,10 @@ class DiffusersBackend:
             if self._img2img is None:
                 self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
             pipe = self._img2img
-            kwargs = {"image": self._init_image(init, width, height), "strength": float(body.get("strength", 0.75))}
+            own = int(body.get("max_size") or 1024) if body.get("size_from_init") else None
+            image = self._init_image(init, width, height, own)
+            width, height = image.size
+            kwargs = {"image": image, "strength": float(body.get("strength", 0.75))}
         else:
             kwargs = {"width": width, "height": height}
         seed = int(body["seed"])

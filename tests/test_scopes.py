@@ -1,0 +1,248 @@
+"""Scoped callers (keys with ``models:`` in api_tokens.yml, JWTs with a ``models`` claim) against a live proxy:
+a scoped caller sees only its models in every list and gets 404 for the others, as if they did not exist.
+
+The routes come from the app itself, so a route added without going through ``caller(request)`` fails
+here. Models of every kind (fake LLMs, Piper, Whisper, a diffusers config) are configured; only the fake
+LLMs are loaded (for /api/ps and /status).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import yaml
+from starlette.routing import Route
+
+from proxy.app import create_app
+from proxy.auth import KeyRing
+from proxy.config import Settings
+from tests.harness import REPO, LiveProxy, fake_config, running
+
+SECRET = "s" * 40
+FULL_ADMIN = "full-admin-key"
+OPEN = ["open-llm", "open-voice", "open-ear", "open-painter"]
+HIDDEN = ["secret-llm", "secret-voice", "secret-ear", "secret-painter"]
+
+
+def _shipped(file: str, name: str) -> dict[str, Any]:
+    cfg: dict[str, Any] = yaml.safe_load((REPO / "configs" / file).read_text())
+    cfg["name"] = name
+    cfg.pop("aliases", None)
+    return cfg
+
+
+def _models(root: Path) -> list[dict[str, Any]]:
+    (root / "sd").mkdir(parents=True, exist_ok=True)
+    out: list[dict[str, Any]] = []
+    for llm, voice, ear, painter in (OPEN, HIDDEN):
+        out += [
+            fake_config(llm),
+            _shipped("piper.yaml", voice),
+            _shipped("whisper.yaml", ear),
+            {"name": painter, "backend": "diffusers", "model": {"path": str(root / "sd")}},
+        ]
+    return out
+
+
+def token(role: str, models: list[str] | None, **claims: Any) -> str:
+    body: dict[str, Any] = {"role": role, "exp": int(time.time()) + 3600, **claims}
+    if models is not None:
+        body["models"] = models
+    return jwt.encode(body, SECRET, algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
+    root = tmp_path_factory.mktemp("scopes")
+    tokens: dict[str, Any] = {
+        "api_key": ["full-user-key", {"key": "scoped-user-key", "models": OPEN}],
+        "admin_key": [FULL_ADMIN, {"key": "scoped-admin-key", "models": OPEN}],
+    }
+    with running(root, _models(root), tokens=tokens, auth={"jwt_secret": SECRET}) as live:
+        yield live
+
+
+def _load_llms(proxy: LiveProxy) -> None:
+    """Both fake LLMs loaded, so /api/ps and /status have something to show (or to hide)."""
+    for name in ("open-llm", "secret-llm"):
+        r = httpx.post(proxy.url + f"/load/{name}", headers={"Authorization": f"Bearer {FULL_ADMIN}"}, timeout=60)
+        assert r.status_code == 200, r.text
+
+
+def app_routes() -> list[tuple[str, str]]:
+    """Every (method, path) the app serves, from the app itself."""
+    app = create_app(
+        Settings(
+            host="127.0.0.1",
+            port=0,
+            cors_origins=(),
+            models_dir=Path("."),
+            configs_dir=Path("."),
+            api_tokens=None,
+            keep_alive=300,
+            load_timeout=5,
+            unload_grace=1,
+            max_loaded_models=None,
+            max_queue=1,
+            max_body_bytes=1,
+            log_level="info",
+        ),
+        keys=KeyRing(),
+    )
+    out = []
+    for route in app.routes:
+        assert isinstance(route, Route)
+        for method in sorted(route.methods or ()):
+            if method != "HEAD":
+                out.append((method, route.path))
+    return out
+
+
+ROUTES = app_routes()
+CALLERS = {
+    "scoped user key": "scoped-user-key",
+    "scoped admin key": "scoped-admin-key",
+    "scoped user JWT": token("user", OPEN),
+    "scoped admin JWT": token("admin", OPEN),
+}
+
+
+def _wav() -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * 1600)
+    return buf.getvalue()
+
+
+def _call(proxy: LiveProxy, method: str, path: str, model: str, key: str, anthropic: bool = False) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    if anthropic:
+        headers["anthropic-version"] = "2023-06-01"
+    url = proxy.url + path.replace("{model:path}", model)
+    if method == "GET":
+        return httpx.get(url, headers=headers, timeout=60)
+    if "/audio/transcriptions" in path or "/audio/translations" in path:
+        files = {"file": ("a.wav", _wav(), "audio/wav")}
+        return httpx.post(url, headers=headers, files=files, data={"model": model}, timeout=60)
+    body = {
+        "model": model,
+        "name": model,
+        "prompt": "x",
+        "input": "x",
+        "text": "x",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": 1,
+        "sd_model_checkpoint": model,
+        "override_settings": {"sd_model_checkpoint": model},
+    }
+    return httpx.post(url, headers=headers, json=body, timeout=60)
+
+
+@pytest.mark.parametrize("caller", list(CALLERS))
+@pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
+def test_a_scoped_caller_never_sees_nor_reaches_another_model(
+    proxy: LiveProxy, method: str, path: str, caller: str
+) -> None:
+    key = CALLERS[caller]
+    _load_llms(proxy)
+    if path == "/unload":  # unloads what the caller sees, and says so: nothing else
+        r = _call(proxy, method, path, "", key)
+        assert r.status_code == (200 if "admin" in caller else 403) and "secret-" not in r.text
+        assert proxy.status({"Authorization": f"Bearer {FULL_ADMIN}"})["secret-llm"]["state"] == "ready"
+        return
+    names_a_model = method == "POST" or "{model:path}" in path
+    for hidden in HIDDEN:
+        for anthropic in (False, True) if method == "GET" else (False,):
+            r = _call(proxy, method, path, hidden, key, anthropic)
+            assert r.status_code < 500, r.text[:300]
+            if not names_a_model:  # a list: none of the hidden models in it
+                assert "secret-" not in r.text, r.text[:300]
+                continue
+            # naming a hidden model gets exactly what naming one that does not exist gets
+            ghost = _call(proxy, method, path, "ghost-model", key, anthropic)
+            assert (r.status_code, r.text.replace(hidden, "@")) == (
+                ghost.status_code,
+                ghost.text.replace("ghost-model", "@"),
+            )
+            assert "secret-" not in r.text.replace(hidden, "@")
+            if path.startswith(("/load", "/unload")) and "admin" not in caller:
+                assert r.status_code == 403
+            else:
+                assert r.status_code == 404, r.text[:300]
+    assert "secret-llm" in proxy.status({"Authorization": f"Bearer {FULL_ADMIN}"})  # it is there, just not seen
+
+
+LISTS = {
+    "/v1/models": "open-llm",
+    "/api/tags": "open-llm",
+    "/api/ps": "open-llm",
+    "/status": "open-llm",
+    "/sdapi/v1/sd-models": "open-painter",
+    "/v1/audio/models": "open-voice",
+}
+
+
+@pytest.mark.parametrize("caller", list(CALLERS))
+@pytest.mark.parametrize("path", list(LISTS))
+def test_a_scoped_caller_sees_its_own_models_in_each_list(proxy: LiveProxy, path: str, caller: str) -> None:
+    _load_llms(proxy)
+    r = _call(proxy, "GET", path, "", CALLERS[caller])
+    assert r.status_code == 200 and LISTS[path] in r.text and "secret-" not in r.text
+    full = _call(proxy, "GET", path, "", FULL_ADMIN)
+    assert "secret-" in full.text  # the unscoped admin sees both
+
+
+def test_an_unscoped_jwt_sees_every_model_and_a_scoped_one_reaches_its_own(proxy: LiveProxy) -> None:
+    r = _call(proxy, "GET", "/v1/models", "", token("user", None))
+    assert r.status_code == 200 and "secret-llm" in r.text and "open-llm" in r.text
+    r = _call(proxy, "POST", "/v1/chat/completions", "open-llm", CALLERS["scoped user JWT"])
+    assert r.status_code == 200, r.text
+    r = _call(proxy, "POST", "/v1/chat/completions", "secret-llm", CALLERS["scoped user JWT"])
+    assert r.status_code == 404 and r.json()["error"]["message"] == "model 'secret-llm' not found"
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (jwt.encode({"role": "user", "exp": int(time.time()) + 60}, "x" * 40, algorithm="HS256"), "signature"),
+        (token("user", None, exp=int(time.time()) - 60), "expired"),
+        (jwt.encode({"role": "user"}, SECRET, algorithm="HS256"), "'exp' claim"),
+        (token("root", None), "role must be 'user' or 'admin'"),
+        (
+            jwt.encode({"role": "admin", "exp": int(time.time()) + 60}, None, algorithm="none"),
+            "alg value is not allowed",
+        ),
+    ],
+    ids=["bad signature", "expired", "no exp", "bad role", "alg none"],
+)
+def test_a_bad_token_is_a_401_with_its_reason_in_each_dialect(proxy: LiveProxy, bad: str, reason: str) -> None:
+    headers = {"Authorization": f"Bearer {bad}"}
+    r = httpx.get(proxy.url + "/v1/models", headers=headers, timeout=30)
+    assert r.status_code == 401 and reason in r.json()["error"]["message"]
+    assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
+    r = httpx.get(proxy.url + "/api/tags", headers=headers, timeout=30)
+    assert r.status_code == 401 and reason in r.json()["error"]
+    r = httpx.post(proxy.url + "/v1/messages", headers={"x-api-key": bad}, json={}, timeout=30)
+    assert r.status_code == 401 and reason in r.json()["error"]["message"] and r.json()["type"] == "error"
+    r = httpx.get(proxy.url + "/v1/models", timeout=30)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_user_jwt_is_refused_admin_routes_an_admin_jwt_is_not(proxy: LiveProxy) -> None:
+    r = httpx.post(proxy.url + "/unload/open-llm", headers={"Authorization": f"Bearer {token('user', None)}"})
+    assert r.status_code == 403
+    r = httpx.post(
+        proxy.url + "/load/open-llm", headers={"Authorization": f"Bearer {token('admin', None)}"}, timeout=60
+    )
+    assert r.status_code == 200
