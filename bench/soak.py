@@ -22,6 +22,8 @@ import argparse
 import asyncio
 import collections
 import random
+import signal
+import sys
 import time
 from typing import Any
 
@@ -214,6 +216,8 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=1500.0, help="stop sending new requests after this")
     parser.add_argument("--mark", type=int, default=500, help="fds and RSS are compared from this request on")
     args = parser.parse_args()
+    # a SIGTERM (timeout(1), a CI bound) ends the run through the finally below: the proxy is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     proxy = start_proxy(configs(), limits={"max_loaded_models": 1, "max_queue": 1024})
     assert proxy.proc is not None
