@@ -1,17 +1,19 @@
-"""Soak: three models of three kinds with room for one, clients that walk away, many requests.
+"""Soak (issue 11): three models with room for one, clients that walk away, 2,000 requests at 64 at once.
 
-SmolLM2 chat (half streamed), Piper speech (streamed wav) and Whisper transcription share a proxy
-with ``max_loaded_models: 1``, so nearly every other request is a switch. 10% of the requests of
-every kind are dropped by their clients (a stream after its first chunk, a plain request after a
-random wait). Requests go out at a fixed concurrency until the count is reached or the time
-bound runs out; then the proxy is stopped.
+Two SmolLM2 configs (``smollm2-a``, ``smollm2-b``: the same GGUF, two models to the proxy) and Piper
+share a proxy with ``max_loaded_models: 1``, so nearly every other request is a switch. SmolLM2 requests
+alternate streamed and plain; Piper's are streamed speech. 10% of the requests of every kind are dropped by
+their clients (a stream after its first chunk, a plain request after a random wait). Requests go out at a
+fixed concurrency until the count is reached or the time bound runs out; then the proxy is stopped.
 
-Reports: requests lost (neither dropped by their client nor answered in full: errors, truncated
-streams, 5xx), worker crashes (an unexpected exit in the proxy's log), orphans (processes ever seen
-under the proxy that are still alive after it stopped), and the proxy's open fds and RSS at the
-start and the end. Goal: 0 lost, 0 crashes, 0 orphans, fds and RSS flat.
+Reports, in the issue's form: requests lost (neither dropped by their client, nor answered in full, nor
+refused with a 503 that carries Retry-After: errors, truncated streams, timeouts), other 5xx, worker
+crashes (an unexpected exit in the proxy's log), orphans (processes ever seen under the proxy that are
+still alive after it stopped), the proxy's open fds and RSS when request 500 finished and at the end
+(with their change in %), and the total time. Goal: 0 lost, 0 other 5xx, 0 crashes, 0 orphans, fds and
+RSS within 5% between request 500 and the end, under 10 minutes.
 
-    .venv/bin/python -m bench.soak [--requests 2000] [--concurrency 64] [--max-seconds 1500]
+    .venv/bin/python -m bench.soak [--requests 2000] [--concurrency 64] [--max-seconds 1500] [--mark 500]
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import argparse
 import asyncio
 import collections
 import random
+import signal
+import sys
 import time
 from typing import Any
 
@@ -29,50 +33,59 @@ import psutil
 from bench.common import save, start_proxy, table
 from tests.harness import REPO, smollm2_config, wait_until
 
-MODELS = ["smollm2", "piper-joe", "whisper-base"]
+MODELS = ["smollm2-a", "smollm2-b", "piper-joe"]
 DROP = 0.10
 
 
 def configs() -> list[dict[str, Any]]:
     import yaml
 
-    out = [smollm2_config(keep_alive="5m")]
-    for name in ("piper", "whisper"):
-        out.append(yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()))
+    out = [smollm2_config(name=name, aliases=[], keep_alive="5m") for name in MODELS[:2]]
+    out.append(yaml.safe_load((REPO / "configs" / "piper.yaml").read_text()))
     return out
 
 
+def _refused(r: httpx.Response) -> bool:
+    """A documented refusal: 503 with Retry-After (the queue is full, the model cannot start now)."""
+    return r.status_code == 503 and "retry-after" in r.headers
+
+
 class Soak:
-    def __init__(self, url: str, clip: bytes, rng: random.Random) -> None:
+    def __init__(self, url: str, rng: random.Random) -> None:
         self.url = url
-        self.clip = clip
         self.rng = rng
         self.results: collections.Counter[str] = collections.Counter()
         self.lost: list[str] = []
+        self.server_errors = 0  # 5xx other than a 503 with Retry-After
 
     async def one(self, client: httpx.AsyncClient, i: int) -> None:
         kind = MODELS[i % 3]
         drop = self.rng.random() < DROP
         wait = self.rng.uniform(0.05, 5.0)
         try:
-            if kind == "smollm2":
-                ok = await self.chat(client, stream=i % 2 == 0, drop=drop, wait=wait)
-            elif kind == "piper-joe":
-                ok = await self.speech(client, drop=drop, wait=wait)
+            if kind.startswith("smollm2"):
+                ok = await self.chat(client, kind, stream=(i // 3) % 2 == 0, drop=drop, wait=wait)
             else:
-                ok = await self.transcribe(client, drop=drop, wait=wait)
+                ok = await self.speech(client, drop=drop)
         except httpx.TimeoutException:
             ok = "dropped" if drop else "lost: timeout"
         except httpx.HTTPError as exc:
             ok = f"lost: {type(exc).__name__}: {exc}"
-        key = "dropped" if ok == "dropped" else ("ok" if ok == "ok" else "lost")
+        key = ok if ok in ("ok", "dropped", "refused") else "lost"
         self.results[f"{kind} {key}"] += 1
         if key == "lost":
             self.lost.append(f"{kind}: {ok}")
 
-    async def chat(self, client: httpx.AsyncClient, stream: bool, drop: bool, wait: float) -> str:
+    def _failed(self, r: httpx.Response, text: str) -> str:
+        if _refused(r):
+            return "refused"
+        if r.status_code >= 500:
+            self.server_errors += 1
+        return f"lost: {r.status_code} {text[:200]}"
+
+    async def chat(self, client: httpx.AsyncClient, model: str, stream: bool, drop: bool, wait: float) -> str:
         body = {
-            "model": "smollm2",
+            "model": model,
             "messages": [{"role": "user", "content": "Name a colour."}],
             "max_tokens": 16,
             "stream": stream,
@@ -81,14 +94,14 @@ class Soak:
             timeout = httpx.Timeout(600, read=wait) if drop else httpx.Timeout(600)
             r = await client.post("/v1/chat/completions", json=body, timeout=timeout)
             if r.status_code != 200:
-                return f"lost: {r.status_code} {r.text[:200]}"
+                return self._failed(r, r.text)
             return "ok" if r.json()["choices"][0]["message"]["content"] is not None else "lost: no content"
         last = ""
         async with client.stream("POST", "/v1/chat/completions", json=body, timeout=600) as r:
             if r.status_code != 200:
-                return f"lost: {r.status_code} {(await r.aread())[:200]!r}"
+                return self._failed(r, (await r.aread()).decode(errors="replace"))
             async for line in r.aiter_lines():
-                if not line:
+                if not line or line.startswith(":"):  # SSE comments while the model loads
                     continue
                 if drop:
                     return "dropped"
@@ -97,7 +110,7 @@ class Soak:
                     return f"lost: {line[:200]}"
         return "ok" if last == "data: [DONE]" else f"lost: stream ended with {last[:200]!r}"
 
-    async def speech(self, client: httpx.AsyncClient, drop: bool, wait: float) -> str:
+    async def speech(self, client: httpx.AsyncClient, drop: bool) -> str:
         body = {
             "model": "piper-joe",
             "input": "The soak goes on. It goes on a little longer.",
@@ -106,25 +119,12 @@ class Soak:
         size = 0
         async with client.stream("POST", "/v1/audio/speech", json=body, timeout=600) as r:
             if r.status_code != 200:
-                return f"lost: {r.status_code} {(await r.aread())[:200]!r}"
+                return self._failed(r, (await r.aread()).decode(errors="replace"))
             async for chunk in r.aiter_raw():
                 if drop:
                     return "dropped"
                 size += len(chunk)
         return "ok" if size > 22050 else f"lost: only {size} bytes of audio"
-
-    async def transcribe(self, client: httpx.AsyncClient, drop: bool, wait: float) -> str:
-        timeout = httpx.Timeout(600, read=wait) if drop else httpx.Timeout(600)
-        r = await client.post(
-            "/v1/audio/transcriptions",
-            data={"model": "whisper-base"},
-            files={"file": ("clip.wav", self.clip, "audio/wav")},
-            timeout=timeout,
-        )
-        if r.status_code != 200:
-            return f"lost: {r.status_code} {r.text[:200]}"
-        # a transcript, not its accuracy: Piper's voice varies from one synthesis to the next
-        return "ok" if r.json()["text"].strip() else "lost: an empty transcript"
 
 
 def alive(pids: set[int]) -> list[int]:
@@ -143,18 +143,18 @@ def proxy_probe(pid: int) -> tuple[int, float]:
     return proc.num_fds(), proc.memory_info().rss / 2**20
 
 
+def _change(a: float, b: float) -> float:
+    return round(100 * (b - a) / a, 1) if a else float("nan")
+
+
 async def soak(
-    url: str, proxy_pid: int, requests: int, concurrency: int, max_seconds: float, seen: set[int]
+    url: str, proxy_pid: int, requests: int, concurrency: int, max_seconds: float, mark: int, seen: set[int]
 ) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=None)) as client:
-        r = await client.post(
-            "/v1/audio/speech",
-            timeout=120,
-            json={"model": "piper-joe", "input": "This is the soak clip.", "response_format": "wav"},
-        )
-        r.raise_for_status()
-        runner = Soak(url, r.content, random.Random(2026))
+        runner = Soak(url, random.Random(2026))
         fds0, rss0 = proxy_probe(proxy_pid)
+        at_mark: tuple[int, float] | None = None
+        done = 0
         started = time.monotonic()
         deadline = started + max_seconds
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -162,12 +162,16 @@ async def soak(
             queue.put_nowait(i)
 
         async def lane() -> None:
+            nonlocal done, at_mark
             while time.monotonic() < deadline:
                 try:
                     i = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
                 await runner.one(client, i)
+                done += 1
+                if done == mark:
+                    at_mark = proxy_probe(proxy_pid)
                 for proc in psutil.Process(proxy_pid).children(recursive=True):
                     seen.add(proc.pid)
 
@@ -177,21 +181,31 @@ async def soak(
     # the clients' connections closed: what the proxy still holds (its connections to the loaded
     # worker stay pooled); polled until it stops dropping, for at most 10 s
     closed = proxy_probe(proxy_pid)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    until = time.monotonic() + 10
+    while time.monotonic() < until:
         await asyncio.sleep(0.5)
         now = proxy_probe(proxy_pid)
         if now[0] >= closed[0]:
             break
         closed = now
+    fds_m, rss_m = at_mark if at_mark is not None else (0, 0.0)
     return {
         "requests_sent": requests - queue.qsize(),
+        "requests_done": done,
         "seconds": round(elapsed, 1),
         "results": dict(sorted(runner.results.items())),
         "lost": len(runner.lost),
+        "other_5xx": runner.server_errors,
         "lost_examples": runner.lost[:10],
-        "proxy_fds (start, end, clients closed)": [fds0, fds1, closed[0]],
-        "proxy_rss_mib (start, end, clients closed)": [round(rss0, 1), round(rss1, 1), round(closed[1], 1)],
+        f"proxy_fds (start, request {mark}, end, clients closed)": [fds0, fds_m, fds1, closed[0]],
+        f"proxy_rss_mib (start, request {mark}, end, clients closed)": [
+            round(rss0, 1),
+            round(rss_m, 1),
+            round(rss1, 1),
+            round(closed[1], 1),
+        ],
+        f"fds change % (request {mark} -> end)": _change(fds_m, fds1),
+        f"rss change % (request {mark} -> end)": _change(rss_m, rss1),
     }
 
 
@@ -200,12 +214,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-seconds", type=float, default=1500.0, help="stop sending new requests after this")
+    parser.add_argument("--mark", type=int, default=500, help="fds and RSS are compared from this request on")
     args = parser.parse_args()
+    # a SIGTERM (timeout(1), a CI bound) ends the run through the finally below: the proxy is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
     proxy = start_proxy(configs(), limits={"max_loaded_models": 1, "max_queue": 1024})
     assert proxy.proc is not None
     seen: set[int] = set()
     try:
-        result = asyncio.run(soak(proxy.url, proxy.proc.pid, args.requests, args.concurrency, args.max_seconds, seen))
+        result = asyncio.run(
+            soak(proxy.url, proxy.proc.pid, args.requests, args.concurrency, args.max_seconds, args.mark, seen)
+        )
     finally:
         seen.update(p.pid for p in proxy.workers())
         proxy.stop()
@@ -219,6 +239,8 @@ def main() -> None:
     result["stalls_killed"] = log.count("made no progress")
     result["orphans"] = len(orphans)
     result["workers_seen"] = len(seen)
+    result["total_seconds (proxy start to stop)"] = round(time.monotonic() - started, 1)
+    result["load_average (1, 5, 15 min)"] = [round(x, 2) for x in psutil.getloadavg()]
     path = save("soak", result)
     rows = [(k, str(v)) for k, v in result.items() if k != "lost_examples"]
     print(table(rows))

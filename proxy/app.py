@@ -23,6 +23,7 @@ from proxy.api import (
     ollama,
     ollama_models,
     openai,
+    openapi,
     ops,
     responses,
     speech,
@@ -64,6 +65,7 @@ ROUTE_MODULES = [
     infer,
     jobs,
     ui,
+    openapi,
 ]
 
 

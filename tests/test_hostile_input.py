@@ -129,3 +129,23 @@ def test_a_crashed_worker_is_not_said_to_ignore_sigterm(proxy: LiveProxy) -> Non
     wait_until(lambda: proxy.status()[MODEL]["state"] == "stopped", timeout=30)
     wait_until(lambda: "exited" in proxy.log() or "died" in proxy.log() or "-9" in proxy.log(), timeout=30)
     assert "ignored SIGTERM" not in proxy.log()
+
+
+def test_what_schemathesis_found_is_a_400_and_the_worker_lives(proxy: LiveProxy, worker_pid: int) -> None:
+    """Each case tests/test_fuzz_real.py found answering 500, sent once on the real path."""
+    completions = proxy.url + "/v1/completions"
+    for prompt in ("", [""]):  # llama.cpp had no token to start from: an AssertionError in the worker
+        _openai_400(httpx.post(completions, json={"model": MODEL, "prompt": prompt}, timeout=60), "prompt", "empty")
+    # an empty string to embed: llama_decode failed on the empty batch and left the heap corrupt, so the
+    # worker aborted (exit -6) on a later request
+    embeddings, embed = proxy.url + "/v1/embeddings", proxy.url + "/api/embed"
+    _openai_400(httpx.post(embeddings, json={"model": MODEL, "input": ""}, timeout=60), "empty")
+    _ollama_400(httpx.post(embed, json={"model": MODEL, "input": ["hi", ""]}, timeout=60), "empty")
+    # and the worker refuses it on its own (a client of the worker other than this proxy's checks)
+    socket = psutil.Process(worker_pid).cmdline()
+    socket_path = socket[socket.index("--socket") + 1]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=socket_path), base_url="http://worker", timeout=60) as worker:
+        for _ in range(2):  # twice: the first would have corrupted the heap, the second would have aborted
+            r = worker.post("/v1/embeddings", json={"model": MODEL, "input": ["hi", ""]})
+            assert r.status_code == 400 and "no tokens" in r.json()["error"]["message"], r.text
+        assert worker.post("/v1/embeddings", json={"model": MODEL, "input": "hi"}).status_code == 200

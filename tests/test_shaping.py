@@ -167,6 +167,9 @@ def test_prompt_encoding_format_and_embedding_input() -> None:
     many = ("'prompt' as an array must hold exactly one string here", "prompt")
     assert refused(shaping.check_prompt, {"prompt": ["a", "b"]}) == many
     assert refused(shaping.check_prompt, {"prompt": []}) == many
+    empty = ("'prompt' must not be empty", "prompt")  # found by schemathesis: the worker answered 500
+    assert refused(shaping.check_prompt, {"prompt": ""}) == empty
+    assert refused(shaping.check_prompt, {"prompt": [""]}) == empty
 
     for fmt in ("float", "base64", None):
         body = {"input": "x", "encoding_format": fmt}
@@ -184,3 +187,9 @@ def test_prompt_encoding_format_and_embedding_input() -> None:
             "input",
         )
     assert refused(shaping.check_embedding_input, 5, "prompt")[1] == "prompt"
+    # found by schemathesis: an empty string has no token, and llama.cpp's worker aborted on it
+    assert refused(shaping.check_embedding_input, "") == (
+        "'input' must not hold an empty string (item 0 is empty)",
+        "input",
+    )
+    assert refused(shaping.check_embedding_input, ["a", ""])[0].endswith("(item 1 is empty)")

@@ -126,6 +126,9 @@ def check_prompt(body: dict[str, Any]) -> None:
         if len(prompt) != 1:
             raise BadRequest("'prompt' as an array must hold exactly one string here", param="prompt")
         body["prompt"] = prompt[0]
+    if body["prompt"] == "":
+        # llama.cpp has no token to start from (an AssertionError in the worker)
+        raise BadRequest("'prompt' must not be empty", param="prompt")
 
 
 def pop_encoding_format(body: dict[str, Any]) -> str | None:
@@ -139,7 +142,11 @@ def pop_encoding_format(body: dict[str, Any]) -> str | None:
 
 def check_embedding_input(value: Any, key: str = "input") -> list[str]:
     if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value
-    raise BadRequest(f"'{key}' must be a string or a non-empty array of strings", param=key)
+        value = [value]
+    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        raise BadRequest(f"'{key}' must be a string or a non-empty array of strings", param=key)
+    for i, text in enumerate(value):
+        if not text:
+            # no token to embed: llama.cpp's decode fails and leaves its heap corrupt (the worker aborts later)
+            raise BadRequest(f"'{key}' must not hold an empty string (item {i} is empty)", param=key)
+    return value

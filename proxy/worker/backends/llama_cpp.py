@@ -252,6 +252,10 @@ class LlamaCppBackend:
         started = time.perf_counter_ns()
         try:
             with self._embed_context:
+                for i, text in enumerate(inputs):
+                    # no token: llama_decode fails on the empty batch and leaves the heap corrupt (abort later)
+                    if not self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=True):
+                        raise InvalidRequest(f"'input' item {i} has no tokens to embed", param="input")
                 vectors, tokens = self._embedder.embed(inputs, normalize=False, truncate=True, return_count=True)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
