@@ -185,6 +185,9 @@ class Ticket:
     seq: int
     wants: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # backend options it needs loaded
     need: Need | None = None  # the model's need with those options
+    # waiting when its model got its turn (became ready): served in that batch, never overtaken, so a switch
+    # serves every request that waited for it even when all are past max_wait_for_switch (no thrash)
+    batch: bool = False
 
     @property
     def order(self) -> tuple[float, int, int]:
@@ -531,6 +534,8 @@ class ModelManager:
 
     def _overtaken(self, ticket: Ticket) -> bool:
         """Would serving this request overtake an earlier one, past the bound, that its model is in the way of?"""
+        if ticket.batch:
+            return False
         name = ticket.rt.config.name
         return any(o.rt is not ticket.rt and name in o.rt.blockers and o.order < ticket.order for o in self._overdue())
 
@@ -916,6 +921,8 @@ class ModelManager:
             self._notify()
             raise
         self._transition(rt, State.READY, "the worker is up")
+        for ticket in rt.tickets:
+            ticket.batch = True
         rt.progress = rt.phase = None
         rt.failures = 0
         rt.last_error = None

@@ -759,6 +759,33 @@ async def test_a_steady_stream_for_a_loaded_model_cannot_keep_another_waiting_pa
     await manager.shutdown()
 
 
+async def test_when_every_waiting_request_is_past_the_bound_each_switch_serves_a_batch() -> None:
+    """Requests for two models with room for one, all waiting past max_wait_for_switch: each switch serves
+    every request that waited for its model, not one per load (the soak's thrash: one switch per request)."""
+    manager, clock = make(model("a"), model("b"), max_loaded=1)
+    busy = await manager.acquire("a")
+    waiting: dict[asyncio.Task[Any], str] = {}
+    for _ in range(4):  # a, b, a, b, ...: arrival order alone would switch at every request
+        for name in ("a", "b"):
+            waiting[asyncio.create_task(manager.acquire(name))] = name
+            await settle()
+            clock.advance(0.1)
+    clock.advance(manager.settings.max_wait_for_switch + 1)  # every one of them is past the bound
+    await settle()
+    busy.release()
+    served = []
+    while waiting:
+        done, _ = await asyncio.wait(set(waiting), return_when=asyncio.FIRST_COMPLETED, timeout=5)
+        assert len(done) == 1  # one slot: one at a time
+        task = done.pop()
+        served.append(waiting.pop(task))
+        task.result().release()
+        await settle()
+    assert served == ["a", "b", "b", "b", "b", "a", "a", "a"]  # a's first (it came before b's), then batches
+    assert len(FakeWorker.instances) == 3  # two switches
+    await manager.shutdown()
+
+
 @pytest.mark.parametrize(("b_priority", "first"), [(1, "b"), (0, "a")])
 async def test_priority_orders_requests_that_came_together(b_priority: int, first: str) -> None:
     manager, clock = make(model("a"), model("b", priority=b_priority), max_loaded=1)
