@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import anyio.to_thread
 
 from proxy.config import ModelConfig
+from proxy.jsonfile import read_dict, write_atomic
 
 log = logging.getLogger("proxy.digests")
 
@@ -67,28 +67,14 @@ class Digests:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._cache: dict[str, dict[str, Any]] = {}  # resolved path -> size, mtime_ns, sha256
+        # resolved path -> size, mtime_ns, sha256
+        self._cache: dict[str, dict[str, Any]] = {k: v for k, v in read_dict(path).items() if isinstance(v, dict)}
         self._running: dict[str, asyncio.Future[str]] = {}
-        if path is not None and path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                if isinstance(data, dict):
-                    self._cache = {str(k): v for k, v in data.items() if isinstance(v, dict)}
-            except (OSError, ValueError) as exc:
-                log.warning("ignoring %s: %s", path, exc)
 
     def _save(self) -> None:
-        if self.path is None:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            with self._lock:
-                text = json.dumps(self._cache, indent=1, sort_keys=True)
-            tmp.write_text(text)
-            tmp.replace(self.path)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.path, exc)
+        with self._lock:
+            data = dict(self._cache)
+        write_atomic(self.path, data)
 
     @staticmethod
     def weight_file(cfg: ModelConfig) -> Path | None:

@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import struct
 import sys
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from proxy.jsonfile import read_dict, write_atomic
 from proxy.nvml import GpuMemory, Gpus
 
 log = logging.getLogger("proxy.memory")
@@ -267,24 +267,12 @@ class MemoryStore:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._data: dict[str, Any] = {"version": self.VERSION, "gguf": {}, "measured": {}}
-        if path is not None and path.exists():
-            try:
-                data = json.loads(path.read_text())
-                if data.get("version") == self.VERSION:
-                    self._data.update(data)
-            except (OSError, ValueError) as exc:
-                log.warning("ignoring %s: %s", path, exc)
+        data = read_dict(path)
+        if data.get("version") == self.VERSION:
+            self._data.update(data)
 
     def _save(self) -> None:
-        if self.path is None:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self._data, indent=1, sort_keys=True))
-            tmp.replace(self.path)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.path, exc)
+        write_atomic(self.path, self._data)
 
     def gguf(self, key: str) -> dict[str, Any] | None:
         value = self._data["gguf"].get(key)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -8,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.harness import LiveProxy, gone, smollm2_config, wait_until
+from tests.harness import REPO, LiveProxy, gone, smollm2_config, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +21,21 @@ def smollm2_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProx
     pids = [p.pid for p in proxy.workers()]
     proxy.stop()
     wait_until(lambda: gone(pids), timeout=15)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' tiny Stable Diffusion pipeline (random weights, tests/sd_build.py), built once per module."""
+    out = tmp_path_factory.mktemp("sd")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "sd_build.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out / "pipeline"
 
 
 @pytest.fixture

@@ -12,8 +12,6 @@ Bounded: ``EXAMPLES`` cases per operation and mode, the same ones each run (dera
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,20 +71,6 @@ def _cap(value: Any) -> Any:
     if isinstance(value, list):
         return [_cap(v) for v in value[:8]]
     return value
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sd")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "sd_build.py"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out / "pipeline"
 
 
 @pytest.fixture(scope="module")

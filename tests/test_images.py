@@ -10,8 +10,6 @@ import contextlib
 import io
 import json
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import REPO, LiveProxy, fake_config, running, wait_until
+from tests.harness import LiveProxy, fake_config, running, wait_until
 
 MODEL = "tiny-sd"
 
@@ -29,20 +27,6 @@ def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     width, height = struct.unpack(">II", data[16:24])
     return width, height
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sd")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "sd_build.py"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out / "pipeline"
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ import httpx
 import pytest
 
 from tests.harness import LiveProxy, running, wait_until
-from tests.test_images import pipeline, png_size
-
-__all__ = ["pipeline"]  # the fixture, shared with test_images
+from tests.test_images import png_size
 
 BODY: dict[str, Any] = {"prompt": "a red square", "num_inference_steps": 2, "width": 256, "height": 256, "seed": 7}
 

@@ -565,14 +565,17 @@ async def test_unload_of_a_failing_start_reports_nothing_unloaded() -> None:
     await manager.shutdown()
 
 
+class SlowStop(FakeWorker):
+    """Its stop ends when the test sets ``release_stop`` (a fresh Event per test)."""
+
+    release_stop = asyncio.Event()
+
+    async def stop(self, grace: float) -> None:
+        await SlowStop.release_stop.wait()
+        self.stopped = True
+
+
 async def test_two_unloads_of_one_model_both_wait_for_the_stop() -> None:
-    class SlowStop(FakeWorker):
-        release_stop = asyncio.Event()
-
-        async def stop(self, grace: float) -> None:
-            await SlowStop.release_stop.wait()
-            self.stopped = True
-
     SlowStop.release_stop = asyncio.Event()
     manager, _ = make(model("a"), factory=SlowStop)
     (await manager.acquire("a")).release()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.test_manager import FakeWorker, GraceWorker, _reset, make, model, settle, state  # noqa: F401 (_reset: autouse)
+from tests.test_manager import FakeWorker, GraceWorker, SlowStop, _reset, make, model, settle, state  # noqa: F401 (_reset: autouse)
 
 
 async def test_unload_waits_for_in_flight_at_most_unload_grace_then_kills() -> None:
@@ -52,13 +52,6 @@ async def test_a_forced_unload_kills_at_once() -> None:
 
 
 async def test_a_keep_alive_sent_while_the_model_stops_wins_over_the_config() -> None:
-    class SlowStop(FakeWorker):
-        release_stop = asyncio.Event()
-
-        async def stop(self, grace: float) -> None:
-            await SlowStop.release_stop.wait()
-            self.stopped = True
-
     SlowStop.release_stop = asyncio.Event()
     manager, _ = make(model("a", keep_alive=60), factory=SlowStop)
     (await manager.acquire("a", keep_alive=120)).release()
