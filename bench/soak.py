@@ -175,7 +175,13 @@ async def soak(
                 for proc in psutil.Process(proxy_pid).children(recursive=True):
                     seen.add(proc.pid)
 
-        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        # lanes stop taking requests at the deadline; what is still in flight then gets a minute more, and
+        # is then cut (counted, not lost: it is the bench that gave up, not the proxy)
+        lanes = [asyncio.create_task(lane()) for _ in range(concurrency)]
+        _, cut = await asyncio.wait(lanes, timeout=max(0.0, deadline - time.monotonic()) + 60)
+        for task in cut:
+            task.cancel()
+        await asyncio.gather(*cut, return_exceptions=True)
         elapsed = time.monotonic() - started
         fds1, rss1 = proxy_probe(proxy_pid)
     # the clients' connections closed: what the proxy still holds (its connections to the loaded
@@ -192,6 +198,7 @@ async def soak(
     return {
         "requests_sent": requests - queue.qsize(),
         "requests_done": done,
+        "cut_at_deadline": len(cut),
         "seconds": round(elapsed, 1),
         "results": dict(sorted(runner.results.items())),
         "lost": len(runner.lost),
