@@ -111,9 +111,11 @@ def test_a1111_dialect_fields() -> None:
         "denoising_strength": 0.5,
         "sampler_index": "DDIM",
     }
-    assert images.from_a1111(body, SD, img2img=True) == canonical(
-        steps=2, guidance_scale=30.0, n=4, seed=0, scheduler="ddim", init_image=PNG, strength=0.5
-    )
+    assert images.from_a1111(body, SD, img2img=True) == {
+        **canonical(steps=2, guidance_scale=30.0, n=4, seed=0, scheduler="ddim", init_image=PNG, strength=0.5),
+        "size_from_init": True,  # no width/height: the init image's size (issue 14)
+        "max_size": 1024,
+    }
     assert images.from_a1111({**body, "sampler_name": "lms"}, SD, img2img=False)["scheduler"] == "lms"
     assert images.from_a1111({**body, "sampler_name": ""}, SD, img2img=False)["scheduler"] == "ddim"
     assert images.from_a1111({**body, "denoising_strength": None}, SD, img2img=True)["strength"] == 0.75

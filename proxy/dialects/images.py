@@ -219,7 +219,7 @@ _NOT_ECHOED = ("init_image", "size_from_init", "max_size")
 def _made_size(canonical: Mapping[str, Any], result: Mapping[str, Any] | None) -> dict[str, int]:
     """The size the images came out at (an img2img without a size keeps its init image's)."""
     images = (result or {}).get("images") or []
-    first = images[0] if images else canonical
+    first = images[0] if images and "width" in images[0] and "height" in images[0] else canonical
     return {"width": int(first["width"]), "height": int(first["height"])}
 
 
