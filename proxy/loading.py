@@ -98,7 +98,7 @@ async def _fed(
         if entering.cancelled():
             raise Unavailable("the model's load was cancelled: the proxy is shutting down", retry_after=5)
         entering.result()
-        upstream = await call.open(path, body)
+        upstream = await call.open(path, body, timed=True)  # streamed to the client: its first byte is the TTFT
     except ProxyError as exc:
         yield on_error(exc)
         return
