@@ -12,12 +12,14 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import click
-import httpx
 import yaml
+
+if TYPE_CHECKING:  # imported where used: httpx pulls in rich and pygments, which the serving proxy never needs
+    import httpx
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,6 +51,8 @@ class Proxy:
 
     def __init__(self, url: str, key: str | None) -> None:
         self.url = url.rstrip("/")
+        import httpx
+
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         # no read timeout: a load can take minutes, and logs -f streams until stopped
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(10.0, read=None))
@@ -57,6 +61,8 @@ class Proxy:
         self.http.close()
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
         try:
             response = self.http.request(method, path, **kw)
         except httpx.TransportError:
@@ -71,6 +77,8 @@ class Proxy:
         raise click.ClickException(f"{response.status_code} {response.reason_phrase}: {reason(response)}")
 
     def stream_lines(self, path: str, **kw: Any) -> Iterator[str]:
+        import httpx
+
         try:
             with self.http.stream("GET", path, **kw) as response:
                 self.check(response)

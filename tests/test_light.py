@@ -26,6 +26,8 @@ HEAVY = (
     "av",
     "PIL",
     "TTS",
+    "rich",  # httpx's own CLI pulls in rich and pygments: the proxy's CLI imports httpx where it is used
+    "pygments",
 )
 
 
