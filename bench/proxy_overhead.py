@@ -78,7 +78,9 @@ def main() -> None:
     rounds = 2 if args.quick else args.rounds
     scale = 1 if args.quick else 3
 
-    proxy = start_proxy([fake_config("fake", "--tokens", str(CHUNKS))])
+    # parallel 32: the fake worker serves concurrent streams, so the proxy queues none of them (what is measured
+    # is the proxy's own cost per stream, not its queue)
+    proxy = start_proxy([{**fake_config("fake", "--tokens", str(CHUNKS)), "parallel": 32}])
     try:
         status = load(proxy, "fake")
         port = worker_arg(status["pid"], "--port")
