@@ -39,7 +39,6 @@ log = logging.getLogger("proxy.discovery")
 
 ID_LENGTH = 12
 _SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})$")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
