@@ -44,8 +44,9 @@ def say(line: str) -> None:
 
 
 def _report_progress(backend: Any, loading: concurrent.futures.Future[None]) -> None:
-    """Until the load ends, a progress line whenever the backend's fraction moves by a percent or more."""
-    last = -1.0
+    """Until the load ends, a progress line whenever the backend's fraction moves by a percent or more
+    (the first, at 0, was said before the load began: a fast load may end before this thread runs)."""
+    last = 0.0
     while True:
         try:
             fraction = float(backend.progress())
@@ -174,6 +175,7 @@ def run(socket_path: str, spec: dict[str, Any]) -> None:
     prepare = getattr(backend, "prepare", None)
     if prepare is not None:
         prepare()
+    say(progress_line(0.0, "loading weights"))  # here, so that it always comes before the ready line
     loading = _start_loading(backend)
     threading.Thread(target=_report_progress, args=(backend, loading), name="progress", daemon=True).start()
     import asyncio  # here, not at the top: its import overlaps the load (llama.cpp's start is a bench goal)
