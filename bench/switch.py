@@ -1,6 +1,11 @@
 """Switching between models (issue 17).
 
     .venv/bin/python -m bench.switch --memory     estimate against measured memory, each model of the embedded default
+
+``--memory``: a proxy over the embedded default's configs with a fresh ``models/``; each model's estimate
+from /status, then its measured peak (the worker tree's RSS, taken by the manager after each request)
+after one ordinary request and, for llama.cpp, one that fills its context: the estimate counts the whole
+KV cache and compute buffer, which a short request leaves mostly untouched (not resident).
     .venv/bin/python -m bench.switch --switch     a switch's time to first token / a bare cold load (goal <= 1.15)
     .venv/bin/python -m bench.switch --batching   64 requests alternating between two models (goal >= 3x)
 
@@ -59,6 +64,14 @@ def _use(url: str, name: str, wav: bytes) -> None:
         httpx.post(url + "/v1/audio/transcriptions", files=files, data={"model": name}, timeout=120).raise_for_status()
 
 
+def _fill_context(url: str, name: str, n_ctx: int) -> None:
+    """A prompt of nearly ``n_ctx`` tokens (" word" is one token in SmolLM2's vocabulary), so the KV cache
+    and the compute buffer that a llama.cpp estimate counts in full are resident when the peak is taken."""
+    content = "word " * (n_ctx - 200)
+    body = {"model": name, "messages": [{"role": "user", "content": content}], "max_tokens": 8}
+    httpx.post(url + "/v1/chat/completions", json=body, timeout=600).raise_for_status()
+
+
 def memory() -> dict[str, Any]:
     models = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "configs").glob("*.yaml"))]
     proxy = start_proxy(models, limits={"max_loaded_models": 1})  # a fresh models/: no cached measurement
@@ -78,10 +91,14 @@ def memory() -> dict[str, Any]:
             if name == "piper-joe" or not wav:
                 wav = _wav(proxy.url) if name == "piper-joe" else wav
             _use(proxy.url, name, wav)
+            one = proxy.status()[name]["need"]
+            if cfg["backend"] == "llama_cpp":
+                _fill_context(proxy.url, name, int(cfg["model"].get("n_ctx") or 4096))
             measured = proxy.status()[name]["need"]
             est = estimates[name]
             rows[name] = {
                 "estimate_mb": est["ram"] / MiB,
+                "after_one_request_mb": one["ram"] / MiB,
                 "measured_mb": measured["ram"] / MiB,
                 "source": measured["source"],
                 "estimate_over_measured": est["ram"] / measured["ram"],
@@ -248,8 +265,8 @@ def main() -> None:
         rows += [
             (
                 n,
-                f"estimate {r['estimate_mb']:.0f} MiB, measured {r['measured_mb']:.0f} MiB, "
-                f"ratio {r['estimate_over_measured']:.2f}",
+                f"estimate {r['estimate_mb']:.0f} MiB, measured peak {r['measured_mb']:.0f} MiB "
+                f"({r['after_one_request_mb']:.0f} after one request), ratio {r['estimate_over_measured']:.2f}",
             )
             for n, r in mem.items()
         ]

@@ -640,8 +640,10 @@ class ModelManager:
     def _counted(self, rt: Runtime) -> Need:
         """What a loaded model counts for: its need, or more when it was seen using more."""
         need = rt.need or Need(0, 0, "unknown")
+        if rt.peak.ram and need.source == "measured":  # an earlier load's peak: the larger of the two
+            return Need(max(need.ram, rt.peak.ram), max(need.vram, rt.peak.vram), "measured")
         if rt.peak.ram and need.source != "config":
-            return rt.peak  # measured on this load: replaces the estimate (or the last load's figure)
+            return rt.peak  # measured on this load: replaces the estimate
         return need
 
     def snapshot(self) -> Snapshot:

@@ -3,9 +3,9 @@
 A model's need (``Need``: RAM bytes, VRAM bytes on the one GPU it runs on) comes from, in order:
 
 1. ``memory: {ram: 2GiB, vram: 6GiB}`` in its YAML (source ``config``);
-2. what its worker measured the last time it was loaded with the same files and options (``measured``:
-   RSS of the worker's whole process tree, VRAM per process from NVML), remembered across restarts in
-   ``models/.cache/memory.json``;
+2. the most its worker was measured using while loaded with the same files and options (``measured``:
+   RSS of the worker's whole process tree, VRAM per process from NVML, after its load and each request;
+   the peak over every load), remembered across restarts in ``models/.cache/memory.json``;
 3. an estimate before its first load (``estimate``), per backend (``estimate``, below).
 
 An ``external`` model started from a ``cmd`` is estimated only from its ``memory:``; without one its first
@@ -289,7 +289,11 @@ class MemoryStore:
         return Need(ram=int(entry["ram"]), vram=int(entry.get("vram", 0)), source="measured")
 
     def put_measured(self, name: str, fingerprint: str, need: Need) -> None:
-        self._data["measured"][name] = {"fingerprint": fingerprint, "ram": need.ram, "vram": need.vram}
+        """The most this model was seen to use with these files and options, over every load: a load that
+        served only short requests does not shrink what a long one showed it takes (a full KV cache)."""
+        before = self.measured(name, fingerprint)
+        ram, vram = (max(need.ram, before.ram), max(need.vram, before.vram)) if before else (need.ram, need.vram)
+        self._data["measured"][name] = {"fingerprint": fingerprint, "ram": ram, "vram": vram}
         self._save()
 
 

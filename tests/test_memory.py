@@ -307,3 +307,24 @@ async def test_measured_need_replaces_the_estimate_and_is_remembered(tmp_path: P
     need = next(s.need for s in manager.status())
     assert need == Need(3 * GiB, 0, "measured")
     assert MemoryStore(tmp_path / "memory.json").measured("e", manager._fingerprint(manager.resolve("e"))) == need
+
+
+async def test_a_later_load_that_uses_less_does_not_shrink_the_remembered_need(tmp_path: Path) -> None:
+    # a load that filled its context (llama.cpp's KV cache and compute buffer resident) measured 3 GiB;
+    # the next load serves only short requests: what the model can take is still 3 GiB
+    probe = FakeProbe()
+    manager, _, _ = make(model("e"), probe=probe)
+    manager.store = MemoryStore(tmp_path / "memory.json")
+    probe.rss_of[1000] = 3 * GiB
+    (await manager.acquire("e")).release()
+    await manager.unload("e")
+    probe.rss_of[1001] = 1 * GiB
+    (await manager.acquire("e")).release()
+    assert next(s.need for s in manager.status()) == Need(3 * GiB, 0, "measured")
+    await manager.unload("e")
+    assert next(s.need for s in manager.status()) == Need(3 * GiB, 0, "measured")
+    stored = MemoryStore(tmp_path / "memory.json").measured("e", manager._fingerprint(manager.resolve("e")))
+    assert stored == Need(3 * GiB, 0, "measured")
+    probe.rss_of[1002] = 4 * GiB  # and one that uses more raises it
+    (await manager.acquire("e")).release()
+    assert next(s.need for s in manager.status()) == Need(4 * GiB, 0, "measured")
