@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import shutil
@@ -15,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.harness import LiveProxy, fake_config, smollm2_config, smollm2_path, wait_until
+from tests.harness import REPO, LiveProxy, fake_config, smollm2_config, smollm2_path, wait_until
 
 pytestmark = pytest.mark.real
 
@@ -176,5 +177,44 @@ def test_dropped_gguf_is_discovered_rescanned_and_chats(tmp_path: Path) -> None:
 
         wait_until(by_id, timeout=60, interval=0.2)
         assert (models / ".cache" / "digests.json").is_file()
+    finally:
+        proxy.stop()
+
+
+def _shipped(name: str) -> dict[str, Any]:
+    cfg: dict[str, Any] = yaml.safe_load((REPO / "configs" / name).read_text())
+    return cfg
+
+
+def test_speech_transcription_and_embedding_jobs_run_their_real_routes(tmp_path: Path) -> None:
+    # Piper speaks, Whisper hears what it said (audio in base64 both ways), SmolLM2 embeds
+    models = [_shipped("piper.yaml"), _shipped("whisper.yaml"), smollm2_config()]
+    proxy = with_jobs(LiveProxy(tmp_path, models), tmp_path / "data").start()
+    try:
+
+        def runsync(model: str, job_input: dict[str, Any]) -> dict[str, Any]:
+            r = httpx.post(f"{proxy.url}/v2/{model}/runsync", json={"input": job_input}, timeout=300)
+            assert r.status_code == 200, r.text
+            body: dict[str, Any] = r.json()
+            assert body["status"] == "COMPLETED", body
+            return body
+
+        spoken = runsync(
+            "piper-joe", {"input": "The quick brown fox jumps over the lazy dog.", "response_format": "wav"}
+        )
+        assert spoken["output"]["content_type"].startswith("audio/wav")
+        wav = base64.b64decode(spoken["output"]["base64"])
+        assert wav[:4] == b"RIFF" and len(wav) > 20_000
+        heard = runsync("whisper-base", {"audio": spoken["output"]["base64"], "language": "en"})
+        assert "fox" in heard["output"]["text"].lower(), heard
+        embedded = runsync("smollm2", {"input": ["a fox", "a dog"]})
+        vectors = [d["embedding"] for d in embedded["output"]["data"]]
+        assert len(vectors) == 2 and len(vectors[0]) == 576 and vectors[0] != vectors[1]
+        # input that cannot make the route's body is refused at once; a body the route refuses fails the job
+        bad = httpx.post(f"{proxy.url}/v2/whisper-base/run", json={"input": {"audio": "%%"}}, timeout=60)
+        assert bad.status_code == 400 and "base64" in bad.text, bad.text
+        noise = base64.b64encode(b"not audio at all" * 64).decode()
+        failed = httpx.post(f"{proxy.url}/v2/whisper-base/runsync", json={"input": {"audio": noise}}, timeout=60).json()
+        assert failed["status"] == "FAILED" and failed["error"].startswith("4"), failed
     finally:
         proxy.stop()

@@ -72,7 +72,12 @@ def route_for(cfg: ModelConfig, job_input: dict[str, Any]) -> tuple[str, bytes, 
             return "/v1/chat/completions", json.dumps({**named, "stream": False}).encode(), "application/json"
         if "prompt" in job_input:
             return "/v1/completions", json.dumps({**named, "stream": False}).encode(), "application/json"
-        raise BadRequest("an LLM job's input needs 'messages' (a chat) or 'prompt' (a completion)", param="input")
+        if "input" in job_input:  # an LLM that embeds (llama.cpp serves both), as OpenAI's embeddings body
+            return "/v1/embeddings", json.dumps(named).encode(), "application/json"
+        raise BadRequest(
+            "an LLM job's input needs 'messages' (a chat), 'prompt' (a completion) or 'input' (embeddings)",
+            param="input",
+        )
     if cfg.kind == "embedding":
         return "/v1/embeddings", json.dumps(named).encode(), "application/json"
     if cfg.kind == "image":
