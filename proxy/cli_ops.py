@@ -68,7 +68,12 @@ class Proxy:
         except httpx.TransportError:
             raise click.ClickException(f"no proxy at {self.url}") from None
         self.check(response)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:  # something else answers at that address (a web server, another API)
+            raise click.ClickException(
+                f"{self.url} answered {path} with something other than JSON: not this proxy?"
+            ) from None
 
     def check(self, response: httpx.Response) -> None:
         if response.is_success:

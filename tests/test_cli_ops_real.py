@@ -96,3 +96,22 @@ def test_ps_models_load_logs_unload_and_errors(make_proxy: Any, tmp_path: Path) 
     nobody = f"http://127.0.0.1:{free_port()}"
     gone = cli("ps", "--url", nobody)
     assert gone.returncode == 1 and gone.stderr.strip() == f"Error: no proxy at {nobody}"
+
+
+def test_an_address_that_is_not_the_proxy_is_said_in_one_line(tmp_path: Path) -> None:
+    # a plain web server (a directory listing, HTML) at the address: a one-line error, exit 1, no traceback
+    import functools
+    import http.server
+
+    (tmp_path / "status").write_text("<html><body>a web page</body></html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = cli("ps", "--url", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1, result
+    assert result.stderr.strip() == f"Error: {url} answered /status with something other than JSON: not this proxy?"
