@@ -35,7 +35,8 @@ from proxy.wire import STREAM_HEADERS, client_gone
 
 T = TypeVar("T")
 
-_USAGE = b'"completion_tokens"'  # in a usage object that counts generated tokens (not an embedding's)
+USAGE_MARKER = b'"completion_tokens"'  # in a usage object that counts generated tokens (not an embedding's)
+_USAGE = USAGE_MARKER
 
 
 def _completion_tokens(data: Any) -> int:

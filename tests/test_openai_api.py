@@ -6,7 +6,7 @@ import base64
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
@@ -205,3 +205,30 @@ def test_images_refused_for_a_text_model(client: openai.OpenAI) -> None:
             ],
         )
     assert "cannot read images" in str(info.value)
+
+
+async def test_the_usage_chunk_the_proxy_asked_for_is_dropped_however_the_bytes_are_cut() -> None:
+    # the worker's stream cut at every byte, and in one piece: the client gets the same events, less the
+    # usage-only chunk; a content chunk that mentions "completion_tokens" in its text is kept
+    from proxy.api.openai import _without_usage
+
+    events = [
+        b'data: {"id":"a","choices":[{"index":0,"delta":{"content":"Hi \\"completion_tokens\\""}}]}\n\n',
+        b'data: {"id":"a","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+        b'data: {"id":"a","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    wanted = events[0] + events[1] + events[3]
+    whole = b"".join(events)
+
+    async def cut(size: int) -> list[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(whole), size):
+                yield whole[i : i + size]
+
+        return [c async for c in _without_usage(chunks())]
+
+    for size in (1, 7, 64, len(whole)):
+        out = await cut(size)
+        assert b"".join(out) == wanted, size
+        assert all(c.endswith(b"\n\n") for c in out), size  # only whole events go on

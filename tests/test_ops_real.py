@@ -48,7 +48,11 @@ def test_metrics_events_and_logs_after_real_requests(make_proxy: MakeProxy, requ
     request.addfinalizer(client.close)
     messages: Any = [{"role": "user", "content": "Say hello."}]
     stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True)
-    assert any(chunk.choices and chunk.choices[0].delta.content for chunk in stream)
+    chunks = list(stream)
+    # the proxy asked the worker for this stream's usage (to count it) and kept it from the client, who did not
+    assert all(c.choices and c.usage is None for c in chunks), chunks[-2:]
+    plain_tokens = sum(1 for c in chunks if c.choices[0].delta.content)  # the worker counts a token a chunk
+    assert plain_tokens > 0
     events = seen.wait()
 
     answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
@@ -86,8 +90,9 @@ def test_metrics_events_and_logs_after_real_requests(make_proxy: MakeProxy, requ
     assert value(samples, "proxy_model_state", model=MODEL, state="stopped") == 0
     assert value(samples, "proxy_model_memory_bytes", model=MODEL, kind="ram") > 10_000_000
     assert value(samples, "proxy_queue_waiting", model=MODEL) == 0
-    # tokens where the answer said: the non-streamed answer, the stream with usage, the Ollama answer
-    expected_tokens = answer.usage.completion_tokens + sum(streamed_tokens) + reply.eval_count
+    assert len(streamed_tokens) == 1  # the stream that asked for its usage got it, once
+    # tokens of every answer: the stream without usage, the non-streamed answer, the stream with usage, Ollama's
+    expected_tokens = plain_tokens + answer.usage.completion_tokens + sum(streamed_tokens) + reply.eval_count
     assert value(samples, "proxy_generated_tokens_total", model=MODEL) == expected_tokens
     # time to first token: the two streamed requests (the openai SDK ones; the Ollama one was not streamed)
     assert value(samples, "proxy_time_to_first_token_seconds_count", model=MODEL, route=CHAT) == 2

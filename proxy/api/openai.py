@@ -8,6 +8,7 @@ worker goes away mid-stream.
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,7 +31,7 @@ from proxy.dialects.shaping import (
     pop_encoding_format,
 )
 from proxy.errors import ProxyError, WorkerUnavailable
-from proxy.relay import LeasedCall
+from proxy.relay import USAGE_MARKER, LeasedCall
 from proxy.upstream import UpstreamStream
 from proxy.wire import SSE_DONE, error_body, sse_event
 
@@ -43,12 +44,22 @@ def sse_error(exc: ProxyError) -> bytes:
 _DONE = SSE_DONE.rstrip()
 
 
-async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
+def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
     """The worker's SSE bytes as they come; a stream that ends without ``[DONE]`` (its worker died
     or cut it) ends with an explicit error event, never silently."""
+    return _relayed(stream.raw())
+
+
+def _relay_without_usage(stream: UpstreamStream) -> AsyncIterator[bytes]:
+    """``_relay`` for a stream whose usage the proxy asked the worker for (its token count, for /metrics)
+    when the client did not: whole events go on as they come, less the usage-only chunk at the end."""
+    return _relayed(_without_usage(stream.raw()))
+
+
+async def _relayed(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     tail = b""
     try:
-        async for chunk in stream.raw():
+        async for chunk in chunks:
             tail = (tail + chunk)[-32:] if len(chunk) < 32 else chunk[-32:]
             yield chunk
         if not tail.rstrip().endswith(_DONE):
@@ -57,12 +68,52 @@ async def _relay(stream: UpstreamStream) -> AsyncIterator[bytes]:
         yield sse_error(exc)
 
 
+async def _without_usage(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """SSE bytes cut at event ends (a part of an event waits for the rest), the usage-only chunk dropped."""
+    carry = b""
+    async for chunk in chunks:
+        data = carry + chunk if carry else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            carry = data
+            continue
+        whole, carry = data[: end + 2], data[end + 2 :]
+        if USAGE_MARKER in whole:
+            whole = b"\n\n".join(e for e in whole.split(b"\n\n") if not _is_usage_chunk(e))
+        if whole:
+            yield whole
+    if carry:
+        yield carry
+
+
+def _is_usage_chunk(event: bytes) -> bool:
+    if not (event.startswith(b"data: {") and USAGE_MARKER in event):
+        return False
+    try:
+        data = json.loads(event[6:])
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("choices") == [] and isinstance(data.get("usage"), dict)
+
+
+def _count_usage(body: dict[str, Any], cfg: ModelConfig) -> bool:
+    """Ask our llama.cpp worker for a stream's usage when the client did not (its tokens are counted for
+    /metrics and the events); True when the relay must then drop it. Other backends' streams are left as
+    they are (a server at a url may answer with ``"usage": null`` in every chunk)."""
+    options = body.get("stream_options")
+    if cfg.backend != "llama_cpp" or (isinstance(options, dict) and options.get("include_usage")):
+        return False
+    body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return True
+
+
 async def forward(
     request: Request, cfg: ModelConfig, path: str, body: dict[str, Any], stream: bool, keep_alive: float | None
 ) -> Response:
     """Lease the model, send ``body`` to its worker, relay the answer; the lease ends with it."""
     if stream:
-        return await leased_stream(request, cfg, keep_alive, path, json_bytes(body), _relay, sse_error)
+        relay = _relay_without_usage if _count_usage(body, cfg) else _relay
+        return await leased_stream(request, cfg, keep_alive, path, json_bytes(body), relay, sse_error)
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         content = await call.post(path, json_bytes(body))
     return Response(content, media_type="application/json")
