@@ -8,6 +8,7 @@ LLMs are loaded (for /api/ps and /status).
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import time
 import wave
@@ -25,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 from proxy.app import create_app
 from proxy.auth import KeyRing
 from proxy.config import Settings
-from tests.harness import REPO, LiveProxy, fake_config, running
+from tests.harness import REPO, LiveProxy, fake_config, running, wait_until
 
 SECRET = "s" * 40
 FULL_ADMIN = "full-admin-key"
@@ -279,3 +280,47 @@ def test_metrics_need_an_unscoped_key_when_not_public(tmp_path: Path) -> None:
         assert scoped.status_code == 403 and "secret-" not in scoped.text
         full = httpx.get(live.url + "/metrics", headers={"Authorization": "Bearer full-user-key"}, timeout=30)
         assert full.status_code == 200 and 'model="secret-llm"' in full.text
+
+
+def test_reasons_shown_to_a_scoped_caller_never_name_another_model(tmp_path: Path) -> None:
+    # two fakes of 600 MiB each under a 1 GiB budget: one in the way of the other. The reason a request
+    # waits (/status) and a 507's reason name the model in the way: to a caller scoped away from it, it is
+    # "another model"; an unscoped caller sees its name
+    gate = tmp_path / "gate"
+    models = [
+        fake_config("open-llm", memory={"ram": "600MiB"}),
+        fake_config("secret-llm", "--gate-answers", str(gate), memory={"ram": "600MiB"}),
+    ]
+    tokens = {
+        "api_key": ["full-user-key", {"key": "scoped-user-key", "models": ["open-llm"]}],
+        "admin_key": [FULL_ADMIN],
+    }
+    limits = {"memory": {"ram": "1GiB", "reserve_ram": 0}}
+    scoped, full = {"Authorization": "Bearer scoped-user-key"}, {"Authorization": "Bearer full-user-key"}
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    with running(tmp_path, models, tokens=tokens, limits=limits) as live, httpx.Client(timeout=60) as http:
+
+        def model(name: str, headers: dict[str, str]) -> dict[str, Any]:
+            found = http.get(live.url + "/status", headers=headers).json()["models"]
+            return dict(next(m for m in found if m["name"] == name))
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(
+                http.post, live.url + "/v1/chat/completions", headers=full, json={**chat, "model": "secret-llm"}
+            )
+            wait_until(lambda: model("secret-llm", full)["in_flight"] == 1, timeout=30)
+            waiting = pool.submit(
+                http.post, live.url + "/v1/chat/completions", headers=scoped, json={**chat, "model": "open-llm"}
+            )
+            assert "secret-llm" in wait_until(lambda: model("open-llm", full)["waiting"], timeout=30)
+            shown = model("open-llm", scoped)["waiting"]
+            assert shown and "secret-llm" not in shown and "another model" in shown, shown
+            gate.touch()
+            assert busy.result().status_code == 200 and waiting.result().status_code == 200
+        # secret-llm kept loaded for ever: open-llm can never fit beside it (507)
+        pin = http.post(live.url + "/load/secret-llm?keep_alive=-1", headers={"Authorization": f"Bearer {FULL_ADMIN}"})
+        assert pin.status_code == 200, pin.text
+        for headers, named in ((full, True), (scoped, False)):
+            r = http.post(live.url + "/api/chat", headers=headers, json={**chat, "model": "open-llm", "stream": False})
+            assert r.status_code == 507, r.text
+            assert ("secret-llm" in r.json()["error"]) is named, r.text

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -149,7 +151,20 @@ class View:
         return cfg
 
     def status(self) -> Iterator[ModelStatus]:
-        return (s for s in self.manager.status() if self.allows(s.config))
+        for s in self.manager.status():
+            if self.allows(s.config):
+                yield dataclasses.replace(s, waiting=self.hide_others(s.waiting)) if s.waiting else s
+
+    def hide_others(self, text: str | None) -> str | None:
+        """A reason that may name other models ("waiting for memory: ...; unloading sd-xl", a 507's pinned
+        models) with the models this caller may not see named "another model" instead."""
+        if self.principal.models is None or not text:
+            return text
+        hidden = {n for cfg in self.manager.configs if not self.allows(cfg) for n in (cfg.name, *cfg.aliases)}
+        if not hidden:
+            return text
+        names = "|".join(re.escape(n) for n in sorted(hidden, key=len, reverse=True))
+        return re.sub(rf"(?<![\w.:-])(?:{names})(?![\w.:-])", "another model", text)
 
     async def unload_all(self, *, force: bool = False) -> list[str]:
         if self.principal.models is None:

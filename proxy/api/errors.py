@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from proxy.api.common import caller
 from proxy.auth import Role
 from proxy.dialects.anthropic import error_body as anthropic_error
 from proxy.errors import ProxyError, Unauthorized
@@ -86,6 +87,8 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
         log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
         if not is_admin(request):
             message = for_users(message)
+    if getattr(getattr(request.state, "principal", None), "models", None) is not None:
+        message = caller(request).hide_others(message) or message  # a scoped caller: only its models named
     headers = _headers(request, exc)
     return render(request, exc.status, message, kind=exc.openai_type, code=exc.code, param=exc.param, headers=headers)
 
