@@ -320,9 +320,10 @@ class ModelManager:
     def replace_models(self, configs: list[ModelConfig], settings: Settings | None = None) -> None:
         """A new catalog (a rescan, a config reload with its ``settings``: limits and defaults apply at
         once). A model still in it keeps its state: a stopped one takes its new config, a loaded one whose
-        config changed keeps its worker until idle, then stops and takes it (its next request loads the new
-        config); an unchanged one keeps its worker. A new one is added stopped; one no longer in it answers
-        no new request, finishes what it has, unloads when idle and is then forgotten."""
+        config changed keeps its worker until its requests in flight are done (later ones wait), then stops
+        and takes it (the next request loads the new config); an unchanged one keeps its worker. A new one is
+        added stopped; one no longer in it answers no new request, finishes what it has, unloads when idle and
+        is then forgotten."""
         if settings is not None:
             self.settings = settings
             for rt in self._runtimes.values():
@@ -334,7 +335,7 @@ class ModelManager:
                 cfg = wanted[name]
                 rt.pending = cfg if cfg != rt.config else None
                 if rt.pending is not None and rt.state not in (State.STOPPED, State.FAILED):
-                    log.info("model %s: its config changed; it restarts with the new one when idle", name)
+                    log.info("model %s: its config changed; it restarts with it when its requests in flight end", name)
                 self._forget_or_stop(rt)
             elif not rt.retired:
                 rt.retired = True
@@ -429,6 +430,13 @@ class ModelManager:
                             self._reload(rt, ticket)
                             continue
                     rt.waiting = f"waiting to reload with {_shown(first.wants)} once its earlier requests finish"
+                elif rt.state is State.READY and not rt.draining and rt.worker is not None and rt.pending is not None:
+                    # its config changed (a reload): requests from now on wait for its restart, which begins
+                    # when those in flight are done, so a steady load does not keep the old config for ever
+                    rt.waiting = "waiting for its restart with its changed config"
+                    if rt.in_flight == 0:
+                        self._begin_stop(rt, "its config changed", UnloadReason.CONFIG)
+                        continue
                 elif rt.state is State.READY and not rt.draining and rt.worker is not None:
                     if self._may_serve(ticket):
                         self._cancel_idle(rt)
@@ -463,7 +471,10 @@ class ModelManager:
                     overrides = self._load_options(rt)
                     if overrides != rt.overrides:  # a load with other runtime options: its need anew
                         rt.overrides, rt.need = overrides, None
+                    if rt.need is None:  # (also after its config changed while this request waited)
                         await self._ensure_need(rt)
+                        if self._shutting_down:
+                            raise Unavailable("the proxy is shutting down", retry_after=5)
                         continue
                     decision = self._decide(rt)
                     if (decision.kind != "start" or decision.reason) and self._dismiss_spares(rt):

@@ -6,7 +6,8 @@ the log and the events (``ConfigRejected``) and the old configuration keeps serv
 
 - models: the manager takes the new catalog through the one path a rescan takes (``Discovery.rescan`` ->
   ``ModelManager.replace_models``): new models appear, removed ones unload when idle, changed ones restart
-  when idle (their next request loads the new config), unchanged loaded ones keep their worker and pid;
+  once their requests in flight are done (later requests wait for the restart and load the new config),
+  unchanged loaded ones keep their worker and pid;
 - keys and limits (``limits.*``, ``defaults.*``, ``server.metrics_public``,
   ``server.loading_comment_interval``) apply to the next request;
 - ``RESTART_ONLY`` settings (where the proxy listens, its directories, its log level) wait for a restart

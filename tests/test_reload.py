@@ -6,6 +6,7 @@ ones here alone: a change undone before the model went idle, and a change that w
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -37,6 +38,24 @@ async def test_a_changed_busy_model_restarts_with_its_new_config_when_idle() -> 
     assert [u.reason for u in unloads] == [UnloadReason.CONFIG]
     lease = await manager.acquire("a")  # the next request loads the new config
     assert FakeWorker.instances[1].config == new
+    lease.release()
+    await manager.shutdown()
+
+
+async def test_requests_after_a_change_wait_for_the_restart_so_a_steady_load_cannot_keep_the_old_config() -> None:
+    old = model("a", keep_alive=600, parallel=4)
+    manager, _ = make(old)
+    first = await manager.acquire("a")
+    new = dataclasses.replace(old, sampling={"temperature": 0.1})
+    manager.replace_models([new])
+    later = asyncio.create_task(manager.acquire("a"))  # a free slot, but the old config: it waits
+    await settle()
+    assert not later.done() and state(manager, "a") == "ready"
+    assert "restart" in (next(s.waiting for s in manager.status()) or "")
+    first.release()  # the last request on the old config: the restart begins, the waiting one gets the new
+    lease = await asyncio.wait_for(later, 5)
+    assert lease.config == new and lease.worker is FakeWorker.instances[1]
+    assert FakeWorker.instances[0].stopped
     lease.release()
     await manager.shutdown()
 
