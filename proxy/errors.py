@@ -97,6 +97,14 @@ class ModelNotFound(NotFound):
         self.model = model
 
 
+class Conflict(ProxyError):
+    """The request is fine but the thing it names is not in a state for it (a job that did not fail, retried)."""
+
+    status = 409
+    code = "conflict"
+    openai_type = "invalid_request_error"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "payload_too_large"

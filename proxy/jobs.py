@@ -29,7 +29,7 @@ from typing import Any, ParamSpec, TypeVar
 import anyio.to_thread
 
 from proxy.clock import Clock
-from proxy.errors import NotFound, QueueFull
+from proxy.errors import Conflict, NotFound, QueueFull
 
 log = logging.getLogger("proxy.jobs")
 
@@ -101,7 +101,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL,
     finished REAL,
     output TEXT,
-    error TEXT
+    error TEXT,
+    retries INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, finished);
 """
@@ -138,6 +139,9 @@ class JobStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # accepted means on disk
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "retries" not in columns:  # a database from before /retry
+                self._db.execute("ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -170,6 +174,16 @@ class JobStore:
                 (outcome.status.value, when, output, outcome.error, jid),
             )
 
+    def requeue(self, jid: str) -> bool:
+        """A failed job back in the queue, as it was submitted (its output, error and times cleared)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET status = ?, started = NULL, finished = NULL, output = NULL, error = NULL, "
+                "retries = retries + 1 WHERE id = ? AND status = ?",
+                (Status.IN_QUEUE, jid, Status.FAILED),
+            )
+        return cur.rowcount == 1
+
     def unfinished(self) -> list[Job]:
         """Jobs that were waiting or running when the proxy stopped, back in the queue, in their order."""
         with self._lock:
@@ -188,11 +202,15 @@ class JobStore:
         return cur.rowcount
 
     def finished_counts(self, model: str) -> dict[str, int]:
+        """Finished jobs of a model by status, and ``retried``: its jobs (kept, in any state) that were retried."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT status, COUNT(*) FROM jobs WHERE model = ? AND finished IS NOT NULL GROUP BY status", (model,)
             ).fetchall()
-        return {status: n for status, n in rows}
+            (retried,) = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE model = ? AND retries > 0", (model,)
+            ).fetchone()
+        return {**{status: n for status, n in rows}, "retried": retried}
 
 
 class Jobs:
@@ -327,6 +345,37 @@ class Jobs:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
+
+    async def retry(self, jid: str, owner: str, model: str) -> Job:
+        """A FAILED job back in the queue with the same id and input (RunPod's /retry); 409 for any other."""
+        job = await self.get(jid, owner, model)
+        if job.status is not Status.FAILED:
+            raise Conflict(f"job '{jid}' is {job.status.value}: only a FAILED job can be retried")
+        if self.pending >= self._max_queued:
+            raise QueueFull(f"{self.pending} jobs are already waiting or running; try again later", retry_after=5)
+        if not await self._db(self._store.requeue, jid):  # retried twice at once: the other one won
+            raise Conflict(f"job '{jid}' is already back in the queue")
+        job = await self.get(jid, owner, model)
+        self._queues[model].append(job)
+        self._kick(model)
+        log.info("job %s (%s): retried", jid, model)
+        return job
+
+    async def purge_queue(self, owner: str, model: str) -> int:
+        """Cancel this owner's jobs that wait for ``model`` (RunPod's /purge-queue); running ones go on."""
+        queue = self._queues.get(model)
+        if not queue:
+            return 0
+        mine = [job for job in queue if job.owner == owner]
+        for job in mine:
+            queue.remove(job)
+        when = self._clock.time()
+        for job in mine:
+            await self._db(self._store.finish, job.id, Outcome(Status.CANCELLED), when)
+            self._final(job.id)
+        if mine:
+            log.info("jobs for %s: %d waiting jobs purged", model, len(mine))
+        return len(mine)
 
     async def cancel(self, jid: str, owner: str, model: str | None = None) -> Job:
         """Cancel a waiting or running job (a running one's request is abandoned, as by a client that

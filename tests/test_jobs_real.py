@@ -218,3 +218,78 @@ def test_speech_transcription_and_embedding_jobs_run_their_real_routes(tmp_path:
         assert failed["status"] == "FAILED" and failed["error"].startswith("4"), failed
     finally:
         proxy.stop()
+
+
+def test_a_failed_job_is_retried_by_its_id_and_a_purge_cancels_only_the_callers_waiting_jobs(tmp_path: Path) -> None:
+    ready, gate = tmp_path / "ready", tmp_path / "gate"
+    models = [fake_config("flaky", "--fail-unless", str(ready)), fake_config("slow", "--gate-answers", str(gate))]
+    proxy = with_jobs(LiveProxy(tmp_path, models, tokens=TOKENS), tmp_path / "data").start()
+    url = proxy.url
+    try:
+        # its model cannot load: the job fails
+        failed = httpx.post(f"{url}/v2/flaky/runsync", json={"input": CHAT}, headers=auth(USER), timeout=60).json()
+        assert failed["status"] == "FAILED" and failed["error"].startswith("503"), failed
+        ready.touch()  # the model can load now (once its start's backoff is over: a request of our own says when)
+        chat = {**CHAT, "model": "flaky"}
+        wait_until(
+            lambda: httpx.post(f"{url}/v1/chat/completions", json=chat, headers=auth(USER)).status_code == 200,
+            timeout=30,
+            interval=0.2,
+        )
+        assert httpx.post(f"{url}/v2/flaky/retry/{failed['id']}", headers=auth(OTHER)).status_code == 404
+        retried = httpx.post(f"{url}/v2/flaky/retry/{failed['id']}", headers=auth(USER))
+        assert retried.json() == {"id": failed["id"], "status": "IN_QUEUE"}, retried.text
+        done = wait_until(functools.partial(finished, proxy, "flaky", failed["id"]), timeout=60, interval=0.1)
+        assert done["status"] == "COMPLETED" and "error" not in done, done
+        assert done["output"]["choices"][0]["message"]["content"]
+        assert httpx.get(f"{url}/v2/flaky/health", headers=auth(USER)).json()["jobs"]["retried"] == 1
+        again = httpx.post(f"{url}/v2/flaky/retry/{failed['id']}", headers=auth(USER))
+        assert again.status_code == 409 and "only a FAILED job" in again.json()["error"]["message"], again.text
+
+        # purge: one job runs (held at the gate), two of USER's and one of OTHER's wait
+        def run(key: str) -> str:
+            r = httpx.post(f"{url}/v2/slow/run", json={"input": CHAT}, headers=auth(key), timeout=10)
+            return str(r.json()["id"])
+
+        running = run(USER)
+        waiting = [run(USER), run(USER)]
+        theirs = run(OTHER)
+        purged = httpx.post(f"{url}/v2/slow/purge-queue", headers=auth(USER), timeout=10)
+        assert purged.json() == {"removed": 2, "status": "completed"}, purged.text
+        for job in waiting:
+            assert httpx.get(f"{url}/v2/slow/status/{job}", headers=auth(USER)).json()["status"] == "CANCELLED"
+        assert httpx.get(f"{url}/v2/slow/status/{theirs}", headers=auth(OTHER)).json()["status"] == "IN_QUEUE"
+        gate.touch()
+        for job, key in ((running, USER), (theirs, OTHER)):
+            done = wait_until(functools.partial(finished, proxy, "slow", job, key), timeout=60, interval=0.1)
+            assert done["status"] == "COMPLETED", done
+    finally:
+        proxy.stop()
+
+
+def test_a_jobs_database_from_before_retry_opens_and_its_jobs_can_be_retried(tmp_path: Path) -> None:
+    import sqlite3
+
+    from proxy.jobs import JobStore, Outcome, Status
+
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, model TEXT NOT NULL,"
+        " owner TEXT NOT NULL, role INTEGER NOT NULL, input TEXT NOT NULL, status TEXT NOT NULL, created REAL NOT NULL,"
+        " started REAL, finished REAL, output TEXT, error TEXT);"
+        "INSERT INTO jobs (id, model, owner, role, input, status, created, finished, error)"
+        " VALUES ('j1', 'm', 'o', 1, '{}', 'FAILED', 1.0, 2.0, 'boom');"
+    )
+    old.commit()
+    old.close()
+    store = JobStore(path)
+    try:
+        assert store.finished_counts("m") == {"FAILED": 1, "retried": 0}
+        assert store.requeue("j1") and not store.requeue("j1")  # once: it is IN_QUEUE now
+        job = store.get("j1")
+        assert job is not None and job.status is Status.IN_QUEUE and job.error is None and job.finished is None
+        store.finish("j1", Outcome(Status.COMPLETED, output={"ok": True}), 3.0)
+        assert store.finished_counts("m") == {"COMPLETED": 1, "retried": 1}
+    finally:
+        store.close()

@@ -87,8 +87,9 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
         log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.status, exc.message)
         if not is_admin(request):
             message = for_users(message)
-    if getattr(getattr(request.state, "principal", None), "models", None) is not None:
-        message = caller(request).hide_others(message) or message  # a scoped caller: only its models named
+    scoped = getattr(getattr(request.state, "principal", None), "models", None) is not None
+    if scoped and exc.status >= 500:  # the model state's reasons (507, 503); a 4xx names only what was sent
+        message = caller(request).hide_others(message) or message
     headers = _headers(request, exc)
     return render(request, exc.status, message, kind=exc.openai_type, code=exc.code, param=exc.param, headers=headers)
 

@@ -247,6 +247,20 @@ async def cancel(request: Request) -> Response:
 
 
 @guarded(Role.USER)
+async def retry(request: Request) -> Response:
+    """RunPod's /retry: a FAILED job back in the queue, same id and input (409 for a job in another state)."""
+    job = await jobs_of(request).retry(request.path_params["job_id"], owner_of(request), _model_name(request))
+    return JSONResponse({"id": job.id, "status": job.status.value})
+
+
+@guarded(Role.USER)
+async def purge_queue(request: Request) -> Response:
+    """RunPod's /purge-queue: the caller's jobs waiting for this model are cancelled; running ones go on."""
+    removed = await jobs_of(request).purge_queue(owner_of(request), _model_name(request))
+    return JSONResponse({"removed": removed, "status": "completed"})
+
+
+@guarded(Role.USER)
 async def health(request: Request) -> Response:
     """RunPod's endpoint health: job counts, and the model's worker as idle or running."""
     name = _model_name(request)
@@ -264,7 +278,7 @@ async def health(request: Request) -> Response:
                 "cancelled": done.get(Status.CANCELLED, 0),
                 "inProgress": running,
                 "inQueue": waiting,
-                "retried": 0,
+                "retried": done.get("retried", 0),
             },
             "workers": {"idle": int(loaded and not busy), "running": int(busy)},
         }
@@ -276,5 +290,7 @@ routes = [
     Route("/v2/{model:path}/runsync", runsync, methods=["POST"]),
     Route("/v2/{model:path}/status/{job_id}", status, methods=["GET", "POST"]),
     Route("/v2/{model:path}/cancel/{job_id}", cancel, methods=["POST"]),
+    Route("/v2/{model:path}/retry/{job_id}", retry, methods=["POST"]),
+    Route("/v2/{model:path}/purge-queue", purge_queue, methods=["POST"]),
     Route("/v2/{model:path}/health", health, methods=["GET"]),
 ]

@@ -143,6 +143,10 @@ OPERATIONS: tuple[Op, ...] = (
         extra={404: "no such model or job"}),
     _op("POST", "/v2/{model:path}/cancel/{job_id}", "Cancel a job", "Jobs", ok=t.Job,
         extra={404: "no such model or job"}),
+    _op("POST", "/v2/{model:path}/retry/{job_id}", "Put a failed job back in the queue", "Jobs", ok=t.Job,
+        extra={404: "no such model or job", 409: "the job did not fail"}),
+    _op("POST", "/v2/{model:path}/purge-queue", "Cancel the caller's waiting jobs", "Jobs", ok=t.PurgedQueue,
+        extra={404: "no such model"}),
     _op("GET", "/v2/{model:path}/health", "Job counts of a model", "Jobs", extra={404: "no such model"}),
     # the proxy's own
     _op("GET", "/health", "Liveness", "Proxy", access="public", ok=t.Health),

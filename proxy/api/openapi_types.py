@@ -385,6 +385,11 @@ class Job(TypedDict):
     error: NotRequired[str]
 
 
+class PurgedQueue(TypedDict):
+    removed: int
+    status: Literal["completed"]
+
+
 # -- the proxy's own ---------------------------------------------------------------------------------
 
 
@@ -462,6 +467,7 @@ COMPONENTS: tuple[type, ...] = (
     InferRequest,
     JobRequest,
     Job,
+    PurgedQueue,
     Status,
     Loaded,
     Unloaded,
