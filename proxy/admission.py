@@ -13,8 +13,9 @@ A stopping model's need counts as coming back: nothing more is unloaded for it, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -52,6 +53,8 @@ class Snapshot:
 class Decision:
     kind: Literal["start", "evict", "wait", "recover", "refuse"]
     gpu: int | None = None
+    # a model spread over several GPUs (``span_gpus``): (GPU index, its share of the VRAM need); gpu is None
+    split: tuple[tuple[int, int], ...] = ()
     victims: list[str] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)  # busy models it would unload were they idle ("wait")
     reason: str = ""  # why it waits, what it evicts, or why it is refused
@@ -104,21 +107,40 @@ def _free_vram(limits: MemoryLimits, gpu: GpuMemory, occupants: Sequence[Occupan
     return min(booked, physical)
 
 
+def _names(occupants: Iterable[Occupant]) -> list[str]:
+    """Their names, each once (a model spread over GPUs is an occupant per GPU)."""
+    return list(dict.fromkeys(o.name for o in occupants))
+
+
 def _candidates(occupants: Sequence[Occupant], gpu: int | None, *, busy_too: bool = False) -> list[Candidate]:
-    return [
-        Candidate(
+    """The ready models as candidates to unload: one each, with the RAM and the VRAM on ``gpu`` it frees."""
+    merged: dict[str, Candidate] = {}
+    for o in occupants:
+        if o.state != "ready":
+            continue
+        vram = o.need.vram if gpu is not None and o.gpu == gpu else 0
+        seen = merged.get(o.name)
+        if seen is not None:  # another GPU's part of a model spread over several
+            merged[o.name] = dataclasses.replace(seen, ram=seen.ram + o.need.ram, vram=seen.vram + vram)
+            continue
+        merged[o.name] = Candidate(
             name=o.name,
             keep_alive=o.keep_alive,
             last_used=o.last_used,
             busy=o.busy and not busy_too,
             ram=o.need.ram,
-            vram=o.need.vram if gpu is not None and o.gpu == gpu else 0,
+            vram=vram,
             pinned=o.pinned,
             remaining=o.remaining,
         )
-        for o in occupants
-        if o.state == "ready"
-    ]
+    return list(merged.values())
+
+
+def split_shares(vram: int, budgets: Mapping[int, int]) -> dict[int, int]:
+    """A VRAM need spread over GPUs in proportion to their budgets (what llama.cpp's tensor split is then
+    set to), each share at most its GPU's budget."""
+    total = sum(max(0, b) for b in budgets.values())
+    return {i: min(max(0, b), math.ceil(vram * max(0, b) / total)) for i, b in budgets.items()} if total else {}
 
 
 def decide(
@@ -130,9 +152,12 @@ def decide(
     limits: MemoryLimits,
     max_loaded: int | None = None,
     recovering: bool = False,
+    span: bool = False,
 ) -> Decision:
     """What to do for ``name`` (stopped, wanted) now. ``recovering``: a model stopped less than
-    ``limits.memory.recovery_timeout`` ago, so the box may not show its memory back yet."""
+    ``limits.memory.recovery_timeout`` ago, so the box may not show its memory back yet. ``span``: it may
+    be spread over several of its GPUs (a llama.cpp tensor split), which it is only when no one GPU's
+    budget can ever hold it."""
     gpus = [g for g in snap.gpus if allowed_gpus is None or g.index in allowed_gpus]
     vram_need = need.vram if gpus else 0  # no GPU (or no NVML): VRAM needs are zero
     # -- never fits -----------------------------------------------------------------------------------------
@@ -143,7 +168,10 @@ def decide(
             reason=f"model '{name}' needs {format_bytes(need.ram)} of RAM; "
             f"the whole budget is {format_bytes(ram_whole)}",
         )
-    if vram_need and not any(vram_need <= _vram_whole(limits, g) for g in gpus):
+    fits_one = any(vram_need <= _vram_whole(limits, g) for g in gpus)
+    if vram_need and not fits_one and span and len(gpus) > 1:
+        return _decide_split(name, need, gpus, occupants, snap, limits, max_loaded, recovering)
+    if vram_need and not fits_one:
         best = max(_vram_whole(limits, g) for g in gpus)
         return Decision(
             "refuse",
@@ -163,11 +191,58 @@ def decide(
                 return free[g.index] + sum(o.need.vram for o in occupants if o.gpu == g.index and not o.pinned)
 
             gpu = max(gpus, key=lambda g: (reclaimable(g), -g.index)).index
+    return _make_room(name, need, vram_need, gpu, gpus, occupants, snap, limits, max_loaded, recovering)
+
+
+def _decide_split(
+    name: str,
+    need: Need,
+    gpus: Sequence[GpuMemory],
+    occupants: Sequence[Occupant],
+    snap: Snapshot,
+    limits: MemoryLimits,
+    max_loaded: int | None,
+    recovering: bool,
+) -> Decision:
+    """A model too big for any one of its GPUs, spread over all of them in proportion to their budgets.
+    The GPU most short of its share decides what to unload or wait for; the manager asks again after each
+    step, so the others come in turn."""
+    budget = {g.index: _vram_whole(limits, g) for g in gpus}
+    total = sum(max(0, b) for b in budget.values())
+    if need.vram > total:
+        return Decision(
+            "refuse",
+            reason=f"model '{name}' needs {format_bytes(need.vram)} of VRAM; the {len(gpus)} GPUs it may span "
+            f"have {format_bytes(total)} in all",
+        )
+    shares = split_shares(need.vram, budget)
+    free = {g.index: _free_vram(limits, g, occupants) for g in gpus}
+    worst = max(gpus, key=lambda g: (shares[g.index] - free[g.index], -g.index)).index
+    decision = _make_room(name, need, shares[worst], worst, gpus, occupants, snap, limits, max_loaded, recovering)
+    if decision.kind == "refuse":
+        return decision
+    return dataclasses.replace(decision, gpu=None, split=tuple(sorted(shares.items())))
+
+
+def _make_room(
+    name: str,
+    need: Need,
+    vram_need: int,
+    gpu: int | None,
+    gpus: Sequence[GpuMemory],
+    occupants: Sequence[Occupant],
+    snap: Snapshot,
+    limits: MemoryLimits,
+    max_loaded: int | None,
+    recovering: bool,
+) -> Decision:
+    """Start on ``gpu`` (``vram_need`` there), or what to unload or wait for first, or refuse."""
+    ram_whole = _ram_whole(limits, snap)
     where = f" on cuda:{gpu}" if gpu is not None else ""
     # -- what is missing --------------------------------------------------------------------------------------
     free_ram = _free_ram(limits, snap, occupants)
     free_vram = _free_vram(limits, next(g for g in gpus if g.index == gpu), occupants) if gpu is not None else 0
-    count = sum(1 for o in occupants if o.state != "spare")
+    count = len(_names(o for o in occupants if o.state != "spare"))  # a model spread over GPUs: one
     missing = Deficit(
         ram=need.ram - free_ram,
         vram=vram_need - free_vram if gpu is not None else 0,
@@ -179,11 +254,11 @@ def decide(
     after = Deficit(
         ram=missing.ram - sum(o.need.ram for o in stopping),
         vram=missing.vram - sum(o.need.vram for o in stopping if o.gpu == gpu),
-        slots=missing.slots - len(stopping),
+        slots=missing.slots - len(_names(stopping)),
     )
     short = _shortfall(need, vram_need, free_ram, free_vram, gpu)
     if after.nothing:
-        names = ", ".join(o.name for o in stopping)
+        names = ", ".join(_names(stopping))
         return Decision("wait", gpu=gpu, reason=f"waiting for memory: {short}; unloading {names}")
     if recovering and _booked_fits(need, vram_need, gpu, gpus, occupants, limits, snap) and missing.slots <= 0:
         # what we unloaded is not back yet as the box sees it: wait for it rather than unload more
@@ -194,9 +269,9 @@ def decide(
             "evict", gpu=gpu, victims=victims, reason=f"waiting for memory: {short}; unloading " + ", ".join(victims)
         )
     if stopping:
-        names = ", ".join(o.name for o in stopping)
+        names = ", ".join(_names(stopping))
         return Decision("wait", gpu=gpu, reason=f"waiting for memory: {short}; unloading {names}")
-    busy = [o.name for o in occupants if o.busy and o.state == "ready"]
+    busy = _names(o for o in occupants if o.busy and o.state == "ready")
     blockers = choose_victims(_candidates(occupants, gpu, busy_too=True), after)
     if blockers is not None:
         return Decision(
@@ -214,7 +289,7 @@ def decide(
         else math.inf
     )
     if need.ram > booked_ram or vram_need > booked_vram:
-        pinned = ", ".join(o.name for o in occupants if o.pinned)
+        pinned = ", ".join(_names(o for o in occupants if o.pinned))
         return Decision(
             "refuse",
             reason=f"model '{name}' needs {need.describe()}{where}; models kept loaded for ever ({pinned}) leave "

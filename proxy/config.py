@@ -180,6 +180,8 @@ class ModelFile(_Strict):
     details: DetailsSection = msgspec.field(default_factory=DetailsSection)
     memory: MemorySection | None = None  # what it needs, overriding the estimate
     gpus: list[int] | None = None  # the GPUs (NVML indices) it may run on; default: any
+    # llama_cpp: it may be spread over several of those GPUs (a tensor split) when no one of them can hold it
+    span_gpus: bool = False
     priority: int = 0  # between requests for different models that wait as long, the higher goes first
     # streamed /v1/* answers get their headers and SSE comments while it loads (false: nothing until loaded)
     loading_feedback: bool = True
@@ -231,6 +233,7 @@ class ModelConfig:
     model_options: ModelFileOptions | None = None
     memory: Need | None = None  # memory: in its YAML (source "config")
     gpus: tuple[int, ...] | None = None
+    span_gpus: bool = False  # may be spread over several GPUs (llama.cpp's tensor split)
     # the limits its worker enforces on what it decodes (max_audio_seconds, max_image_pixels)
     worker_limits: Mapping[str, float] = field(default_factory=dict)
     priority: int = 0
@@ -418,6 +421,8 @@ def _model(
         )
     if raw.gpus is not None and (not raw.gpus or any(g < 0 for g in raw.gpus)):
         raise ConfigError(file, "gpus", "must list GPU indices (0, 1, ...)")
+    if raw.span_gpus and raw.backend != "llama_cpp":
+        raise ConfigError(file, "span_gpus", "only llama_cpp models can be spread over GPUs (a tensor split)")
     for i, option in enumerate(raw.runtime_options):
         if option not in RUNTIME_OPTIONS:
             known = ", ".join(RUNTIME_OPTIONS)
@@ -453,6 +458,7 @@ def _model(
         model_options=opts,
         memory=memory,
         gpus=tuple(raw.gpus) if raw.gpus is not None else None,
+        span_gpus=raw.span_gpus,
         worker_limits=dict(worker_limits or {}),
         priority=raw.priority,
         loading_feedback=raw.loading_feedback,

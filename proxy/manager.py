@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from proxy import memory
 from proxy import runtime_options as ropts
-from proxy.admission import Occupant, Snapshot, budgets, decide
+from proxy.admission import Decision, Occupant, Snapshot, budgets, decide
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
 from proxy.errors import (
@@ -153,6 +153,7 @@ class Runtime:
         self.need: Need | None = None  # what it needs (memory.py); None until found
         self.need_task: asyncio.Task[Need] | None = None
         self.gpu: int | None = None  # the GPU it runs (or starts) on
+        self.split: tuple[tuple[int, int], ...] = ()  # or the GPUs it is spread over, with its VRAM share on each
         self.waiting: str | None = None  # why a request for it waits, while one does
         self.peak = Need(0, 0, "measured")  # the most its worker used, this load
         self.tickets: list[Ticket] = []  # its requests inside ``acquire``, in arrival order
@@ -487,7 +488,7 @@ class ModelManager:
                     if decision.kind == "start":
                         if decision.reason:
                             log.warning("model %s: %s", rt.config.name, decision.reason)
-                        self._begin_start(rt, decision.gpu)
+                        self._begin_start(rt, decision.gpu, decision.split)
                         continue
                     if rt.waiting != decision.reason:
                         log.info("model %s: %s", rt.config.name, decision.reason)
@@ -632,20 +633,19 @@ class ModelManager:
             if o is rt or not o.occupies_slot:
                 continue
             remaining = o.idle_deadline - now if o.idle_deadline is not None else o.keep_alive
-            out.append(
-                Occupant(
-                    name=o.config.name,
-                    state=o.state.value,  # type: ignore[arg-type]  # starting, ready or stopping here
-                    need=self._counted(o),
-                    gpu=o.gpu,
-                    # its waiting requests keep it only while none for a model in its way waited too long
-                    busy=o.in_flight > 0 or o.draining or any(not self._overtaken(t) for t in o.tickets),
-                    keep_alive=o.keep_alive,
-                    remaining=remaining,
-                    last_used=o.last_used,
-                    pinned=math.isinf(o.keep_alive) and not self.settings.memory.evict_pinned,
-                )
+            occupant = Occupant(
+                name=o.config.name,
+                state=o.state.value,  # type: ignore[arg-type]  # starting, ready or stopping here
+                need=self._counted(o),
+                gpu=o.gpu,
+                # its waiting requests keep it only while none for a model in its way waited too long
+                busy=o.in_flight > 0 or o.draining or any(not self._overtaken(t) for t in o.tickets),
+                keep_alive=o.keep_alive,
+                remaining=remaining,
+                last_used=o.last_used,
+                pinned=math.isinf(o.keep_alive) and not self.settings.memory.evict_pinned,
             )
+            out += _per_gpu(occupant, o.split) if o.split else [occupant]
         return out
 
     def _counted(self, rt: Runtime) -> Need:
@@ -701,7 +701,7 @@ class ModelManager:
         self._stopped_at = self.clock.monotonic()  # the box gives their memory back in a moment
         return True
 
-    def _decide(self, rt: Runtime, need: Need | None = None) -> Any:
+    def _decide(self, rt: Runtime, need: Need | None = None) -> Decision:
         recovering = self.clock.monotonic() < self._stopped_at + self.settings.memory.recovery_timeout
         spares, mine = self._spare_occupants(rt)
         snap = self.snapshot()
@@ -716,6 +716,7 @@ class ModelManager:
             self.settings.memory,
             self.settings.max_loaded_models,
             recovering,
+            span=rt.config.span_gpus,
         )
 
     async def _ensure_need(self, rt: Runtime) -> Need:
@@ -871,14 +872,22 @@ class ModelManager:
 
     # -- start / stop -----------------------------------------------------------------------
     def _placed(self, rt: Runtime) -> ModelConfig:
-        """Its config, with CUDA_VISIBLE_DEVICES naming its GPU when it was placed on one."""
+        """Its config, with CUDA_VISIBLE_DEVICES naming its GPU when it was placed on one; spread over
+        several, naming them all, and llama.cpp's ``tensor_split`` set to its shares (in that order)."""
+        cfg = rt.effective
+        if rt.split:
+            total = sum(share for _, share in rt.split) or 1
+            visible = ",".join(str(index) for index, _ in rt.split)
+            split = [round(share / total, 4) for _, share in rt.split]
+            env = {**rt.config.env, "CUDA_VISIBLE_DEVICES": visible}
+            return dataclasses.replace(cfg, env=env, options={**cfg.options, "tensor_split": split})
         if rt.gpu is None:
-            return rt.effective
-        return dataclasses.replace(rt.effective, env={**rt.config.env, "CUDA_VISIBLE_DEVICES": str(rt.gpu)})
+            return cfg
+        return dataclasses.replace(cfg, env={**rt.config.env, "CUDA_VISIBLE_DEVICES": str(rt.gpu)})
 
-    def _begin_start(self, rt: Runtime, gpu: int | None) -> None:
+    def _begin_start(self, rt: Runtime, gpu: int | None, split: tuple[tuple[int, int], ...] = ()) -> None:
         self._transition(rt, State.STARTING, "requested")
-        rt.gpu = gpu
+        rt.gpu, rt.split = gpu, split
         rt.peak = Need(0, 0, "measured")
         rt.progress, rt.phase = 0.0, "starting"
         rt.worker = self._new_worker(rt)
@@ -1045,7 +1054,7 @@ class ModelManager:
                 self.events.publish(Unloaded(model=rt.config.name, reason=rt.stop_cause))
             self._stopped_at = self.clock.monotonic()
             rt.need = self._counted(rt)  # the next load starts from what this one measured
-            rt.gpu = None
+            rt.gpu, rt.split = None, ()
             rt.stop_task = None
             rt.loaded_at = None
             log.info("model %s: stopped", rt.config.name)
@@ -1062,7 +1071,7 @@ class ModelManager:
                 self._transition(rt, State.STOPPED, why)
                 self.events.publish(Unloaded(model=rt.config.name, reason=UnloadReason.CRASH, detail=why))
                 self._stopped_at = self.clock.monotonic()
-                rt.gpu = None
+                rt.gpu, rt.split = None, ()
                 rt.loaded_at = None
                 rt.keep_alive = rt.default_keep_alive
                 asyncio.get_running_loop().create_task(worker.stop(0))  # reap, close its client
@@ -1179,7 +1188,7 @@ class ModelManager:
                 rss_bytes=self.probe.rss(pid) if pid else None,
                 config=rt.effective,
                 need=self._counted(rt) if rt.state is State.READY else rt.need,
-                device=(f"cuda:{rt.gpu}" if rt.gpu is not None else "cpu") if running else None,
+                device=_device(rt) if running else None,
                 vram_bytes=vram,
                 waiting=rt.waiting,
                 queued=rt.waiters,
@@ -1218,6 +1227,28 @@ class ModelManager:
     @property
     def queued(self) -> int:
         return self._queued
+
+
+def _device(rt: Runtime) -> str:
+    """Where it runs: cpu, cuda:N, or cuda:N,M when spread over several GPUs."""
+    if rt.split:
+        return "cuda:" + ",".join(str(index) for index, _ in rt.split)
+    return f"cuda:{rt.gpu}" if rt.gpu is not None else "cpu"
+
+
+def _per_gpu(occupant: Occupant, split: tuple[tuple[int, int], ...]) -> list[Occupant]:
+    """A model spread over GPUs as one occupant per GPU: its VRAM (as measured, when it was) in the
+    proportions of its split, its RAM counted once, with the first."""
+    total = sum(share for _, share in split) or 1
+    need = occupant.need
+    return [
+        dataclasses.replace(
+            occupant,
+            gpu=index,
+            need=Need(need.ram if i == 0 else 0, need.vram * share // total, need.source),
+        )
+        for i, (index, share) in enumerate(split)
+    ]
 
 
 def _shown(options: Mapping[str, Any]) -> str:

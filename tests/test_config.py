@@ -54,6 +54,7 @@ def test_the_shipped_configuration_loads() -> None:
         ({}, {"a.yaml": {**GOOD, "colour": "red"}}, "a.yaml", "colour"),
         ({}, {"a.yaml": {**GOOD, "keep_alive": "soon"}}, "a.yaml", "keep_alive"),
         ({}, {"a.yaml": {**GOOD, "template": {"sys": "x"}}}, "a.yaml", "template.sys"),
+        ({}, {"a.yaml": {**GOOD, "span_gpus": True}}, "a.yaml", "span_gpus"),  # not a llama_cpp model
         (
             {},
             {"a.yaml": {"name": "m", "backend": "llama_cpp", "model": {"n_ctx": "big", "path": "x"}}},

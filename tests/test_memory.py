@@ -328,3 +328,49 @@ async def test_a_later_load_that_uses_less_does_not_shrink_the_remembered_need(t
     probe.rss_of[1002] = 4 * GiB  # and one that uses more raises it
     (await manager.acquire("e")).release()
     assert next(s.need for s in manager.status()) == Need(4 * GiB, 0, "measured")
+
+
+# -- a model spread over GPUs (span_gpus: llama.cpp's tensor split) ------------------------------------------
+
+
+def two_gpus() -> FakeProbe:
+    return FakeProbe(gpu_list=[GpuMemory(0, "g", 24 * GiB, 24 * GiB), GpuMemory(1, "g", 24 * GiB, 24 * GiB)])
+
+
+async def test_a_model_too_big_for_one_gpu_spans_two_when_its_yaml_allows_and_is_refused_when_not() -> None:
+    limits = MemoryLimits(reserve_ram=0, reserve_vram=0)
+    manager, _, _ = make(
+        m("big", 1, 40, span_gpus=True),
+        m("stiff", 1, 40),
+        m("huge", 1, 60, span_gpus=True),
+        probe=two_gpus(),
+        limits=limits,
+    )
+    (await manager.acquire("big")).release()
+    placed = FakeWorker.instances[0].config
+    assert placed.env["CUDA_VISIBLE_DEVICES"] == "0,1" and placed.options["tensor_split"] == [0.5, 0.5]
+    assert next(s.device for s in manager.status() if s.name == "big") == "cuda:0,1"
+    with pytest.raises(InsufficientMemory, match="the largest GPU budget is 24.0 GiB"):
+        await manager.acquire("stiff")  # the same need without span_gpus: no one GPU holds it
+    with pytest.raises(InsufficientMemory, match="the 2 GPUs it may span have 48.0 GiB in all"):
+        await manager.acquire("huge")
+
+
+async def test_a_spanning_model_makes_room_on_each_gpu_and_holds_its_share_of_each() -> None:
+    limits = MemoryLimits(reserve_ram=0, reserve_vram=0)
+    models = (m("x", 1, 10, gpus=(0,)), m("y", 1, 10, gpus=(1,)), m("big", 1, 40, span_gpus=True))
+    manager, _, _ = make(*models, probe=two_gpus(), limits=limits)
+    for name in ("x", "y"):
+        (await manager.acquire(name)).release()
+    (await manager.acquire("big")).release()  # 20 GiB on each GPU: x and y must both go
+    assert (state(manager, "x"), state(manager, "y"), state(manager, "big")) == ("stopped", "stopped", "ready")
+    (await manager.acquire("x")).release()  # 10 GiB on GPU 0, where big holds 20 of 24: big goes
+    assert (state(manager, "big"), state(manager, "x")) == ("stopped", "ready")
+
+
+async def test_a_spanning_model_counts_once_among_loaded_models() -> None:
+    limits = MemoryLimits(reserve_ram=0, reserve_vram=0)
+    manager, _, _ = make(m("big", 1, 40, span_gpus=True), m("z", 1, 2), probe=two_gpus(), limits=limits, max_loaded=2)
+    (await manager.acquire("big")).release()
+    (await manager.acquire("z")).release()  # max_loaded 2: big is one model on two GPUs, so nothing goes
+    assert (state(manager, "big"), state(manager, "z")) == ("ready", "ready")
