@@ -768,13 +768,11 @@ class ModelManager:
 
     async def _need_from_gguf(self, cfg: ModelConfig) -> Need:
         assert cfg.model_path is not None
-        path = cfg.model_path
         try:
-            facts = await memory.read_gguf(path, cfg.python)
+            facts = await self._gguf_facts(cfg)
             if facts is not None:
-                self.store.put_gguf(memory.file_key(path), facts)
                 return memory.estimate_llama_cpp(facts, cfg.options, self._gpu_for(cfg), cfg.parallel)
-            return memory.estimate_by_files(cfg.backend, path, cfg.options, self._gpu_for(cfg))
+            return memory.estimate_by_files(cfg.backend, cfg.model_path, cfg.options, self._gpu_for(cfg))
         except (OSError, KeyError, TypeError, ValueError) as exc:
             log.warning("model %s: no memory estimate (%s); admitted unchecked until measured", cfg.name, exc)
         return Need(0, 0, "unknown")
@@ -1132,8 +1130,8 @@ class ModelManager:
         for task in starting:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
-        # a GGUF still being read for /status's estimate: its subprocess goes too (read_gguf kills it)
-        tasks = [self._estimating, *(rt.need_task for rt in self._runtimes.values())]
+        # a GGUF still being read (an estimate, /api/show): its subprocess goes too (read_gguf kills it)
+        tasks = [self._estimating, *(rt.need_task for rt in self._runtimes.values()), *self._gguf_reads.values()]
         reading = [t for t in tasks if t is not None and not t.done()]
         for reader in reading:
             reader.cancel()

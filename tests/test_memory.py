@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from proxy import memory
 from proxy.clock import ManualClock
 from proxy.config import MemoryLimits, ModelConfig
 from proxy.errors import InsufficientMemory, ModelLoadFailed
@@ -374,3 +375,27 @@ async def test_a_spanning_model_counts_once_among_loaded_models() -> None:
     (await manager.acquire("big")).release()
     (await manager.acquire("z")).release()  # max_loaded 2: big is one model on two GPUs, so nothing goes
     assert (state(manager, "big"), state(manager, "z")) == ("ready", "ready")
+
+
+async def test_shutdown_cancels_a_gguf_read_whoever_started_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # /api/show's metadata and the memory estimate share one read per file; shutdown must cancel it (the real
+    # read_gguf kills its subprocess when cancelled), whoever is waiting for it
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    cancelled = asyncio.Event()
+
+    async def read_forever(path: Path, python: str | None, timeout: float = 120.0) -> dict[str, Any] | None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return None
+
+    monkeypatch.setattr(memory, "read_gguf", read_forever)
+    manager, _, _ = make(model("g", backend="llama_cpp", model_path=gguf, cmd=None))
+    shown = asyncio.create_task(manager.gguf_metadata(manager.resolve("g")))
+    await settle()
+    await manager.shutdown()
+    assert cancelled.is_set()
+    shown.cancel()
