@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.config import ModelConfig
+from proxy.wire import output_lines
 
 log = logging.getLogger("proxy.spares")
 
@@ -135,11 +136,7 @@ class Spares:
         """Its output until it is taken (import warnings, its "spare" line); at EOF, it is gone."""
         if stream is None:
             return
-        while True:
-            line = await stream.readline()
-            if not line:
-                break
-            text = line.decode("utf-8", "replace").rstrip()
+        async for text in output_lines(stream):
             if text.startswith('{"event": "spare"'):
                 spare.ready = True
                 log.info("warm spare %s ready (pid %s)", spare.key.describe(), spare.pid)

@@ -24,7 +24,7 @@ from proxy.errors import LoadTimeout, ModelLoadFailed
 from proxy.modellogs import ModelLog
 from proxy.spares import SpareKey, Spares, handoff_line
 from proxy.upstream import Upstream
-from proxy.wire import read_progress
+from proxy.wire import output_lines, read_progress
 
 log = logging.getLogger("proxy.supervisor")
 
@@ -124,13 +124,7 @@ class Worker:
         return worker_env(self.config.env)
 
     async def _read(self, stream: asyncio.StreamReader | None, watch_ready: bool) -> None:
-        if stream is None:
-            return
-        while True:
-            line = await stream.readline()
-            if not line:
-                return
-            text = line.decode("utf-8", "replace").rstrip()
+        async for text in output_lines(stream):
             if watch_ready and text.startswith('{"event": "ready"'):
                 self._ready.set()
                 continue

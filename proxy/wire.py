@@ -12,8 +12,11 @@ LLM requests and answers are OpenAI's own wire format and are not restated here.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, NotRequired, TypedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
+
+if TYPE_CHECKING:
+    import asyncio
 
 # -- names both sides agree on -----------------------------------------------------------------
 
@@ -52,6 +55,14 @@ PROGRESS_EVENT = "progress"
 
 def progress_line(fraction: float, phase: str) -> str:
     return json.dumps({"event": PROGRESS_EVENT, "progress": round(min(1.0, max(0.0, fraction)), 3), "phase": phase})
+
+
+async def output_lines(stream: asyncio.StreamReader | None) -> AsyncIterator[str]:
+    """A worker's (or a spare's) stdout or stderr, a line at a time (decoded, trailing space off), to EOF."""
+    if stream is None:
+        return
+    while line := await stream.readline():
+        yield line.decode("utf-8", "replace").rstrip()
 
 
 def read_progress(line: str) -> tuple[float, str] | None:
