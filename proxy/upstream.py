@@ -11,8 +11,9 @@ send for the first) is hung: ``on_hung`` is told (the supervisor kills it) and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, BinaryIO
 
 import aiohttp
@@ -41,6 +42,22 @@ def _message_of(status: int, body: bytes) -> str:
     return f"worker answered {status}"
 
 
+@contextlib.contextmanager
+def _translated(hung: Callable[[], WorkerHung], gone: Callable[[BaseException], str]) -> Iterator[None]:
+    """aiohttp's errors as the domain's: no byte for ``idle_timeout`` is ``hung()``'s WorkerHung, a worker
+    that cannot be reached or goes away is WorkerUnavailable with ``gone(exc)`` as its message."""
+    try:
+        yield
+    except _SILENT as exc:  # before _GONE: aiohttp's timeouts are ClientErrors too
+        raise hung() from exc
+    except _GONE as exc:
+        raise WorkerUnavailable(gone(exc)) from exc
+
+
+def _mid_answer(exc: BaseException) -> str:
+    return "the worker went away mid-answer"
+
+
 class UpstreamStream:
     """An open streamed answer; whoever opened it closes it (``aclose`` in a finally)."""
 
@@ -49,22 +66,14 @@ class UpstreamStream:
         self._hung = hung
 
     async def raw(self) -> AsyncIterator[bytes]:
-        try:
+        with _translated(self._hung, _mid_answer):
             async for chunk in self.response.content.iter_any():
                 yield chunk
-        except _SILENT as exc:
-            raise self._hung() from exc
-        except _GONE as exc:
-            raise WorkerUnavailable("the worker went away mid-answer") from exc
 
     async def lines(self) -> AsyncIterator[str]:
-        try:
+        with _translated(self._hung, _mid_answer):
             async for line in self.response.content:
                 yield line.decode("utf-8").rstrip("\r\n")
-        except _SILENT as exc:
-            raise self._hung() from exc
-        except _GONE as exc:
-            raise WorkerUnavailable("the worker went away mid-answer") from exc
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """An OpenAI-style SSE stream as parsed chunks: an error event becomes UpstreamError, and a
@@ -113,6 +122,9 @@ class Upstream:
             why += "; its worker was killed and restarts on the next request"
         return WorkerHung(why, retry_after=1)
 
+    def _unreachable(self, exc: BaseException) -> str:
+        return f"model '{self.name}' is not reachable: {type(exc).__name__}"
+
     @property
     def session(self) -> aiohttp.ClientSession:
         """Made on first use, inside the event loop that will use it."""
@@ -133,15 +145,11 @@ class Upstream:
         return self._session
 
     async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        try:
+        with _translated(self._hung, self._unreachable):
             async with self.session.request(
                 method, self.base_url + path, data=body, headers=_JSON if body else None
             ) as response:
                 return response.status, await response.read()
-        except _SILENT as exc:
-            raise self._hung() from exc
-        except _GONE as exc:
-            raise WorkerUnavailable(f"model '{self.name}' is not reachable: {type(exc).__name__}") from exc
 
     async def post(self, path: str, body: bytes) -> bytes:
         """POST and return the body of a 2xx answer; an error status becomes UpstreamError."""
@@ -170,13 +178,9 @@ class Upstream:
         name, filename, fileobj, content_type = file
         fileobj.seek(0)
         form.add_field(name, fileobj, filename=filename, content_type=content_type or "application/octet-stream")
-        try:
+        with _translated(self._hung, self._unreachable):
             async with self.session.post(self.base_url + path, data=form) as response:
                 status, content = response.status, await response.read()
-        except _SILENT as exc:
-            raise self._hung() from exc
-        except _GONE as exc:
-            raise WorkerUnavailable(f"model '{self.name}' is not reachable: {type(exc).__name__}") from exc
         if status >= 400:
             raise UpstreamError(status, _message_of(status, content))
         data = json.loads(content)
@@ -185,19 +189,12 @@ class Upstream:
         return data
 
     async def open_stream(self, path: str, body: bytes, content_type: str = "application/json") -> UpstreamStream:
-        try:
+        with _translated(self._hung, self._unreachable):
             response = await self.session.post(self.base_url + path, data=body, headers={"content-type": content_type})
-        except _SILENT as exc:
-            raise self._hung() from exc
-        except _GONE as exc:
-            raise WorkerUnavailable(f"model '{self.name}' is not reachable: {type(exc).__name__}") from exc
         if response.status >= 400:
             try:
-                content = await response.read()
-            except _SILENT as exc:
-                raise self._hung() from exc
-            except _GONE as exc:
-                raise WorkerUnavailable("the worker went away mid-answer") from exc
+                with _translated(self._hung, _mid_answer):
+                    content = await response.read()
             finally:
                 response.close()
             raise UpstreamError(response.status, _message_of(response.status, content))
