@@ -266,6 +266,11 @@ class Jobs:
     def pending(self) -> int:
         return sum(len(q) for q in self._queues.values()) + sum(len(r) for r in self._running.values())
 
+    def _check_room(self) -> None:
+        """503 with Retry-After past ``jobs.max_queued`` jobs waiting or running."""
+        if self.pending >= self._max_queued:
+            raise QueueFull(f"{self.pending} jobs are already waiting or running; try again later", retry_after=5)
+
     def counts(self, model: str) -> tuple[int, int]:
         """(waiting, running) jobs for a model."""
         return len(self._queues.get(model, ())), len(self._running.get(model, {}))
@@ -275,8 +280,7 @@ class Jobs:
 
     async def submit(self, model: str, owner: str, role: int, job_input: dict[str, Any]) -> Job:
         """Accept a job (on disk before this returns); 503 past ``jobs.max_queued``."""
-        if self.pending >= self._max_queued:
-            raise QueueFull(f"{self.pending} jobs are already waiting or running; try again later", retry_after=5)
+        self._check_room()
         job = Job(
             id=str(uuid.uuid4()),
             model=model,
@@ -351,8 +355,7 @@ class Jobs:
         job = await self.get(jid, owner, model)
         if job.status is not Status.FAILED:
             raise Conflict(f"job '{jid}' is {job.status.value}: only a FAILED job can be retried")
-        if self.pending >= self._max_queued:
-            raise QueueFull(f"{self.pending} jobs are already waiting or running; try again later", retry_after=5)
+        self._check_room()
         if not await self._db(self._store.requeue, jid):  # retried twice at once: the other one won
             raise Conflict(f"job '{jid}' is already back in the queue")
         job = await self.get(jid, owner, model)
