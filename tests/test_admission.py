@@ -39,3 +39,11 @@ def test_a_vram_need_exactly_equal_to_a_gpus_free_vram_starts_there() -> None:
     assert decide("m", Need(GiB, 8 * GiB, "config"), (0,), [], snap, LIMITS).kind == "start"
     whole = decide("m", Need(GiB, 24 * GiB, "config"), (1,), [], snap, LIMITS)  # the whole GPU
     assert whole.kind == "start" and whole.gpu == 1 and not whole.reason
+
+
+def test_a_gpu_whose_free_vram_is_exactly_the_need_is_chosen_over_one_that_needs_an_unload() -> None:
+    gpus = [GpuMemory(0, "g", 24 * GiB, 8 * GiB), GpuMemory(1, "g", 24 * GiB, 7 * GiB)]
+    snap = Snapshot(ram_total=64 * GiB, ram_available=64 * GiB, gpus=gpus)
+    idle = Occupant("idle", "ready", Need(GiB, 6 * GiB, "measured"), 1)  # unloading it would free 13 GiB on 1
+    decision = decide("m", Need(GiB, 8 * GiB, "config"), None, [idle], snap, LIMITS)
+    assert decision.kind == "start" and decision.gpu == 0 and not decision.victims

@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 import pytest
 from starlette.types import Message
 
+from proxy.relay import LeasedCall
 from proxy.streaming import ClosingStream
+from proxy.upstream import UpstreamStream
 from tests.test_manager import FakeWorker, make, model, settle, state
 
 
@@ -89,3 +91,36 @@ async def test_the_response_marks_a_pending_send_to_its_client() -> None:
     reading.set()
     await asyncio.wait_for(task, 5)
     assert sent == [b"first", b"second"] and marks[-1] is False and marks.count(True) == marks.count(False)
+
+
+async def test_a_relayed_stream_whose_client_does_not_read_keeps_its_worker_alive() -> None:
+    # the relay's response, its lease and the watchdog together: a send held by the client's flow control
+    manager, clock = make(model("a"), stall_timeout=5.0)
+    reading = asyncio.Event()
+
+    async def opened(path: str, body: bytes, *, timed: bool = False) -> UpstreamStream:
+        return None  # type: ignore[return-value]  # the relay below reads nothing from it
+
+    async def relay(upstream: UpstreamStream) -> AsyncIterator[bytes]:
+        yield b"data: pcm\n\n"
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            await reading.wait()
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    call = LeasedCall(manager, "a", None)
+    async with call:
+        call.open = opened  # type: ignore[method-assign]
+        response = await call.stream("/v1/audio/speech", b"{}", relay, "audio/pcm")
+    task = asyncio.create_task(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    await settle()
+    clock.advance(20.0)  # the worker makes no progress: it waits for the client
+    assert FakeWorker.instances[0].kill_reason is None and state(manager, "a") == "ready"
+    reading.set()
+    await asyncio.wait_for(task, 5)
+    assert next(s.in_flight for s in manager.status()) == 0  # the response's close released the lease
+    await manager.shutdown()
