@@ -8,7 +8,8 @@ Standard library and msgspec only: the proxy process imports nothing heavy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Self
 
@@ -18,6 +19,7 @@ Backend = Literal["llama_cpp", "external", "diffusers", "piper", "xtts", "whispe
 Kind = Literal["llm", "embedding", "image", "speech", "transcription"]
 # What a backend's worker serves; a model's own ``capabilities`` are what the model lists advertise.
 Capability = Literal["chat", "completion", "embed", "image", "speech", "clone", "transcribe"]
+RUNTIME_OPTIONS = ("num_ctx",)  # what a model's ``runtime_options`` may list (for the backends that take it)
 
 
 def under(models_dir: Path, path: str) -> Path:
@@ -139,6 +141,17 @@ class BackendInfo:
     entry: str | None
     format: str  # details.format and details.family in the model lists, unless the model's details say
     family: str
+    # Ollama's runner options its models may list in ``runtime_options`` (reloaded with), as its own
+    # ``model:`` options (num_ctx -> n_ctx): proxy.runtime_options
+    runtime_options: Mapping[str, str] = field(default_factory=dict)
+    # requests its worker takes at once unless the YAML's ``parallel:`` says: a server of its own (vLLM,
+    # llama-server) batches requests continuously
+    parallel: int = 1
+    span_gpus: bool = False  # its models may be spread over several GPUs (``span_gpus``: a tensor split)
+    # how its memory need is estimated before a first load (proxy.memory, proxy.needs): from a GGUF's facts
+    # (read in a subprocess), a diffusers pipeline's weights and image size, its files' size; none: a server
+    # of its own, counted by its ``memory:`` or measured
+    estimate: Literal["gguf", "diffusers", "files", "none"] = "files"
 
 
 _LLM: frozenset[Capability] = frozenset({"chat", "completion", "embed"})
@@ -154,6 +167,9 @@ BACKENDS: dict[Backend, BackendInfo] = {
             entry="proxy.worker.backends.llama_cpp:LlamaCppBackend",
             format="gguf",
             family="llama",
+            runtime_options={"num_ctx": "n_ctx"},
+            span_gpus=True,
+            estimate="gguf",
         ),
         BackendInfo(
             name="external",
@@ -163,6 +179,8 @@ BACKENDS: dict[Backend, BackendInfo] = {
             entry=None,
             format="external",
             family="external",
+            parallel=4,
+            estimate="none",
         ),
         BackendInfo(
             name="diffusers",
@@ -172,6 +190,7 @@ BACKENDS: dict[Backend, BackendInfo] = {
             entry="proxy.worker.backends.diffusers:DiffusersBackend",
             format="diffusers",
             family="diffusers",
+            estimate="diffusers",
         ),
         BackendInfo(
             name="piper",

@@ -18,11 +18,19 @@ from typing import Any
 import msgspec
 import yaml
 
-from proxy.backends import BACKENDS, Backend, BackendInfo, Capability, Kind, ModelFileOptions, under
+from proxy.backends import (
+    BACKENDS,
+    RUNTIME_OPTIONS,
+    Backend,
+    BackendInfo,
+    Capability,
+    Kind,
+    ModelFileOptions,
+    under,
+)
 from proxy.errors import BadRequest, ConfigError
 from proxy.keepalive import parse_keep_alive
 from proxy.memory import Need, parse_bytes
-from proxy.runtime_options import BACKEND_OPTION, RUNTIME_OPTIONS
 
 Duration = str | int | float
 
@@ -172,7 +180,7 @@ class ModelFile(_Strict):
     template: TemplateSection = msgspec.field(default_factory=TemplateSection)
     keep_alive: Duration | None = None
     pin_keep_alive: bool = False
-    parallel: int = 1
+    parallel: int | None = None  # default: its backend's (proxy.backends: 4 for external, else 1)
     load_timeout: Duration | None = None
     capabilities: list[str] | None = None
     kind: Kind | None = None
@@ -421,13 +429,13 @@ def _model(
         )
     if raw.gpus is not None and (not raw.gpus or any(g < 0 for g in raw.gpus)):
         raise ConfigError(file, "gpus", "must list GPU indices (0, 1, ...)")
-    if raw.span_gpus and raw.backend != "llama_cpp":
+    if raw.span_gpus and not facts.span_gpus:
         raise ConfigError(file, "span_gpus", "only llama_cpp models can be spread over GPUs (a tensor split)")
     for i, option in enumerate(raw.runtime_options):
         if option not in RUNTIME_OPTIONS:
             known = ", ".join(RUNTIME_OPTIONS)
             raise ConfigError(file, f"runtime_options[{i}]", f"'{option}' is not a runtime option (known: {known})")
-        if option not in BACKEND_OPTION.get(raw.backend, {}):
+        if option not in facts.runtime_options:
             raise ConfigError(file, "runtime_options", f"{option} is a runtime option of llama_cpp models only")
     return ModelConfig(
         name=raw.name,
@@ -446,7 +454,7 @@ def _model(
         system_time=raw.template.system_time,
         keep_alive=keep_alive,
         pin_keep_alive=raw.pin_keep_alive,
-        parallel=_positive(raw.parallel, file, "parallel"),
+        parallel=_positive(raw.parallel if raw.parallel is not None else facts.parallel, file, "parallel"),
         load_timeout=load_timeout if load_timeout is not None else settings_defaults["load_timeout"],
         unload_grace=settings_defaults["unload_grace"],
         idle_timeout=settings_defaults.get("idle_timeout") or 0.0,

@@ -77,7 +77,9 @@ async def leased_stream(
         async with call:
             return await call.stream(path, body, relay, SSE)
     fed = _fed(manager, cfg.name, entering, call, path, body, relay, on_error, interval)
-    return ClosingStream(fed, on_close=lambda: _abandon(entering, call), media_type=SSE, headers=STREAM_HEADERS)
+    return ClosingStream(
+        fed, on_close=lambda: _abandon(entering, call), media_type=SSE, headers=STREAM_HEADERS, on_writing=call.writing
+    )
 
 
 async def _fed(

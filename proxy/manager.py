@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from proxy import memory
 from proxy import runtime_options as ropts
 from proxy.admission import Decision, Occupant, Snapshot, budgets, decide
 from proxy.clock import Clock, SystemClock, Timer
@@ -42,17 +41,16 @@ from proxy.errors import (
 )
 from proxy.events import EventBus, LoadEnded, LoadProgress, LoadStarted, StateChanged, Unloaded, UnloadReason
 from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
+from proxy.needs import Needs
 from proxy.nvml import Nvml
 from proxy.policy import backoff
 from proxy.spares import SpareKey, Spares
 from proxy.supervisor import Worker, worker_env
 from proxy.upstream import Upstream
+from proxy.watchdog import Activity, StallWatch
 
 log = logging.getLogger("proxy.manager")
 
-_STALL_CHECKS = 4  # progress checks per stall_timeout (at most every _STALL_CHECK_MAX seconds)
-_STALL_CHECK_MAX = 5.0
-_MIN_CPU_SHARE = 0.01  # less CPU than this share of one core between two checks is "no progress"
 _RECOVERY_POLL = 0.25  # seconds between looks at the probe while memory comes back after an unload
 # what a worker that ran out of memory leaves in its log (CUDA, llama.cpp's ggml, torch, onnxruntime)
 _OOM_MARKERS = ("out of memory", "cudaMalloc failed", "CUDA_ERROR_OUT_OF_MEMORY", "std::bad_alloc", "MemoryError")
@@ -149,9 +147,10 @@ class Runtime:
         self.retry_at = 0.0
         self.loaded_at: float | None = None  # wall clock
         self.load_duration = 0.0
-        self.watchdog: Timer | None = None
+        self.watchdog: StallWatch | None = None
+        self.writing = 0  # its leases whose answer waits on its client's reading (Lease.writing)
         self.need: Need | None = None  # what it needs (memory.py); None until found
-        self.need_task: asyncio.Task[Need] | None = None
+        self.need_task: asyncio.Task[tuple[ModelConfig, Need]] | None = None  # a GGUF read, for that config
         self.gpu: int | None = None  # the GPU it runs (or starts) on
         self.split: tuple[tuple[int, int], ...] = ()  # or the GPUs it is spread over, with its VRAM share on each
         self.waiting: str | None = None  # why a request for it waits, while one does
@@ -227,6 +226,7 @@ class Lease:
         self.worker = worker
         self.load_duration = load_duration
         self.released = False
+        self._writing = False
 
     @property
     def config(self) -> ModelConfig:
@@ -237,8 +237,17 @@ class Lease:
         assert self.worker.upstream is not None  # a ready worker always has one
         return self.worker.upstream
 
+    def writing(self, pending: bool) -> None:
+        """A send of its answer to its client is pending (True) or done (False): while one is, the client
+        is not reading, and its worker waits on it rather than being stalled (``proxy.watchdog``)."""
+        if self.released or pending == self._writing:
+            return
+        self._writing = pending
+        self._runtime.writing += 1 if pending else -1
+
     def release(self) -> None:
         if not self.released:
+            self.writing(False)
             self.released = True
             self._manager._release(self._runtime)
 
@@ -260,7 +269,8 @@ class ModelManager:
         self.events = events or EventBus()  # what happens to models is published here (proxy.events)
         self.clock = clock or SystemClock()
         self.probe: MemoryProbe = probe or SystemProbe(Nvml.open())
-        self.store = store or MemoryStore(settings.models_dir / ".cache" / "memory.json")
+        # need-finding (proxy.needs): estimates, GGUF facts, measured peaks, the cache file
+        self.needs = Needs(store or MemoryStore(settings.models_dir / ".cache" / "memory.json"), self.probe)
         self._stopped_at = -math.inf  # when a worker last stopped (its memory may not be back yet)
         self._factory: WorkerFactory = worker_factory or Worker
         self._runtimes: dict[str, Runtime] = {}
@@ -273,10 +283,17 @@ class ModelManager:
         self._queued = 0
         self._seq = itertools.count()
         self._shutting_down = False
-        self._estimating: asyncio.Task[None] | None = None
-        self._gguf_reads: dict[str, asyncio.Future[dict[str, Any] | None]] = {}
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
         atexit.register(self._kill_all_sync)
+
+    @property
+    def store(self) -> MemoryStore:
+        """The cache file of GGUF facts and measured needs (``Needs.store``)."""
+        return self.needs.store
+
+    @store.setter
+    def store(self, store: MemoryStore) -> None:
+        self.needs.store = store
 
     # -- lookup -----------------------------------------------------------------------------
     def resolve(self, name: object) -> ModelConfig:
@@ -660,28 +677,9 @@ class ModelManager:
     def snapshot(self) -> Snapshot:
         return Snapshot(self.probe.ram_total(), self.probe.ram_available(), self.probe.gpus())
 
-    # -- warm spares: what they hold counts like a model's need; the first to go when room is wanted ----
-    def _spare_is_for(self, rt: Runtime, key: SpareKey) -> bool:
-        """Would ``rt``'s worker be this spare? (Its interpreter and backend; its GPU is not known yet.)"""
-        mine = SpareKey.of(rt.config)
-        return mine is not None and (mine.python, mine.entry) == (key.python, key.entry)
-
+    # -- warm spares (proxy.spares): what they hold counts like a model's need; the first to go for room ----
     def _spare_occupants(self, rt: Runtime) -> tuple[list[Occupant], int]:
-        """The other backends' spares as occupants (their RSS and VRAM now), and the RSS of ``rt``'s own
-        spare: that memory is already taken on the box but becomes ``rt``'s worker, so it is not missing."""
-        if self.spares is None:
-            return [], 0
-        out, mine = [], 0
-        for spare in self.spares.waiting():
-            ram = self.probe.rss(spare.pid) or 0
-            if self._spare_is_for(rt, spare.key):
-                mine += ram
-                continue
-            held: list[tuple[int | None, int]] = [*sorted(self.probe.vram(spare.pid).items())] or [(None, 0)]
-            for gpu, vram in held:
-                out.append(Occupant(f"(spare {spare.key.describe()})", "spare", Need(ram, vram, "measured"), gpu))
-                ram = 0  # a spare's RAM counted once, with its first GPU
-        return out, mine
+        return self.spares.occupants(rt.config, self.probe) if self.spares is not None else ([], 0)
 
     def _replenish_spare(self, rt: Runtime) -> None:
         """A model of this kind is loaded and idle: have a spare of its kind ready for the next load. Not
@@ -693,10 +691,7 @@ class ModelManager:
 
     def _dismiss_spares(self, rt: Runtime) -> bool:
         """Stop the spares that are not ``rt``'s (their memory is wanted); True when there were any."""
-        if self.spares is None:
-            return False
-        keep = next((s.key for s in self.spares.waiting() if self._spare_is_for(rt, s.key)), None)
-        if not self.spares.dismiss_except(keep):
+        if self.spares is None or not self.spares.dismiss_others(rt.config):
             return False
         self._stopped_at = self.clock.monotonic()  # the box gives their memory back in a moment
         return True
@@ -719,113 +714,33 @@ class ModelManager:
             span=rt.config.span_gpus,
         )
 
+    # -- need-finding: proxy.needs (these delegate, for the call sites here and the api routes) --------
     async def _ensure_need(self, rt: Runtime) -> Need:
-        """Its need, found once; only a GGUF not read before takes a wait (a subprocess)."""
-        if rt.need is None:
-            rt.need = self._need_now(rt.effective)
-        if rt.need is not None:
-            return rt.need
-        task = rt.need_task
-        if task is None:
-            task = rt.need_task = asyncio.ensure_future(self._need_from_gguf(rt.effective))
-        need = await asyncio.shield(task)
-        rt.need, rt.need_task = need, None
-        return need
+        return await self.needs.ensure(rt)
 
     def _fingerprint(self, cfg: ModelConfig) -> str:
-        parts = {"backend": cfg.backend, "options": dict(cfg.options), "parallel": cfg.parallel, "cmd": cfg.cmd}
-        return memory.fingerprint(parts, memory.model_files(cfg.backend, cfg.model_path, cfg.options))
-
-    def _gpu_for(self, cfg: ModelConfig) -> bool:
-        return any(cfg.gpus is None or g.index in cfg.gpus for g in self.probe.gpus())
+        return self.needs.fingerprint(cfg)
 
     def _need_now(self, cfg: ModelConfig) -> Need | None:
-        """config, else measured, else an estimate (memory.py's docstring); None: the GGUF must be read."""
-        if cfg.url is not None:
-            return Need(0, 0, "none")
-        if cfg.memory is not None:
-            return cfg.memory
-        measured = self.store.measured(cfg.name, self._fingerprint(cfg))
-        if measured is not None:
-            return measured
-        if cfg.cmd is not None:
-            log.info("model %s: a cmd without memory: in its config; admitted unchecked until measured", cfg.name)
-            return Need(0, 0, "unknown")
-        path = cfg.model_path
-        if path is None:
-            return Need(0, 0, "unknown")
-        gpu = self._gpu_for(cfg)
-        try:
-            if cfg.backend == "llama_cpp":
-                facts = self.store.gguf(memory.file_key(path))
-                return memory.estimate_llama_cpp(facts, cfg.options, gpu, cfg.parallel) if facts else None
-            if cfg.backend == "diffusers":
-                return memory.estimate_diffusers(cfg.options, path, gpu)
-            return memory.estimate_by_files(cfg.backend, path, cfg.options, gpu)
-        except (OSError, KeyError, TypeError, ValueError) as exc:
-            log.warning("model %s: no memory estimate (%s); admitted unchecked until measured", cfg.name, exc)
-        return Need(0, 0, "unknown")
+        return self.needs.now(cfg)
 
     async def _need_from_gguf(self, cfg: ModelConfig) -> Need:
-        assert cfg.model_path is not None
-        try:
-            facts = await self._gguf_facts(cfg)
-            if facts is not None:
-                return memory.estimate_llama_cpp(facts, cfg.options, self._gpu_for(cfg), cfg.parallel)
-            return memory.estimate_by_files(cfg.backend, cfg.model_path, cfg.options, self._gpu_for(cfg))
-        except (OSError, KeyError, TypeError, ValueError) as exc:
-            log.warning("model %s: no memory estimate (%s); admitted unchecked until measured", cfg.name, exc)
-        return Need(0, 0, "unknown")
-
-    async def gguf_metadata(self, cfg: ModelConfig) -> dict[str, Any] | None:
-        """A llama.cpp model's GGUF metadata as Ollama's /api/show has it (the same reader and cache as the
-        memory estimate); None for other models or a file that cannot be read."""
-        facts = await self._gguf_facts(cfg)
-        metadata = facts.get("metadata") if facts is not None else None
-        return dict(metadata) if isinstance(metadata, dict) else None
+        return await self.needs.from_gguf(cfg)
 
     async def _gguf_facts(self, cfg: ModelConfig) -> dict[str, Any] | None:
-        """A llama.cpp model's GGUF facts (memory.read_gguf), read once per file; None when there are none."""
-        path = cfg.model_path
-        if cfg.backend != "llama_cpp" or path is None or not path.is_file():
-            return None
-        key = memory.file_key(path)
-        facts = self.store.gguf(key)
-        if facts is None or "metadata" not in facts:  # not read yet, or read before /api/show wanted it
-            task = self._gguf_reads.get(key)
-            if task is None:  # one read per file, however many ask at once (it takes seconds)
-                task = self._gguf_reads[key] = asyncio.ensure_future(memory.read_gguf(path, cfg.python))
-                task.add_done_callback(lambda _: self._gguf_reads.pop(key, None))
-            facts = await asyncio.shield(task)
-            if facts is None:
-                return None
-            self.store.put_gguf(key, facts)
-        return facts
+        return await self.needs.gguf_facts(cfg)
+
+    async def gguf_metadata(self, cfg: ModelConfig) -> dict[str, Any] | None:
+        """A llama.cpp model's GGUF metadata as Ollama's /api/show has it (``Needs.gguf_metadata``)."""
+        return await self.needs.gguf_metadata(cfg)
 
     def _measure(self, rt: Runtime, worker: WorkerHandle) -> None:
         """The worker's RSS (process tree) and VRAM now; the peak of this load is remembered."""
-        if worker.pid is None:
-            return
-        ram = self.probe.rss(worker.pid)
-        if ram is None:
-            return
-        vram = sum(self.probe.vram(worker.pid).values())
-        peak = Need(max(rt.peak.ram, ram), max(rt.peak.vram, vram), "measured")
-        grew = peak.ram > rt.peak.ram * 1.05 or peak.vram > rt.peak.vram * 1.05
-        rt.peak = peak
-        if grew and rt.config.url is None and rt.config.memory is None:
-            self.store.put_measured(rt.config.name, self._fingerprint(rt.effective), peak)
+        rt.peak = self.needs.measure(rt.config, rt.effective, rt.peak, worker.pid)
 
     def estimate_soon(self) -> None:
         """Find every model's need in the background (for /status), once."""
-        if self._estimating is None:
-
-            async def all_needs() -> None:
-                for rt in self._runtimes.values():
-                    with contextlib.suppress(Exception):
-                        await self._ensure_need(rt)
-
-            self._estimating = asyncio.get_running_loop().create_task(all_needs())
+        self.needs.estimate_soon(lambda: self._runtimes.values())
 
     def memory_status(self) -> dict[str, Any]:
         """Budgets and what is free, for /status."""
@@ -841,6 +756,10 @@ class ModelManager:
 
     def _maybe_idle(self, rt: Runtime) -> None:
         """Start the idle timer when nothing is in flight or waiting (DESIGN.md's rule)."""
+        if rt.state in (State.STOPPED, State.FAILED):
+            # the last request on a worker that crashed under it: a model gone from the catalog goes now
+            self._forget_or_stop(rt)
+            return
         if rt.state is not State.READY or rt.in_flight > 0 or rt.waiters > 0 or rt.draining:
             return
         self._cancel_idle(rt)
@@ -990,37 +909,17 @@ class ModelManager:
             raise ModelLoadFailed(f"{again.message}{oom}", retry_after=again.retry_after) from exc
         return worker
 
-    # -- stall watchdog ---------------------------------------------------------------------
+    # -- stall watchdog (proxy.watchdog) -------------------------------------------------------
     def _watch_progress(self, rt: Runtime, worker: WorkerHandle) -> None:
-        """Kill a worker that has requests in flight and makes no progress (uses no CPU) for
-        ``stall_timeout``: a deadlock or a hung abort would otherwise hold its requests for ever.
-        Its exit then takes the crash path: in-flight requests get an explicit error."""
-        limit = self.settings.stall_timeout
-        last = worker.cpu_seconds()
-        if limit <= 0 or math.isinf(limit) or last is None:
-            return  # off, or nothing here to measure (a server at a url)
-        interval = min(_STALL_CHECK_MAX, limit / _STALL_CHECKS)
-        quiet = 0.0
+        """Kill this worker when it has requests in flight and makes no progress for ``stall_timeout``
+        (``StallWatch``), unless they wait on their clients' reading."""
 
-        def check() -> None:
-            nonlocal last, quiet
-            rt.watchdog = None
+        def activity() -> Activity | None:
             if rt.worker is not worker or rt.state is not State.READY:
-                return
-            cpu = worker.cpu_seconds()
-            if cpu is None:
-                return
-            stalled = rt.in_flight > 0 and last is not None and cpu - last < interval * _MIN_CPU_SHARE
-            quiet = quiet + interval if stalled else 0.0
-            last = cpu
-            if quiet >= limit:
-                why = f"the worker made no progress for {quiet:g}s with {rt.in_flight} requests in flight; killed"
-                log.warning("model %s: worker %s: %s", rt.config.name, worker.pid, why)
-                worker.kill(why)
-                return
-            rt.watchdog = self.clock.call_later(interval, check)
+                return None
+            return Activity(rt.in_flight, rt.writing)
 
-        rt.watchdog = self.clock.call_later(interval, check)
+        rt.watchdog = StallWatch.start(self.clock, self.settings.stall_timeout, worker, rt.config.name, activity)
 
     def _begin_stop(
         self, rt: Runtime, reason: str, cause: UnloadReason, grace: float | None = None
@@ -1131,7 +1030,7 @@ class ModelManager:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
         # a GGUF still being read (an estimate, /api/show): its subprocess goes too (read_gguf kills it)
-        tasks = [self._estimating, *(rt.need_task for rt in self._runtimes.values()), *self._gguf_reads.values()]
+        tasks = [*self.needs.reads(), *(rt.need_task for rt in self._runtimes.values())]
         reading = [t for t in tasks if t is not None and not t.done()]
         for reader in reading:
             reader.cancel()

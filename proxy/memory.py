@@ -14,20 +14,19 @@ counts. A model at a ``url`` uses none of this box's memory (source ``none``).
 
 The GGUF facts a llama.cpp estimate needs are read by ``proxy.worker.gguf_meta`` in a subprocess (the
 ``gguf`` package needs numpy, which this process never imports), once per file (path, size, mtime),
-and cached in the same JSON file. Nothing here imports more than the standard library and psutil.
+and cached in the same JSON file. ``proxy.needs`` reads them and finds each model's need in this order; this
+module is the data, the estimates, the cache file and the probe. Nothing here imports more than the standard
+library and psutil.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import importlib.util
 import json
-import logging
 import re
 import struct
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,6 @@ from typing import Any, Literal, Protocol
 
 from proxy.jsonfile import read_dict, write_atomic
 from proxy.nvml import GpuMemory, Gpus
-
-log = logging.getLogger("proxy.memory")
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -300,48 +297,6 @@ class MemoryStore:
 def file_key(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
-
-async def read_gguf(path: Path, python: str | None, timeout: float = 120.0) -> dict[str, Any] | None:
-    """Run ``proxy.worker.gguf_meta`` under the model's interpreter; None when it cannot say."""
-    from proxy.supervisor import worker_env  # the same PYTHONPATH a worker gets
-
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            python or sys.executable,
-            "-m",
-            "proxy.worker.gguf_meta",
-            str(path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=worker_env({}),
-        )
-    except OSError as exc:
-        log.warning("cannot read %s's metadata: %s", path, exc)
-        return None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        log.warning("reading %s's metadata took more than %gs", path, timeout)
-        return None
-    except asyncio.CancelledError:  # the proxy is stopping: the reader must not outlive it
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    for line in out.decode(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            answer = json.loads(line)
-            if "facts" in answer:
-                return dict(answer["facts"])
-            log.warning("cannot read %s's metadata: %s", path, answer.get("error"))
-            return None
-    log.warning("cannot read %s's metadata: %s", path, err.decode(errors="replace")[-500:])
-    return None
 
 
 # -- what is free ---------------------------------------------------------------------------------------------

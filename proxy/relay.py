@@ -223,4 +223,15 @@ class LeasedCall:
         upstream = await self.open(path, body, timed=True)
         self._handed_over = True
         self._stop_watching()  # the response watches its own client
-        return ClosingStream(relay(upstream), on_close=self._close, media_type=media_type, headers=STREAM_HEADERS)
+        return ClosingStream(
+            relay(upstream),
+            on_close=self._close,
+            media_type=media_type,
+            headers=STREAM_HEADERS,
+            on_writing=self.writing,  # the stall watchdog's sign of a client that is not reading
+        )
+
+    def writing(self, pending: bool) -> None:
+        """A send of the streamed answer to the client is pending, or done (``Lease.writing``)."""
+        if self._lease is not None:
+            self._lease.writing(pending)

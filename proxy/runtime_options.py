@@ -1,8 +1,9 @@
 """Runner options a request may ask for (Ollama's ``options.num_ctx``), which only a reload can change.
 
 A model's YAML lists the ones it honours (``runtime_options: [num_ctx]``); the manager reloads the model
-with a value that differs from the loaded one (``ModelManager.acquire``). This module is the pure part:
-the names, reading them from Ollama's ``options``, the bound on a value, and what a load's config becomes.
+with a value that differs from the loaded one (``ModelManager.acquire``). Which backends take which (and as
+what ``model:`` option) is in the backend registry (``BackendInfo.runtime_options``). This module is the pure
+part: reading them from Ollama's ``options``, the bound on a value, and what a load's config becomes.
 No I/O, no HTTP.
 """
 
@@ -10,18 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from proxy.backends import BACKENDS, Backend
+from proxy.config import ModelConfig
 from proxy.errors import BadRequest
 
-if TYPE_CHECKING:
-    from proxy.config import ModelConfig
-
-RUNTIME_OPTIONS = ("num_ctx",)  # what a model's ``runtime_options`` may list
 # Ollama's runner options: fixed when a model loads; those not in a model's runtime_options are ignored
 RUNNER_OPTIONS = ("num_ctx", "num_gpu", "num_thread", "num_batch")
-# the Ollama option -> the backend's ``model:`` option it replaces for one load, by backend
-BACKEND_OPTION: Mapping[str, Mapping[str, str]] = {"llama_cpp": {"num_ctx": "n_ctx"}}
 # the largest num_ctx taken when the GGUF does not say its own context length
 MAX_CONTEXT = 131072
 
@@ -51,9 +48,9 @@ def check_bound(key: str, value: int, context_length: int) -> None:
         raise BadRequest(f"'options.{key}' may be at most {limit} for this model, got {value}", param=f"options.{key}")
 
 
-def backend_options(backend: str, wants: Mapping[str, int]) -> dict[str, int]:
+def backend_options(backend: Backend, wants: Mapping[str, int]) -> dict[str, int]:
     """The request's runner options as the backend's ``model:`` options ({"num_ctx": 2048} -> {"n_ctx": 2048})."""
-    names = BACKEND_OPTION.get(backend, {})
+    names = BACKENDS[backend].runtime_options
     return {names[k]: v for k, v in wants.items() if k in names}
 
 

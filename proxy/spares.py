@@ -26,7 +26,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from proxy.admission import Occupant
 from proxy.config import ModelConfig
+from proxy.memory import MemoryProbe, Need
 from proxy.wire import output_lines
 
 log = logging.getLogger("proxy.spares")
@@ -82,6 +84,33 @@ class Spares:
             {"backend": s.key.describe(), "pid": s.pid, "state": "waiting" if s.ready else "importing"}
             for s in self._spares.values()
         ]
+
+    # -- their memory, as admission counts it: like a model's need, and the first to go when room is wanted --
+    def is_for(self, config: ModelConfig, key: SpareKey) -> bool:
+        """Would this model's worker be this spare? (Its interpreter and backend; its GPU is not known yet.)"""
+        mine = SpareKey.of(config)
+        return mine is not None and (mine.python, mine.entry) == (key.python, key.entry)
+
+    def occupants(self, config: ModelConfig, probe: MemoryProbe) -> tuple[list[Occupant], int]:
+        """The other backends' spares as occupants (their RSS and VRAM now, from ``probe``), and the RSS of
+        this model's own spare: that memory is already taken on the box but becomes its worker, so it is not
+        missing."""
+        out, mine = [], 0
+        for spare in self.waiting():
+            ram = probe.rss(spare.pid) or 0
+            if self.is_for(config, spare.key):
+                mine += ram
+                continue
+            held: list[tuple[int | None, int]] = [*sorted(probe.vram(spare.pid).items())] or [(None, 0)]
+            for gpu, vram in held:
+                out.append(Occupant(f"(spare {spare.key.describe()})", "spare", Need(ram, vram, "measured"), gpu))
+                ram = 0  # a spare's RAM counted once, with its first GPU
+        return out, mine
+
+    def dismiss_others(self, config: ModelConfig) -> bool:
+        """Stop the spares that are not this model's (their memory is wanted); True when there were any."""
+        keep = next((s.key for s in self.waiting() if self.is_for(config, s.key)), None)
+        return bool(self.dismiss_except(keep))
 
     # -- take, replenish ------------------------------------------------------------------------------
     async def take(self, key: SpareKey) -> Spare | None:

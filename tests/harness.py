@@ -59,6 +59,7 @@ def fake_config(name: str, *flags: str, **extra: Any) -> dict[str, Any]:
         "name": name,
         "backend": "external",
         "cmd": [sys.executable, FAKE_WORKER, "--port", "${PORT}", *flags],
+        "parallel": 1,  # one request at a time, as the tests' queues expect (external's default is 4)
     }
     cfg.update(extra)
     return cfg

@@ -126,3 +126,15 @@ def test_max_wait_for_switch_and_priority_are_read(tmp_path: Path) -> None:
     path = write(tmp_path, {"limits": {"max_wait_for_switch": "2m"}}, {"a.yaml": {**GOOD, "priority": 5}})
     settings = load_settings(path)
     assert settings.max_wait_for_switch == 120 and settings.models[0].priority == 5
+
+
+def test_parallel_defaults_per_backend_and_a_yamls_value_wins(tmp_path: Path) -> None:
+    # issue 25, defect 9c: an external server (vLLM, llama-server) batches requests; one at a time wasted it
+    models: dict[str, dict[str, Any]] = {
+        "a.yaml": GOOD,
+        "b.yaml": {**GOOD, "name": "one", "parallel": 1},
+        "c.yaml": {"name": "g", "backend": "llama_cpp", "model": {"path": "m.gguf"}},
+    }
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    settings = load_settings(write(tmp_path, {"models_dir": str(tmp_path)}, models))
+    assert {m.name: m.parallel for m in settings.models} == {"m": 4, "one": 1, "g": 1}

@@ -80,6 +80,9 @@ def test_job_completes_survives_a_restart_cancels_and_belongs_to_its_key(tmp_pat
     second = with_jobs(LiveProxy(tmp_path / "b", [smollm2_config(name="llm", aliases=[])], tokens=TOKENS), data)
     second.start()
     try:
+        # back in the queue at start-up: seen at once (a broken restart failed only after the wait below)
+        health = httpx.get(f"{second.url}/v2/llm/health", headers=auth(USER)).json()["jobs"]
+        assert health["inQueue"] + health["inProgress"] + health["completed"] >= 2, health
         for job in ids[:2]:
             done = wait_until(functools.partial(finished, second, "llm", job), timeout=120, interval=0.2)
             assert done["status"] == "COMPLETED", done

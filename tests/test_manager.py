@@ -843,3 +843,19 @@ async def test_on_loading_is_not_said_when_the_queue_is_full() -> None:
     FakeWorker.instances[0].gate.set()
     (await task).release()
     await manager.shutdown()
+
+
+async def test_a_removed_model_whose_worker_crashed_under_its_requests_is_forgotten_when_they_end() -> None:
+    # issue 25, defect 9b: it stayed in /status for ever
+    manager, _ = make(model("a", parallel=2), model("b"))
+    first, second = await manager.acquire("a"), await manager.acquire("a")
+    manager.replace_models([model("b")])  # a is retired: it finishes what it has
+    FakeWorker.instances[0].kill("crashed")  # ... but its worker dies under both requests
+    assert state(manager, "a") == "stopped"
+    first.release()
+    assert "a" in {s.name for s in manager.status()}  # one request still holds it
+    second.release()
+    assert {s.name for s in manager.status()} == {"b"}
+    with pytest.raises(ModelNotFound):
+        manager.resolve("a")
+    await manager.shutdown()

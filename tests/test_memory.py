@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proxy import memory
+from proxy import needs
 from proxy.clock import ManualClock
 from proxy.config import MemoryLimits, ModelConfig
 from proxy.errors import InsufficientMemory, ModelLoadFailed
@@ -392,7 +392,7 @@ async def test_shutdown_cancels_a_gguf_read_whoever_started_it(tmp_path: Path, m
             raise
         return None
 
-    monkeypatch.setattr(memory, "read_gguf", read_forever)
+    monkeypatch.setattr(needs, "read_gguf", read_forever)
     manager, _, _ = make(model("g", backend="llama_cpp", model_path=gguf, cmd=None))
     shown = asyncio.create_task(manager.gguf_metadata(manager.resolve("g")))
     await settle()

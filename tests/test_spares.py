@@ -1,11 +1,20 @@
 """Warm spares in admission (proxy/admission.py): their memory counts, they take no model slot, they are
-never a victim nor something to wait for (the manager stops them first and asks again)."""
+never a victim nor something to wait for (the manager stops them first and asks again); and they go at
+shutdown."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+
 from proxy.admission import Occupant, Snapshot, decide
+from proxy.clock import ManualClock
 from proxy.config import MemoryLimits
-from proxy.memory import GiB, Need
+from proxy.manager import ModelManager
+from proxy.memory import GiB, MemoryStore, Need
+from proxy.spares import Spare, SpareKey, Spares
+from tests.fake_memory import FakeProbe
+from tests.test_manager import settings
 
 LIMITS = MemoryLimits(ram=4 * GiB, reserve_ram=0)
 SNAP = Snapshot(ram_total=16 * GiB, ram_available=16 * GiB)
@@ -31,3 +40,21 @@ def test_a_spare_takes_no_model_slot() -> None:
     assert beside.kind == "start" and not beside.reason
     loaded = Occupant("other", "ready", Need(GiB, 0, "measured"), None)
     assert decide("m", need, None, [loaded], SNAP, LIMITS, max_loaded=1).victims == ["other"]
+
+
+async def test_the_warm_spares_are_closed_at_shutdown() -> None:
+    # issue 25, item 6: a live proxy cannot see it (a spare dies with its parent anyway); in process it shows
+    spares = Spares()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdin.read()", stdin=asyncio.subprocess.PIPE, start_new_session=True
+    )  # like a spare: it waits for its spec on stdin, and goes when that closes
+    key = SpareKey(sys.executable, "proxy.worker.backends.piper:PiperBackend", ())
+    spares._spares[key] = Spare(key, process, ready=True)
+    manager = ModelManager(settings(), clock=ManualClock(), probe=FakeProbe(), store=MemoryStore(None), spares=spares)
+    try:
+        await manager.shutdown()
+        assert process.returncode is not None and spares.waiting() == []
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
