@@ -301,3 +301,28 @@ ADMISSION: list[tuple[str, list[Occupant], Need, int | None, Decision]] = [
 @pytest.mark.parametrize(("what", "occupants", "wanted", "slots", "decision"), ADMISSION, ids=[a[0] for a in ADMISSION])
 def test_admission(what: str, occupants: list[Occupant], wanted: Need, slots: int | None, decision: Decision) -> None:
     assert decide("b", wanted, None, occupants, BOX, LIMITS, slots) == decision
+
+
+# -- the queue's edges ---------------------------------------------------------------------------------------
+def test_only_a_stopped_failed_or_stopping_model_with_blockers_has_overdue_requests() -> None:
+    old = ticket("b", since=10.0)
+    assert overdue(world(view("b", "stopped", old))) == []  # no busy model in its way
+    assert overdue(world(view("b", "starting", old, blockers=("a",)))) == []  # its switch is under way
+    for state in ("stopped", "failed", "stopping"):
+        assert overdue(world(view("b", state, old, blockers=("a",)))) == [old]
+
+
+def test_parallel_slots_serve_the_requests_ahead_and_this_one() -> None:
+    first, second, third = ticket(seq=0), ticket(seq=1), ticket(seq=2)
+    w = world(view("a", "ready", first, second, third, parallel=2))
+    assert may_serve(w, first) and may_serve(w, second) and not may_serve(w, third)
+
+
+def test_the_backoff_ends_at_retry_at() -> None:
+    assert next_move(world(view("a", "failed", T, retry_at=100.0)), T) == Decide()
+
+
+def test_the_earliest_misfit_holds_back_the_later_ones() -> None:
+    later = ticket(seq=2, wants={"n_ctx": 1024})
+    earlier = ticket(seq=1, wants={"n_ctx": 2048})
+    assert first_misfit(view("a", "ready", later, earlier, options={"n_ctx": 4096})) is earlier
