@@ -8,7 +8,9 @@ What is free, for RAM and for each GPU's VRAM, is the smaller of
   model loaded, starting or stopping;
 - what the box has now: psutil's available RAM / NVML's free VRAM, less the reserve, less the full need of
   every load in progress (its memory is not all taken yet).
-A stopping model's need counts as coming back: nothing more is unloaded for it, the start waits.
+A stopping model's need counts as coming back: nothing more is unloaded for it, the start waits. A
+starting model counts at its full need and takes a slot: it is never a victim, and a start that does not fit
+beside it waits for it (it is a blocker, like a busy model).
 """
 
 from __future__ import annotations
@@ -113,10 +115,11 @@ def _names(occupants: Iterable[Occupant]) -> list[str]:
 
 
 def _candidates(occupants: Sequence[Occupant], gpu: int | None, *, busy_too: bool = False) -> list[Candidate]:
-    """The ready models as candidates to unload: one each, with the RAM and the VRAM on ``gpu`` it frees."""
+    """The ready models as candidates to unload: one each, with the RAM and the VRAM on ``gpu`` it frees. A
+    starting model is never a victim, only something to wait for (``busy_too``: the blockers)."""
     merged: dict[str, Candidate] = {}
     for o in occupants:
-        if o.state != "ready":
+        if o.state not in ("ready", "starting") or (o.state == "starting" and not busy_too):
             continue
         vram = o.need.vram if gpu is not None and o.gpu == gpu else 0
         seen = merged.get(o.name)
@@ -237,8 +240,6 @@ def _make_room(
     recovering: bool,
 ) -> Decision:
     """Start on ``gpu`` (``vram_need`` there), or what to unload or wait for first, or refuse."""
-    ram_whole = _ram_whole(limits, snap)
-    where = f" on cuda:{gpu}" if gpu is not None else ""
     # -- what is missing --------------------------------------------------------------------------------------
     free_ram = _free_ram(limits, snap, occupants)
     free_vram = _free_vram(limits, next(g for g in gpus if g.index == gpu), occupants) if gpu is not None else 0
@@ -271,13 +272,39 @@ def _make_room(
     if stopping:
         names = ", ".join(_names(stopping))
         return Decision("wait", gpu=gpu, reason=f"waiting for memory: {short}; unloading {names}")
-    busy = _names(o for o in occupants if o.busy and o.state == "ready")
+    busy = _names(o for o in occupants if (o.busy and o.state == "ready") or o.state == "starting")
     blockers = choose_victims(_candidates(occupants, gpu, busy_too=True), after)
     if blockers is not None:
         return Decision(
             "wait", gpu=gpu, blockers=blockers, reason=f"waiting for memory: {short}; busy: {', '.join(busy)}"
         )
-    # Even every model of ours that may be unloaded would not free enough.
+    return _beyond_room(name, need, vram_need, gpu, gpus, occupants, snap, limits, missing, short, recovering)
+
+
+def _beyond_room(
+    name: str,
+    need: Need,
+    vram_need: int,
+    gpu: int | None,
+    gpus: Sequence[GpuMemory],
+    occupants: Sequence[Occupant],
+    snap: Snapshot,
+    limits: MemoryLimits,
+    missing: Deficit,
+    short: str,
+    recovering: bool,
+) -> Decision:
+    """Even every model of ours that may be unloaded (or waited for) would not free enough: refuse when the
+    pinned models leave too little, else wait for the box to give back what we freed, then start anyway."""
+    if missing.slots > 0:
+        held = ", ".join(_names(o for o in occupants if o.state != "spare"))
+        return Decision(
+            "refuse",
+            reason=f"model '{name}' needs a model slot; limits.max_loaded_models is reached by models kept "
+            f"loaded for ever ({held})",
+        )
+    ram_whole = _ram_whole(limits, snap)
+    where = f" on cuda:{gpu}" if gpu is not None else ""
     booked_ram = ram_whole - sum(o.need.ram for o in occupants if o.pinned)
     booked_vram = (
         min(

@@ -44,6 +44,29 @@ from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
 from proxy.needs import Needs
 from proxy.nvml import Nvml
 from proxy.policy import backoff
+from proxy.scheduler import (
+    RECOVERY_POLL,
+    Decide,
+    Evict,
+    FailBackoff,
+    ModelView,
+    NeedFirst,
+    Recover,
+    Refuse,
+    Reload,
+    RestartForConfig,
+    Serve,
+    Start,
+    Ticket,
+    Wait,
+    WaitForStart,
+    World,
+    kept_alive,
+    next_move,
+    overdue,
+    overtaken,
+    shown,
+)
 from proxy.spares import SpareKey, Spares
 from proxy.supervisor import Worker, worker_env
 from proxy.upstream import Upstream
@@ -51,7 +74,6 @@ from proxy.watchdog import Activity, StallWatch
 
 log = logging.getLogger("proxy.manager")
 
-_RECOVERY_POLL = 0.25  # seconds between looks at the probe while memory comes back after an unload
 # what a worker that ran out of memory leaves in its log (CUDA, llama.cpp's ggml, torch, onnxruntime)
 _OOM_MARKERS = ("out of memory", "cudaMalloc failed", "CUDA_ERROR_OUT_OF_MEMORY", "std::bad_alloc", "MemoryError")
 
@@ -136,6 +158,7 @@ class Runtime:
         self.in_flight = 0
         self.waiters = 0
         self.keep_alive = keep_alive
+        self.keep_alive_set = False  # a request set keep_alive during this load (scheduler.kept_alive)
         self.last_used = 0.0
         self.idle_deadline: float | None = None
         self.idle_timer: Timer | None = None
@@ -176,23 +199,14 @@ class Runtime:
         return local and self.state in (State.STARTING, State.READY, State.STOPPING)
 
 
-@dataclass(eq=False)
-class Ticket:
-    """One request inside ``acquire``: when it came, for the queue's order."""
+@dataclass
+class _Place:
+    """A request's place in the queue while it waits in ``acquire``."""
 
-    rt: Runtime
-    since: float
-    seq: int
-    wants: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # backend options it needs loaded
-    need: Need | None = None  # the model's need with those options
-    # waiting when its model got its turn (became ready): served in that batch, never overtaken, so a switch
-    # serves every request that waited for it even when all are past max_wait_for_switch (no thrash)
-    batch: bool = False
-
-    @property
-    def order(self) -> tuple[float, int, int]:
-        """Who was first: the earlier, then the higher priority, then the earlier arrival."""
-        return (self.since, -self.rt.config.priority, self.seq)
+    on_loading: Callable[[], None] | None  # not yet called (``acquire``'s docstring)
+    queued: bool = False  # counted against limits.max_queue
+    bound: Timer | None = None  # wakes the queue when it becomes overdue (limits.max_wait_for_switch)
+    waited_for_start: bool = False  # its lease's load_duration is then the time it waited
 
 
 @dataclass(frozen=True)
@@ -297,7 +311,9 @@ class ModelManager:
 
     # -- lookup -----------------------------------------------------------------------------
     def resolve(self, name: object) -> ModelConfig:
-        return self._runtime(name).config
+        """Its config; after a reload changed it, the new one (requests from then on wait for its restart)."""
+        rt = self._runtime(name)
+        return rt.pending or rt.config
 
     def _runtime(self, name: object) -> Runtime:
         if not isinstance(name, str) or not name:
@@ -376,6 +392,7 @@ class ModelManager:
             rt.config, rt.pending = rt.pending, None
             rt.need, rt.need_task = None, None
             rt.default_keep_alive = rt.keep_alive = self._default_keep_alive(rt.config)
+            rt.keep_alive_set = False
             rt.failures, rt.retry_at = 0, 0.0  # a new config deserves a try at once
             self._index()
             return
@@ -398,17 +415,15 @@ class ModelManager:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    # -- acquire / release ------------------------------------------------------------------
-    def _apply_keep_alive(self, rt: Runtime, keep_alive: float | None) -> None:
-        if keep_alive is not None and not rt.config.pin_keep_alive:
-            rt.keep_alive = keep_alive
-
+    # -- acquire / release: the scheduler (proxy.scheduler) decides, the manager acts -----------
     async def acquire(
         self,
         name: str,
         keep_alive: float | None = None,
         on_loading: Callable[[], None] | None = None,
         options: Mapping[str, Any] | None = None,
+        *,
+        admin: bool = True,
     ) -> Lease:
         """Wait until the model is ready (starting it, making room) and one of its ``parallel`` slots is
         free in turn, and lease it.
@@ -419,128 +434,142 @@ class ModelManager:
 
         ``options``: the request's runner options (``runtime_options.requested``). Those its config lists
         in ``runtime_options`` are honoured: a loaded model with other values finishes the requests that
-        came before, then reloads with these (later requests wait behind it, in order); the rest are ignored."""
+        came before, then reloads with these (later requests wait behind it, in order); the rest are ignored.
+
+        ``keep_alive`` is applied when the request is served (``scheduler.kept_alive``: ``admin`` is the
+        caller's role; a user's never shortens what a caller set during this load).
+
+        Each step: ``scheduler.next_move`` over the models as plain data, the move carried out here, then
+        a wait for the next change."""
         rt = self._runtime(name)
         wants, need = await self._wants(rt, options) if options else ({}, None)
-        if self._shutting_down:
-            raise Unavailable("the proxy is shutting down", retry_after=5)
-        self._apply_keep_alive(rt, keep_alive)
-        started = self.clock.monotonic()
-        ticket = Ticket(rt, started, next(self._seq), wants, need)
+        self._refuse_if_shutting_down()
+        ticket = Ticket(
+            rt.config.name, self.clock.monotonic(), next(self._seq), rt.config.priority, wants, need, keep_alive, admin
+        )
         rt.tickets.append(ticket)
-        waited_for_start = False
-        signalled = on_loading is None
-        queued = False
-        bound: Timer | None = None
-        lease: Lease | None = None
         rt.waiters += 1
+        place = _Place(on_loading)
+        lease: Lease | None = None
         try:
             if rt.config.url is None:
                 await self._ensure_need(rt)
-                if self._shutting_down:
-                    raise Unavailable("the proxy is shutting down", retry_after=5)
-            while True:
-                first = self._first_misfit(rt) if rt.state is State.READY else None
-                if first is not None and first.order <= ticket.order and rt.worker is not None and not rt.draining:
-                    # the model must reload with other runtime options: those that came before go first
-                    if first is ticket and rt.in_flight == 0 and not self._overtaken(ticket):
-                        if all(t.order >= ticket.order for t in rt.tickets):
-                            self._reload(rt, ticket)
-                            continue
-                    rt.waiting = f"waiting to reload with {_shown(first.wants)} once its earlier requests finish"
-                elif rt.state is State.READY and not rt.draining and rt.worker is not None and rt.pending is not None:
-                    # its config changed (a reload): requests from now on wait for its restart, which begins
-                    # when those in flight are done, so a steady load does not keep the old config for ever
-                    rt.waiting = "waiting for its restart with its changed config"
-                    if rt.in_flight == 0:
-                        self._begin_stop(rt, "its config changed", UnloadReason.CONFIG)
-                        continue
-                elif rt.state is State.READY and not rt.draining and rt.worker is not None:
-                    if self._may_serve(ticket):
-                        self._cancel_idle(rt)
-                        rt.in_flight += 1
-                        rt.last_used = self.clock.monotonic()
-                        load = self.clock.monotonic() - started if waited_for_start else 0.0
-                        lease = Lease(self, rt, rt.worker, load)
-                        return lease
-                    rt.waiting = (
-                        f"waiting for a slot: {rt.in_flight} of {rt.config.parallel} in use"
-                        if not self._overtaken(ticket)
-                        else "waiting: requests for other models have waited longer than limits.max_wait_for_switch"
-                    )
-                elif rt.state is State.STARTING and rt.start_task is not None:
-                    waited_for_start = True
-                    if not signalled and (queued or self._queued < self.settings.max_queue):
-                        self._enqueue(queued)  # its place now: a full queue answers 503 before, never after
-                        queued = signalled = True
-                        assert on_loading is not None
-                        on_loading()
-                    await asyncio.shield(rt.start_task)
-                    continue
-                elif rt.state in (State.STOPPED, State.FAILED) and not rt.draining and not self._overtaken(ticket):
-                    if rt.state is State.FAILED and self.clock.monotonic() < rt.retry_at:
-                        raise ModelLoadFailed(
-                            rt.last_error or "the model failed to load",
-                            retry_after=rt.retry_at - self.clock.monotonic(),
-                        )
-                    if rt.config.url is not None:
-                        self._begin_start(rt, None)
-                        continue
-                    overrides = self._load_options(rt)
-                    if overrides != rt.overrides:  # a load with other runtime options: its need anew
-                        rt.overrides, rt.need = overrides, None
-                    if rt.need is None:  # (also after its config changed while this request waited)
-                        await self._ensure_need(rt)
-                        if self._shutting_down:
-                            raise Unavailable("the proxy is shutting down", retry_after=5)
-                        continue
-                    decision = self._decide(rt)
-                    if (decision.kind != "start" or decision.reason) and self._dismiss_spares(rt):
-                        continue  # the warm spares of other backends were in the way: decide again without them
-                    # the models in its way, while requests for it wait (those it unloads too: the switch
-                    # it waits for until it starts)
-                    rt.blockers = tuple(dict.fromkeys((*rt.blockers, *decision.blockers, *decision.victims)))
-                    if decision.kind == "refuse":
-                        raise InsufficientMemory(decision.reason)
-                    if decision.kind == "start":
-                        if decision.reason:
-                            log.warning("model %s: %s", rt.config.name, decision.reason)
-                        self._begin_start(rt, decision.gpu, decision.split)
-                        continue
-                    if rt.waiting != decision.reason:
-                        log.info("model %s: %s", rt.config.name, decision.reason)
-                    rt.waiting = decision.reason
-                    for victim in decision.victims:
-                        self._begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}", UnloadReason.EVICTED)
-                    if decision.kind == "recover":
-                        self._enqueue(queued)
-                        queued = True
-                        await self._wait(_RECOVERY_POLL)
-                        continue
-                if not queued:
-                    self._enqueue(queued)
-                    queued = True
-                    # past the bound, the models in its way take no more requests: wake everyone then
-                    due = ticket.since + self.settings.max_wait_for_switch - self.clock.monotonic()
-                    bound = self.clock.call_later(max(0.0, due), self._notify)
-                await self._changed.wait()
+                self._refuse_if_shutting_down()
+            while lease is None:
+                lease = await self._step(rt, ticket, place)
+            return lease
         finally:
-            rt.tickets.remove(ticket)
-            if not rt.tickets:
-                rt.waiting = None
-                rt.blockers = ()
-            rt.waiters -= 1
-            if bound is not None:
-                bound.cancel()
-            if queued:
-                self._queued -= 1
-            if lease is None:
-                self._maybe_idle(rt)
-                self._forget_or_stop(rt)
-                self._notify()  # a place in line is free
+            self._leave(rt, ticket, place, leased=lease is not None)
 
-    def _enqueue(self, queued: bool) -> None:
-        if queued:
+    def _refuse_if_shutting_down(self) -> None:
+        if self._shutting_down:
+            raise Unavailable("the proxy is shutting down", retry_after=5)
+
+    def _leave(self, rt: Runtime, ticket: Ticket, place: _Place, *, leased: bool) -> None:
+        """A request leaves the queue, leased or not."""
+        rt.tickets.remove(ticket)
+        if not rt.tickets:
+            rt.waiting = None
+            rt.blockers = ()
+        rt.waiters -= 1
+        if place.bound is not None:
+            place.bound.cancel()
+        if place.queued:
+            self._queued -= 1
+        if not leased:
+            self._maybe_idle(rt)
+            self._forget_or_stop(rt)
+            self._notify()  # a place in line is free
+
+    def world(self) -> World:
+        """Every model as the scheduler sees it, now."""
+        views = {name: _view(rt) for name, rt in self._runtimes.items()}
+        return World(views, self.clock.monotonic(), self.settings.max_wait_for_switch)
+
+    async def _step(self, rt: Runtime, ticket: Ticket, place: _Place) -> Lease | None:
+        """One step of a request: ask the scheduler, carry out its move; a lease when it is served."""
+        move = next_move(self.world(), ticket)
+        if isinstance(move, Decide):
+            decision = self._decide(rt, move.need)
+            if not move.reload and (decision.kind != "start" or decision.reason) and self._dismiss_spares(rt):
+                return None  # the warm spares of other backends were in the way: decide again without them
+            move = next_move(self.world(), ticket, decision)
+        match move:
+            case Serve():
+                return self._serve(rt, ticket, place)
+            case Refuse(reason=reason):
+                raise InsufficientMemory(reason)
+            case FailBackoff(message=message, retry_after=retry_after):
+                raise ModelLoadFailed(message, retry_after=retry_after)
+            case Reload(wants=wants):
+                was = {k: rt.effective.options.get(k) for k in wants}
+                log.info("model %s: reloading with %s (was %s)", rt.config.name, shown(wants), shown(was))
+                self._begin_stop(rt, f"a request asks for {shown(wants)}", UnloadReason.OPTIONS)
+            case RestartForConfig():
+                self._begin_stop(rt, "its config changed", UnloadReason.CONFIG)
+            case NeedFirst(overrides=overrides):
+                await self._need_first(rt, overrides)
+            case Start():
+                self._start_move(rt, move)
+            case WaitForStart():
+                await self._wait_for_start(rt, place)
+            case Evict() | Recover() | Wait():
+                await self._queue_wait(rt, place, move)
+        return None
+
+    def _serve(self, rt: Runtime, ticket: Ticket, place: _Place) -> Lease:
+        assert rt.worker is not None  # a ready model that is served has one (scheduler.next_move)
+        self._cancel_idle(rt)
+        rt.in_flight += 1
+        now = self.clock.monotonic()
+        rt.last_used = now
+        rt.keep_alive, rt.keep_alive_set = kept_alive(
+            rt.keep_alive, rt.keep_alive_set, ticket.keep_alive, admin=ticket.admin, pinned=rt.config.pin_keep_alive
+        )
+        return Lease(self, rt, rt.worker, now - ticket.since if place.waited_for_start else 0.0)
+
+    async def _need_first(self, rt: Runtime, overrides: Mapping[str, Any]) -> None:
+        if dict(overrides) != rt.overrides:  # a load with other runtime options: its need anew
+            rt.overrides, rt.need = dict(overrides), None
+        await self._ensure_need(rt)  # (also after its config changed while this request waited)
+        self._refuse_if_shutting_down()
+
+    def _start_move(self, rt: Runtime, move: Start) -> None:
+        rt.blockers = move.blockers
+        if move.warning:
+            log.warning("model %s: %s", rt.config.name, move.warning)
+        self._begin_start(rt, move.gpu, move.split)
+
+    async def _wait_for_start(self, rt: Runtime, place: _Place) -> None:
+        assert rt.start_task is not None  # scheduler.next_move: a start under way
+        place.waited_for_start = True
+        if place.on_loading is not None and (place.queued or self._queued < self.settings.max_queue):
+            self._enqueue(place)  # its place now: a full queue answers 503 before, never after
+            place.on_loading()
+            place.on_loading = None
+        await asyncio.shield(rt.start_task)
+
+    async def _queue_wait(self, rt: Runtime, place: _Place, move: Evict | Recover | Wait) -> None:
+        """Wait in the queue (bounded by limits.max_queue) for a change; stop the victims of an eviction first."""
+        if move.blockers is not None:
+            rt.blockers = move.blockers
+        if move.reason is not None:
+            if move.blockers is not None and rt.waiting != move.reason:
+                log.info("model %s: %s", rt.config.name, move.reason)
+            rt.waiting = move.reason
+        if isinstance(move, Evict):
+            for victim in move.victims:
+                self._begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}", UnloadReason.EVICTED)
+        self._enqueue(place)
+        if isinstance(move, Recover):
+            await self._wait(move.wake_at - self.clock.monotonic())
+            return
+        if place.bound is None:  # past the bound, the models in its way take no more requests: wake everyone then
+            place.bound = self.clock.call_later(max(0.0, move.wake_at - self.clock.monotonic()), self._notify)
+        await self._changed.wait()
+
+    def _enqueue(self, place: _Place) -> None:
+        if place.queued:
             return
         if self._queued >= self.settings.max_queue:
             raise QueueFull(
@@ -548,33 +577,7 @@ class ModelManager:
                 retry_after=5,
             )
         self._queued += 1
-
-    # -- the queue: batches by model, bounded by limits.max_wait_for_switch --------------------
-    def _overdue(self) -> list[Ticket]:
-        """Requests that have waited past the bound for a model that must wait for busy models."""
-        limit = self.clock.monotonic() - self.settings.max_wait_for_switch
-        return [
-            t
-            for rt in self._runtimes.values()
-            if rt.blockers and rt.state in (State.STOPPED, State.FAILED, State.STOPPING)
-            for t in rt.tickets
-            if t.since <= limit
-        ]
-
-    def _overtaken(self, ticket: Ticket) -> bool:
-        """Would serving this request overtake an earlier one, past the bound, that its model is in the way of?"""
-        if ticket.batch:
-            return False
-        name = ticket.rt.config.name
-        return any(o.rt is not ticket.rt and name in o.rt.blockers and o.order < ticket.order for o in self._overdue())
-
-    def _may_serve(self, ticket: Ticket) -> bool:
-        """A slot is free for this request: its model's earlier requests that may go take theirs first."""
-        rt = ticket.rt
-        if rt.in_flight >= rt.config.parallel or self._overtaken(ticket):
-            return False
-        ahead = sum(1 for t in rt.tickets if t.order < ticket.order and not self._overtaken(t))
-        return rt.in_flight + ahead < rt.config.parallel
+        place.queued = True
 
     # -- runtime options (proxy.runtime_options) ------------------------------------------------
     async def _wants(self, rt: Runtime, options: Mapping[str, Any]) -> tuple[dict[str, Any], Need | None]:
@@ -600,31 +603,6 @@ class ModelManager:
         need = self._need_now(loaded)
         return wants, need if need is not None else await self._need_from_gguf(loaded)
 
-    def _first_misfit(self, rt: Runtime) -> Ticket | None:
-        """Its earliest request that wants other runtime options than its worker was loaded with."""
-        options = rt.effective.options
-        misfits = [t for t in rt.tickets if not ropts.fits(options, t.wants)]
-        return min(misfits, key=lambda t: t.order) if misfits else None
-
-    def _load_options(self, rt: Runtime) -> dict[str, Any]:
-        """The runtime options a load starts with: those of its earliest request that asks for some; else
-        the config's (a value stays until the model unloads, and the next load starts from the config)."""
-        asking = [t for t in rt.tickets if t.wants]
-        if not asking:
-            return {}
-        wants = min(asking, key=lambda t: t.order).wants
-        return {k: v for k, v in wants.items() if rt.config.options.get(k) != v}
-
-    def _reload(self, rt: Runtime, ticket: Ticket) -> None:
-        """Stop the idle, loaded model so that this request's load starts it with its runtime options; a
-        need that can never fit is refused (507) first, and the loaded model keeps serving."""
-        decision = self._decide(rt, ticket.need)
-        if decision.kind == "refuse":
-            raise InsufficientMemory(decision.reason)
-        was = {k: rt.effective.options.get(k) for k in ticket.wants}
-        log.info("model %s: reloading with %s (was %s)", rt.config.name, _shown(ticket.wants), _shown(was))
-        self._begin_stop(rt, f"a request asks for {_shown(ticket.wants)}", UnloadReason.OPTIONS)
-
     def _release(self, rt: Runtime) -> None:
         rt.in_flight -= 1
         rt.last_used = self.clock.monotonic()
@@ -645,6 +623,8 @@ class ModelManager:
     # -- memory -------------------------------------------------------------------------------
     def _occupants(self, rt: Runtime) -> list[Occupant]:
         now = self.clock.monotonic()
+        world = self.world()
+        late = overdue(world)
         out = []
         for o in self._runtimes.values():
             if o is rt or not o.occupies_slot:
@@ -656,7 +636,7 @@ class ModelManager:
                 need=self._counted(o),
                 gpu=o.gpu,
                 # its waiting requests keep it only while none for a model in its way waited too long
-                busy=o.in_flight > 0 or o.draining or any(not self._overtaken(t) for t in o.tickets),
+                busy=o.in_flight > 0 or o.draining or any(not overtaken(world, t, late) for t in o.tickets),
                 keep_alive=o.keep_alive,
                 remaining=remaining,
                 last_used=o.last_used,
@@ -896,7 +876,7 @@ class ModelManager:
         )
         deadline = self.clock.monotonic() + self.settings.memory.recovery_timeout
         while self._decide(rt).kind not in ("start", "refuse") and self.clock.monotonic() < deadline:
-            await self._wait(_RECOVERY_POLL)
+            await self._wait(RECOVERY_POLL)
         worker = self._new_worker(rt)
         rt.progress, rt.phase = 0.0, "starting again"
         rt.worker = worker
@@ -931,8 +911,8 @@ class ModelManager:
         self._cancel_idle(rt)
         rt.stop_cause = cause
         self._transition(rt, State.STOPPING, reason)
-        # the next load is a first load again: reset now, so a keep_alive sent while it stops wins
-        rt.keep_alive = rt.default_keep_alive
+        # the next load is a first load again: its keep_alive is the config's until a request is served
+        rt.keep_alive, rt.keep_alive_set = rt.default_keep_alive, False
         rt.stop_task = asyncio.create_task(
             self._stop(rt, rt.worker, rt.config.unload_grace if grace is None else grace)
         )
@@ -970,7 +950,7 @@ class ModelManager:
                 self._stopped_at = self.clock.monotonic()
                 rt.gpu, rt.split = None, ()
                 rt.loaded_at = None
-                rt.keep_alive = rt.default_keep_alive
+                rt.keep_alive, rt.keep_alive_set = rt.default_keep_alive, False
                 asyncio.get_running_loop().create_task(worker.stop(0))  # reap, close its client
                 self._forget_or_stop(rt)
                 self._notify()
@@ -1015,9 +995,14 @@ class ModelManager:
         return [n for n, done in zip(names, results, strict=True) if done]
 
     async def preload(
-        self, name: str, keep_alive: float | None = None, options: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        keep_alive: float | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        admin: bool = True,
     ) -> Lease:
-        lease = await self.acquire(name, keep_alive, options=options)
+        lease = await self.acquire(name, keep_alive, options=options, admin=admin)
         lease.release()
         return lease
 
@@ -1126,6 +1111,29 @@ class ModelManager:
         return self._queued
 
 
+def _view(rt: Runtime) -> ModelView:
+    """A model as the scheduler sees it (plain data)."""
+    return ModelView(
+        name=rt.config.name,
+        state=rt.state.value,
+        tickets=tuple(rt.tickets),
+        in_flight=rt.in_flight,
+        parallel=rt.config.parallel,
+        draining=rt.draining,
+        pending=rt.pending is not None,
+        has_worker=rt.worker is not None,
+        start_running=rt.start_task is not None,
+        external=rt.config.url is not None,
+        need_known=rt.need is not None,
+        retry_at=rt.retry_at,
+        last_error=rt.last_error,
+        options=rt.effective.options,
+        config_options=rt.config.options,
+        overrides=rt.overrides,
+        blockers=rt.blockers,
+    )
+
+
 def _device(rt: Runtime) -> str:
     """Where it runs: cpu, cuda:N, or cuda:N,M when spread over several GPUs."""
     if rt.split:
@@ -1146,10 +1154,6 @@ def _per_gpu(occupant: Occupant, split: tuple[tuple[int, int], ...]) -> list[Occ
         )
         for i, (index, share) in enumerate(split)
     ]
-
-
-def _shown(options: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in options.items())
 
 
 def _out_of_memory(worker: WorkerHandle, exc: ModelLoadFailed) -> bool:

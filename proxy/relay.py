@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from starlette.requests import Request
 
+from proxy.auth import Role
 from proxy.errors import ClientGone
 from proxy.events import RequestNote
 from proxy.manager import Lease, ModelManager
@@ -90,6 +91,14 @@ class ObservedStream(UpstreamStream):
             yield chunk
 
 
+def _is_admin(client: Request | None) -> bool:
+    """Does the client's request come with an admin's rights? (``api.common.guarded`` put its role there; no
+    client, or no keys configured: the proxy's own call, an admin's.)"""
+    if client is None:
+        return True
+    return bool(getattr(client.state, "role", Role.ADMIN) >= Role.ADMIN)
+
+
 class LeasedCall:
     def __init__(
         self,
@@ -100,8 +109,11 @@ class LeasedCall:
         client: Request | None = None,
         on_loading: Callable[[], None] | None = None,
         options: Mapping[str, Any] | None = None,
+        admin: bool | None = None,
     ) -> None:
         self._manager = manager
+        # the caller's role, for its keep_alive (ModelManager.acquire): given, else the client's (``guarded``)
+        self._admin = admin if admin is not None else _is_admin(client)
         self._options = options  # runner options (Ollama's num_ctx): ModelManager.acquire
         self._name = name
         self._keep_alive = keep_alive
@@ -122,7 +134,7 @@ class LeasedCall:
             if self._note is not None:
                 self._note.for_model(self._name)
             self._lease = await self._manager.acquire(
-                self._name, self._keep_alive, self._on_loading, options=self._options
+                self._name, self._keep_alive, self._on_loading, options=self._options, admin=self._admin
             )
 
     async def __aenter__(self) -> LeasedCall:

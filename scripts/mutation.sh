@@ -3,7 +3,7 @@
 # pyproject.toml). Each mutant is one small change to the code (a flipped comparison, a changed
 # constant, a dropped call); a mutant "killed" made a test fail, a "survived" one is a change no test
 # noticed. Survivors: `mutmut show NAME` shows the change, `mutmut browse` all of them.
-#   scripts/mutation.sh                       every module: policy keepalive auth dialects manager
+#   scripts/mutation.sh                       every module: policy keepalive auth dialects scheduler manager
 #   scripts/mutation.sh policy dialects       only these (names under proxy/, dots for submodules:
 #                                             dialects.ollama)
 #   scripts/mutation.sh --report              the kill rates of the last runs, running nothing
@@ -17,7 +17,7 @@ report_only=0
 for arg in "$@"; do
   if [ "$arg" = "--report" ]; then report_only=1; else modules+=("$arg"); fi
 done
-if [ ${#modules[@]} -eq 0 ]; then modules=(policy keepalive auth dialects manager); fi
+if [ ${#modules[@]} -eq 0 ]; then modules=(policy keepalive auth dialects scheduler manager); fi
 if [ "$report_only" = 0 ]; then
   # mutmut keeps a verdict for an unchanged mutant; a named run tests its mutants again
   for module in "${modules[@]}"; do

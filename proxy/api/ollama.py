@@ -79,7 +79,7 @@ async def _load_or_unload(
     if unload:
         await manager.unload(cfg.name)
     else:
-        await manager.preload(cfg.name, keep_alive, runner)
+        await manager.preload(cfg.name, keep_alive, runner, admin=is_admin(request))
     return JSONResponse(dialect.load_response(cfg.name, generate, unload))
 
 
@@ -143,7 +143,7 @@ async def embed(request: Request) -> Response:
     cfg, keep_alive = _embed_model(request, body)
     raw = body.get("input")
     if raw is None or raw == [] or raw == "":
-        await services(request).manager.preload(cfg.name, keep_alive)
+        await services(request).manager.preload(cfg.name, keep_alive, admin=is_admin(request))
         return JSONResponse({"model": cfg.name, "embeddings": []})
     inputs = check_embedding_input(raw)
     result, total, load = await _embed(request, cfg, inputs, keep_alive)
@@ -156,7 +156,7 @@ async def embeddings(request: Request) -> Response:
     cfg, keep_alive = _embed_model(request, body)
     prompt = optional(body, "prompt", str, "a string")
     if not prompt:
-        await services(request).manager.preload(cfg.name, keep_alive)
+        await services(request).manager.preload(cfg.name, keep_alive, admin=is_admin(request))
         return JSONResponse({"embedding": []})
     result, _, _ = await _embed(request, cfg, [prompt], keep_alive)
     return JSONResponse({"embedding": result["data"][0]["embedding"]})
