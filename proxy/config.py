@@ -113,6 +113,15 @@ class LimitsSection(_Strict):
     # repetition counts in a JSON schema (maxLength, minItems, {m,n}, ...) above this are refused: llama.cpp
     # builds one grammar rule per repetition and crashes on large ones
     max_schema_repeat: int = 500
+    # all the JSON schemas of one request together (response_format, tools), as compact JSON, in bytes
+    max_schema_bytes: int = 64 * 1024
+    # values in one enum (and branches of one anyOf / oneOf) of a schema: each is a grammar alternative
+    # every token is checked against (a 30,000-value enum made each token take 4.4 s)
+    max_schema_enum: int = 256
+    # inputs in one embeddings request (OpenAI's own limit)
+    max_embedding_inputs: int = 2048
+    # tokens in one embeddings request, all inputs together, estimated as their UTF-8 bytes / 4
+    max_embedding_tokens: int = 300_000
     # an audio upload longer than this (read from its header, or counted while decoding) is a 413
     max_audio_seconds: float = 3600.0
     # an init_image with more pixels than this (read from its header, before decoding) is a 413
@@ -282,6 +291,10 @@ class Settings:
     max_json_values: int = 500_000
     max_user_keep_alive: float = 3600.0
     max_schema_repeat: int = 500
+    max_schema_bytes: int = 64 * 1024
+    max_schema_enum: int = 256
+    max_embedding_inputs: int = 2048
+    max_embedding_tokens: int = 300_000
     memory: MemoryLimits = field(default_factory=MemoryLimits)
     max_audio_seconds: float = 3600.0
     max_image_pixels: int = 4096 * 4096
@@ -544,6 +557,10 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_json_values=_positive(raw.limits.max_json_values, file, "limits.max_json_values"),
         max_user_keep_alive=_finite(raw.limits.max_user_keep_alive, file, "limits.max_user_keep_alive"),
         max_schema_repeat=_positive(raw.limits.max_schema_repeat, file, "limits.max_schema_repeat"),
+        max_schema_bytes=_positive(raw.limits.max_schema_bytes, file, "limits.max_schema_bytes"),
+        max_schema_enum=_positive(raw.limits.max_schema_enum, file, "limits.max_schema_enum"),
+        max_embedding_inputs=_positive(raw.limits.max_embedding_inputs, file, "limits.max_embedding_inputs"),
+        max_embedding_tokens=_positive(raw.limits.max_embedding_tokens, file, "limits.max_embedding_tokens"),
         memory=_memory(raw.limits.memory, file),
         max_audio_seconds=worker_limits["max_audio_seconds"],
         max_image_pixels=int(worker_limits["max_image_pixels"]),

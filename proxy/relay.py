@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from starlette.requests import Request
 
+from proxy import largejson
 from proxy.auth import Role
 from proxy.errors import ClientGone
 from proxy.events import RequestNote
@@ -200,7 +201,7 @@ class LeasedCall:
         content = await self.upstream.post(path, body)
         if self._note is not None and _USAGE in content:
             try:
-                self._note.add_tokens(_completion_tokens(json.loads(content)))
+                self._note.add_tokens(_completion_tokens(await largejson.loads(content, only=("usage",))))
             except ValueError:
                 pass
         return content

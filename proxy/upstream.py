@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import aiohttp
 
+from proxy import largejson
 from proxy.errors import UpstreamError, WorkerHung, WorkerUnavailable
 from proxy.wire import StreamEnd, sse_data
 
@@ -159,10 +160,7 @@ class Upstream:
         return content
 
     async def post_json(self, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-        data = json.loads(await self.post(path, json.dumps(payload).encode()))
-        if not isinstance(data, dict):
-            raise UpstreamError(502, "the worker answered something other than a JSON object")
-        return data
+        return await largejson.answer_of(await self.post(path, json.dumps(payload).encode()))
 
     async def post_file(
         self,

@@ -141,7 +141,8 @@ def build(args: argparse.Namespace) -> Starlette:
     async def embeddings(request: Request) -> Response:
         body = json.loads(await request.body())
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        data = [{"object": "embedding", "index": i, "embedding": [1.0, 0.0]} for i in range(len(inputs))]
+        vector = [1.0, 0.0] + [0.1234567890123 * (j % 7) for j in range(args.embedding_dim - 2)]
+        data = [{"object": "embedding", "index": i, "embedding": vector} for i in range(len(inputs))]
         return JSONResponse({"object": "list", "data": data, "model": "fake", "usage": {"prompt_tokens": 1}})
 
     return Starlette(
@@ -206,6 +207,7 @@ def main() -> None:
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--say", action="store_true", help="print a request's `user` field to stderr (a log line)")
     p.add_argument("--pidfile", default=None, help="write our pid here")
+    p.add_argument("--embedding-dim", type=int, default=2, help="the length of each embedding (at least 2)")
     p.add_argument("--load-until", default=None, help="the load lasts until this file exists (then goes on)")
     args = p.parse_args()
     if args.pidfile:

@@ -11,7 +11,7 @@ import pytest
 from proxy.dialects import anthropic as a
 from proxy.dialects import responses as r
 from proxy.dialects.blocks import StopScanner
-from proxy.errors import BadRequest, UnsupportedInput
+from proxy.errors import BadRequest
 
 
 def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -123,15 +123,13 @@ def test_bad_messages_requests_name_the_field(change: dict[str, Any], field: str
     assert info.value.param == field
 
 
-def test_images_translate_and_are_refused_without_vision() -> None:
+def test_images_translate() -> None:
+    """(Refused without vision by the gate: tests/test_gate.py.)"""
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "AAAA"}}
     body = {"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]}
     out, _ = a.messages_request(body, "m")
     parts = out["messages"][0]["content"]
     assert parts[1] == {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}
-    a.check_images(out["messages"], True, "m")
-    with pytest.raises(UnsupportedInput):
-        a.check_images(out["messages"], False, "m")
 
 
 # -- Anthropic answers, chunk by chunk ---------------------------------------------------------------

@@ -3,10 +3,12 @@ caller's dialect naming the problem, never a 500, and the worker keeps running (
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import ollama
 import openai
@@ -70,6 +72,76 @@ def test_a_schema_llama_cpp_cannot_take_is_a_400_and_the_worker_lives(proxy: Liv
             with pytest.raises(ollama.ResponseError) as oinfo:
                 oc.generate(model=MODEL, prompt="hi", format=schema, options={"num_predict": 4})
             assert oinfo.value.status_code == 400
+
+
+def test_schema_caps_hold_on_the_anthropic_and_responses_routes_too(proxy: LiveProxy, worker_pid: int) -> None:
+    """Issue 25, defect 6: a schema over the limits, as Anthropic's output_config.format or tools' input_schema
+    and as the Responses API's text.format or tools' parameters, reached llama.cpp and killed the worker; now
+    every dialect passes the same gate. A 30,000-value enum (issue 26: 4.4 s a token) is refused at once."""
+    huge: Any = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5000}}}
+    enum: Any = {"type": "object", "properties": {"v": {"enum": [f"value {i}" for i in range(30_000)]}}}
+    with anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0, timeout=120) as client:
+        for schema, limit in ((huge, "max_schema_repeat"), (enum, "max_schema_bytes")):
+            with pytest.raises(anthropic.BadRequestError) as info:
+                client.messages.create(
+                    model=MODEL,
+                    max_tokens=4,
+                    messages=MSG,
+                    extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}}},
+                )
+            assert "'output_config.format'" in str(info.value) and limit in str(info.value), info.value
+            with pytest.raises(anthropic.BadRequestError) as info:
+                client.messages.create(
+                    model=MODEL, max_tokens=4, messages=MSG, tools=[{"name": "f", "input_schema": schema}]
+                )
+            assert "'tools[0].input_schema'" in str(info.value) and limit in str(info.value), info.value
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=120) as oc:
+        for schema, limit in ((huge, "max_schema_repeat"), (enum, "max_schema_bytes")):
+            fmt: Any = {"format": {"type": "json_schema", "name": "x", "schema": schema}}
+            with pytest.raises(openai.BadRequestError) as oinfo:
+                oc.responses.create(model=MODEL, input="hi", max_output_tokens=16, text=fmt)
+            assert "'text.format'" in str(oinfo.value) and limit in str(oinfo.value), oinfo.value
+            tool: Any = {"type": "function", "name": "f", "parameters": schema}
+            with pytest.raises(openai.BadRequestError) as oinfo:
+                oc.responses.create(model=MODEL, input="hi", max_output_tokens=16, tools=[tool])
+            assert "'tools (function 'f').parameters'" in str(oinfo.value), oinfo.value
+            with pytest.raises(openai.BadRequestError) as oinfo:
+                oc.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, tools=_tool(schema))  # type: ignore[arg-type]
+            assert limit in str(oinfo.value)
+        # an enum within the limits still constrains the answer
+        small: Any = {"type": "object", "properties": {"v": {"enum": ["red", "green"]}}, "required": ["v"]}
+        answer = oc.responses.create(
+            model=MODEL,
+            input="Pick a colour.",
+            max_output_tokens=16,
+            text={"format": {"type": "json_schema", "name": "x", "schema": small}},
+        )
+        assert json.loads(answer.output_text)["v"] in ("red", "green")
+
+
+def test_too_many_embedding_inputs_are_400s_and_a_large_answer_comes_back_whole(
+    proxy: LiveProxy, worker_pid: int
+) -> None:
+    """Issue 26: at most limits.max_embedding_inputs (2048) inputs a request, in OpenAI's and Ollama's shape;
+    a few hundred inputs make an answer over largejson.LARGE_BYTES, which is decoded and reshaped in pieces."""
+    for n in (2049, 3000):
+        r = httpx.post(proxy.url + "/v1/embeddings", json={"model": MODEL, "input": ["hi"] * n}, timeout=60)
+        _openai_400(r, f"{n} inputs", "limits.max_embedding_inputs")
+        r = httpx.post(proxy.url + "/api/embed", json={"model": MODEL, "input": ["hi"] * n}, timeout=60)
+        _ollama_400(r, f"{n} inputs", "limits.max_embedding_inputs")
+    texts = [f"text number {i}" for i in range(300)]
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
+        as_base64 = client.embeddings.create(model=MODEL, input=texts)  # the SDK asks for base64
+        as_floats = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    with ollama.Client(host=proxy.url, timeout=300) as oc:
+        embedded = oc.embed(model=MODEL, input=texts)
+    assert len(as_base64.data) == len(as_floats.data) == len(embedded.embeddings) == 300
+    assert len(json.dumps([d.embedding for d in as_floats.data])) > 1024 * 1024  # over largejson.LARGE_BYTES
+    for i in (0, 150, 299):
+        floats = as_floats.data[i].embedding
+        assert as_base64.data[i].embedding == pytest.approx(floats, rel=1e-6, abs=1e-6)
+        assert list(embedded.embeddings[i]) == pytest.approx(floats, rel=1e-6, abs=1e-6)
+    assert as_floats.data[0].embedding != as_floats.data[1].embedding
 
 
 def _openai_400(r: httpx.Response, *words: str) -> None:

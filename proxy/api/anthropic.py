@@ -15,12 +15,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import caller, guarded, json_bytes, leased_stream, model_for, named_events, read_json, services
+from proxy.api.common import (
+    caller,
+    guarded,
+    json_bytes,
+    leased_stream,
+    limits,
+    model_for,
+    named_events,
+    read_json,
+    services,
+)
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects import anthropic as dialect
 from proxy.dialects.blocks import frames
-from proxy.dialects.shaping import apply_model_defaults, check_messages
+from proxy.dialects.gate import check_chat
+from proxy.dialects.shaping import apply_model_defaults
 from proxy.errors import ProxyError, UpstreamError
 from proxy.relay import LeasedCall
 from proxy.wire import TOKENIZE_PATH
@@ -33,8 +44,7 @@ def _error_event(exc: ProxyError) -> list[tuple[str, dict[str, Any]]]:
 def _prepare(request: Request, body: dict[str, Any], count_only: bool) -> tuple[ModelConfig, float | None, Any]:
     cfg, keep_alive = model_for(request, body, ("completion",), "does not support messages")
     openai, stops = dialect.messages_request(body, cfg.name, count_only=count_only)
-    dialect.check_images(openai["messages"], cfg.vision, cfg.name)
-    check_messages(openai["messages"], cfg)
+    check_chat(openai, cfg, limits(request), "anthropic")
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return cfg, keep_alive, (openai, stops)
 

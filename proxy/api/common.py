@@ -21,6 +21,7 @@ from proxy.auth import KeyRing, Principal, Role, key_from_headers
 from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.blocks import frames
+from proxy.dialects.gate import Limits
 from proxy.dialects.shaping import require_model
 from proxy.digests import Digests
 from proxy.errors import BadRequest, Forbidden, ModelNotFound, PayloadTooLarge, ProxyError, UnsupportedMediaType
@@ -67,6 +68,11 @@ PARSE_SLOTS = 2
 def services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+def limits(request: Request) -> Limits:
+    """What ``config.yml``'s limits bound in a request, for the gate (``proxy.dialects.gate``)."""
+    return Limits.of(services(request).settings)
 
 
 # a request the proxy makes to itself (a job: proxy.api.jobs) carries its owner's Principal in its ASGI

@@ -24,9 +24,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
-from proxy.api.common import INTERNAL_PRINCIPAL, caller, guarded, read_json, role_of, services
+from proxy.api.common import INTERNAL_PRINCIPAL, caller, guarded, limits, read_json, role_of, services
 from proxy.auth import Principal, Role, key_from_headers
 from proxy.config import ModelConfig
+from proxy.dialects.gate import check_chat, check_embeddings
 from proxy.errors import BadRequest
 from proxy.jobs import FINAL, Job, Jobs, Outcome, Status
 
@@ -194,10 +195,21 @@ async def _input(request: Request) -> dict[str, Any]:
     return job_input
 
 
+def _gate(request: Request, cfg: ModelConfig, path: str, job_input: dict[str, Any]) -> None:
+    """The checks of the gate the job's route passes (``proxy.dialects.gate``), at submit: a chat, a
+    completion or embeddings the route would refuse is a 400 now, not a failed job later."""
+    if path in ("/v1/chat/completions", "/v1/completions"):
+        request_body = {**job_input, "model": cfg.name, "stream": False}  # as route_for sends it
+        check_chat(request_body, cfg, limits(request), completion=path == "/v1/completions")
+    elif path == "/v1/embeddings":
+        check_embeddings(job_input.get("input"), limits(request))
+
+
 async def _submit(request: Request) -> Job:
     cfg = caller(request).resolve(request.path_params["model"])  # a scoped key's other models are 404
     job_input = await _input(request)
-    route_for(cfg, job_input)  # refuse now what cannot make a request (400), rather than fail the job later
+    path, _, _ = route_for(cfg, job_input)  # refuse now what cannot make a request (400), not fail the job later
+    _gate(request, cfg, path, job_input)
     return await jobs_of(request).submit(cfg.name, owner_of(request), int(role_of(request)), job_input)
 
 

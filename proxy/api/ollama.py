@@ -15,21 +15,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from proxy import __version__
+from proxy import __version__, largejson
 from proxy import runtime_options as ropts
-from proxy.api.common import caller, guarded, json_bytes, model_for, read_json, services
+from proxy.api.common import caller, guarded, json_bytes, limits, model_for, read_json, services
 from proxy.api.errors import is_admin
 from proxy.auth import Role
 from proxy.catalog import entry, tag_name
 from proxy.config import ModelConfig
 from proxy.dialects import ollama as dialect
-from proxy.dialects.schemas import check_schemas
-from proxy.dialects.shaping import (
-    apply_model_defaults,
-    check_embedding_input,
-    check_messages,
-    optional,
-)
+from proxy.dialects.gate import check_chat, check_embeddings
+from proxy.dialects.shaping import apply_model_defaults, optional
 from proxy.errors import BadRequest, ProxyError
 from proxy.keepalive import format_keep_alive
 from proxy.manager import ModelStatus
@@ -101,8 +96,7 @@ async def chat(request: Request) -> Response:
     if not body.get("messages"):
         return await _load_or_unload(request, cfg, keep_alive, False, runner)
     openai = dialect.chat_request(body, cfg.name)
-    check_messages(openai["messages"], cfg)
-    check_schemas(openai, services(request).settings.max_schema_repeat)
+    check_chat(openai, cfg, limits(request), "ollama")
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, "/v1/chat/completions", openai, stream, keep_alive, False, runner)
 
@@ -116,21 +110,20 @@ async def generate(request: Request) -> Response:
     if not optional(body, "prompt", str, "a string") and not body.get("images"):
         return await _load_or_unload(request, cfg, keep_alive, True, runner)
     path, openai = dialect.generate_request(body, cfg.name)
-    if "messages" in openai:
-        check_messages(openai["messages"], cfg)
-    check_schemas(openai, services(request).settings.max_schema_repeat)
+    check_chat(openai, cfg, limits(request), "ollama", completion="messages" not in openai)
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, path, openai, stream, keep_alive, True, runner)
 
 
 async def _embed(
     request: Request, cfg: ModelConfig, inputs: list[str], keep_alive: float | None
-) -> tuple[dict[str, Any], int, int]:
+) -> tuple[bytes, int, int]:
+    """The worker's OpenAI-shaped answer as it came (``largejson.reshape`` it), its time and load time."""
     started = time.perf_counter_ns()
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
-        result = await call.post_json("/v1/embeddings", {"model": cfg.name, "input": inputs})
+        answer = await call.post("/v1/embeddings", json_bytes({"model": cfg.name, "input": inputs}))
         load_ns = int(call.load_duration * 1e9)
-    return result, time.perf_counter_ns() - started, load_ns
+    return answer, time.perf_counter_ns() - started, load_ns
 
 
 def _embed_model(request: Request, body: dict[str, Any]) -> tuple[ModelConfig, float | None]:
@@ -145,9 +138,10 @@ async def embed(request: Request) -> Response:
     if raw is None or raw == [] or raw == "":
         await services(request).manager.preload(cfg.name, keep_alive, admin=is_admin(request))
         return JSONResponse({"model": cfg.name, "embeddings": []})
-    inputs = check_embedding_input(raw)
-    result, total, load = await _embed(request, cfg, inputs, keep_alive)
-    return JSONResponse(dialect.embed_response(cfg.name, result, total, load))
+    inputs = check_embeddings(raw, limits(request))
+    answer, total, load = await _embed(request, cfg, inputs, keep_alive)
+    shaped = await largejson.reshape(answer, lambda result: dialect.embed_response(cfg.name, result, total, load))
+    return Response(shaped, media_type="application/json")
 
 
 @guarded(Role.USER)
@@ -158,8 +152,10 @@ async def embeddings(request: Request) -> Response:
     if not prompt:
         await services(request).manager.preload(cfg.name, keep_alive, admin=is_admin(request))
         return JSONResponse({"embedding": []})
-    result, _, _ = await _embed(request, cfg, [prompt], keep_alive)
-    return JSONResponse({"embedding": result["data"][0]["embedding"]})
+    check_embeddings(prompt, limits(request), "prompt")
+    answer, _, _ = await _embed(request, cfg, [prompt], keep_alive)
+    shaped = await largejson.reshape(answer, lambda result: {"embedding": result["data"][0]["embedding"]})
+    return Response(shaped, media_type="application/json")
 
 
 def _capabilities(cfg: ModelConfig) -> list[str]:

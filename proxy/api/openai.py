@@ -17,19 +17,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy import largejson
 from proxy.api import anthropic
-from proxy.api.common import caller, guarded, json_bytes, leased_stream, model_for, read_json, services
+from proxy.api.common import caller, guarded, json_bytes, leased_stream, limits, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
-from proxy.dialects.schemas import check_schemas
-from proxy.dialects.shaping import (
-    apply_model_defaults,
-    check_common,
-    check_embedding_input,
-    check_messages,
-    check_prompt,
-    pop_encoding_format,
-)
+from proxy.dialects.gate import check_chat, check_embeddings
+from proxy.dialects.shaping import apply_model_defaults, pop_encoding_format
 from proxy.errors import ProxyError, WorkerUnavailable
 from proxy.relay import USAGE_MARKER, LeasedCall
 from proxy.upstream import UpstreamStream
@@ -131,37 +125,37 @@ async def _prepare(
 @guarded(Role.USER)
 async def chat_completions(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request, ("completion",), "does not support chat completions")
-    check_messages(body.get("messages"), cfg)
-    stream = check_common(body)
-    check_schemas(body, services(request).settings.max_schema_repeat)
+    check_chat(body, cfg, limits(request))
     apply_model_defaults(body, cfg, services(request).clock.time())
-    return await forward(request, cfg, "/v1/chat/completions", body, stream, keep_alive)
+    return await forward(request, cfg, "/v1/chat/completions", body, bool(body.get("stream")), keep_alive)
 
 
 @guarded(Role.USER)
 async def completions(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request, ("completion",), "does not support completions")
-    check_prompt(body)
-    stream = check_common(body)
-    check_schemas(body, services(request).settings.max_schema_repeat)
+    check_chat(body, cfg, limits(request), completion=True)
     apply_model_defaults(body, cfg)
-    return await forward(request, cfg, "/v1/completions", body, stream, keep_alive)
+    return await forward(request, cfg, "/v1/completions", body, bool(body.get("stream")), keep_alive)
 
 
 @guarded(Role.USER)
 async def embeddings(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request, ("embedding", "completion"), "does not make embeddings")
-    check_embedding_input(body.get("input"))
+    check_embeddings(body.get("input"), limits(request))
     fmt = pop_encoding_format(body)
     if fmt != "base64":
         return await forward(request, cfg, "/v1/embeddings", body, False, keep_alive)
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
-        result = await call.post_json("/v1/embeddings", body)
+        answer = await call.post("/v1/embeddings", json_bytes(body))
+    return Response(await largejson.reshape(answer, _in_base64), media_type="application/json")
+
+
+def _in_base64(result: dict[str, Any]) -> dict[str, Any]:
+    """What the openai SDK asks for by default: each vector as little-endian float32, in base64."""
     for item in result.get("data") or []:
-        # what the openai SDK asks for by default: little-endian float32, base64
         vector = item["embedding"]
         item["embedding"] = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-    return Response(json_bytes(result), media_type="application/json")
+    return result
 
 
 # llama.cpp's router reports each model's status as loaded, loading or unloaded (Open WebUI's Loaded badge)

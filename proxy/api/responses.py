@@ -11,11 +11,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import guarded, json_bytes, leased_stream, model_for, named_events, read_json, services
+from proxy.api.common import guarded, json_bytes, leased_stream, limits, model_for, named_events, read_json, services
 from proxy.auth import Role
 from proxy.dialects import responses as dialect
 from proxy.dialects.blocks import frames
-from proxy.dialects.shaping import apply_model_defaults, check_messages
+from proxy.dialects.gate import check_chat
+from proxy.dialects.shaping import apply_model_defaults
 from proxy.relay import LeasedCall
 
 
@@ -24,7 +25,7 @@ async def create(request: Request) -> Response:
     body = await read_json(request)
     cfg, keep_alive = model_for(request, body, ("completion",), "does not support responses")
     openai = dialect.responses_request(body, cfg.name)
-    check_messages(openai["messages"], cfg)
+    check_chat(openai, cfg, limits(request), "responses")
     now = services(request).clock.time()
     apply_model_defaults(openai, cfg, now)
     tr = dialect.ResponseStream(cfg.name, body, now)

@@ -17,7 +17,7 @@ from typing import Any
 
 from proxy.dialects.blocks import Block, BlockPlanner, Event, StopScanner, new_id
 from proxy.dialects.shaping import optional
-from proxy.errors import BadRequest, UnsupportedInput
+from proxy.errors import BadRequest
 
 # Anthropic's error type for each status (https://docs.anthropic.com/en/api/errors); others by class
 ERROR_TYPES: Mapping[int, str] = {
@@ -240,18 +240,6 @@ def messages_request(body: dict[str, Any], model: str, *, count_only: bool = Fal
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise BadRequest("'stop_sequences' must be an array of strings", param="stop_sequences")
     return out, stops
-
-
-def check_images(messages: list[dict[str, Any]], vision: bool, model: str) -> None:
-    if vision:
-        return
-    for i, message in enumerate(messages):
-        content = message.get("content")
-        if isinstance(content, list) and any(p.get("type") == "image_url" for p in content):
-            raise UnsupportedInput(
-                f"model '{model}' cannot read images (an image block came in message {i}); configure a vision model",
-                param="messages",
-            )
 
 
 # -- answers ---------------------------------------------------------------------------------------
