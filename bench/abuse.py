@@ -158,24 +158,29 @@ class Bench:
         poller.reset()
         gate = self.gates / "streams"
         body = {"model": "held", "messages": MSG, "stream": True, "max_tokens": 4}
-        codes: list[int] = []
-        with contextlib.ExitStack() as stack:
-            client = stack.enter_context(httpx.Client(timeout=60, limits=httpx.Limits(max_connections=200)))
+        held: list[httpx.Response] = []
+        lock = threading.Lock()
+        with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
 
-            def open_one() -> int:
-                response = stack.enter_context(
-                    client.stream("POST", self.proxy.url + "/v1/chat/completions", json=body, headers=A)
-                )
+            def open_one(_: int) -> int:
+                request = client.build_request("POST", self.proxy.url + "/v1/chat/completions", json=body, headers=A)
+                response = client.send(request, stream=True)
+                with lock:
+                    held.append(response)
                 if response.status_code == 200:
                     next(response.iter_bytes())  # the first chunk: the stream holds its slot
                 return response.status_code
 
-            with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                codes = list(pool.map(lambda _: open_one(), range(PER_KEY + 48)))
-            second = served(self.proxy)
-            taken, refused = codes.count(200), codes.count(429)
-            self.row("per-key concurrency", poller, second, f"key A: {taken} streams taken, {refused} got 429")
-            gate.touch()
+            try:
+                with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                    codes = list(pool.map(open_one, range(PER_KEY + 48)))
+                second = served(self.proxy)
+                taken, refused = codes.count(200), codes.count(429)
+                self.row("per-key concurrency", poller, second, f"key A: {taken} streams taken, {refused} got 429")
+            finally:
+                gate.touch()
+                for response in held:
+                    response.close()
 
     def jobs(self, poller: Poller) -> None:
         poller.reset()

@@ -45,8 +45,9 @@ class InFlight:
             return
         count = self._counts.get(who, 0)
         if count >= limit:
+            who_is = "key" if who.startswith("key:") else "client address"
             raise TooManyRequests(
-                f"this key has {count} requests in flight, the most it may have at once "
+                f"this {who_is} has {count} requests in flight, the most it may have at once "
                 f"(limits.max_concurrent_per_key); retry when one has finished"
             )
         self._counts[who] = count + 1
