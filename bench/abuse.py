@@ -159,6 +159,7 @@ class Bench:
         gate = self.gates / "streams"
         body = {"model": "held", "messages": MSG, "stream": True, "max_tokens": 4}
         held: list[httpx.Response] = []
+        readers: list[Iterator[bytes]] = []  # kept: a dropped reader closes its response
         lock = threading.Lock()
         with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
 
@@ -168,7 +169,10 @@ class Bench:
                 with lock:
                     held.append(response)
                 if response.status_code == 200:
-                    next(response.iter_bytes())  # the first chunk: the stream holds its slot
+                    reader = response.iter_bytes()
+                    next(reader)  # the first chunk: the stream holds its slot
+                    with lock:
+                        readers.append(reader)
                 return response.status_code
 
             try:
