@@ -163,3 +163,22 @@ def test_a_user_keys_a1111_checkpoint_is_its_own_an_admins_is_the_default(
     assert (_status(proxy, "key-b"), _status(proxy, "admin-key")) == ("sd-b", "sd-b")
     _choose(proxy, "key-a", "sd-a")
     assert (_status(proxy, "key-a"), _status(proxy, "key-b")) == ("sd-a", "sd-b")
+
+
+def test_callers_are_told_apart_by_key_else_by_address_and_the_key_never_kept() -> None:
+    from proxy.api.perkey import InFlight, caller_id
+    from proxy.errors import TooManyRequests
+
+    a, b = caller_id("secret-key-a", "10.0.0.1"), caller_id("secret-key-b", "10.0.0.1")
+    assert a != b and "secret" not in a and a == caller_id("secret-key-a", "10.0.0.2")  # the key, not the address
+    assert caller_id(None, "10.0.0.1") != caller_id(None, "10.0.0.2")  # open mode: per client address
+    counts = InFlight()
+    scope: dict[str, Any] = {"proxy.key_slots": []}
+    counts.hold(scope, a, 2)
+    counts.hold(scope, a, 2)
+    with pytest.raises(TooManyRequests):
+        counts.hold(scope, a, 2)
+    counts.hold(scope, b, 2)  # another caller is not held back
+    for give in scope["proxy.key_slots"]:
+        give()
+    assert counts.of(a) == counts.of(b) == 0
