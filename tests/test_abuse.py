@@ -182,3 +182,24 @@ def test_callers_are_told_apart_by_key_else_by_address_and_the_key_never_kept() 
     for give in scope["proxy.key_slots"]:
         give()
     assert counts.of(a) == counts.of(b) == 0
+
+
+def test_when_every_connection_is_serving_a_new_one_gets_503(make_proxy: MakeProxy, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    proxy = make_proxy([fake_config("fake", "--gate", str(gate), parallel=2)], server={"max_connections": 2})
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.Client(base_url=proxy.url, timeout=30) as one, httpx.Client(base_url=proxy.url, timeout=30) as two:
+        with (
+            one.stream("POST", "/v1/chat/completions", json=body) as a,
+            two.stream("POST", "/v1/chat/completions", json=body) as b,
+        ):
+            readers = [a.iter_bytes(), b.iter_bytes()]
+            for reader in readers:
+                assert b"tok" in next(reader) or b"tok" in next(reader)  # past any loading comment: held
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as third:
+                answer = closed_by_server(third, time.monotonic() + 10)
+                assert answer is not None and answer.startswith(b"HTTP/1.1 503"), answer
+                assert b"retry-after: 1" in answer.lower()
+            gate.touch()
+            assert all(b"[DONE]" in b"".join(reader) for reader in readers)
+    assert httpx.get(proxy.url + "/health", timeout=5).status_code == 200  # room again
