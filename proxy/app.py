@@ -33,6 +33,7 @@ from proxy.api import (
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
 from proxy.api.observe import RequestEvents
+from proxy.api.perkey import PerKeyLimit
 from proxy.api.security import RequestGuard
 from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
@@ -150,7 +151,11 @@ def create_app(
             logbook.close()
             os.close(lock)
 
-    middleware = [Middleware(RequestEvents, bus=bus), Middleware(RequestGuard, settings=settings)]
+    middleware = [
+        Middleware(RequestEvents, bus=bus),
+        Middleware(RequestGuard, settings=settings),
+        Middleware(PerKeyLimit),  # gives back a request's slot (limits.max_concurrent_per_key) once it is answered
+    ]
     if settings.cors_origins:
         middleware.append(
             Middleware(

@@ -96,14 +96,18 @@ def run_server(config: str, host: str | None, port: int | None, log_level: str |
     import uvicorn
 
     from proxy.app import create_app
+    from proxy.connections import bounded, raise_fd_limit
     from proxy.reload import ReloadFrom
 
     reload = ReloadFrom(Path(config), {"host": host, "port": port}, watch=watch)
     app = create_app(settings, keys=keys, reload=reload)
+    if settings.max_connections:
+        raise_fd_limit(settings.max_connections)
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
+        http=bounded(settings.header_timeout, settings.max_connections),  # proxy/connections.py
         log_level=level.lower(),
         access_log=level == "DEBUG",
         timeout_graceful_shutdown=5,

@@ -62,6 +62,12 @@ class ServerSection(_Strict):
     loading_comment_interval: Duration = "1.5s"
     # /v1/audio/voices and /v1/audio/models answer without a key (Open WebUI asks for them with none)
     public_audio_listings: bool = True
+    # a request's headers must arrive within this from the connection's start (or the next request's first
+    # byte), and its body may not pause longer than this; else the connection is closed ("0": no limit)
+    header_timeout: Duration = "10s"
+    # open connections at most; past it a new connection closes the oldest one that is waiting for its
+    # headers or idle between requests, else it is answered 503 and closed (0: no cap)
+    max_connections: int = 1000
 
 
 class DefaultsSection(_Strict):
@@ -90,6 +96,9 @@ class LimitsSection(_Strict):
     memory: MemoryLimitsSection = msgspec.field(default_factory=MemoryLimitsSection)
     max_loaded_models: int | None = None  # an extra cap on the count; none: memory alone decides
     max_queue: int = 512
+    # requests one key (or, with no keys, one client address) may have in flight at once, waiting ones
+    # included; more get 429 with Retry-After. none: half of max_queue; 0: no limit
+    max_concurrent_per_key: int | None = None
     # when requests wait for models that cannot all be loaded, the loaded model serves its waiting requests
     # first; no request waits longer than this behind other models' requests before its switch comes
     max_wait_for_switch: Duration = "30s"
@@ -310,6 +319,9 @@ class Settings:
     public_audio_listings: bool = True  # the audio voices and models lists need no key
     worker_idle_timeout: float = 300.0  # 0: off
     jwt_secret: str | None = None  # auth.jwt_secret, else $SECRET_KEY; None: no JWTs
+    header_timeout: float = 10.0  # seconds for a request's headers, and the longest pause in its body; 0: off
+    max_connections: int = 1000  # open connections at most (proxy.connections); 0: no cap
+    max_concurrent_per_key: int = 256  # requests in flight per key (waiting ones included); 0: no limit
 
 
 def _read_yaml(path: Path) -> Any:
@@ -354,6 +366,18 @@ def _finite(value: Duration, file: str, key: str) -> float:
     if seconds is None or math.isinf(seconds) or seconds <= 0:
         raise ConfigError(file, key, "must be a positive duration")
     return seconds
+
+
+def _off_or_seconds(value: Duration, file: str, key: str) -> float:
+    """A time limit: seconds, with 0 (or a negative value) for none."""
+    seconds = _seconds(value, file, key) or 0.0
+    return 0.0 if math.isinf(seconds) else seconds
+
+
+def _at_least_zero(value: int, file: str, key: str) -> int:
+    if value < 0:
+        raise ConfigError(file, key, "must be 0 (no limit) or more")
+    return value
 
 
 def _positive(value: int, file: str, key: str) -> int:
@@ -578,6 +602,13 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         public_audio_listings=raw.server.public_audio_listings,
         worker_idle_timeout=defaults["idle_timeout"] or 0.0,
         jwt_secret=raw.auth.jwt_secret or os.environ.get("SECRET_KEY") or None,
+        header_timeout=_off_or_seconds(raw.server.header_timeout, file, "server.header_timeout"),
+        max_connections=_at_least_zero(raw.server.max_connections, file, "server.max_connections"),
+        max_concurrent_per_key=(
+            max(0, raw.limits.max_queue) // 2
+            if raw.limits.max_concurrent_per_key is None
+            else _at_least_zero(raw.limits.max_concurrent_per_key, file, "limits.max_concurrent_per_key")
+        ),
     )
 
 

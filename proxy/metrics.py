@@ -116,5 +116,22 @@ class Metrics:
         elif isinstance(event, Unloaded):
             self.unloads.labels(event.model, event.reason.value).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, visible: Callable[[str], bool] | None = None) -> bytes:
+        """The exposition; with ``visible``, only the samples of the models (``model`` label) it allows."""
+        if visible is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Only(self.registry, visible))
+
+
+class _Only:
+    """A registry's metrics without the samples of the models ``visible`` refuses (for ``generate_latest``)."""
+
+    def __init__(self, registry: CollectorRegistry, visible: Callable[[str], bool]) -> None:
+        self._registry = registry
+        self._visible = visible
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            kept.samples = [s for s in metric.samples if self._visible(s.labels.get("model", ""))]
+            yield kept

@@ -44,6 +44,8 @@ log = logging.getLogger("proxy.reload")
 RESTART_ONLY = (
     "host",
     "port",
+    "header_timeout",
+    "max_connections",
     "cors_origins",
     "allowed_hosts",
     "models_dir",

@@ -50,6 +50,9 @@ def test_the_shipped_configuration_loads() -> None:
         ({"limits": {"max_image_pixels": 0}}, {}, "config.yml", "limits.max_image_pixels"),
         ({"limits": {"max_wait_for_switch": "0s"}}, {}, "config.yml", "limits.max_wait_for_switch"),
         ({"limits": {"max_wait_for_switch": "soon"}}, {}, "config.yml", "limits.max_wait_for_switch"),
+        ({"limits": {"max_concurrent_per_key": -1}}, {}, "config.yml", "limits.max_concurrent_per_key"),
+        ({"server": {"max_connections": -1}}, {}, "config.yml", "server.max_connections"),
+        ({"server": {"header_timeout": "soon"}}, {}, "config.yml", "server.header_timeout"),
         ({}, {"a.yaml": {**GOOD, "priority": "high"}}, "a.yaml", "priority"),
         ({}, {"a.yaml": {**GOOD, "colour": "red"}}, "a.yaml", "colour"),
         ({}, {"a.yaml": {**GOOD, "keep_alive": "soon"}}, "a.yaml", "keep_alive"),
@@ -138,3 +141,12 @@ def test_parallel_defaults_per_backend_and_a_yamls_value_wins(tmp_path: Path) ->
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     settings = load_settings(write(tmp_path, {"models_dir": str(tmp_path)}, models))
     assert {m.name: m.parallel for m in settings.models} == {"m": 4, "one": 1, "g": 1}
+
+
+def test_connection_and_per_key_limits_are_read(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {"limits": {"max_queue": 100}}, {}))
+    assert (settings.header_timeout, settings.max_connections) == (10, 1000)  # the defaults
+    assert settings.max_concurrent_per_key == 50  # half of max_queue: one key never fills the queue alone
+    config = {"server": {"header_timeout": "0", "max_connections": 0}, "limits": {"max_concurrent_per_key": 3}}
+    settings = load_settings(write(tmp_path, config, {}))
+    assert (settings.header_timeout, settings.max_connections, settings.max_concurrent_per_key) == (0, 0, 3)

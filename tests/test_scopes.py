@@ -271,6 +271,29 @@ def test_a_user_jwt_is_refused_admin_routes_an_admin_jwt_is_not(proxy: LiveProxy
     assert r.status_code == 200
 
 
+def test_public_views_name_only_the_models_every_scoped_key_sees(proxy: LiveProxy) -> None:
+    # keys scoped to the OPEN models are configured: leaving the key out must not show a scoped caller more
+    _load_llms(proxy)
+    r = _call(proxy, "POST", "/v1/chat/completions", "secret-llm", FULL_ADMIN)
+    assert r.status_code == 200, r.text  # secret-llm has request counts now
+    metrics = httpx.get(proxy.url + "/metrics", timeout=30)
+    assert metrics.status_code == 200 and 'model="open-llm"' in metrics.text
+    assert "secret-" not in metrics.text, [line for line in metrics.text.splitlines() if "secret-" in line][:3]
+    for path, shown in (("/v1/audio/models", "open-voice"), ("/v1/audio/voices", "")):
+        listed = httpx.get(proxy.url + path, timeout=30)
+        assert listed.status_code == 200 and shown in listed.text and "secret-" not in listed.text, listed.text
+    hidden = httpx.get(proxy.url + "/v1/audio/voices", params={"model": "secret-voice"}, timeout=30)
+    assert hidden.status_code == 404, hidden.text
+    assert "secret-voice" in _call(proxy, "GET", "/v1/audio/models", "", FULL_ADMIN).text  # a key still sees its own
+
+
+def test_with_no_scoped_keys_public_views_name_every_model(tmp_path: Path) -> None:
+    tokens = {"api_key": ["full-user-key"], "admin_key": []}
+    with running(tmp_path, [fake_config("open-llm"), fake_config("secret-llm")], tokens=tokens) as live:
+        metrics = httpx.get(live.url + "/metrics", timeout=30)
+        assert 'model="open-llm"' in metrics.text and 'model="secret-llm"' in metrics.text
+
+
 def test_metrics_need_an_unscoped_key_when_not_public(tmp_path: Path) -> None:
     tokens = {"api_key": ["full-user-key", {"key": "scoped-user-key", "models": ["open-llm"]}], "admin_key": []}
     models = [fake_config("open-llm"), fake_config("secret-llm")]

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import Message
 
 from proxy import loading
+from proxy.api.perkey import InFlight, caller_id
 from proxy.auth import KeyRing, Principal, Role, key_from_headers
 from proxy.clock import Clock
 from proxy.config import ModelConfig, Settings
@@ -41,9 +43,27 @@ Handler = Callable[[Request], Awaitable[Response]]
 class ClientOptions:
     """Settings a client API keeps across requests: AUTOMATIC1111's selected checkpoint (POST
     /sdapi/v1/options), used by its requests that name no model. Preferences, not model state: the
-    manager still decides what loads."""
+    manager still decides what loads. An admin's choice is the shared default; a user key's applies to
+    that key only (``checkpoint_of``), so one user cannot move every other client's images."""
 
-    sd_model_checkpoint: str | None = None
+    sd_model_checkpoint: str | None = None  # the shared default (set with an admin key)
+    per_caller: OrderedDict[str, str] = field(default_factory=OrderedDict)  # caller_id -> its own choice
+
+    def checkpoint_of(self, caller: str | None) -> str | None:
+        return self.per_caller.get(caller, self.sd_model_checkpoint) if caller else self.sd_model_checkpoint
+
+    def choose(self, caller: str | None, name: str) -> None:
+        """A user key's choice (``caller``), or the shared default (None: an admin's)."""
+        if caller is None:
+            self.sd_model_checkpoint = name
+            return
+        self.per_caller.pop(caller, None)
+        self.per_caller[caller] = name
+        while len(self.per_caller) > MAX_CALLER_OPTIONS:  # tokens are many: forget the oldest choices
+            self.per_caller.popitem(last=False)
+
+
+MAX_CALLER_OPTIONS = 10_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,7 @@ class Services:
     # large bodies are parsed in a thread, this many at a time (each may take memory several times its
     # size while it is turned into Python objects)
     parses: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(PARSE_SLOTS))
+    in_flight: InFlight = field(default_factory=InFlight)  # requests per caller (limits.max_concurrent_per_key)
 
 
 PARSE_SLOTS = 2
@@ -92,7 +113,13 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
                     raise Forbidden(f"this needs {role.name.lower()} rights")
                 principal = internal
             else:
-                principal = services(request).keys.authenticate(key_from_headers(request.headers), role)
+                svc = services(request)
+                key = key_from_headers(request.headers)
+                principal = svc.keys.authenticate(key, role)
+                who = caller_id(None if svc.keys.open else key, request.client.host if request.client else None)
+                request.state.caller = who
+                if role < Role.ADMIN:  # user routes count; an admin can always watch and unload
+                    svc.in_flight.hold(request.scope, who, svc.settings.max_concurrent_per_key)
             request.state.principal = principal
             request.state.role = principal.role
             return await handler(request)
@@ -103,9 +130,22 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
     return wrap
 
 
+def public_principal(svc: Services) -> Principal:
+    """Who a request without a key is on a public view (``public_listing``, public /metrics): it sees every
+    model, unless keys scoped to some models are configured: then only the models that every scoped key
+    may see, so leaving the key out shows a scoped caller nothing more. (A JWT's scope is not known before it
+    comes: with scoped tokens, turn the public views off.)"""
+    scopes = [Principal(Role.USER, models) for _, models in svc.keys.scopes]
+    if not scopes:
+        return Principal(Role.NONE)
+    shared = (names for cfg in svc.manager.configs if all(p.allows(names := (cfg.name, *cfg.aliases)) for p in scopes))
+    return Principal(Role.NONE, frozenset(name for names in shared for name in names))
+
+
 def public_listing(enabled: Callable[[Settings], bool]) -> Callable[[Handler], Handler]:
     """A listing served without a key when ``enabled(settings)`` (Open WebUI fetches the audio listings
-    with no Authorization header at all); a request that sends a key is checked as usual (401 for a bad one)."""
+    with no Authorization header at all), of the models ``public_principal`` sees; a request that sends a
+    key is checked as usual (401 for a bad one)."""
 
     def wrap(handler: Handler) -> Handler:
         user = guarded(Role.USER)(handler)
@@ -114,7 +154,7 @@ def public_listing(enabled: Callable[[Settings], bool]) -> Callable[[Handler], H
             sent = "authorization" in request.headers or "x-api-key" in request.headers
             if sent or not enabled(services(request).settings):
                 return await user(request)
-            request.state.principal = Principal(Role.NONE)  # every model's entry, as for an unscoped key
+            request.state.principal = public_principal(services(request))
             request.state.role = Role.NONE
             return await handler(request)
 

@@ -42,10 +42,17 @@ def _image_model(request: Request, name: str) -> ModelConfig:
     return cfg
 
 
+def _chooser(request: Request) -> str | None:
+    """Whose A1111 selection a request reads and sets: a user key's own (its caller id), or the shared
+    default (None) for an admin key, which sets it for every key that has chosen none."""
+    return None if is_admin(request) else getattr(request.state, "caller", None)
+
+
 def _selected(request: Request) -> ModelConfig | None:
-    """The checkpoint A1111 clients selected (POST /sdapi/v1/options), else the first image model (of those
-    the caller may see: a scoped caller never learns of a selection outside its scope)."""
-    chosen = services(request).options.sd_model_checkpoint
+    """The checkpoint this key selected (POST /sdapi/v1/options), else the one an admin selected for every
+    key, else the first image model (of those the caller may see: a scoped caller never learns of a
+    selection outside its scope)."""
+    chosen = services(request).options.checkpoint_of(_chooser(request))
     models = _image_models(request)
     for cfg in models:
         if cfg.name == chosen:
@@ -129,13 +136,14 @@ async def sd_options(request: Request) -> Response:
 async def set_sd_options(request: Request) -> Response:
     """A1111's way to switch checkpoints (what Open WebUI does when its image model is changed): only
     `sd_model_checkpoint` means something here; other options are accepted and ignored, as A1111 answers
-    `null`. The model loads on its next request, like any other."""
+    `null`. A user key's choice is its own; an admin key's is the default for every key that made none.
+    The model loads on its next request, like any other."""
     body = await read_json(request)
     name = body.get("sd_model_checkpoint")
     if name is not None:
         if not isinstance(name, str) or not name:
             raise BadRequest("'sd_model_checkpoint' must be a model name", param="sd_model_checkpoint")
-        services(request).options.sd_model_checkpoint = _image_model(request, name).name
+        services(request).options.choose(_chooser(request), _image_model(request, name).name)
     return JSONResponse(None)
 
 

@@ -1,7 +1,7 @@
 """Watching the proxy: /metrics (Prometheus), /status/events (SSE), /status/requests, /logs/{model}.
 
-- ``GET /metrics``: the text exposition format; no key when ``server.metrics_public`` (the default),
-  else any valid key.
+- ``GET /metrics``: the text exposition format; no key when ``server.metrics_public`` (the default), then
+  naming only the models every scoped key may see (``public_principal``), else any valid unscoped key.
 - ``GET /status/events`` (admin): Server-Sent Events. The first event is ``snapshot`` (every model as
   ``/status`` shows it, the last requests, and how many watch: ``watchers``), then one event per thing
   that happens, named by its type (``state``, ``load_start``, ``load_progress``, ``load_end``, ``unload``,
@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from proxy.api.admin import _status as model_status
-from proxy.api.common import caller, every_model, guarded, services
+from proxy.api.common import caller, every_model, guarded, public_principal, services
 from proxy.auth import Role, key_from_headers
 from proxy.errors import BadRequest
 from proxy.events import Event, Feed
@@ -43,7 +43,10 @@ async def metrics(request: Request) -> Response:
         # every model's figures: a key scoped to some models may not see them (403)
         request.state.principal = svc.keys.authenticate(key_from_headers(request.headers), Role.USER)
         every_model(request)
-    return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
+    public = public_principal(svc)  # with scoped keys configured: only the models every one of them sees
+    visible = None if public.models is None else (lambda model: not model or public.allows((model,)))
+    return Response(svc.metrics.render(visible), media_type=CONTENT_TYPE)
 
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:
