@@ -15,6 +15,7 @@ by walking the exception's MRO, so a new subclass inherits its parent's status.
     │   └── ModelNotFound           404  no model by that name or alias
     ├── PayloadTooLarge             413  body over limits.max_body_bytes / max_json_bytes, audio too long
     ├── UnsupportedMediaType        415  a JSON route sent something other than JSON
+    ├── TooManyRequests             429  (with Retry-After) one key holds its share already (jobs.max_queued_per_key)
     ├── Unavailable                 503  (with Retry-After) the model cannot serve right now
     │   ├── QueueFull                    more than limits.max_queue requests are waiting
     │   ├── ModelLoadFailed              its worker failed to start (reason and log tail inside)
@@ -115,6 +116,21 @@ class UnsupportedMediaType(ProxyError):
     status = 415
     code = "unsupported_media_type"
     openai_type = "invalid_request_error"
+
+
+class TooManyRequests(ProxyError):
+    """One key holds all it may at once (its jobs waiting, ...): it may try again later (Retry-After)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    openai_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
 
 class Unavailable(ProxyError):
