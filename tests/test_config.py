@@ -35,6 +35,7 @@ def test_the_shipped_configuration_loads() -> None:
     assert model.model_path is not None and model.model_path.is_file()
     assert model.keep_alive == 600 and settings.keep_alive == 300 and settings.port == 11434
     assert settings.max_wait_for_switch == 30 and model.priority == 0  # the defaults
+    assert settings.jobs_max_queued_per_key == 100 and settings.jobs_max_bytes_per_key == 64 * 2**20
 
 
 @pytest.mark.parametrize(
@@ -50,6 +51,8 @@ def test_the_shipped_configuration_loads() -> None:
         ({"limits": {"max_image_pixels": 0}}, {}, "config.yml", "limits.max_image_pixels"),
         ({"limits": {"max_wait_for_switch": "0s"}}, {}, "config.yml", "limits.max_wait_for_switch"),
         ({"limits": {"max_wait_for_switch": "soon"}}, {}, "config.yml", "limits.max_wait_for_switch"),
+        ({"jobs": {"max_queued_per_key": 0}}, {}, "config.yml", "jobs.max_queued_per_key"),
+        ({"jobs": {"max_bytes_per_key": "lots"}}, {}, "config.yml", "jobs.max_bytes_per_key"),
         ({}, {"a.yaml": {**GOOD, "priority": "high"}}, "a.yaml", "priority"),
         ({}, {"a.yaml": {**GOOD, "colour": "red"}}, "a.yaml", "colour"),
         ({}, {"a.yaml": {**GOOD, "keep_alive": "soon"}}, "a.yaml", "keep_alive"),
