@@ -105,7 +105,10 @@ def create_app(
             parallel_of=lambda name: manager.resolve(name).parallel,
             max_queued=settings.jobs_max_queued,
             ttl=settings.jobs_ttl,
+            max_queued_per_key=settings.jobs_max_queued_per_key,
+            max_bytes_per_key=settings.jobs_max_bytes_per_key,
         )
+        discovery.on_catalog.append(queue.forget_missing)  # a reload or rescan that removes a model ends its jobs
         # TODO(manager): expose the runtime dir; it is the manager's (read here for the lock and the sweep)
         runtime_dir: Path = manager._runtime_dir
         lock = rundirs.hold(runtime_dir)

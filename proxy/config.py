@@ -144,6 +144,11 @@ class JobsSection(_Strict):
     ttl: Duration = "24h"
     # jobs waiting or running at once, over every model; more get 503 with Retry-After
     max_queued: int = 1000
+    # jobs one key may have waiting or running at once; more get 429 with Retry-After
+    max_queued_per_key: int = 100
+    # input bytes one key's jobs waiting or running may hold in all: 429 with Retry-After beyond it (413 for
+    # a job whose input alone is larger)
+    max_bytes_per_key: Size = "64MiB"
 
 
 class AuthSection(_Strict):
@@ -313,6 +318,8 @@ class Settings:
     data_dir: Path | None = None  # None: nothing kept across restarts (jobs live in memory)
     jobs_ttl: float = 86400.0
     jobs_max_queued: int = 1000
+    jobs_max_queued_per_key: int = 100
+    jobs_max_bytes_per_key: int = 64 * 1024 * 1024
     metrics_public: bool = True  # /metrics without a key
     log_dir: Path | None = None  # each model's worker output as <log_dir>/<model>.log; None: no files
     log_file_bytes: int = 10 * 1024 * 1024  # rotated past this size
@@ -594,6 +601,10 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         data_dir=rel(raw.data_dir),
         jobs_ttl=_finite(raw.jobs.ttl, file, "jobs.ttl"),
         jobs_max_queued=_positive(raw.jobs.max_queued, file, "jobs.max_queued"),
+        jobs_max_queued_per_key=_positive(raw.jobs.max_queued_per_key, file, "jobs.max_queued_per_key"),
+        jobs_max_bytes_per_key=_positive(
+            _size(raw.jobs.max_bytes_per_key, file, key := "jobs.max_bytes_per_key") or 0, file, key
+        ),
         metrics_public=raw.server.metrics_public,
         log_dir=rel(raw.server.log_dir) if raw.server.log_dir is not None else None,
         log_file_bytes=_positive(

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,8 @@ class Discovery:
         self.digests = digests
         self.found: list[ModelConfig] = []
         self._hashing: asyncio.Task[None] | None = None
+        # awaited after each rescan has replaced the manager's catalog (the jobs of removed models end)
+        self.on_catalog: list[Callable[[], Awaitable[None]]] = []
 
     def scan_now(self) -> list[ModelConfig]:
         """Blocking scan (start-up, before the manager exists): the whole catalog."""
@@ -202,6 +204,8 @@ class Discovery:
         self.found = await anyio.to_thread.run_sync(scan, self.settings, self.configured)
         manager.replace_models([*self.configured, *self.found], settings)
         self.hash_soon(manager)
+        for listener in self.on_catalog:
+            await listener()
         return [c.name for c in self.found]
 
     def hash_soon(self, manager: ModelManager) -> None:

@@ -15,7 +15,8 @@ by walking the exception's MRO, so a new subclass inherits its parent's status.
     │   └── ModelNotFound           404  no model by that name or alias
     ├── PayloadTooLarge             413  body over limits.max_body_bytes / max_json_bytes, audio too long
     ├── UnsupportedMediaType        415  a JSON route sent something other than JSON
-    ├── TooManyRequests             429  (with Retry-After) over a per-key limit (limits.max_concurrent_per_key)
+    ├── TooManyRequests             429  (with Retry-After) over a per-key limit (limits.max_concurrent_per_key,
+    │                                    jobs.max_queued_per_key, jobs.max_bytes_per_key)
     ├── Unavailable                 503  (with Retry-After) the model cannot serve right now
     │   ├── QueueFull                    more than limits.max_queue requests are waiting
     │   ├── ModelLoadFailed              its worker failed to start (reason and log tail inside)
@@ -119,7 +120,7 @@ class UnsupportedMediaType(ProxyError):
 
 
 class TooManyRequests(ProxyError):
-    """The caller is over one of its own limits (its requests in flight): others are still served."""
+    """The caller is over one of its own limits (its requests in flight, its queued jobs): others are still served."""
 
     status = 429
     code = "rate_limit_exceeded"

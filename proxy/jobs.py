@@ -7,7 +7,14 @@ a restart puts the jobs that were waiting or running back in the queue, in their
 most ``parallel`` jobs at once (the rest are ``IN_QUEUE``); each job runs through ``execute``, which the
 HTTP edge supplies (``proxy.api.jobs``: the model's usual route, called in-process, so a job takes the
 same lease, queue and lifecycle as any request). Jobs belong to their owner (a hash of the key that made
-them): anyone else gets ``NotFound``. No HTTP here.
+them): anyone else gets ``NotFound``; ``owner=None`` (an admin) sees every owner's. No HTTP here.
+
+A job's input lives on disk only: the queue holds ``Entry``s (ids, owner, size), and a job's input is read
+back when it runs, then dropped from its row when the job ends (COMPLETED, FAILED or CANCELLED: the output
+and error are kept for the ttl). Each owner may hold at most ``max_queued_per_key`` jobs and
+``max_bytes_per_key`` bytes of input waiting or running. Jobs whose model is no longer in the catalog (at
+start-up, or after a reload or rescan: ``forget_missing``) end FAILED, so a start never depends on what the
+table holds.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Any, ParamSpec, TypeVar
 import anyio.to_thread
 
 from proxy.clock import Clock
-from proxy.errors import Conflict, NotFound, QueueFull
+from proxy.errors import Conflict, ModelNotFound, NotFound, PayloadTooLarge, QueueFull, TooManyRequests
 
 log = logging.getLogger("proxy.jobs")
 
@@ -50,17 +57,19 @@ FINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 @dataclass(frozen=True)
 class Job:
+    """A job as the table has it, without its input (read only when the job runs)."""
+
     id: str
     model: str
     owner: str
     role: int  # the owner's role (proxy.auth.Role), for the call the job makes
-    input: dict[str, Any]
     status: Status
     created: float  # wall clock, seconds
     started: float | None = None
     finished: float | None = None
     output: Any = None
     error: str | None = None
+    size: int | None = None  # bytes of its stored input; None once the input is dropped (the job ended)
 
     def view(self) -> dict[str, Any]:
         """RunPod's job object: id, status, delayTime and executionTime (ms), output or error."""
@@ -77,6 +86,17 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """What the proxy holds of a job that waits or runs: never its input."""
+
+    id: str
+    model: str
+    owner: str
+    role: int
+    size: int  # bytes of its input as stored
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What a job's run gave: COMPLETED with its output, or FAILED with an error."""
 
@@ -85,8 +105,8 @@ class Outcome:
     error: str | None = None
 
 
-# (job, cancelled) -> its outcome; ``cancelled`` is set when the job is cancelled while it runs
-Execute = Callable[[Job, asyncio.Event], Awaitable[Outcome]]
+# (job, its input, cancelled) -> its outcome; ``cancelled`` is set when the job is cancelled while it runs
+Execute = Callable[[Job, dict[str, Any], asyncio.Event], Awaitable[Outcome]]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -95,7 +115,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     model TEXT NOT NULL,
     owner TEXT NOT NULL,
     role INTEGER NOT NULL,
-    input TEXT NOT NULL,
+    input TEXT,
     status TEXT NOT NULL,
     created REAL NOT NULL,
     started REAL,
@@ -106,24 +126,56 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, finished);
 """
-_COLUMNS = "id, model, owner, role, input, status, created, started, finished, output, error"
+# a table from before inputs were dropped (input NOT NULL): rebuilt with the schema above
+_REBUILD = """
+BEGIN;
+ALTER TABLE jobs RENAME TO jobs_old;
+DROP INDEX IF EXISTS jobs_status;
+{schema}
+INSERT INTO jobs (seq, id, model, owner, role, input, status, created, started, finished, output, error, retries)
+    SELECT seq, id, model, owner, role, input, status, created, started, finished, output, error, retries FROM jobs_old;
+DROP TABLE jobs_old;
+COMMIT;
+"""
+_COLUMNS = "id, model, owner, role, status, created, started, finished, output, error, length(input)"
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _job(row: tuple[Any, ...]) -> Job:
-    jid, model, owner, role, inp, status, created, started, finished, output, error = row
+    """A row as a Job; what a damaged row holds is read leniently (a job that cannot be read is FAILED)."""
+    jid, model, owner, role, status, created, started, finished, output, error, size = row
+    try:
+        state = Status(status)
+    except ValueError:
+        state, error = Status.FAILED, error or f"the job's stored status {status!r} is not one the proxy knows"
+    try:
+        out = json.loads(output) if output is not None else None
+    except ValueError:
+        out = None
     return Job(
-        id=jid,
-        model=model,
-        owner=owner,
-        role=role,
-        input=json.loads(inp),
-        status=Status(status),
-        created=created,
-        started=started,
-        finished=finished,
-        output=json.loads(output) if output is not None else None,
-        error=error,
+        id=str(jid),
+        model=str(model),
+        owner=str(owner),
+        role=role if isinstance(role, int) else 0,
+        status=state,
+        created=_number(created) or 0.0,
+        started=_number(started),
+        finished=_number(finished),
+        output=out,
+        error=None if error is None else str(error),
+        size=size if isinstance(size, int) else None,
     )
+
+
+def _entry(row: tuple[Any, ...]) -> Entry | None:
+    """A waiting job's row as an Entry; None when the row cannot make one (no input, a role that is no number)."""
+    jid, model, owner, role, size = row
+    if not isinstance(role, int) or not isinstance(size, int) or not isinstance(model, str):
+        return None
+    return Entry(id=str(jid), model=model, owner=str(owner), role=role, size=size)
 
 
 class JobStore:
@@ -139,19 +191,21 @@ class JobStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # accepted means on disk
             self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            columns = {row[1]: row for row in self._db.execute("PRAGMA table_info(jobs)")}
             if "retries" not in columns:  # a database from before /retry
                 self._db.execute("ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0")
+            if columns["input"][3]:  # input NOT NULL: a database from before inputs were dropped
+                self._db.executescript(_REBUILD.format(schema=_SCHEMA))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def add(self, job: Job) -> None:
+    def add(self, job: Job, job_input: str) -> None:
         with self._lock:
             self._db.execute(
-                f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL)",
-                (job.id, job.model, job.owner, job.role, json.dumps(job.input), job.status.value, job.created),
+                "INSERT INTO jobs (id, model, owner, role, input, status, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.model, job.owner, job.role, job_input, job.status.value, job.created),
             )
 
     def get(self, jid: str) -> Job | None:
@@ -159,39 +213,71 @@ class JobStore:
             row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (jid,)).fetchone()
         return _job(row) if row else None
 
-    def started(self, jid: str, when: float) -> None:
+    def claim(self, jid: str, when: float) -> tuple[Job, str | None] | None:
+        """A waiting job marked IN_PROGRESS, with its stored input (None: not a waiting job any more)."""
         with self._lock:
-            self._db.execute(
+            cur = self._db.execute(
                 "UPDATE jobs SET status = ?, started = ? WHERE id = ? AND status = ?",
                 (Status.IN_PROGRESS, when, jid, Status.IN_QUEUE),
             )
+            if cur.rowcount != 1:
+                return None
+            row = self._db.execute(f"SELECT {_COLUMNS}, input FROM jobs WHERE id = ?", (jid,)).fetchone()
+        return _job(row[:-1]), row[-1] if isinstance(row[-1], str) else None
 
     def finish(self, jid: str, outcome: Outcome, when: float) -> None:
+        """The job's outcome; its input is dropped (a finished job keeps its output and error for the ttl)."""
         output = json.dumps(outcome.output) if outcome.output is not None else None
         with self._lock:
             self._db.execute(
-                "UPDATE jobs SET status = ?, finished = ?, output = ?, error = ? WHERE id = ? AND finished IS NULL",
+                "UPDATE jobs SET status = ?, finished = ?, output = ?, error = ?, input = NULL "
+                "WHERE id = ? AND finished IS NULL",
                 (outcome.status.value, when, output, outcome.error, jid),
             )
 
     def requeue(self, jid: str) -> bool:
-        """A failed job back in the queue, as it was submitted (its output, error and times cleared)."""
+        """A failed job whose input is still kept (a database from before inputs were dropped) back in the
+        queue, as it was submitted (its output, error and times cleared)."""
         with self._lock:
             cur = self._db.execute(
                 "UPDATE jobs SET status = ?, started = NULL, finished = NULL, output = NULL, error = NULL, "
-                "retries = retries + 1 WHERE id = ? AND status = ?",
+                "retries = retries + 1 WHERE id = ? AND status = ? AND input IS NOT NULL",
                 (Status.IN_QUEUE, jid, Status.FAILED),
             )
         return cur.rowcount == 1
 
-    def unfinished(self) -> list[Job]:
-        """Jobs that were waiting or running when the proxy stopped, back in the queue, in their order."""
+    def unfinished(self) -> tuple[list[Entry], list[str]]:
+        """Jobs that were waiting or running when the proxy stopped, back in the queue, in their order (no
+        input read); and the ids of those whose rows cannot make a job (to end FAILED)."""
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET status = ?, started = NULL WHERE status = ?", (Status.IN_QUEUE, Status.IN_PROGRESS)
             )
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE status = ? ORDER BY seq", (Status.IN_QUEUE,)
+                "SELECT id, model, owner, role, length(input) FROM jobs WHERE status = ? ORDER BY seq",
+                (Status.IN_QUEUE,),
+            ).fetchall()
+        entries: list[Entry] = []
+        broken: list[str] = []
+        for row in rows:
+            entry = _entry(row)
+            if entry is None:
+                broken.append(str(row[0]))
+            else:
+                entries.append(entry)
+        return entries, broken
+
+    def listing(self, owner: str | None, model: str | None, status: Status | None, limit: int) -> list[Job]:
+        """Jobs, newest first: an owner's (None: every owner's), of a model, in a status (None: any)."""
+        where, args = [], []
+        for column, value in (("owner", owner), ("model", model), ("status", status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(str(value))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?", (*args, limit)
             ).fetchall()
         return [_job(r) for r in rows]
 
@@ -213,6 +299,13 @@ class JobStore:
         return {**{status: n for status, n in rows}, "retried": retried}
 
 
+def _parse(text: str | None) -> dict[str, Any]:
+    job_input = json.loads(text) if text is not None else None
+    if not isinstance(job_input, dict):
+        raise ValueError("not a JSON object")
+    return job_input
+
+
 class Jobs:
     """The queue: accepts, runs (``parallel`` at a time per model), cancels and reports jobs."""
 
@@ -222,18 +315,23 @@ class Jobs:
         execute: Execute,
         clock: Clock,
         *,
-        parallel_of: Callable[[str], int],
+        parallel_of: Callable[[str], int],  # ModelNotFound: the model is no longer in the catalog
         max_queued: int,
         ttl: float,
+        max_queued_per_key: int = 100,
+        max_bytes_per_key: int = 64 * 1024 * 1024,
     ) -> None:
         self._store = store
         self._execute = execute
         self._clock = clock
         self._parallel_of = parallel_of
         self._max_queued = max_queued
+        self._max_per_key = max_queued_per_key
+        self._max_bytes_per_key = max_bytes_per_key
         self._ttl = ttl
-        self._queues: dict[str, collections.deque[Job]] = collections.defaultdict(collections.deque)
+        self._queues: dict[str, collections.deque[Entry]] = collections.defaultdict(collections.deque)
         self._running: dict[str, dict[str, asyncio.Event]] = collections.defaultdict(dict)  # model -> id -> cancel
+        self._live: dict[str, Entry] = {}  # every job waiting or running, by id (the per-key counts)
         self._tasks: set[asyncio.Task[None]] = set()
         self._done: dict[str, asyncio.Event] = {}  # id -> set when the job is final (for runsync)
         self._closing = False
@@ -241,15 +339,29 @@ class Jobs:
     async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # -- life --------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Purge expired jobs, put unfinished ones back in the queue and start them."""
+        """Purge expired jobs, put unfinished ones back in the queue and start them; those whose model is
+        gone, or whose rows cannot be read, end FAILED."""
         await self._db(self._store.purge, self._clock.time() - self._ttl)
-        jobs = await self._db(self._store.unfinished)
-        if jobs:
-            log.info("jobs: %d unfinished jobs back in the queue", len(jobs))
-        for job in jobs:
-            self._queues[job.model].append(job)
+        entries, broken = await self._db(self._store.unfinished)
+        if entries:
+            log.info("jobs: %d unfinished jobs back in the queue", len(entries))
+        for jid in broken:
+            log.warning("job %s: its stored row cannot be read; it ends FAILED", jid)
+            await self._end(jid, Outcome(Status.FAILED, error="the job's stored row could not be read"))
+        for entry in entries:
+            self._live[entry.id] = entry
+            self._queues[entry.model].append(entry)
+        await self.forget_missing()
         for model in list(self._queues):
             self._kick(model)
 
@@ -261,15 +373,57 @@ class Jobs:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._db(self._store.close)
 
+    async def forget_missing(self) -> None:
+        """End FAILED the waiting jobs of models that are no longer in the catalog (a start, a reload, a
+        rescan); a running one finishes as its request does."""
+        for model, queue in list(self._queues.items()):
+            if queue and self._parallel(model) is None:
+                await self._fail_queue(model, f"model '{model}' is no longer configured")
+
+    async def _fail_queue(self, model: str, error: str) -> None:
+        queue = self._queues.pop(model, collections.deque())
+        if queue:
+            log.warning("jobs for %s: %d waiting jobs end FAILED: %s", model, len(queue), error)
+        for entry in queue:
+            await self._end(entry.id, Outcome(Status.FAILED, error=error))
+
+    async def _end(self, jid: str, outcome: Outcome) -> None:
+        """Record a job's outcome (its input dropped) and let go of it."""
+        await self._db(self._store.finish, jid, outcome, self._clock.time())
+        self._live.pop(jid, None)
+        self._final(jid)
+
     # -- the queue ---------------------------------------------------------------------------
     @property
     def pending(self) -> int:
-        return sum(len(q) for q in self._queues.values()) + sum(len(r) for r in self._running.values())
+        return len(self._live)
 
-    def _check_room(self) -> None:
-        """503 with Retry-After past ``jobs.max_queued`` jobs waiting or running."""
+    def check_room(self, owner: str, size: int) -> None:
+        """Room for one more job of ``size`` input bytes from ``owner``: 503 past ``jobs.max_queued`` jobs
+        waiting or running in all; 429 past the owner's ``max_queued_per_key`` jobs or
+        ``max_bytes_per_key`` bytes (both with Retry-After); 413 for an input that alone is over the latter."""
+        if size > self._max_bytes_per_key:
+            raise PayloadTooLarge(
+                f"the job's input is {size} bytes; a key may have at most {self._max_bytes_per_key} bytes of "
+                "input waiting or running (jobs.max_bytes_per_key)",
+                param="input",
+            )
         if self.pending >= self._max_queued:
             raise QueueFull(f"{self.pending} jobs are already waiting or running; try again later", retry_after=5)
+        mine = [e for e in self._live.values() if e.owner == owner]
+        if len(mine) >= self._max_per_key:
+            raise TooManyRequests(
+                f"this key has {len(mine)} jobs waiting or running, its limit (jobs.max_queued_per_key); "
+                "try again when some have finished",
+                retry_after=5,
+            )
+        held = sum(e.size for e in mine)
+        if held + size > self._max_bytes_per_key:
+            raise TooManyRequests(
+                f"this key's jobs waiting or running hold {held} bytes of input; {size} more would pass its "
+                f"limit of {self._max_bytes_per_key} (jobs.max_bytes_per_key); try again when some have finished",
+                retry_after=5,
+            )
 
     def counts(self, model: str) -> tuple[int, int]:
         """(waiting, running) jobs for a model."""
@@ -278,54 +432,85 @@ class Jobs:
     async def finished_counts(self, model: str) -> dict[str, int]:
         return await self._db(self._store.finished_counts, model)
 
-    async def submit(self, model: str, owner: str, role: int, job_input: dict[str, Any]) -> Job:
-        """Accept a job (on disk before this returns); 503 past ``jobs.max_queued``."""
-        self._check_room()
+    async def submit(self, model: str, owner: str, role: int, text: str) -> Job:
+        """Accept a job whose input is ``text`` (a JSON object), on disk before this returns; 503 past
+        ``jobs.max_queued``, 429 or 413 past the owner's limits. Only the job's id and size stay in memory."""
+        size = len(text.encode())
+        self.check_room(owner, size)
         job = Job(
             id=str(uuid.uuid4()),
             model=model,
             owner=owner,
             role=role,
-            input=job_input,
             status=Status.IN_QUEUE,
             created=self._clock.time(),
+            size=size,
         )
-        await self._db(self._store.add, job)
-        self._queues[model].append(job)
+        entry = Entry(job.id, model, owner, role, size)
+        self._live[job.id] = entry  # counted from now: a submit at the same time sees it
+        try:
+            await self._db(self._store.add, job, text)
+        except BaseException:
+            self._live.pop(job.id, None)
+            raise
+        self._queues[model].append(entry)
         self._kick(model)
         return job
+
+    def _parallel(self, model: str) -> int | None:
+        """How many jobs the model runs at once; None when it is no longer in the catalog."""
+        try:
+            return max(1, self._parallel_of(model))
+        except ModelNotFound:
+            return None
 
     def _kick(self, model: str) -> None:
         if self._closing:
             return
         queue, running = self._queues[model], self._running[model]
-        while queue and len(running) < max(1, self._parallel_of(model)):
-            job = queue.popleft()
-            running[job.id] = asyncio.Event()
-            task = asyncio.create_task(self._run(job, running[job.id]))
+        if not queue:
+            return
+        parallel = self._parallel(model)
+        if parallel is None:
+            self._spawn(self._fail_queue(model, f"model '{model}' is no longer configured"))
+            return
+        while queue and len(running) < parallel:
+            entry = queue.popleft()
+            running[entry.id] = asyncio.Event()
+            task = asyncio.create_task(self._run(entry, running[entry.id]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, job: Job, cancelled: asyncio.Event) -> None:
+    async def _run(self, entry: Entry, cancelled: asyncio.Event) -> None:
         try:
-            await self._db(self._store.started, job.id, self._clock.time())
-            if cancelled.is_set():
+            claimed = await self._db(self._store.claim, entry.id, self._clock.time())
+            if claimed is None or cancelled.is_set():
                 return
+            job, text = claimed
+            del claimed
             try:
-                outcome = await self._execute(job, cancelled)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the job fails; the queue goes on
-                log.exception("job %s (%s) failed", job.id, job.model)
-                outcome = Outcome(Status.FAILED, error=f"{type(exc).__name__}: {exc}")
+                job_input = await anyio.to_thread.run_sync(_parse, text)
+            except ValueError:
+                outcome = Outcome(Status.FAILED, error="the job's stored input could not be read")
+            else:
+                del text
+                try:
+                    outcome = await self._execute(job, job_input, cancelled)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the job fails; the queue goes on
+                    log.exception("job %s (%s) failed", job.id, job.model)
+                    outcome = Outcome(Status.FAILED, error=f"{type(exc).__name__}: {exc}")
+                del job_input
             if cancelled.is_set():
                 return  # cancel recorded it
-            await self._db(self._store.finish, job.id, outcome, self._clock.time())
-            self._final(job.id)
+            await self._end(job.id, outcome)
             await self._db(self._store.purge, self._clock.time() - self._ttl)
         finally:
-            self._running[job.model].pop(job.id, None)
-            self._kick(job.model)
+            self._running[entry.model].pop(entry.id, None)
+            if not self._closing:
+                self._live.pop(entry.id, None)
+            self._kick(entry.model)
 
     def _final(self, jid: str) -> None:
         event = self._done.pop(jid, None)
@@ -333,12 +518,23 @@ class Jobs:
             event.set()
 
     # -- a client's view ---------------------------------------------------------------------
-    async def get(self, jid: str, owner: str, model: str | None = None) -> Job:
+    async def get(self, jid: str, owner: str | None, model: str | None = None) -> Job:
+        """A job of ``owner``'s (None: anyone's, for an admin) that has not expired; else NotFound."""
         job = await self._db(self._store.get, jid)
         expired = job is not None and job.finished is not None and job.finished < self._clock.time() - self._ttl
-        if job is None or expired or job.owner != owner or (model is not None and job.model != model):
+        if job is None or expired or (owner is not None and job.owner != owner):
+            raise NotFound(f"no job '{jid}'")
+        if model is not None and job.model != model:
             raise NotFound(f"no job '{jid}'")
         return job
+
+    async def listing(
+        self, owner: str | None, model: str | None = None, status: Status | None = None, limit: int = 100
+    ) -> list[Job]:
+        """Jobs, newest first, that have not expired: ``owner``'s (None: every owner's)."""
+        horizon = self._clock.time() - self._ttl
+        jobs = await self._db(self._store.listing, owner, model, status, limit)
+        return [j for j in jobs if j.finished is None or j.finished >= horizon]
 
     async def wait(self, jid: str, timeout: float) -> None:
         """Until the job is final or ``timeout`` seconds pass."""
@@ -350,37 +546,42 @@ class Jobs:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
-    async def retry(self, jid: str, owner: str, model: str) -> Job:
-        """A FAILED job back in the queue with the same id and input (RunPod's /retry); 409 for any other."""
+    async def retry(self, jid: str, owner: str | None, model: str) -> Job:
+        """A FAILED job back in the queue with the same id and input (RunPod's /retry); 409 for any other,
+        and for one whose input was dropped when it ended."""
         job = await self.get(jid, owner, model)
         if job.status is not Status.FAILED:
             raise Conflict(f"job '{jid}' is {job.status.value}: only a FAILED job can be retried")
-        self._check_room()
+        if job.size is None:
+            raise Conflict(
+                f"job '{jid}' ended: a job's input is not kept once it ends, so it cannot be retried; submit it again"
+            )
+        self.check_room(job.owner, job.size)
         if not await self._db(self._store.requeue, jid):  # retried twice at once: the other one won
             raise Conflict(f"job '{jid}' is already back in the queue")
-        job = await self.get(jid, owner, model)
-        self._queues[model].append(job)
+        entry = Entry(job.id, job.model, job.owner, job.role, job.size)
+        self._live[jid] = entry
+        self._queues[model].append(entry)
         self._kick(model)
         log.info("job %s (%s): retried", jid, model)
-        return job
+        return await self.get(jid, owner, model)
 
-    async def purge_queue(self, owner: str, model: str) -> int:
-        """Cancel this owner's jobs that wait for ``model`` (RunPod's /purge-queue); running ones go on."""
+    async def purge_queue(self, owner: str | None, model: str) -> int:
+        """Cancel ``owner``'s jobs (None: everyone's) that wait for ``model`` (RunPod's /purge-queue);
+        running ones go on."""
         queue = self._queues.get(model)
         if not queue:
             return 0
-        mine = [job for job in queue if job.owner == owner]
-        for job in mine:
-            queue.remove(job)
-        when = self._clock.time()
-        for job in mine:
-            await self._db(self._store.finish, job.id, Outcome(Status.CANCELLED), when)
-            self._final(job.id)
-        if mine:
-            log.info("jobs for %s: %d waiting jobs purged", model, len(mine))
-        return len(mine)
+        chosen = [entry for entry in queue if owner is None or entry.owner == owner]
+        for entry in chosen:
+            queue.remove(entry)
+        for entry in chosen:
+            await self._end(entry.id, Outcome(Status.CANCELLED))
+        if chosen:
+            log.info("jobs for %s: %d waiting jobs purged", model, len(chosen))
+        return len(chosen)
 
-    async def cancel(self, jid: str, owner: str, model: str | None = None) -> Job:
+    async def cancel(self, jid: str, owner: str | None, model: str | None = None) -> Job:
         """Cancel a waiting or running job (a running one's request is abandoned, as by a client that
         went away); a finished job stays as it is."""
         job = await self.get(jid, owner, model)
@@ -394,7 +595,6 @@ class Jobs:
         running = self._running.get(job.model, {}).get(jid)
         if running is not None:
             running.set()
-        await self._db(self._store.finish, jid, Outcome(Status.CANCELLED), self._clock.time())
-        self._final(jid)
+        await self._end(jid, Outcome(Status.CANCELLED))
         log.info("job %s (%s): cancelled", jid, job.model)
         return await self.get(jid, owner)

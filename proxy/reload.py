@@ -52,6 +52,8 @@ RESTART_ONLY = (
     "data_dir",
     "jobs_ttl",
     "jobs_max_queued",
+    "jobs_max_queued_per_key",
+    "jobs_max_bytes_per_key",
     "log_dir",
     "log_file_bytes",
     "log_level",

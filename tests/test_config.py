@@ -35,6 +35,7 @@ def test_the_shipped_configuration_loads() -> None:
     assert model.model_path is not None and model.model_path.is_file()
     assert model.keep_alive == 600 and settings.keep_alive == 300 and settings.port == 11434
     assert settings.max_wait_for_switch == 30 and model.priority == 0  # the defaults
+    assert settings.jobs_max_queued_per_key == 100 and settings.jobs_max_bytes_per_key == 64 * 2**20
 
 
 @pytest.mark.parametrize(
@@ -53,6 +54,8 @@ def test_the_shipped_configuration_loads() -> None:
         ({"limits": {"max_concurrent_per_key": -1}}, {}, "config.yml", "limits.max_concurrent_per_key"),
         ({"server": {"max_connections": -1}}, {}, "config.yml", "server.max_connections"),
         ({"server": {"header_timeout": "soon"}}, {}, "config.yml", "server.header_timeout"),
+        ({"jobs": {"max_queued_per_key": 0}}, {}, "config.yml", "jobs.max_queued_per_key"),
+        ({"jobs": {"max_bytes_per_key": "lots"}}, {}, "config.yml", "jobs.max_bytes_per_key"),
         ({}, {"a.yaml": {**GOOD, "priority": "high"}}, "a.yaml", "priority"),
         ({}, {"a.yaml": {**GOOD, "colour": "red"}}, "a.yaml", "colour"),
         ({}, {"a.yaml": {**GOOD, "keep_alive": "soon"}}, "a.yaml", "keep_alive"),

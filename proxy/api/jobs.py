@@ -6,7 +6,12 @@ chat (``messages``) or completion (``prompt``) for an LLM, ``/v1/embeddings`` fo
 ``/txt2img`` (``/img2img`` with an ``init_image``) for an image model, ``/v1/audio/speech`` for a voice
 (the audio in base64), and base64 ``audio`` plus the form fields of ``/v1/audio/transcriptions`` for
 Whisper. The job runs that route in-process (``run_route``): the same validation, lease, queue and
-lifecycle as a request from a client, with the owner's role.
+lifecycle as a request from a client, with the owner's role. At submit the route runs once more up to the
+lease it would take (``validate``: a dry run whose manager stops it there), so a request the route refuses
+is refused at submit, in its own status, and never stored.
+
+Admin keys see every key's jobs: ``GET /v2/jobs`` lists them (``?owner=`` the sha256 of a key), and
+status, cancel, retry and purge-queue reach any key's; a user key sees only its own (404 for others').
 """
 
 from __future__ import annotations
@@ -14,22 +19,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import uuid
-from typing import Any
+from typing import Any, NoReturn, cast
 
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
-from proxy.api.common import INTERNAL_PRINCIPAL, caller, guarded, limits, read_json, role_of, services
+from proxy.api.common import INTERNAL_PRINCIPAL, Services, caller, guarded, read_json, role_of, services
 from proxy.auth import Principal, Role, key_from_headers
 from proxy.config import ModelConfig
-from proxy.dialects.gate import check_chat, check_embeddings
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, Forbidden
 from proxy.jobs import FINAL, Job, Jobs, Outcome, Status
+from proxy.manager import ModelManager
 
 RUNSYNC_WAIT_MS = 90_000  # RunPod's default ?wait, and its bounds
 RUNSYNC_WAIT_RANGE = (1_000, 300_000)
@@ -46,6 +55,11 @@ def owner_of(request: Request) -> str:
         return ""
     key = key_from_headers(request.headers) or ""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def viewer_of(request: Request) -> str | None:
+    """Whose jobs a request may see and act on: its own (``owner_of``); None (every key's) for an admin."""
+    return None if role_of(request) >= Role.ADMIN else owner_of(request)
 
 
 # -- running a job: the model's usual route, in-process --------------------------------------------
@@ -98,12 +112,8 @@ def route_for(cfg: ModelConfig, job_input: dict[str, Any]) -> tuple[str, bytes, 
     return "/v1/audio/transcriptions", body, content_type
 
 
-async def run_route(
-    app: ASGIApp, path: str, body: bytes, content_type: str, principal: Principal, cancelled: asyncio.Event
-) -> tuple[int, str, bytes]:
-    """POST ``body`` to one of the app's own routes, as ``principal`` would; ``cancelled``
-    acts as that client going away. (status, content type, body)."""
-    scope: dict[str, Any] = {
+def _scope(path: str, content_type: str, principal: Principal) -> dict[str, Any]:
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -118,6 +128,14 @@ async def run_route(
         "server": ("127.0.0.1", 0),
         INTERNAL_PRINCIPAL: principal,
     }
+
+
+async def run_route(
+    app: ASGIApp, path: str, body: bytes, content_type: str, principal: Principal, cancelled: asyncio.Event
+) -> tuple[int, str, bytes]:
+    """POST ``body`` to one of the app's own routes, as ``principal`` would; ``cancelled``
+    acts as that client going away. (status, content type, body)."""
+    scope = _scope(path, content_type, principal)
     sent = False
 
     async def receive() -> Message:
@@ -145,6 +163,72 @@ async def run_route(
     return status, media, b"".join(chunks)
 
 
+class _Validated(Exception):
+    """A dry run reached the lease: the route found nothing to refuse."""
+
+
+class _DryRunManager:
+    """The manager as a dry run's route sees it: everything as it is, but taking a lease stops the run."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self._manager = manager
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._manager, name)
+
+    async def acquire(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise _Validated
+
+
+async def validate(app: Starlette, path: str, body: bytes, content_type: str, principal: Principal) -> None:
+    """Run the route as ``run_route`` would, up to the lease it would take, and raise what it refuses with
+    (its own ProxyError: 400, 404, 413, ...): every check the proxy makes before a worker is involved. The
+    route runs on the app's router, without the middleware (no request events) and without the exception
+    handlers (its errors come out as exceptions), with a copy of the app's state whose manager stops at
+    ``acquire``."""
+    svc = services_of(app)
+    dry = dataclasses.replace(svc, manager=cast(ModelManager, _DryRunManager(svc.manager)))
+    shim = _DryRunApp(State({**app.state._state, "services": dry}))
+    scope = _scope(path, content_type, principal)
+    scope["app"] = shim
+    sent = False
+    status = 200
+    chunks: list[bytes] = []
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    try:
+        await app.router(scope, receive, send)
+    except _Validated:
+        return
+    if status >= 400:  # answered without raising (no route for it: cannot happen for route_for's paths)
+        raise BadRequest(f"the job's request is refused by {path}: {status} {_error_message(b''.join(chunks))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _DryRunApp:
+    """What a route reads of ``request.app`` in a dry run: its state."""
+
+    state: State
+
+
+def services_of(app: Starlette) -> Services:
+    svc: Services = app.state.services
+    return svc
+
+
 def _error_message(data: bytes) -> str:
     try:
         body = json.loads(data)
@@ -170,10 +254,10 @@ def outcome_of(status: int, media: str, data: bytes) -> Outcome:
 def executor(app: ASGIApp, resolve: Any) -> Any:
     """The ``Execute`` that ``proxy.jobs.Jobs`` runs each job with."""
 
-    async def execute(job: Job, cancelled: asyncio.Event) -> Outcome:
+    async def execute(job: Job, job_input: dict[str, Any], cancelled: asyncio.Event) -> Outcome:
         try:
             cfg: ModelConfig = resolve(job.model)
-            path, body, content_type = route_for(cfg, job.input)
+            path, body, content_type = route_for(cfg, job_input)
         except Exception as exc:  # noqa: BLE001 - the model is gone, or the input cannot make a request
             message = getattr(exc, "message", str(exc))
             return Outcome(Status.FAILED, error=message)
@@ -195,22 +279,19 @@ async def _input(request: Request) -> dict[str, Any]:
     return job_input
 
 
-def _gate(request: Request, cfg: ModelConfig, path: str, job_input: dict[str, Any]) -> None:
-    """The checks of the gate the job's route passes (``proxy.dialects.gate``), at submit: a chat, a
-    completion or embeddings the route would refuse is a 400 now, not a failed job later."""
-    if path in ("/v1/chat/completions", "/v1/completions"):
-        request_body = {**job_input, "model": cfg.name, "stream": False}  # as route_for sends it
-        check_chat(request_body, cfg, limits(request), completion=path == "/v1/completions")
-    elif path == "/v1/embeddings":
-        check_embeddings(job_input.get("input"), limits(request))
-
-
 async def _submit(request: Request) -> Job:
     cfg = caller(request).resolve(request.path_params["model"])  # a scoped key's other models are 404
     job_input = await _input(request)
-    path, _, _ = route_for(cfg, job_input)  # refuse now what cannot make a request (400), not fail the job later
-    _gate(request, cfg, path, job_input)
-    return await jobs_of(request).submit(cfg.name, owner_of(request), int(role_of(request)), job_input)
+    path, body, content_type = route_for(cfg, job_input)
+    text = await anyio.to_thread.run_sync(json.dumps, job_input)  # what is stored: the proxy keeps no copy
+    del job_input  # before the dry run parses the route's body: one parsed copy at a time
+    jobs, owner = jobs_of(request), owner_of(request)
+    jobs.check_room(owner, len(text))
+    # refuse now what the route would refuse (400, 403, 404, 413, ...), rather than store a job that fails later
+    principal = Principal(role_of(request), frozenset({cfg.name}))
+    await validate(request.app, path, body, content_type, principal)
+    del body
+    return await jobs.submit(cfg.name, owner, int(role_of(request)), text)
 
 
 @guarded(Role.USER)
@@ -248,27 +329,28 @@ def _model_name(request: Request) -> str:
 
 @guarded(Role.USER)
 async def status(request: Request) -> Response:
-    job = await jobs_of(request).get(request.path_params["job_id"], owner_of(request), _model_name(request))
+    job = await jobs_of(request).get(request.path_params["job_id"], viewer_of(request), _model_name(request))
     return JSONResponse(job.view())
 
 
 @guarded(Role.USER)
 async def cancel(request: Request) -> Response:
-    job = await jobs_of(request).cancel(request.path_params["job_id"], owner_of(request), _model_name(request))
+    job = await jobs_of(request).cancel(request.path_params["job_id"], viewer_of(request), _model_name(request))
     return JSONResponse({"id": job.id, "status": job.status.value})
 
 
 @guarded(Role.USER)
 async def retry(request: Request) -> Response:
     """RunPod's /retry: a FAILED job back in the queue, same id and input (409 for a job in another state)."""
-    job = await jobs_of(request).retry(request.path_params["job_id"], owner_of(request), _model_name(request))
+    job = await jobs_of(request).retry(request.path_params["job_id"], viewer_of(request), _model_name(request))
     return JSONResponse({"id": job.id, "status": job.status.value})
 
 
 @guarded(Role.USER)
 async def purge_queue(request: Request) -> Response:
-    """RunPod's /purge-queue: the caller's jobs waiting for this model are cancelled; running ones go on."""
-    removed = await jobs_of(request).purge_queue(owner_of(request), _model_name(request))
+    """RunPod's /purge-queue: the caller's jobs waiting for this model are cancelled; running ones go on. An
+    admin's purges every key's (``?owner=``: one key's)."""
+    removed = await jobs_of(request).purge_queue(_owner_param(request), _model_name(request))
     return JSONResponse({"removed": removed, "status": "completed"})
 
 
@@ -297,7 +379,49 @@ async def health(request: Request) -> Response:
     )
 
 
+def _owner_param(request: Request) -> str | None:
+    """The owner a request names with ``?owner=`` (an admin's only: a user key's own jobs are all it sees)."""
+    owner = request.query_params.get("owner")
+    viewer = viewer_of(request)
+    if viewer is None:
+        return owner or None
+    if owner is not None and owner != viewer:
+        raise Forbidden("another key's jobs need an admin key", param="owner")
+    return viewer
+
+
+LIST_LIMIT = (100, 1000)  # GET /v2/jobs: the default and the most jobs one listing answers
+
+
+@guarded(Role.USER)
+async def listing(request: Request) -> Response:
+    """The caller's jobs (an admin's: every key's, or ``?owner=``'s), newest first, those not expired:
+    ``?model=``, ``?status=`` and ``?limit=`` narrow it."""
+    owner = _owner_param(request)
+    model = request.query_params.get("model")
+    name = caller(request).resolve(model).name if model is not None else None
+    raw_status = request.query_params.get("status")
+    try:
+        wanted = Status(raw_status) if raw_status is not None else None
+    except ValueError:
+        known = ", ".join(s.value for s in Status)
+        raise BadRequest(f"'status' must be one of {known}", param="status") from None
+    raw_limit = request.query_params.get("limit", str(LIST_LIMIT[0]))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT[1]:
+        raise BadRequest(f"'limit' must be a number from 1 to {LIST_LIMIT[1]}", param="limit")
+    principal: Principal = request.state.principal
+    admin = role_of(request) >= Role.ADMIN
+    found = await jobs_of(request).listing(owner, name, wanted, int(raw_limit))
+    shown = [
+        {**job.view(), "model": job.model, "created": job.created, **({"owner": job.owner} if admin else {})}
+        for job in found
+        if principal.allows((job.model,))  # a scoped key sees nothing of the models outside its scope
+    ]
+    return JSONResponse({"jobs": shown})
+
+
 routes = [
+    Route("/v2/jobs", listing, methods=["GET"]),
     Route("/v2/{model:path}/run", run, methods=["POST"]),
     Route("/v2/{model:path}/runsync", runsync, methods=["POST"]),
     Route("/v2/{model:path}/status/{job_id}", status, methods=["GET", "POST"]),

@@ -54,6 +54,12 @@ def _op(method: str, path: str, summary: str, tag: str, **kw: Any) -> Op:
     return Op(method, path, summary, tag, **kw)
 
 
+_JOB_REFUSALS = {
+    404: "no such model",
+    413: "the job's input alone is over jobs.max_bytes_per_key",
+    429: "the key has jobs.max_queued_per_key jobs or max_bytes_per_key bytes waiting or running (Retry-After)",
+    503: "jobs.max_queued jobs are waiting or running (Retry-After)",
+}
 _KEEP = ("keep_alive", "string", "keep the model loaded this long after the load (a duration or seconds)")
 
 OPERATIONS: tuple[Op, ...] = (
@@ -133,10 +139,15 @@ OPERATIONS: tuple[Op, ...] = (
     _op("GET", "/v1", "The API's name, version and links", "Proxy", access="public"),
     _op("GET", "/v1/health", "Health with model counts", "Proxy", access="public"),
     # jobs (RunPod's shape)
+    _op("GET", "/v2/jobs", "The caller's jobs (an admin's: every key's)", "Jobs", ok=t.JobList,
+        query=(("owner", "string", "admin only: one key's jobs (the sha256 of the key, in hex)"),
+               ("model", "string", "one model's jobs"), ("status", "string", "jobs in this status"),
+               ("limit", "integer", "at most this many, newest first (1-1000, default 100)")),
+        extra={403: "owner names another key's jobs (a user key)", 404: "no such model"}),
     _op("POST", "/v2/{model:path}/run", "Queue a job", "Jobs", body=t.JobRequest, ok=t.Job,
-        extra={404: "no such model"}),
+        extra=_JOB_REFUSALS),
     _op("POST", "/v2/{model:path}/runsync", "Run a job, waiting up to ?wait ms", "Jobs", body=t.JobRequest,
-        ok=t.Job, query=(("wait", "integer", "milliseconds to wait"),), extra={404: "no such model"}),
+        ok=t.Job, query=(("wait", "integer", "milliseconds to wait"),), extra=_JOB_REFUSALS),
     _op("GET", "/v2/{model:path}/status/{job_id}", "A job's status and output", "Jobs", ok=t.Job,
         extra={404: "no such model or job"}),
     _op("POST", "/v2/{model:path}/status/{job_id}", "A job's status and output", "Jobs", ok=t.Job,
@@ -145,7 +156,8 @@ OPERATIONS: tuple[Op, ...] = (
         extra={404: "no such model or job"}),
     _op("POST", "/v2/{model:path}/retry/{job_id}", "Put a failed job back in the queue", "Jobs", ok=t.Job,
         extra={404: "no such model or job", 409: "the job did not fail"}),
-    _op("POST", "/v2/{model:path}/purge-queue", "Cancel the caller's waiting jobs", "Jobs", ok=t.PurgedQueue,
+    _op("POST", "/v2/{model:path}/purge-queue", "Cancel the caller's waiting jobs (an admin's: every key's)",
+        "Jobs", ok=t.PurgedQueue, query=(("owner", "string", "admin only: one key's jobs"),),
         extra={404: "no such model"}),
     _op("GET", "/v2/{model:path}/health", "Job counts of a model", "Jobs", extra={404: "no such model"}),
     # the proxy's own

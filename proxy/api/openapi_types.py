@@ -385,6 +385,16 @@ class Job(TypedDict):
     error: NotRequired[str]
 
 
+class ListedJob(Job):
+    model: str
+    created: float  # seconds since the epoch
+    owner: NotRequired[str]  # admins only: the sha256 of the key that made it
+
+
+class JobList(TypedDict):
+    jobs: list[ListedJob]
+
+
 class PurgedQueue(TypedDict):
     removed: int
     status: Literal["completed"]
@@ -467,6 +477,7 @@ COMPONENTS: tuple[type, ...] = (
     InferRequest,
     JobRequest,
     Job,
+    JobList,
     PurgedQueue,
     Status,
     Loaded,
