@@ -58,8 +58,8 @@ def scripted_answer(script: dict[str, Any], body: dict[str, Any]) -> dict[str, A
     """What a scripted model answers (``--script``: a JSON object ``{"calls": {tool name: arguments}, "secret":
     text, "answer": text}``): a request that offers one of the tools named in ``calls`` and has no tool result
     holding ``secret`` yet gets a call of the first such tool; once a tool result holds ``secret``, the answer
-    is ``answer``; a result without it, or a request that offers none of the tools (an agent's side request:
-    a title, a summary), gets a text saying so. Returns the assistant's message."""
+    is ``answer``; after a call whose result does not hold it, a text saying so; a request that offers none of
+    the tools (an agent's side request: a title, a summary) gets "ok". Returns the assistant's message."""
     offered = [
         t["function"]["name"]
         for t in body.get("tools") or []
@@ -68,7 +68,10 @@ def scripted_answer(script: dict[str, Any], body: dict[str, Any]) -> dict[str, A
     results = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "tool"]
     if any(script["secret"] in json.dumps(m.get("content")) for m in results):
         return {"role": "assistant", "content": script["answer"]}
-    if results:
+    called = any(
+        isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls") for m in body.get("messages") or []
+    )
+    if results or called:  # one call only: a result that did not come back ends the turn, not a loop of calls
         return {"role": "assistant", "content": "the tool's result did not hold the secret"}
     for name, arguments in script["calls"].items():
         if name in offered:

@@ -33,7 +33,7 @@ SECRET = "violet-kumquat-4711"
 ANSWER = f"The file says {SECRET}."
 MakeProxy = Callable[..., LiveProxy]
 SLOW = {"worker_idle_timeout": "20m"}  # a 12k-token prefill on a busy shared CPU sends nothing for minutes
-TIMEOUT = 600  # Claude Code's 12k-token prompt on SmolLM2 takes ~30 s on 2 free cores; the shared CPU is slower
+TIMEOUT = 1800  # Claude Code's 12k-token prompt on SmolLM2 takes ~30 s on 2 free cores, minutes on a busy one
 
 
 def _agent(name: str) -> Path:
@@ -42,18 +42,20 @@ def _agent(name: str) -> Path:
     return path
 
 
-def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def _run(proxy: LiveProxy, cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     base = {k: os.environ[k] for k in ("PATH", "LANG", "TMPDIR") if k in os.environ}
-    done = subprocess.run(
-        cmd,
-        env={**base, **env},
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,  # codex exec reads a prompt from stdin otherwise
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    return done
+    try:
+        return subprocess.run(
+            cmd,
+            env={**base, **env},
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,  # codex exec reads a prompt from stdin otherwise
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{cmd[0]} did not finish in {TIMEOUT}s; the proxy's log:\n{proxy.log()[-4000:]}") from exc
 
 
 def claude(proxy: LiveProxy, model: str, prompt: str, home: Path, cwd: Path, *extra: str) -> dict[str, Any]:
@@ -73,7 +75,7 @@ def claude(proxy: LiveProxy, model: str, prompt: str, home: Path, cwd: Path, *ex
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         "API_TIMEOUT_MS": str(TIMEOUT * 1000),
     }
-    done = _run([str(_agent("claude")), "-p", prompt, "--output-format", "json", *extra], env, cwd)
+    done = _run(proxy, [str(_agent("claude")), "-p", prompt, "--output-format", "json", *extra], env, cwd)
     assert done.returncode == 0, (
         f"claude exited {done.returncode}:\n{done.stdout}\n{done.stderr}\n{proxy.log()[-4000:]}"
     )
@@ -108,7 +110,7 @@ def codex(proxy: LiveProxy, model: str, prompt: str, home: Path, cwd: Path) -> s
         str(last),
         prompt,
     ]
-    done = _run(cmd, env, cwd)
+    done = _run(proxy, cmd, env, cwd)
     assert done.returncode == 0, f"codex exited {done.returncode}:\n{done.stdout}\n{done.stderr}\n{proxy.log()[-4000:]}"
     return last.read_text()
 
