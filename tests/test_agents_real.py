@@ -123,8 +123,10 @@ def _folders(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _smollm2_for_agents() -> dict[str, Any]:
-    """SmolLM2 with a context that holds an agent's prompt and a cap on its answers (the README's YAML)."""
-    cfg = smollm2_config(sampling={"temperature": 0, "max_tokens": 64})
+    """SmolLM2 with a context that holds an agent's prompt and a cap on its answers (the README's YAML); it
+    stops at its first sentence's end: SmolLM2 rambles past any cap on an agent's prompt, and an answer cut by
+    the cap is a Responses ``incomplete``, which Codex reports as an error."""
+    cfg = smollm2_config(sampling={"temperature": 0, "max_tokens": 64, "stop": [".", "\n"]})
     cfg["model"]["n_ctx"] = 20480
     return cfg
 
