@@ -8,7 +8,8 @@ by walking the exception's MRO, so a new subclass inherits its parent's status.
 
     ProxyError                      500  something we did not foresee
     ├── BadRequest                  400  malformed JSON, missing or wrong-typed field, bad value
-    │   └── UnsupportedInput        400  valid, but this model cannot take it (images, ...)
+    │   ├── UnsupportedInput        400  valid, but this model cannot take it (images, ...)
+    │   └── ContextLengthExceeded   400  the prompt does not fit the model's context (its worker counted)
     ├── Unauthorized                401  no key or an unknown key
     ├── Forbidden                   403  a user key on an admin action; a foreign Host or Origin
     ├── NotFound                    404  unknown route
@@ -57,6 +58,22 @@ class BadRequest(ProxyError):
 
 class UnsupportedInput(BadRequest):
     code = "unsupported_input"
+
+
+class ContextLengthExceeded(BadRequest):
+    """The prompt is longer than the model's context: found before any token is generated. The message is
+    OpenAI's wording; ``api.errors`` words it for the other dialects from the counts."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted in "
+            f"{prompt_tokens} tokens. Please reduce the length of the messages.",
+            param="messages",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
 
 
 class Unauthorized(ProxyError):

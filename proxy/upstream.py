@@ -19,12 +19,25 @@ from typing import Any, BinaryIO
 import aiohttp
 
 from proxy import largejson
-from proxy.errors import UpstreamError, WorkerHung, WorkerUnavailable
-from proxy.wire import StreamEnd, sse_data
+from proxy.errors import ContextLengthExceeded, ProxyError, UpstreamError, WorkerHung, WorkerUnavailable
+from proxy.wire import StreamEnd, context_exceeded, sse_data
 
 _JSON = {"content-type": "application/json"}
 _GONE = (aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError)
 _SILENT = aiohttp.SocketTimeoutError  # no byte from the worker for sock_read seconds (caught before _GONE)
+
+
+def _error_of(status: int, body: bytes) -> ProxyError:
+    """The worker's error answer as the domain's: a prompt too long for the context (ours, or llama-server's
+    ``n_prompt_tokens`` / ``n_ctx``) is ContextLengthExceeded, anything else UpstreamError with its message."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    counts = context_exceeded(data.get("error")) if isinstance(data, dict) else None
+    if counts is not None:
+        return ContextLengthExceeded(*counts)
+    return UpstreamError(status, _message_of(status, body))
 
 
 def _message_of(status: int, body: bytes) -> str:
@@ -89,6 +102,9 @@ class UpstreamStream:
                 continue
             if "error" in chunk:
                 err = chunk["error"]
+                counts = context_exceeded(err)
+                if counts is not None:
+                    raise ContextLengthExceeded(*counts)
                 raise UpstreamError(500, err.get("message", str(err)) if isinstance(err, dict) else str(err))
             yield chunk
         raise WorkerUnavailable("the worker ended the answer early")
@@ -156,7 +172,7 @@ class Upstream:
         """POST and return the body of a 2xx answer; an error status becomes UpstreamError."""
         status, content = await self.request("POST", path, body)
         if status >= 400:
-            raise UpstreamError(status, _message_of(status, content))
+            raise _error_of(status, content)
         return content
 
     async def post_json(self, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,7 +196,7 @@ class Upstream:
             async with self.session.post(self.base_url + path, data=form) as response:
                 status, content = response.status, await response.read()
         if status >= 400:
-            raise UpstreamError(status, _message_of(status, content))
+            raise _error_of(status, content)
         data = json.loads(content)
         if not isinstance(data, dict):
             raise UpstreamError(502, "the worker answered something other than a JSON object")
@@ -195,7 +211,7 @@ class Upstream:
                     content = await response.read()
             finally:
                 response.close()
-            raise UpstreamError(response.status, _message_of(response.status, content))
+            raise _error_of(response.status, content)
         return UpstreamStream(response, self._hung)
 
     async def health_report(self, path: str = "/health") -> dict[str, Any] | None:

@@ -196,11 +196,31 @@ class TokenCount(TypedDict):
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+# A prompt longer than the model's context: the error's ``code``, and its counts under llama-server's keys
+# (``n_prompt_tokens``, ``n_ctx``), so the proxy reads an external llama-server's answer the same way.
+CONTEXT_EXCEEDED = "context_length_exceeded"
+
+
 def error_body(
-    message: str, *, kind: str = "server_error", param: str | None = None, code: str | None = None
+    message: str,
+    *,
+    kind: str = "server_error",
+    param: str | None = None,
+    code: str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """OpenAI's error shape, which workers answer in and the proxy reads."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    """OpenAI's error shape, which workers answer in and the proxy reads (``extra``: more keys in it)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code, **(extra or {})}}
+
+
+def context_exceeded(error: Any) -> tuple[int, int] | None:
+    """The prompt's tokens and the context's size, when an error body's ``error`` says the prompt did not fit."""
+    if not isinstance(error, Mapping):
+        return None
+    n, m = error.get("n_prompt_tokens"), error.get("n_ctx")
+    if isinstance(n, int) and isinstance(m, int) and not isinstance(n, bool) and not isinstance(m, bool):
+        return n, m
+    return None
 
 
 def sse_event(data: bytes) -> bytes:

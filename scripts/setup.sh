@@ -10,6 +10,8 @@
 #                             + the XTTS venv (.venv-xtts) its tests need (locks/xtts.txt)
 #                             + Debian's chromium, which Playwright drives for the /ui test
 #                               (apt-get, only when missing; never `playwright install`)
+#                             + the coding agents tests/test_agents_real.py runs (Claude Code, the Codex
+#                               CLI: npm, at the versions in tests/agents/package-lock.json)
 # Everything is installed with --no-deps from the lock, then checked against it
 # (scripts/check_lock.py): a reused venv loses what the lock doesn't name.
 set -euo pipefail
@@ -35,4 +37,10 @@ if [ "${1:-}" = "--test" ]; then
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   fi
   scripts/setup_xtts.sh   # the XTTS worker's own venv, for tests/test_xtts.py (about 2 minutes, 1.9 GB)
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup.sh --test: npm (node 20 or later) is needed to install the coding agents in tests/agents" >&2
+    exit 1
+  fi
+  (cd tests/agents && npm ci --no-audit --no-fund --loglevel=error)   # exactly the lock; node_modules ignored
+  tests/agents/node_modules/.bin/claude --version && tests/agents/node_modules/.bin/codex --version
 fi

@@ -7,6 +7,7 @@ while loading (``--fail-unless FILE``: unless that file exists), hang
 while loading, crash, hang or end early mid-stream, hold its streams after the first chunk until a file
 exists (``--gate``), print a request's ``user`` field as a log line (``--say``), or ignore SIGTERM;
 ``--signals FILE`` records each SIGTERM it receives, so a test can tell a stop by SIGTERM from a kill.
+``--script FILE`` makes it a scripted model for the agents' tool round trips (``scripted_answer``).
 ``GET /health`` reports ``in_flight`` and the number of chunks generated so far, so a test can see
 generation stop when its client goes away.
 """
@@ -53,6 +54,64 @@ def tool_chunk(call: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def scripted_answer(script: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """What a scripted model answers (``--script``: a JSON object ``{"calls": {tool name: arguments}, "secret":
+    text, "answer": text}``): a request that offers one of the tools named in ``calls`` and has no tool result
+    holding ``secret`` yet gets a call of the first such tool; once a tool result holds ``secret``, the answer
+    is ``answer``; after a call whose result does not hold it, a text saying so; a request that offers none of
+    the tools (an agent's side request: a title, a summary) gets "ok". Returns the assistant's message."""
+    offered = [
+        t["function"]["name"]
+        for t in body.get("tools") or []
+        if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    ]
+    results = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "tool"]
+    if any(script["secret"] in json.dumps(m.get("content")) for m in results):
+        return {"role": "assistant", "content": script["answer"]}
+    called = any(
+        isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls") for m in body.get("messages") or []
+    )
+    if results or called:  # one call only: a result that did not come back ends the turn, not a loop of calls
+        return {"role": "assistant", "content": "the tool's result did not hold the secret"}
+    for name, arguments in script["calls"].items():
+        if name in offered:
+            call = {
+                "id": "call_scripted",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments)},
+            }
+            return {"role": "assistant", "content": None, "tool_calls": [call]}
+    return {"role": "assistant", "content": "ok"}
+
+
+def _scripted_chunks(message: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A scripted message streamed as OpenAI's chunks, then the usage chunk."""
+    head = {"id": "fake", "object": "chat.completion.chunk", "created": 0, "model": "fake"}
+    if message.get("tool_calls"):
+        call = message["tool_calls"][0]
+        yield {
+            **head,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "tool_calls": [{"index": 0, **call}]},
+                    "finish_reason": None,
+                }
+            ],
+        }
+        finish = "tool_calls"
+    else:
+        yield {
+            **head,
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": message["content"]}, "finish_reason": None}
+            ],
+        }
+        finish = "stop"
+    yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+    yield {**head, "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+
 def build(args: argparse.Namespace) -> Starlette:
     state = {"in_flight": 0, "generated": 0, "requests": 0}
 
@@ -77,6 +136,25 @@ def build(args: argparse.Namespace) -> Starlette:
             with open(args.record, "a") as fh:
                 fh.write(json.dumps({"path": request.url.path, "body": body}) + "\n")
         n = int(body.get("max_tokens") or args.tokens)
+        if args.script:
+            with open(args.script) as fh:
+                message = scripted_answer(json.load(fh), body)
+            if not body.get("stream"):
+                finish = "tool_calls" if message.get("tool_calls") else "stop"
+                usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+                choice = {"index": 0, "message": message, "finish_reason": finish}
+                return JSONResponse(
+                    {
+                        "id": "fake",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "fake",
+                        "choices": [choice],
+                        "usage": usage,
+                    }
+                )
+            events = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in _scripted_chunks(message)]
+            return StreamingResponse(iter([*events, b"data: [DONE]\n\n"]), media_type="text/event-stream")
         if args.say and isinstance(body.get("user"), str):  # a line in its log, on demand
             print(f"fake worker says: {body['user']}", file=sys.stderr, flush=True)
         if not body.get("stream"):
@@ -204,6 +282,7 @@ def main() -> None:
     p.add_argument("--end-after", type=int, default=None, help="end the stream after this many chunks, no [DONE]")
     p.add_argument("--record", default=None, help="append each generation request (path, body) to this file")
     p.add_argument("--tool-calls", action="store_true", help="answer a request with tools by calling two at once")
+    p.add_argument("--script", default=None, help="answer as a scripted model (scripted_answer) from this JSON file")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--say", action="store_true", help="print a request's `user` field to stderr (a log line)")
     p.add_argument("--pidfile", default=None, help="write our pid here")

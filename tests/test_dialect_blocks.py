@@ -109,7 +109,6 @@ def test_tool_choice_forms_and_error_results() -> None:
         ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "tool_use", "name": "t", "input": {}}]}]}, "messages"),
         ({"system": 5}, "system"),
-        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools"),
         ({"tools": [{"name": "t"}], "tool_choice": {"type": "sometimes"}}, "tool_choice"),
         ({"stop_sequences": "END"}, "stop_sequences"),
         ({"temperature": "hot"}, "temperature"),
@@ -121,6 +120,126 @@ def test_bad_messages_requests_name_the_field(change: dict[str, Any], field: str
     with pytest.raises(BadRequest) as info:
         a.messages_request(body, "m")
     assert info.value.param == field
+
+
+# a chat template that takes one system message, first (as Qwen3's does): any other raises
+STRICT_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' and not loop.first %}{{ raise_exception('System message must be at the beginning.') }}"
+    "{%- endif %}<|{{ m.role }}|>{{ m.content }}\n"
+    "{%- endfor %}"
+)
+
+
+def _render(messages: list[dict[str, Any]]) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    template = ImmutableSandboxedEnvironment().from_string(STRICT_TEMPLATE)
+    return template.render(messages=messages, raise_exception=raise_exception)
+
+
+def test_system_messages_anywhere_become_one_leading_system_message_and_marked_blocks() -> None:
+    """Claude Code's body: ``system`` blocks, then its environment notes as a system message after the user's
+    turn; later system messages join the nearest user turn as <system> blocks, so a strict template renders it."""
+    body = {
+        "max_tokens": 5,
+        "system": [{"type": "text", "text": "You are an agent.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "system", "content": "Leading note."},
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": [{"type": "text", "text": "Env: linux."}]},
+            {"role": "assistant", "content": "hello"},
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "system", "content": "Last word."},
+        ],
+    }
+    out, _ = a.messages_request(body, "m")
+    assert out["messages"] == [
+        {"role": "system", "content": "You are an agent.\n\nLeading note."},
+        {"role": "user", "content": "hi\n\n<system>\nEnv: linux.\n</system>"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "<system>\nBe brief.\n</system>\n\nbye"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "<system>\nLast word.\n</system>"},
+    ]
+    assert _render(out["messages"]).count("<|system|>") == 1
+    # Claude Code's own shape: the system message right after the user's, last
+    cc = {"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "Env."}]}
+    out, _ = a.messages_request(cc, "m")
+    assert out["messages"] == [{"role": "user", "content": "hi\n\n<system>\nEnv.\n</system>"}]
+    _render(out["messages"])
+
+
+def test_the_responses_input_folds_system_and_developer_messages_the_same_way() -> None:
+    body = {
+        "instructions": "You are Codex.",
+        "input": [
+            {"role": "developer", "content": [{"type": "input_text", "text": "Sandbox: none."}]},
+            {"role": "user", "content": "hi"},
+            {"role": "developer", "content": "Env."},
+            {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "done"},
+        ],
+    }
+    out = r.responses_request(body, "m")
+    assert out["messages"] == [
+        {"role": "system", "content": "You are Codex.\n\nSandbox: none."},
+        {"role": "user", "content": "hi\n\n<system>\nEnv.\n</system>"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "shell", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]
+    _render(out["messages"])
+
+
+def test_what_agents_send_is_accepted_and_server_tools_are_left_out() -> None:
+    """Claude Code 2.1's fields: thinking, context_management, output_config.effort, metadata, service_tier,
+    container, cache_control everywhere, server tools and their blocks in the history."""
+    body: dict[str, Any] = {
+        "max_tokens": 32000,
+        "messages": [
+            {"role": "user", "content": "search"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "x"}},
+                    {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+                    {"type": "text", "text": "found"},
+                ],
+            },
+            {"role": "user", "content": "thanks"},
+        ],
+        "tools": [
+            {"name": "Read", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}},
+            {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+            {"type": "bash_20250124", "name": "bash"},
+            {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"},
+            {"type": "code_execution_20250825", "name": "code_execution"},
+        ],
+        "tool_choice": {"type": "auto"},
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "metadata": {"user_id": "user_abc"},
+        "service_tier": "auto",
+        "container": "container_1",
+        "stream": True,
+    }
+    out, _ = a.messages_request(body, "m")
+    assert [t["function"]["name"] for t in out["tools"]] == ["Read"]
+    assert out["messages"][1] == {"role": "assistant", "content": "found"}
+    for thinking in ({"type": "enabled", "budget_tokens": 1024}, {"type": "disabled"}):
+        a.messages_request({**body, "thinking": thinking}, "m")
+    only_server = {**body, "tools": body["tools"][1:]}
+    assert "tools" not in a.messages_request(only_server, "m")[0]
 
 
 def test_images_translate() -> None:
@@ -149,7 +268,12 @@ def test_a_text_answer_streams_as_anthropic_events_in_order() -> None:
     end = tr.finish()
     assert [n for n, _ in end] == ["content_block_stop", "message_delta", "message_stop"]
     assert end[1][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
-    assert end[1][1]["usage"] == {"input_tokens": 7, "output_tokens": 3}
+    assert end[1][1]["usage"] == {
+        "input_tokens": 7,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 3,
+    }
     msg = tr.message()
     assert msg["content"] == [{"type": "text", "text": "Hello"}] and msg["stop_reason"] == "end_turn"
 
@@ -247,6 +371,40 @@ def test_anthropic_error_types_and_model_list() -> None:
     }
 
 
+def test_prompt_tokens_the_worker_reused_are_cache_reads_in_both_dialects() -> None:
+    """OpenAI's prompt_tokens_details.cached_tokens: Anthropic's cache_read_input_tokens (input_tokens the
+    rest: their sum is the prompt), the Responses API's input_tokens_details.cached_tokens (of input_tokens)."""
+    usage = {
+        "choices": [],
+        "usage": {"prompt_tokens": 70, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 60}},
+    }
+    tr = a.MessageStream("m", [])
+    tr.feed(chunk({"content": "hi"}, "stop"))
+    tr.feed(usage)
+    tr.finish()
+    assert tr.message()["usage"] == {
+        "input_tokens": 10,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 60,
+        "output_tokens": 3,
+    }
+    rs = r.ResponseStream("m", {"input": "hi"}, 0)
+    rs.feed(chunk({"content": "hi"}, "stop"))
+    rs.feed(usage)
+    rs.finish()
+    assert rs.response()["usage"]["input_tokens"] == 70
+    assert rs.response()["usage"]["input_tokens_details"] == {"cached_tokens": 60}
+
+
+def test_a_prompt_too_long_is_worded_as_anthropic_words_it() -> None:
+    from proxy.errors import ContextLengthExceeded
+
+    exc = ContextLengthExceeded(25000, 20480)
+    assert a.error_message(exc) == "prompt is too long: 25000 tokens > 20480 maximum"
+    assert exc.message.startswith("This model's maximum context length is 20480 tokens. However, your messages")
+    assert (exc.status, exc.code) == (400, "context_length_exceeded")
+
+
 # -- Responses requests ------------------------------------------------------------------------------
 
 
@@ -278,8 +436,7 @@ def test_responses_request_translates_items_tools_and_format() -> None:
     }
     out = r.responses_request(body, "m")
     assert out["messages"] == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "system", "content": "Use tools."},
+        {"role": "system", "content": "Be brief.\n\nUse tools."},
         {"role": "user", "content": "Weather?"},
         {
             "role": "assistant",

@@ -38,7 +38,7 @@ from proxy.wire import TOKENIZE_PATH
 
 
 def _error_event(exc: ProxyError) -> list[tuple[str, dict[str, Any]]]:
-    return [("error", dialect.error_body(exc.status, exc.message))]
+    return [("error", dialect.error_body(exc.status, dialect.error_message(exc)))]
 
 
 def _prepare(request: Request, body: dict[str, Any], count_only: bool) -> tuple[ModelConfig, float | None, Any]:

@@ -20,7 +20,8 @@ from starlette.responses import JSONResponse, Response
 from proxy.api.common import caller
 from proxy.auth import Role
 from proxy.dialects.anthropic import error_body as anthropic_error
-from proxy.errors import ProxyError, Unauthorized
+from proxy.dialects.anthropic import error_message as anthropic_message
+from proxy.errors import ContextLengthExceeded, ProxyError, Unauthorized
 
 log = logging.getLogger("proxy.api")
 
@@ -90,8 +91,18 @@ async def proxy_error(request: Request, exc: Exception) -> Response:
     scoped = getattr(getattr(request.state, "principal", None), "models", None) is not None
     if scoped and exc.status >= 500:  # the model state's reasons (507, 503); a 4xx names only what was sent
         message = caller(request).hide_others(message) or message
+    if isinstance(exc, ContextLengthExceeded):  # each dialect's own words for it (Claude Code matches its text)
+        message = _context_message(_dialect(request), exc)
     headers = _headers(request, exc)
     return render(request, exc.status, message, kind=exc.openai_type, code=exc.code, param=exc.param, headers=headers)
+
+
+def _context_message(dialect: str, exc: ContextLengthExceeded) -> str:
+    if dialect == "anthropic":
+        return anthropic_message(exc)
+    if dialect == "ollama":
+        return f"the input length ({exc.prompt_tokens} tokens) exceeds the context length ({exc.n_ctx} tokens)"
+    return exc.message
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -176,7 +176,7 @@ class ImageGenerationRequest(TypedDict):
 
 
 class AnthropicMessage(TypedDict):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 
@@ -192,6 +192,9 @@ class MessagesRequest(TypedDict):
     temperature: NotRequired[float]
     tools: NotRequired[list[dict[str, Any]]]
     tool_choice: NotRequired[dict[str, Any]]
+    thinking: NotRequired[dict[str, Any]]
+    output_config: NotRequired[dict[str, Any]]
+    metadata: NotRequired[dict[str, Any]]
 
 
 class CountTokensRequest(TypedDict):

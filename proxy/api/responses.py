@@ -17,7 +17,13 @@ from proxy.dialects import responses as dialect
 from proxy.dialects.blocks import frames
 from proxy.dialects.gate import check_chat
 from proxy.dialects.shaping import apply_model_defaults
+from proxy.errors import ContextLengthExceeded, ProxyError
 from proxy.relay import LeasedCall
+
+
+def _failure_code(exc: ProxyError) -> str:
+    """A failed response's code: OpenAI's for a prompt too long for the context, else a server error."""
+    return exc.code if isinstance(exc, ContextLengthExceeded) else "server_error"
 
 
 @guarded(Role.USER)
@@ -37,8 +43,8 @@ async def create(request: Request) -> Response:
             "/v1/chat/completions",
             json_bytes(openai),
             # a broken stream fails the response, with the code OpenAI gives a failed response
-            lambda up: named_events(up, tr, lambda exc: tr.failed("server_error", exc.message)),
-            lambda exc: frames(tr.failed("server_error", exc.message)),
+            lambda up: named_events(up, tr, lambda exc: tr.failed(_failure_code(exc), exc.message)),
+            lambda exc: frames(tr.failed(_failure_code(exc), exc.message)),
         )
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         async for chunk in (await call.open("/v1/chat/completions", json_bytes(openai))).events():

@@ -6,6 +6,11 @@ answers come back chunk by chunk through ``MessageStream`` as Anthropic's named 
 (``message_start``, ``ping``, ``content_block_start`` / ``_delta`` / ``_stop``, ``message_delta``,
 ``message_stop``) or, for a non-streamed call, as one ``message``. Stop sequences are found here, not by
 the worker, so that the answer can say which one ended it (``stop_reason: stop_sequence``).
+
+What today's agents send is taken: ``system``-role messages anywhere in ``messages`` (``roles.fold_system``
+places them), ``cache_control`` on any block, server tools (left out), and ``thinking``,
+``context_management``, ``output_config.effort``, ``service_tier``, ``container``: accepted and not used (a
+local model has no thinking budget, no server-side context editing, no tiers). Unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy.dialects.blocks import Block, BlockPlanner, Event, StopScanner, new_id
+from proxy.dialects.roles import fold_system
 from proxy.dialects.shaping import optional
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, ContextLengthExceeded, ProxyError
 
 # Anthropic's error type for each status (https://docs.anthropic.com/en/api/errors); others by class
 ERROR_TYPES: Mapping[int, str] = {
@@ -42,10 +48,28 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type(status), "message": message}}
 
 
+def error_message(exc: ProxyError) -> str:
+    """An error's message as Anthropic words it: a prompt too long for the context is the text Claude Code
+    matches to compact its conversation."""
+    if isinstance(exc, ContextLengthExceeded):
+        return f"prompt is too long: {exc.prompt_tokens} tokens > {exc.n_ctx} maximum"
+    return exc.message
+
+
 # -- requests --------------------------------------------------------------------------------------
 
 _TOOL_CHOICE = {"auto": "auto", "any": "required", "none": "none"}
 _SKIPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})  # a model's earlier reasoning: not re-read
+
+
+def _skipped(kind: Any) -> bool:
+    """Blocks left out of what the model reads: its earlier reasoning, and the calls and results of server
+    tools (which a local model never runs, so they can only come from another model's conversation)."""
+    return (
+        kind in _SKIPPED_BLOCKS
+        or kind in ("server_tool_use", "mcp_tool_use")
+        or (isinstance(kind, str) and kind.endswith("_tool_result") and kind != "tool_result")
+    )
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -107,9 +131,11 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
     if not isinstance(message, dict):
         raise BadRequest(f"'{where}' must be an object", param="messages")
     role = message.get("role")
-    if role not in ("user", "assistant"):
-        raise BadRequest(f'\'{where}.role\' must be "user" or "assistant", got {role!r}', param="messages")
+    if role not in ("user", "assistant", "system"):
+        raise BadRequest(f'\'{where}.role\' must be "user", "assistant" or "system", got {role!r}', param="messages")
     content = message.get("content")
+    if role == "system":  # placed in the conversation by roles.fold_system
+        return [{"role": "system", "content": _text_of(content, f"{where}.content")}]
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
@@ -134,7 +160,7 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
             calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}})
         elif kind == "tool_result" and role == "user":
             out += _tool_result(block, at)
-        elif kind in _SKIPPED_BLOCKS:
+        elif _skipped(kind):
             continue
         else:
             raise BadRequest(
@@ -153,6 +179,9 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
+    """Client tools as functions; server tools (``web_search_*``, ``bash_*``, ``text_editor_*``,
+    ``code_execution_*``, ...: any other ``type``) are left out of what the model sees: a local model cannot
+    run them, as the Responses route leaves out hosted tools."""
     if not isinstance(tools, list):
         raise BadRequest("'tools' must be an array of tools", param="tools")
     out = []
@@ -160,11 +189,7 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise BadRequest(f"'tools[{i}]' must be an object with a 'name'", param="tools")
         if tool.get("type") not in (None, "custom"):
-            raise BadRequest(
-                f"'tools[{i}]' is a server tool ({tool['type']}), which a local model cannot run; "
-                "only client tools (name, description, input_schema) are taken",
-                param="tools",
-            )
+            continue
         schema = tool.get("input_schema") or {"type": "object", "properties": {}}
         if not isinstance(schema, dict):
             raise BadRequest(f"'tools[{i}].input_schema' must be an object", param="tools")
@@ -196,15 +221,18 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"role": "system", "content": _text_of(system, "system")})
     for i, message in enumerate(messages):
         out += _message(message, i)
-    return out
+    if all(m["role"] == "system" for m in out):
+        raise BadRequest("'messages' must hold a user message, not only system messages", param="messages")
+    return fold_system(out)
 
 
 def messages_request(body: dict[str, Any], model: str, *, count_only: bool = False) -> tuple[dict[str, Any], list[str]]:
     """/v1/messages -> /v1/chat/completions (always streamed from the worker); also its stop sequences,
     which the proxy watches for. ``count_only``: /v1/messages/count_tokens, where max_tokens is absent."""
     out: dict[str, Any] = {"model": model, "messages": chat_messages(body)}
-    if body.get("tools"):
-        out["tools"] = _tools(body["tools"])
+    tools = _tools(body["tools"]) if body.get("tools") else []
+    if tools:
+        out["tools"] = tools
         if body.get("tool_choice") is not None:
             choice = _tool_choice(body["tool_choice"])
             if choice == "none":
@@ -278,7 +306,16 @@ class MessageStream:
         return self.stop_sequence is not None
 
     def _usage(self) -> dict[str, int]:
-        return {"input_tokens": self.planner.prompt_tokens or 0, "output_tokens": self.planner.output_tokens}
+        """Anthropic's usage: the prompt tokens read from the cache are ``cache_read_input_tokens``, the rest
+        ``input_tokens`` (their sum is what count_tokens counts); nothing is written to a cache on request."""
+        prompt = self.planner.prompt_tokens or 0
+        cached = min(self.planner.cached_tokens, prompt)
+        return {
+            "input_tokens": prompt - cached,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+            "output_tokens": self.planner.output_tokens,
+        }
 
     def start(self) -> list[tuple[str, dict[str, Any]]]:
         head: dict[str, Any] = {
@@ -289,7 +326,12 @@ class MessageStream:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "usage": {
+                "input_tokens": 0,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+                "output_tokens": 0,
+            },
         }
         return [("message_start", {"type": "message_start", "message": head}), ("ping", {"type": "ping"})]
 

@@ -61,6 +61,7 @@ class BlockPlanner:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int = 0  # prompt tokens the worker reused from its cache (prompt_tokens_details)
     pieces: int = 0  # chunks that carried text or a tool call (an output count when no usage came)
     _live: Block | None = None
     _pending: list[Block] = field(default_factory=list)
@@ -73,6 +74,9 @@ class BlockPlanner:
         if isinstance(usage, dict):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                self.cached_tokens = int(details.get("cached_tokens") or 0)
         choices = chunk.get("choices") or []
         if not choices:
             return "", []

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.dialects.blocks import Block, BlockPlanner, Event, new_id
+from proxy.dialects.roles import fold_system
 from proxy.dialects.shaping import optional
 from proxy.errors import BadRequest
 
@@ -110,7 +111,7 @@ def input_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 f"'{where}' is a {kind!r} item; taken are message, function_call and function_call_output",
                 param="input",
             )
-    return out
+    return fold_system(out)
 
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
@@ -255,7 +256,7 @@ class ResponseStream:
         if done:
             usage = {
                 "input_tokens": self.planner.prompt_tokens or 0,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": self.planner.cached_tokens},
                 "output_tokens": self.planner.output_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": (self.planner.prompt_tokens or 0) + self.planner.output_tokens,

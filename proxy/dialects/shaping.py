@@ -14,6 +14,7 @@ from proxy.config import ModelConfig
 from proxy.errors import BadRequest, UnsupportedInput
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_SAMPLING_NAMES = {"num_predict": "max_tokens"}  # a model YAML's sampling keys in Ollama's words
 
 
 def require_model(body: Mapping[str, Any]) -> str:
@@ -83,8 +84,12 @@ def _system_prompt(cfg: ModelConfig, clock_time: float | None) -> str | None:
 
 
 def apply_model_defaults(body: dict[str, Any], cfg: ModelConfig, clock_time: float | None = None) -> None:
-    """Sampling defaults from the model's YAML (the request wins) and its system prompt."""
+    """Sampling defaults from the model's YAML (the request wins) and its system prompt. The answer's cap
+    is ``max_tokens`` (Ollama's name ``num_predict`` too), used when the request sends no cap of its own."""
     for key, value in cfg.sampling.items():
+        key = _SAMPLING_NAMES.get(key, key)
+        if key == "max_tokens" and body.get("max_completion_tokens") is not None:
+            continue
         body.setdefault(key, value)
     messages = body.get("messages")
     if isinstance(messages, list):

@@ -152,8 +152,10 @@ async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     except Exception as exc:  # the stream has started: the error can only travel as an event
         if not isinstance(exc, BackendError):
             report_failure(exc, "stream failed")
-        message = exc.message if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
-        yield sse_event(_encode(error_body(message)))
+        if isinstance(exc, BackendError):
+            yield sse_event(_encode(error_body(exc.message, code=exc.code, extra=exc.extra)))
+        else:
+            yield sse_event(_encode(error_body(f"{type(exc).__name__}: {exc}")))
     finally:
         await items.aclose()
 
@@ -306,7 +308,8 @@ def _transcription(task: str) -> Callable[[Request], Awaitable[Response]]:
 async def _backend_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BackendError)
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
-    return JSONResponse(error_body(exc.message, kind=kind, param=exc.param), exc.status)
+    body = error_body(exc.message, kind=kind, param=exc.param, code=exc.code, extra=exc.extra)
+    return JSONResponse(body, exc.status)
 
 
 def _reported(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

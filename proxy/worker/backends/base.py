@@ -11,22 +11,38 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
-from proxy.wire import ImageRequest, ImageResult, Segment, SpeechRequest, TokenCount, TokenizeRequest
+from proxy.wire import CONTEXT_EXCEEDED, ImageRequest, ImageResult, Segment, SpeechRequest, TokenCount, TokenizeRequest
 
 
 class BackendError(Exception):
-    """The request cannot be served; ``status`` says whose fault it is."""
+    """The request cannot be served; ``status`` says whose fault it is; ``code`` and ``extra`` go into
+    the error body (``proxy.wire.error_body``)."""
 
     status = 500
+    code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.extra: dict[str, Any] = {}
 
 
 class InvalidRequest(BackendError):
     status = 400
+
+
+class ContextExceeded(InvalidRequest):
+    """The prompt does not fit the model's context: said before any token is generated, with the counts
+    (llama-server's ``n_prompt_tokens`` and ``n_ctx``), which the proxy words in each client's dialect."""
+
+    code = CONTEXT_EXCEEDED
+
+    def __init__(self, prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens, and the model's context holds {n_ctx}", param="messages"
+        )
+        self.extra = {"n_prompt_tokens": prompt_tokens, "n_ctx": n_ctx}
 
 
 class TooLarge(BackendError):

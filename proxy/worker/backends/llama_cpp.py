@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from proxy.wire import TokenCount, TokenizeRequest
-from proxy.worker.backends.base import Cancelled, InvalidRequest, NotSupported
+from proxy.worker.backends.base import Cancelled, ContextExceeded, InvalidRequest, NotSupported
 
 
 @contextlib.contextmanager
@@ -145,34 +145,42 @@ class LlamaCppBackend:
         return out
 
     def _run(
-        self, fn: Any, kwargs: dict[str, Any], stream: bool, include_usage: bool, cancel: threading.Event | None
+        self,
+        fn: Any,
+        kwargs: dict[str, Any],
+        stream: bool,
+        include_usage: bool,
+        cancel: threading.Event | None,
     ) -> Any:
         self._context.acquire()
+        meter = _PromptMeter(self._llm, None if stream else cancel)
         try:
-            with _stopped_by(self._llm, None if stream else cancel):
-                result = fn(**kwargs)
+            meter.attach()
+            result = fn(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "bad request"
+            meter.detach()
             self._context.release()
-            raise InvalidRequest(str(exc)) from exc
+            raise _invalid(exc) from exc
         except BaseException:
+            meter.detach()
             self._context.release()
             raise
         if not stream:
+            meter.detach()
             self._context.release()
             result["model"] = self.name
+            _with_cached(result.get("usage"), meter)
             return result
         # the stream holds the context until it ends or is closed, in whatever thread that happens
-        return _Held(self._stream(result, include_usage), self._context)
+        return _Held(self._stream(result, include_usage, meter), self._context, meter)
 
-    def _stream(self, chunks: Iterator[dict[str, Any]], include_usage: bool) -> Iterator[dict[str, Any]]:
+    def _stream(
+        self, chunks: Iterator[dict[str, Any]], include_usage: bool, meter: _PromptMeter
+    ) -> Iterator[dict[str, Any]]:
         completion_tokens = 0
-        prompt_tokens = 0
         last: dict[str, Any] | None = None
-        start_tokens = 0
         try:
             for chunk in chunks:
-                if last is None:
-                    start_tokens = self._llm.n_tokens
                 chunk["model"] = self.name
                 choice = chunk["choices"][0] if chunk.get("choices") else None
                 delta = choice.get("delta") or {} if choice is not None else {}
@@ -180,25 +188,47 @@ class LlamaCppBackend:
                     completion_tokens += 1
                 last = chunk
                 yield chunk
+        except ValueError as exc:  # raised when the stream starts (a prompt the context cannot hold)
+            raise _invalid(exc) from exc
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+            meter.detach()
         if include_usage and last is not None:
-            # llama-cpp-python's stream carries no usage: the context holds prompt + completion.
-            prompt_tokens = max(0, self._llm.n_tokens - completion_tokens + 1) if start_tokens else 0
+            # llama-cpp-python's stream carries no usage: the meter saw the prompt go in
+            usage = {
+                "prompt_tokens": meter.prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": meter.prompt_tokens + completion_tokens,
+            }
             yield {
                 "id": last.get("id"),
                 "object": last.get("object"),
                 "created": last.get("created"),
                 "model": self.name,
                 "choices": [],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
+                "usage": _with_cached(usage, meter),
             }
+
+    def _check_room(self, prompt_tokens: int) -> None:
+        """A prompt the context cannot hold with room for one token of answer: refused before any work.
+        (A ``max_tokens`` beyond the room left is clipped to it by llama-cpp-python, as llama-server does.)"""
+        n_ctx = int(self._llm.n_ctx())
+        if prompt_tokens >= n_ctx:
+            raise ContextExceeded(prompt_tokens, n_ctx)
+
+    def _chat_prompt_tokens(self, messages: list[Any], body: dict[str, Any]) -> int | None:
+        """The prompt a chat would feed the model, in tokens (as ``count_tokens`` counts it); None where
+        the model does not use its GGUF's template (llama-cpp-python then checks it itself)."""
+        if self._formatter is None:
+            return None
+        try:
+            rendered = self._formatter(messages=messages, tools=body.get("tools"), tool_choice=body.get("tool_choice"))
+        except Exception:  # the template refused these messages: llama-cpp-python's call says so
+            return None
+        tokens = self._llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+        return len(tokens)
 
     def chat(self, body: dict[str, Any], cancel: threading.Event | None = None) -> Any:
         messages = body.get("messages")
@@ -206,6 +236,9 @@ class LlamaCppBackend:
             raise InvalidRequest("'messages' must be a non-empty list", param="messages")
         kwargs = self._kwargs(body, self._chat_params, _SKIP)
         kwargs["messages"] = [_text_only(m, i) for i, m in enumerate(messages)]
+        counted = self._chat_prompt_tokens(kwargs["messages"], body)
+        if counted is not None:
+            self._check_room(counted)
         if "response_format" in kwargs:
             kwargs["response_format"] = _response_format(kwargs["response_format"])
         stream = bool(body.get("stream"))
@@ -272,29 +305,60 @@ class LlamaCppBackend:
         }
 
 
-@contextlib.contextmanager
-def _stopped_by(llm: Any, cancel: threading.Event | None) -> Iterator[None]:
-    """While inside, ``llm`` raises ``Cancelled`` before evaluating its next token once ``cancel`` is set.
+class _PromptMeter:
+    """Hooks on one ``Llama`` for one call (its caller holds the context's lock): what the prompt cost, and
+    a way to stop.
 
-    Its ``eval`` is wrapped for the call (the caller holds the context's lock): llama-cpp-python's generate
-    loop calls it between tokens, in Python. (A logits processor cannot stop it: those run as a ctypes
-    callback, whose exceptions are swallowed; stopping_criteria exists for completions only.) The state
-    left behind is the one a closed stream leaves: the tokens evaluated so far, reused as a prefix."""
-    if cancel is None:
-        yield
-        return
-    evaluate = llm.eval
+    llama-cpp-python's ``generate`` gets the prompt's tokens, keeps the prefix its context already holds from
+    the last call (``n_tokens``) and evaluates the rest with ``eval``: so ``prompt_tokens`` is what
+    ``generate`` got, and ``cached_tokens`` is ``n_tokens`` at the first ``eval`` (the tokens not evaluated
+    again: OpenAI's ``prompt_tokens_details.cached_tokens``). With ``cancel``, ``eval`` raises ``Cancelled``
+    before the next token once it is set (a logits processor cannot stop it: those run as a ctypes callback,
+    whose exceptions are swallowed; stopping_criteria exists for completions only). The state left behind
+    is the one a closed stream leaves: the tokens evaluated so far, reused as a prefix."""
 
-    def checked(tokens: Any) -> None:
-        if cancel.is_set():
-            raise Cancelled("the client went away")
-        evaluate(tokens)
+    def __init__(self, llm: Any, cancel: threading.Event | None) -> None:
+        self.llm = llm
+        self.cancel = cancel
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self._evaluated = False
 
-    llm.eval = checked
-    try:
-        yield
-    finally:
-        del llm.eval  # the class's method again
+    def attach(self) -> None:
+        llm, cls = self.llm, type(self.llm)
+
+        def generate(tokens: Any, *args: Any, **kwargs: Any) -> Any:
+            tokens = list(tokens)
+            self.prompt_tokens = len(tokens)
+            self._evaluated = False
+            return cls.generate(llm, tokens, *args, **kwargs)
+
+        def evaluate(tokens: Any) -> None:
+            if not self._evaluated:
+                self._evaluated = True
+                self.cached_tokens = int(llm.n_tokens)
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled("the client went away")
+            cls.eval(llm, tokens)
+
+        llm.generate = generate
+        llm.eval = evaluate
+
+    def detach(self) -> None:
+        for name in ("generate", "eval"):  # the class's methods again
+            self.llm.__dict__.pop(name, None)
+
+
+def _with_cached(usage: Any, meter: _PromptMeter) -> Any:
+    """OpenAI's usage with the prompt tokens llama.cpp reused from its context."""
+    if isinstance(usage, dict):
+        usage["prompt_tokens_details"] = {"cached_tokens": min(meter.cached_tokens, meter.prompt_tokens)}
+    return usage
+
+
+def _invalid(exc: ValueError) -> InvalidRequest:
+    """llama-cpp-python's ValueError (its way of saying "bad request") as the backend's error."""
+    return InvalidRequest(str(exc))
 
 
 def _device(n_gpu_layers: Any) -> str:
@@ -323,9 +387,10 @@ class _Held:
     """An iterator that holds ``lock`` until it is exhausted or closed (once), from any thread; one
     that is dropped unstarted lets go when it is collected."""
 
-    def __init__(self, items: Iterator[dict[str, Any]], lock: Any) -> None:
+    def __init__(self, items: Iterator[dict[str, Any]], lock: Any, meter: _PromptMeter | None = None) -> None:
         self._items = items
         self._lock: Any = lock
+        self._meter = meter
 
     def __iter__(self) -> _Held:
         return self
@@ -345,6 +410,8 @@ class _Held:
                 if close is not None:
                     close()
             finally:
+                if self._meter is not None:  # a stream closed before it started has not detached it
+                    self._meter.detach()
                 lock.release()
 
     def __del__(self) -> None:
