@@ -10,7 +10,7 @@ check, no shrinking, 40 steps each; "derandomized" is CI's own sequence, the num
 | defect | what | check | found | examples to find it |
 | --- | --- | --- | --- | --- |
 | 1 | a starting model not counted in admission | capacity | yes | seeds 0-4: median 7 (3 to 29) |
-| 3 | a user's keep_alive overrides an admin's pin | admin_pin | with a role | derandomized 170; seed 1: not in 300 |
+| 3 | a user's keep_alive overrides an admin's pin | admin_pin | a role | derandomized 170; seeds 1, 2: not in 300 |
 | 4 | a request given up in the queue stays there | gone_leaves | yes | seeds 0-4: median 9 (3 to 57) |
 | 5 | keep_alive lost in its own num_ctx reload | own_keep_alive | rarely | derandomized 314; seeds 1, 2: not in 500 |
 | 7 | requests built from the old config after a reload | current_config | yes | derandomized 7; seeds 1, 2: 11, 7 |
