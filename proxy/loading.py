@@ -12,6 +12,9 @@ the queue). Whatever is refused before that stays a status in the client's diale
 507, 503 for a full queue or a load that failed a moment ago). After it, a load that fails (or a shutdown)
 ends the stream with the dialect's SSE error event (``on_error``), never a 200 followed by nothing.
 
+The client is watched while the request waits: one that goes away before the response has begun cancels
+its lease's wait (its ticket leaves the queue and loads nothing); after, the response's close does.
+
 Not used by Ollama's NDJSON (Ollama sends nothing until the model is loaded), nor for a model whose YAML
 says ``loading_feedback: false``, nor for answers that are not streamed.
 """
@@ -25,12 +28,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.config import ModelConfig
-from proxy.errors import ProxyError, Unavailable
+from proxy.errors import ClientGone, ProxyError, Unavailable
 from proxy.manager import ModelManager
 from proxy.relay import LeasedCall
 from proxy.streaming import ClosingStream
 from proxy.upstream import UpstreamStream
-from proxy.wire import STREAM_HEADERS
+from proxy.wire import STREAM_HEADERS, client_gone
 
 Relay = Callable[[UpstreamStream], AsyncIterator[bytes]]
 SSE = "text/event-stream"
@@ -65,13 +68,18 @@ async def leased_stream(
     call = LeasedCall(manager, cfg.name, keep_alive, client=client, on_loading=loading.set)
     entering = asyncio.ensure_future(call.acquire())
     signalled = asyncio.ensure_future(loading.wait())
+    gone = asyncio.ensure_future(client_gone(client.receive))  # before the response: nobody else watches
     try:
-        await asyncio.wait({entering, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({entering, signalled, gone}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         await _abandon(entering, call)
         raise
     finally:
         signalled.cancel()
+        gone.cancel()
+    if gone.done() and not gone.cancelled():  # it gave up while waiting: its ticket leaves the queue
+        await _abandon(entering, call)
+        raise ClientGone("the client went away while its request waited")
     if entering.done():  # leased (or refused) without waiting for a load: the usual path, errors as statuses
         entering.result()
         async with call:

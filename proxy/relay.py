@@ -10,7 +10,9 @@ stream was handed to the response: then the response's close releases it, after 
 stream. Given the client's request (``client=``), the call watches it: if the client goes away while the
 block runs (an answer that is not streamed: a JSON answer, a wav, a transcript, a stream read whole),
 the block is cancelled, which closes the upstream (the worker sees its client go and stops within a token
-or a step) and releases the lease; the handler then raises ``ClientGone``. A stream handed to the response
+or a step) and releases the lease; the handler then raises ``ClientGone``. The client is watched from
+before the lease: one that goes away while its request waits in the queue (or for a load) cancels the
+wait, so its ticket leaves the queue at once and starts no load. A stream handed to the response
 is watched by the response itself. Either way the release happens once, in ``_close``. Like httpx's
 ``stream()``, the call is a context manager over its transport; handlers only parse, translate, call and shape.
 No HTTP framework here but Starlette's response class (``proxy.streaming``).
@@ -139,9 +141,20 @@ class LeasedCall:
             )
 
     async def __aenter__(self) -> LeasedCall:
-        await self.acquire()
+        # watched from before the lease: a client that gives up while its request waits in the queue cancels
+        # the wait, so its ticket leaves the queue and loads nothing for nobody (issue 25, defect 4)
         if self._client is not None:
             self._watch = asyncio.create_task(self._watch_client(self._client, asyncio.current_task()))
+        try:
+            await self.acquire()
+        except BaseException as exc:
+            self._stop_watching()
+            if self._gone and isinstance(exc, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # our cancel, not the server's: the request ends as a 499
+                raise ClientGone("the client went away while its request waited") from None
+            raise
         return self
 
     async def _watch_client(self, client: Request, block: asyncio.Task[Any] | None) -> None:
