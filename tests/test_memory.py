@@ -17,10 +17,11 @@ from proxy import needs
 from proxy.clock import ManualClock
 from proxy.config import MemoryLimits, ModelConfig
 from proxy.errors import InsufficientMemory, ModelLoadFailed
-from proxy.manager import ModelManager, WorkerFactory
+from proxy.manager import ModelManager
 from proxy.memory import GiB, MemoryStore, MiB, Need, estimate_llama_cpp, parse_bytes
 from proxy.nvml import GpuMemory, Nvml
 from proxy.policy import Candidate, Deficit, choose_victims
+from proxy.runtime import WorkerFactory
 from tests.fake_memory import FakeProbe, FakePynvml
 from tests.test_manager import FakeWorker, model, settings, settle, state
 
