@@ -36,11 +36,11 @@ from proxy.errors import (
     QueueFull,
     Unavailable,
 )
-from proxy.events import EventBus, LoadEnded, LoadProgress, LoadStarted, StateChanged, Unloaded, UnloadReason
+from proxy.events import EventBus, StateChanged, UnloadReason
+from proxy.lifecycle import Lifecycle
 from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
 from proxy.needs import Needs
 from proxy.nvml import Nvml
-from proxy.policy import backoff
 from proxy.runtime import (
     TRANSITIONS,
     InvalidTransition,
@@ -49,7 +49,6 @@ from proxy.runtime import (
     WorkerFactory,
     WorkerHandle,
     device,
-    out_of_memory,
     per_gpu,
     view,
 )
@@ -57,7 +56,6 @@ from proxy.runtime import (
     ModelStatus as ModelStatus,  # re-exported: the api routes import it from here
 )
 from proxy.scheduler import (
-    RECOVERY_POLL,
     Decide,
     Evict,
     FailBackoff,
@@ -81,7 +79,6 @@ from proxy.scheduler import (
 from proxy.spares import SpareKey, Spares
 from proxy.supervisor import Worker, worker_env
 from proxy.upstream import Upstream
-from proxy.watchdog import Activity, StallWatch
 
 log = logging.getLogger("proxy.manager")
 
@@ -150,8 +147,6 @@ class ModelManager:
         self.probe: MemoryProbe = probe or SystemProbe(Nvml.open())
         # need-finding (proxy.needs): estimates, GGUF facts, measured peaks, the cache file
         self.needs = Needs(store or MemoryStore(settings.models_dir / ".cache" / "memory.json"), self.probe)
-        self._stopped_at = -math.inf  # when a worker last stopped (its memory may not be back yet)
-        self._factory: WorkerFactory = worker_factory or Worker
         self._runtimes: dict[str, Runtime] = {}
         self._names: dict[str, Runtime] = {}
         self._content_ids: dict[str, str] = {}  # a discovered model's content id -> its name
@@ -163,6 +158,8 @@ class ModelManager:
         self._seq = itertools.count()
         self._shutting_down = False
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
+        # starts and stops workers (proxy.lifecycle); state changes still go through _transition here
+        self.lifecycle = Lifecycle(self, worker_factory or Worker, self._runtime_dir)
         atexit.register(self._kill_all_sync)
 
     @property
@@ -268,7 +265,7 @@ class ModelManager:
                 del self._runtimes[rt.config.name]
         elif rt.state is State.READY and not rt.draining:
             why = "no longer in the catalog" if rt.retired else "its config changed"
-            self._begin_stop(rt, why, UnloadReason.CONFIG)
+            self.lifecycle.begin_stop(rt, why, UnloadReason.CONFIG)
 
     def add_content_id(self, name: str, content_id: str) -> None:
         """Let ``content_id`` name the model ``name`` too (unless that name is taken)."""
@@ -369,9 +366,9 @@ class ModelManager:
             case Reload(wants=wants):
                 was = {k: rt.effective.options.get(k) for k in wants}
                 log.info("model %s: reloading with %s (was %s)", rt.config.name, shown(wants), shown(was))
-                self._begin_stop(rt, f"a request asks for {shown(wants)}", UnloadReason.OPTIONS)
+                self.lifecycle.begin_stop(rt, f"a request asks for {shown(wants)}", UnloadReason.OPTIONS)
             case RestartForConfig():
-                self._begin_stop(rt, "its config changed", UnloadReason.CONFIG)
+                self.lifecycle.begin_stop(rt, "its config changed", UnloadReason.CONFIG)
             case NeedFirst(overrides=overrides):
                 await self._need_first(rt, overrides)
             case Start():
@@ -403,7 +400,7 @@ class ModelManager:
         rt.blockers = move.blockers
         if move.warning:
             log.warning("model %s: %s", rt.config.name, move.warning)
-        self._begin_start(rt, move.gpu, move.split)
+        self.lifecycle.begin_start(rt, move.gpu, move.split)
 
     async def _wait_for_start(self, rt: Runtime, place: _Place) -> None:
         assert rt.start_task is not None  # scheduler.next_move: a start under way
@@ -424,7 +421,7 @@ class ModelManager:
             rt.waiting = move.reason
         if isinstance(move, Evict):
             for victim in move.victims:
-                self._begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}", UnloadReason.EVICTED)
+                self.lifecycle.begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}", UnloadReason.EVICTED)
         self._enqueue(place)
         if isinstance(move, Recover):
             await self._wait(move.wake_at - self.clock.monotonic())
@@ -529,11 +526,11 @@ class ModelManager:
         """Stop the spares that are not ``rt``'s (their memory is wanted); True when there were any."""
         if self.spares is None or not self.spares.dismiss_others(rt.config):
             return False
-        self._stopped_at = self.clock.monotonic()  # the box gives their memory back in a moment
+        self.lifecycle.stopped_at = self.clock.monotonic()  # the box gives their memory back in a moment
         return True
 
     def _decide(self, rt: Runtime, need: Need | None = None) -> Decision:
-        recovering = self.clock.monotonic() < self._stopped_at + self.settings.memory.recovery_timeout
+        recovering = self.clock.monotonic() < self.lifecycle.stopped_at + self.settings.memory.recovery_timeout
         spares, mine = self._spare_occupants(rt)
         snap = self.snapshot()
         if mine:
@@ -603,7 +600,7 @@ class ModelManager:
         if rt.retired or rt.pending is not None:
             self._forget_or_stop(rt)
         elif rt.keep_alive <= 0:
-            self._begin_stop(rt, "keep_alive is 0", UnloadReason.IDLE)
+            self.lifecycle.begin_stop(rt, "keep_alive is 0", UnloadReason.IDLE)
         elif not math.isinf(rt.keep_alive):
             rt.idle_deadline = self.clock.monotonic() + rt.keep_alive
             rt.idle_timer = self.clock.call_later(rt.keep_alive, lambda: self._expire(rt))
@@ -612,7 +609,7 @@ class ModelManager:
         rt.idle_timer = None
         if rt.state is State.READY and rt.in_flight == 0 and rt.waiters == 0:
             log.info("model %s: keep_alive of %gs ran out; unloading", rt.config.name, rt.keep_alive)
-            self._begin_stop(rt, "keep_alive ran out", UnloadReason.IDLE)
+            self.lifecycle.begin_stop(rt, "keep_alive ran out", UnloadReason.IDLE)
 
     # -- state ------------------------------------------------------------------------------
     def _transition(self, rt: Runtime, new: State, reason: str) -> None:
@@ -623,179 +620,13 @@ class ModelManager:
         old, rt.state = rt.state, new
         self.events.publish(StateChanged(model=rt.config.name, old=old.value, new=new.value, reason=reason))
 
-    # -- start / stop -----------------------------------------------------------------------
-    def _begin_start(self, rt: Runtime, gpu: int | None, split: tuple[tuple[int, int], ...] = ()) -> None:
-        self._transition(rt, State.STARTING, "requested")
-        rt.gpu, rt.split = gpu, split
-        rt.peak = Need(0, 0, "measured")
-        rt.progress, rt.phase = 0.0, "starting"
-        rt.worker = self._new_worker(rt)
-        rt.start_task = asyncio.create_task(self._start(rt, rt.worker))
-        rt.start_task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        self._notify()
-
-    def _new_worker(self, rt: Runtime) -> WorkerHandle:
-        worker = self._factory(rt.placed, self._runtime_dir, self._on_worker_exit)
-        worker.on_progress = lambda fraction, phase: self._on_progress(rt, worker, fraction, phase)
-        return worker
-
-    def _on_progress(self, rt: Runtime, worker: WorkerHandle, fraction: float, phase: str) -> None:
-        """A starting worker's load progress (its progress lines): kept on the runtime for /status."""
-        if rt.worker is worker and rt.state is State.STARTING:
-            rt.progress, rt.phase = fraction, phase
-            self.events.publish(LoadProgress(model=rt.config.name, progress=fraction, detail=phase))
-
+    # -- start progress ---------------------------------------------------------------------
     def loading(self, name: str) -> tuple[float, str] | None:
         """A starting model's load progress (fraction, phase); None when it is not starting."""
         rt = self._runtime(name)
         if rt.state is not State.STARTING or rt.progress is None:
             return None
         return rt.progress, rt.phase or ""
-
-    async def _start(self, rt: Runtime, worker: WorkerHandle) -> None:
-        began = self.clock.monotonic()
-        log.info("model %s: starting%s", rt.config.name, f" on cuda:{rt.gpu}" if rt.gpu is not None else "")
-        self.events.publish(LoadStarted(model=rt.config.name))
-        try:
-            try:
-                await worker.start()
-            except ModelLoadFailed as exc:
-                if not out_of_memory(worker, exc):
-                    raise
-                worker = await self._retry_after_oom(rt, exc)
-        except ProxyError as exc:
-            self._transition(rt, State.FAILED, "its start failed")
-            rt.progress = rt.phase = None
-            rt.worker = None
-            rt.last_error = exc.message
-            rt.failures += 1
-            rt.retry_at = self.clock.monotonic() + backoff(rt.failures)
-            log.error("model %s: failed to start: %s", rt.config.name, exc.message)
-            self._load_ended(rt, began, exc.message)
-            self._notify()
-            raise
-        except BaseException as exc:
-            self._transition(rt, State.STOPPED, f"its start ended with {type(exc).__name__}")
-            rt.progress = rt.phase = None
-            rt.worker = None
-            self._load_ended(rt, began, f"its start ended with {type(exc).__name__}")
-            self._notify()
-            raise
-        self._transition(rt, State.READY, "the worker is up")
-        for ticket in rt.tickets:
-            ticket.batch = True
-        rt.progress = rt.phase = None
-        rt.failures = 0
-        rt.last_error = None
-        rt.load_duration = self.clock.monotonic() - began
-        rt.loaded_at = self.clock.time()
-        rt.last_used = self.clock.monotonic()
-        log.info("model %s: ready in %.2fs (pid %s)", rt.config.name, rt.load_duration, worker.pid)
-        self._load_ended(rt, began, None)
-        self._measure(rt, worker)
-        self._watch_progress(rt, worker)
-        self._maybe_idle(rt)
-        self._notify()
-
-    def _load_ended(self, rt: Runtime, began: float, error: str | None) -> None:
-        seconds = self.clock.monotonic() - began
-        self.events.publish(LoadEnded(model=rt.config.name, seconds=seconds, ok=error is None, error=error))
-
-    async def _retry_after_oom(self, rt: Runtime, exc: ModelLoadFailed) -> WorkerHandle:
-        """A load that ran out of memory: unload every idle model, wait for the memory, try once more."""
-        idle = [
-            o
-            for o in self._runtimes.values()
-            if o is not rt and o.state is State.READY and o.config.url is None and o.in_flight == 0 and o.waiters == 0
-        ]
-        log.warning(
-            "model %s: its worker ran out of memory while loading; unloading %s and trying once more",
-            rt.config.name,
-            ", ".join(o.config.name for o in idle) or "nothing (no idle model)",
-        )
-        await asyncio.gather(
-            *(self._begin_stop(o, f"out of memory loading {rt.config.name}", UnloadReason.EVICTED) for o in idle)
-        )
-        deadline = self.clock.monotonic() + self.settings.memory.recovery_timeout
-        while self._decide(rt).kind not in ("start", "refuse") and self.clock.monotonic() < deadline:
-            await self._wait(RECOVERY_POLL)
-        worker = self._new_worker(rt)
-        rt.progress, rt.phase = 0.0, "starting again"
-        rt.worker = worker
-        try:
-            await worker.start()
-        except ModelLoadFailed as again:
-            if rt.worker is worker:
-                rt.worker = None
-            oom = " (out of memory again, after unloading every idle model)" if out_of_memory(worker, again) else ""
-            raise ModelLoadFailed(f"{again.message}{oom}", retry_after=again.retry_after) from exc
-        return worker
-
-    # -- stall watchdog (proxy.watchdog) -------------------------------------------------------
-    def _watch_progress(self, rt: Runtime, worker: WorkerHandle) -> None:
-        """Kill this worker when it has requests in flight and makes no progress for ``stall_timeout``
-        (``StallWatch``), unless they wait on their clients' reading."""
-
-        def activity() -> Activity | None:
-            if rt.worker is not worker or rt.state is not State.READY:
-                return None
-            return Activity(rt.in_flight, rt.writing)
-
-        rt.watchdog = StallWatch.start(self.clock, self.settings.stall_timeout, worker, rt.config.name, activity)
-
-    def _begin_stop(
-        self, rt: Runtime, reason: str, cause: UnloadReason, grace: float | None = None
-    ) -> asyncio.Task[None]:
-        """Stop its worker: SIGTERM, ``grace`` (its ``unload_grace`` by default), then SIGKILL; ``cause`` is
-        the unload event's reason."""
-        if rt.stop_task is not None:
-            return rt.stop_task
-        self._cancel_idle(rt)
-        rt.stop_cause = cause
-        self._transition(rt, State.STOPPING, reason)
-        # the next load is a first load again: its keep_alive is the config's until a request is served
-        rt.keep_alive, rt.keep_alive_set = rt.default_keep_alive, False
-        rt.stop_task = asyncio.create_task(
-            self._stop(rt, rt.worker, rt.config.unload_grace if grace is None else grace)
-        )
-        self._notify()
-        return rt.stop_task
-
-    async def _stop(self, rt: Runtime, worker: WorkerHandle | None, grace: float) -> None:
-        try:
-            if worker is not None:
-                await worker.stop(grace)
-        finally:
-            if rt.worker is worker:
-                rt.worker = None
-            self._transition(rt, State.STOPPED, "the worker is stopped")
-            if worker is not None:  # a start that never ran unloads nothing
-                self.events.publish(Unloaded(model=rt.config.name, reason=rt.stop_cause))
-            self._stopped_at = self.clock.monotonic()
-            rt.need = rt.counted  # the next load starts from what this one measured
-            rt.gpu, rt.split = None, ()
-            rt.stop_task = None
-            rt.loaded_at = None
-            log.info("model %s: stopped", rt.config.name)
-            self._forget_or_stop(rt)
-            self._notify()
-
-    def _on_worker_exit(self, worker: WorkerHandle) -> None:
-        for rt in self._runtimes.values():
-            if rt.worker is worker and rt.state is State.READY:
-                why = worker.kill_reason or f"the worker exited unexpectedly with code {worker.returncode}"
-                rt.last_error = f"{why}; its log ends:\n{worker.log_tail()}"
-                self._cancel_idle(rt)
-                rt.worker = None
-                self._transition(rt, State.STOPPED, why)
-                self.events.publish(Unloaded(model=rt.config.name, reason=UnloadReason.CRASH, detail=why))
-                self._stopped_at = self.clock.monotonic()
-                rt.gpu, rt.split = None, ()
-                rt.loaded_at = None
-                rt.keep_alive, rt.keep_alive_set = rt.default_keep_alive, False
-                asyncio.get_running_loop().create_task(worker.stop(0))  # reap, close its client
-                self._forget_or_stop(rt)
-                self._notify()
 
     # -- by hand ----------------------------------------------------------------------------
     async def unload(self, name: str, *, force: bool = False) -> bool:
@@ -821,7 +652,9 @@ class ModelManager:
                     log.warning("model %s: unload: %d requests %s; killing", rt.config.name, rt.in_flight, why)
             task = rt.stop_task if rt.state is State.STOPPING else None
             if rt.state is State.READY:
-                task = self._begin_stop(rt, "unload" if grace else "unload: killed", UnloadReason.ADMIN, grace=grace)
+                task = self.lifecycle.begin_stop(
+                    rt, "unload" if grace else "unload: killed", UnloadReason.ADMIN, grace=grace
+                )
             elif force and rt.worker is not None:
                 rt.worker.kill("unload forced")  # a stop under way: its SIGTERM grace is cut short
             if task is not None:
@@ -863,7 +696,7 @@ class ModelManager:
             reader.cancel()
         await asyncio.gather(*reading, return_exceptions=True)
         stops = [
-            self._begin_stop(rt, "shutdown", UnloadReason.SHUTDOWN)
+            self.lifecycle.begin_stop(rt, "shutdown", UnloadReason.SHUTDOWN)
             for rt in self._runtimes.values()
             if rt.worker is not None
         ]
