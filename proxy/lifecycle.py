@@ -1,7 +1,7 @@
 """Start and stop of a model's worker, on its ``Runtime``: the load (with one retry after running out of
 memory), the stop (SIGTERM, grace, SIGKILL), a worker that exits on its own, and the stall watchdog put on a
-ready worker. The manager decides; this carries out its starts and stops, and changes state only through
-the manager (``Host._transition``)."""
+ready worker; the idle timer that unloads it when its keep_alive runs out. The manager decides; this carries
+out its starts and stops, and changes state only through the manager (``Host._transition``)."""
 
 from __future__ import annotations
 
@@ -43,11 +43,9 @@ class Host(Protocol):
 
     def _measure(self, rt: Runtime, worker: WorkerHandle) -> None: ...
 
-    def _maybe_idle(self, rt: Runtime) -> None: ...
-
     def _forget_or_stop(self, rt: Runtime) -> None: ...
 
-    def _cancel_idle(self, rt: Runtime) -> None: ...
+    def _replenish_spare(self, rt: Runtime) -> None: ...
 
 
 class Lifecycle:
@@ -58,6 +56,37 @@ class Lifecycle:
         self._factory = factory
         self._runtime_dir = runtime_dir
         self.stopped_at = -math.inf  # when a worker last stopped (its memory may not be back yet)
+
+    # -- idle timers (keep_alive) ------------------------------------------------------------------------
+    def cancel_idle(self, rt: Runtime) -> None:
+        if rt.idle_timer is not None:
+            rt.idle_timer.cancel()
+        rt.idle_timer = None
+        rt.idle_deadline = None
+
+    def maybe_idle(self, rt: Runtime) -> None:
+        """Start the idle timer when nothing is in flight or waiting (DESIGN.md's rule)."""
+        if rt.state in (State.STOPPED, State.FAILED):
+            # the last request on a worker that crashed under it: a model gone from the catalog goes now
+            self.host._forget_or_stop(rt)
+            return
+        if rt.state is not State.READY or rt.in_flight > 0 or rt.waiters > 0 or rt.draining:
+            return
+        self.cancel_idle(rt)
+        self.host._replenish_spare(rt)
+        if rt.retired or rt.pending is not None:
+            self.host._forget_or_stop(rt)
+        elif rt.keep_alive <= 0:
+            self.begin_stop(rt, "keep_alive is 0", UnloadReason.IDLE)
+        elif not math.isinf(rt.keep_alive):
+            rt.idle_deadline = self.host.clock.monotonic() + rt.keep_alive
+            rt.idle_timer = self.host.clock.call_later(rt.keep_alive, lambda: self._expire(rt))
+
+    def _expire(self, rt: Runtime) -> None:
+        rt.idle_timer = None
+        if rt.state is State.READY and rt.in_flight == 0 and rt.waiters == 0:
+            log.info("model %s: keep_alive of %gs ran out; unloading", rt.config.name, rt.keep_alive)
+            self.begin_stop(rt, "keep_alive ran out", UnloadReason.IDLE)
 
     def begin_start(self, rt: Runtime, gpu: int | None, split: tuple[tuple[int, int], ...] = ()) -> None:
         self.host._transition(rt, State.STARTING, "requested")
@@ -122,7 +151,7 @@ class Lifecycle:
         self._load_ended(rt, began, None)
         self.host._measure(rt, worker)
         self._watch_progress(rt, worker)
-        self.host._maybe_idle(rt)
+        self.maybe_idle(rt)
         self.host._notify()
 
     def _load_ended(self, rt: Runtime, began: float, error: str | None) -> None:
@@ -180,7 +209,7 @@ class Lifecycle:
         the unload event's reason."""
         if rt.stop_task is not None:
             return rt.stop_task
-        self.host._cancel_idle(rt)
+        self.cancel_idle(rt)
         rt.stop_cause = cause
         self.host._transition(rt, State.STOPPING, reason)
         # the next load is a first load again: its keep_alive is the config's until a request is served
@@ -215,7 +244,7 @@ class Lifecycle:
             if rt.worker is worker and rt.state is State.READY:
                 why = worker.kill_reason or f"the worker exited unexpectedly with code {worker.returncode}"
                 rt.last_error = f"{why}; its log ends:\n{worker.log_tail()}"
-                self.host._cancel_idle(rt)
+                self.cancel_idle(rt)
                 rt.worker = None
                 self.host._transition(rt, State.STOPPED, why)
                 self.host.events.publish(Unloaded(model=rt.config.name, reason=UnloadReason.CRASH, detail=why))

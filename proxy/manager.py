@@ -17,21 +17,20 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import math
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from proxy import room, status
 from proxy import runtime_options as ropts
-from proxy.admission import Decision, Occupant, Snapshot, budgets, decide
+from proxy.admission import Decision, budgets
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
 from proxy.errors import (
     InsufficientMemory,
     ModelLoadFailed,
-    ModelNotFound,
     ProxyError,
     QueueFull,
     Unavailable,
@@ -41,6 +40,7 @@ from proxy.lifecycle import Lifecycle
 from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
 from proxy.needs import Needs
 from proxy.nvml import Nvml
+from proxy.registry import Registry
 from proxy.runtime import (
     TRANSITIONS,
     InvalidTransition,
@@ -48,8 +48,6 @@ from proxy.runtime import (
     State,
     WorkerFactory,
     WorkerHandle,
-    device,
-    per_gpu,
     view,
 )
 from proxy.runtime import (
@@ -72,8 +70,6 @@ from proxy.scheduler import (
     World,
     kept_alive,
     next_move,
-    overdue,
-    overtaken,
     shown,
 )
 from proxy.spares import SpareKey, Spares
@@ -147,12 +143,9 @@ class ModelManager:
         self.probe: MemoryProbe = probe or SystemProbe(Nvml.open())
         # need-finding (proxy.needs): estimates, GGUF facts, measured peaks, the cache file
         self.needs = Needs(store or MemoryStore(settings.models_dir / ".cache" / "memory.json"), self.probe)
-        self._runtimes: dict[str, Runtime] = {}
-        self._names: dict[str, Runtime] = {}
-        self._content_ids: dict[str, str] = {}  # a discovered model's content id -> its name
-        for cfg in settings.models:
-            self._runtimes[cfg.name] = self._new_runtime(cfg)
-        self._index()
+        # the catalog (proxy.registry); _runtimes is its dict of runtimes by name
+        self.registry = Registry(settings.models, settings.keep_alive)
+        self._runtimes = self.registry.runtimes
         self._changed = asyncio.Event()
         self._queued = 0
         self._seq = itertools.count()
@@ -174,45 +167,19 @@ class ModelManager:
     # -- lookup -----------------------------------------------------------------------------
     def resolve(self, name: object) -> ModelConfig:
         """Its config; after a reload changed it, the new one (requests from then on wait for its restart)."""
-        rt = self._runtime(name)
+        rt = self.registry.lookup(name)
         return rt.pending or rt.config
-
-    def _runtime(self, name: object) -> Runtime:
-        if not isinstance(name, str) or not name:
-            raise ModelNotFound(str(name))
-        rt = self._names.get(name)
-        if rt is None and name.endswith(":latest"):
-            rt = self._names.get(name[: -len(":latest")])
-        if rt is None and ":" not in name:
-            rt = self._names.get(f"{name}:latest")
-        if rt is None:
-            raise ModelNotFound(name)
-        return rt
 
     @property
     def configs(self) -> list[ModelConfig]:
-        return [rt.config for rt in self._runtimes.values() if not rt.retired]
+        return self.registry.configs
 
     @property
     def pending_configs(self) -> list[ModelConfig]:
         """The new configs of loaded models that restart with them when idle (a reload)."""
-        return [rt.pending for rt in self._runtimes.values() if rt.pending is not None and not rt.retired]
+        return self.registry.pending_configs
 
-    # -- the catalog (start-up, rescans) -------------------------------------------------------
-    def _new_runtime(self, cfg: ModelConfig) -> Runtime:
-        return Runtime(cfg, self._default_keep_alive(cfg))
-
-    def _index(self) -> None:
-        self._names = {}
-        for rt in self._runtimes.values():
-            if not rt.retired:
-                for name in (rt.config.name, *rt.config.aliases):
-                    self._names[name] = rt
-        for cid, name in self._content_ids.items():
-            owner = self._runtimes.get(name)
-            if owner is not None and not owner.retired:
-                self._names.setdefault(cid, owner)
-
+    # -- the catalog (proxy.registry: start-up, rescans) -------------------------------------------
     def replace_models(self, configs: list[ModelConfig], settings: Settings | None = None) -> None:
         """A new catalog (a rescan, a config reload with its ``settings``: limits and defaults apply at
         once). A model still in it keeps its state: a stopped one takes its new config, a loaded one whose
@@ -222,55 +189,27 @@ class ModelManager:
         is then forgotten."""
         if settings is not None:
             self.settings = settings
-            for rt in self._runtimes.values():
-                rt.default_keep_alive = self._default_keep_alive(rt.config)
-        wanted = {cfg.name: cfg for cfg in configs}
-        for name, rt in list(self._runtimes.items()):
-            if name in wanted:
-                rt.retired = False
-                cfg = wanted[name]
-                rt.pending = cfg if cfg != rt.config else None
-                if rt.pending is not None and rt.state not in (State.STOPPED, State.FAILED):
-                    log.info("model %s: its config changed; it restarts with it when its requests in flight end", name)
-                self._forget_or_stop(rt)
-            elif not rt.retired:
-                rt.retired = True
-                rt.pending = None
-                log.info("model %s: no longer in the catalog; it unloads when idle", name)
-                self._forget_or_stop(rt)
-        for name, cfg in wanted.items():
-            if name not in self._runtimes:
-                self._runtimes[name] = self._new_runtime(cfg)
-        self._index()
+            self.registry.keep_alive = settings.keep_alive
+        self.registry.replace(configs, self._forget_or_stop, defaults=settings is not None)
         self._notify()
-
-    def _default_keep_alive(self, cfg: ModelConfig) -> float:
-        return cfg.keep_alive if cfg.keep_alive is not None else self.settings.keep_alive
 
     def _forget_or_stop(self, rt: Runtime) -> None:
         """A retired model: forgotten when stopped and unused, stopped when loaded and idle. A changed one
         (``pending``): takes its new config once stopped, is stopped when loaded and idle."""
         if rt.pending is not None and rt.state in (State.STOPPED, State.FAILED):
-            rt.config, rt.pending = rt.pending, None
-            rt.need, rt.need_task = None, None
-            rt.default_keep_alive = rt.keep_alive = self._default_keep_alive(rt.config)
-            rt.keep_alive_set = False
-            rt.failures, rt.retry_at = 0, 0.0  # a new config deserves a try at once
-            self._index()
+            self.registry.renew(rt)
             return
         if not (rt.retired or rt.pending is not None) or rt.in_flight > 0 or rt.waiters > 0:
             return
         if rt.state in (State.STOPPED, State.FAILED):
-            if self._runtimes.get(rt.config.name) is rt:
-                del self._runtimes[rt.config.name]
+            self.registry.forget(rt)
         elif rt.state is State.READY and not rt.draining:
             why = "no longer in the catalog" if rt.retired else "its config changed"
             self.lifecycle.begin_stop(rt, why, UnloadReason.CONFIG)
 
     def add_content_id(self, name: str, content_id: str) -> None:
         """Let ``content_id`` name the model ``name`` too (unless that name is taken)."""
-        self._content_ids[content_id] = name
-        self._index()
+        self.registry.add_content_id(name, content_id)
 
     # -- change notification ----------------------------------------------------------------
     def _notify(self) -> None:
@@ -303,7 +242,7 @@ class ModelManager:
 
         Each step: ``scheduler.next_move`` over the models as plain data, the move carried out here, then
         a wait for the next change."""
-        rt = self._runtime(name)
+        rt = self.registry.lookup(name)
         wants, need = await self._wants(rt, options) if options else ({}, None)
         self._refuse_if_shutting_down()
         ticket = Ticket(
@@ -315,7 +254,7 @@ class ModelManager:
         lease: Lease | None = None
         try:
             if rt.config.url is None:
-                await self._ensure_need(rt)
+                await self.needs.ensure(rt)
                 self._refuse_if_shutting_down()
             while lease is None:
                 lease = await self._step(rt, ticket, place)
@@ -339,7 +278,7 @@ class ModelManager:
         if place.queued:
             self._queued -= 1
         if not leased:
-            self._maybe_idle(rt)
+            self.lifecycle.maybe_idle(rt)
             self._forget_or_stop(rt)
             self._notify()  # a place in line is free
 
@@ -381,7 +320,7 @@ class ModelManager:
 
     def _serve(self, rt: Runtime, ticket: Ticket, place: _Place) -> Lease:
         assert rt.worker is not None  # a ready model that is served has one (scheduler.next_move)
-        self._cancel_idle(rt)
+        self.lifecycle.cancel_idle(rt)
         rt.in_flight += 1
         now = self.clock.monotonic()
         rt.last_used = now
@@ -393,7 +332,7 @@ class ModelManager:
     async def _need_first(self, rt: Runtime, overrides: Mapping[str, Any]) -> None:
         if dict(overrides) != rt.overrides:  # a load with other runtime options: its need anew
             rt.overrides, rt.need = dict(overrides), None
-        await self._ensure_need(rt)  # (also after its config changed while this request waited)
+        await self.needs.ensure(rt)  # (also after its config changed while this request waited)
         self._refuse_if_shutting_down()
 
     def _start_move(self, rt: Runtime, move: Start) -> None:
@@ -457,20 +396,20 @@ class ModelManager:
             )
         if not allowed:
             return {}, None
-        facts = await self._gguf_facts(cfg)
+        facts = await self.needs.gguf_facts(cfg)
         for key, value in allowed.items():
             ropts.check_bound(key, value, int(facts.get("context_length") or 0) if facts else 0)
         wants = ropts.backend_options(cfg.backend, allowed)
         loaded = ropts.with_options(cfg, wants)
-        need = self._need_now(loaded)
-        return wants, need if need is not None else await self._need_from_gguf(loaded)
+        need = self.needs.now(loaded)
+        return wants, need if need is not None else await self.needs.from_gguf(loaded)
 
     def _release(self, rt: Runtime) -> None:
         rt.in_flight -= 1
         rt.last_used = self.clock.monotonic()
         if rt.worker is not None and rt.state is State.READY:
             self._measure(rt, rt.worker)
-        self._maybe_idle(rt)
+        self.lifecycle.maybe_idle(rt)
         self._notify()
 
     async def _wait(self, seconds: float) -> None:
@@ -482,38 +421,7 @@ class ModelManager:
         finally:
             timer.cancel()
 
-    # -- memory -------------------------------------------------------------------------------
-    def _occupants(self, rt: Runtime) -> list[Occupant]:
-        now = self.clock.monotonic()
-        world = self.world()
-        late = overdue(world)
-        out = []
-        for o in self._runtimes.values():
-            if o is rt or not o.occupies_slot:
-                continue
-            remaining = o.idle_deadline - now if o.idle_deadline is not None else o.keep_alive
-            occupant = Occupant(
-                name=o.config.name,
-                state=o.state.value,  # type: ignore[arg-type]  # starting, ready or stopping here
-                need=o.counted,
-                gpu=o.gpu,
-                # its waiting requests keep it only while none for a model in its way waited too long
-                busy=o.in_flight > 0 or o.draining or any(not overtaken(world, t, late) for t in o.tickets),
-                keep_alive=o.keep_alive,
-                remaining=remaining,
-                last_used=o.last_used,
-                pinned=math.isinf(o.keep_alive) and not self.settings.memory.evict_pinned,
-            )
-            out += per_gpu(occupant, o.split) if o.split else [occupant]
-        return out
-
-    def snapshot(self) -> Snapshot:
-        return Snapshot(self.probe.ram_total(), self.probe.ram_available(), self.probe.gpus())
-
     # -- warm spares (proxy.spares): what they hold counts like a model's need; the first to go for room ----
-    def _spare_occupants(self, rt: Runtime) -> tuple[list[Occupant], int]:
-        return self.spares.occupants(rt.config, self.probe) if self.spares is not None else ([], 0)
-
     def _replenish_spare(self, rt: Runtime) -> None:
         """A model of this kind is loaded and idle: have a spare of its kind ready for the next load. Not
         earlier: on a small box the spare's imports would slow this load and its first answers."""
@@ -530,39 +438,13 @@ class ModelManager:
         return True
 
     def _decide(self, rt: Runtime, need: Need | None = None) -> Decision:
+        """Admission for ``rt`` now (``proxy.room``, ``admission.decide``)."""
         recovering = self.clock.monotonic() < self.lifecycle.stopped_at + self.settings.memory.recovery_timeout
-        spares, mine = self._spare_occupants(rt)
-        snap = self.snapshot()
-        if mine:
-            snap = dataclasses.replace(snap, ram_available=snap.ram_available + mine)
-        return decide(
-            rt.config.name,
-            need or rt.need or Need(0, 0, "unknown"),
-            rt.config.gpus,
-            [*self._occupants(rt), *spares],
-            snap,
-            self.settings.memory,
-            self.settings.max_loaded_models,
-            recovering,
-            span=rt.config.span_gpus,
-        )
+        now = self.clock.monotonic()
+        others = room.occupants(rt, self._runtimes.values(), self.world(), now, self.settings.memory.evict_pinned)
+        return room.admit(rt, need, others, self.probe, self.spares, self.settings, recovering)
 
-    # -- need-finding: proxy.needs (these delegate, for the call sites here and the api routes) --------
-    async def _ensure_need(self, rt: Runtime) -> Need:
-        return await self.needs.ensure(rt)
-
-    def _fingerprint(self, cfg: ModelConfig) -> str:
-        return self.needs.fingerprint(cfg)
-
-    def _need_now(self, cfg: ModelConfig) -> Need | None:
-        return self.needs.now(cfg)
-
-    async def _need_from_gguf(self, cfg: ModelConfig) -> Need:
-        return await self.needs.from_gguf(cfg)
-
-    async def _gguf_facts(self, cfg: ModelConfig) -> dict[str, Any] | None:
-        return await self.needs.gguf_facts(cfg)
-
+    # -- need-finding: proxy.needs (this delegates, for the api routes) ---------------------------------
     async def gguf_metadata(self, cfg: ModelConfig) -> dict[str, Any] | None:
         """A llama.cpp model's GGUF metadata as Ollama's /api/show has it (``Needs.gguf_metadata``)."""
         return await self.needs.gguf_metadata(cfg)
@@ -578,38 +460,7 @@ class ModelManager:
     def memory_status(self) -> dict[str, Any]:
         """Budgets and what is free, for /status."""
         limits = self.settings.memory
-        return {**budgets(limits, self.snapshot()), "limits": dataclasses.asdict(limits)}
-
-    # -- idle timers ------------------------------------------------------------------------
-    def _cancel_idle(self, rt: Runtime) -> None:
-        if rt.idle_timer is not None:
-            rt.idle_timer.cancel()
-        rt.idle_timer = None
-        rt.idle_deadline = None
-
-    def _maybe_idle(self, rt: Runtime) -> None:
-        """Start the idle timer when nothing is in flight or waiting (DESIGN.md's rule)."""
-        if rt.state in (State.STOPPED, State.FAILED):
-            # the last request on a worker that crashed under it: a model gone from the catalog goes now
-            self._forget_or_stop(rt)
-            return
-        if rt.state is not State.READY or rt.in_flight > 0 or rt.waiters > 0 or rt.draining:
-            return
-        self._cancel_idle(rt)
-        self._replenish_spare(rt)
-        if rt.retired or rt.pending is not None:
-            self._forget_or_stop(rt)
-        elif rt.keep_alive <= 0:
-            self.lifecycle.begin_stop(rt, "keep_alive is 0", UnloadReason.IDLE)
-        elif not math.isinf(rt.keep_alive):
-            rt.idle_deadline = self.clock.monotonic() + rt.keep_alive
-            rt.idle_timer = self.clock.call_later(rt.keep_alive, lambda: self._expire(rt))
-
-    def _expire(self, rt: Runtime) -> None:
-        rt.idle_timer = None
-        if rt.state is State.READY and rt.in_flight == 0 and rt.waiters == 0:
-            log.info("model %s: keep_alive of %gs ran out; unloading", rt.config.name, rt.keep_alive)
-            self.lifecycle.begin_stop(rt, "keep_alive ran out", UnloadReason.IDLE)
+        return {**budgets(limits, room.snapshot(self.probe)), "limits": dataclasses.asdict(limits)}
 
     # -- state ------------------------------------------------------------------------------
     def _transition(self, rt: Runtime, new: State, reason: str) -> None:
@@ -623,7 +474,7 @@ class ModelManager:
     # -- start progress ---------------------------------------------------------------------
     def loading(self, name: str) -> tuple[float, str] | None:
         """A starting model's load progress (fraction, phase); None when it is not starting."""
-        rt = self._runtime(name)
+        rt = self.registry.lookup(name)
         if rt.state is not State.STARTING or rt.progress is None:
             return None
         return rt.progress, rt.phase or ""
@@ -632,7 +483,7 @@ class ModelManager:
     async def unload(self, name: str, *, force: bool = False) -> bool:
         """Wait for in-flight requests at most ``unload_grace``, then stop the worker (killed at once when
         requests are still in flight then, or with ``force``). False when nothing was loaded."""
-        rt = self._runtime(name)
+        rt = self.registry.lookup(name)
         if rt.state is State.STARTING and rt.start_task is not None:
             with contextlib.suppress(ProxyError):
                 await asyncio.shield(rt.start_task)
@@ -684,7 +535,7 @@ class ModelManager:
     async def shutdown(self) -> None:
         self._shutting_down = True  # no new leases: a start now would race the stops below
         for rt in self._runtimes.values():
-            self._cancel_idle(rt)
+            self.lifecycle.cancel_idle(rt)
         starting = [rt.start_task for rt in self._runtimes.values() if rt.start_task and not rt.start_task.done()]
         for task in starting:
             task.cancel()
@@ -716,70 +567,24 @@ class ModelManager:
             if rt.worker is not None:
                 rt.worker.kill_sync()
 
-    # -- status ------------------------------------------------------------------------------
-    def _expires_at(self, rt: Runtime) -> float | None:
-        if rt.state is not State.READY:
-            return None
-        if math.isinf(rt.keep_alive):
-            return math.inf
-        now_mono, now_wall = self.clock.monotonic(), self.clock.time()
-        deadline = rt.idle_deadline if rt.idle_deadline is not None else now_mono + rt.keep_alive
-        return now_wall + (deadline - now_mono)
-
+    # -- status (proxy.status) -------------------------------------------------------------------
     def status(self) -> Iterator[ModelStatus]:
-        for rt in self._runtimes.values():
-            worker = rt.worker
-            pid = worker.pid if worker is not None else None
-            running = rt.state in (State.STARTING, State.READY) and rt.config.url is None
-            vram = sum(self.probe.vram(pid).values()) if pid and running else None
-            yield ModelStatus(
-                name=rt.config.name,
-                backend=rt.config.backend,
-                state=rt.state.value,
-                pid=worker.pid if worker is not None else None,
-                in_flight=rt.in_flight,
-                keep_alive=rt.keep_alive,
-                expires_at=self._expires_at(rt),
-                loaded_at=rt.loaded_at,
-                last_error=rt.last_error,
-                rss_bytes=self.probe.rss(pid) if pid else None,
-                config=rt.effective,
-                need=rt.counted if rt.state is State.READY else rt.need,
-                device=device(rt) if running else None,
-                vram_bytes=vram,
-                waiting=rt.waiting,
-                queued=rt.waiters,
-                progress=rt.progress if rt.state is State.STARTING else None,
-                phase=rt.phase if rt.state is State.STARTING else None,
-            )
+        return status.models(self._runtimes.values(), self.clock, self.probe)
 
     async def worker_reports(self) -> dict[str, dict[str, Any]]:
         """Each ready worker's own /health (progress of a running job, device, ...), asked at once."""
-        ready = [
-            rt
-            for rt in self._runtimes.values()
-            if rt.state is State.READY and rt.worker is not None and rt.worker.upstream is not None
-        ]
-
-        async def ask(rt: Runtime) -> dict[str, Any] | None:
-            assert rt.worker is not None and rt.worker.upstream is not None
-            return await rt.worker.upstream.health_report(rt.config.health_path)
-
-        reports = await asyncio.gather(*(ask(rt) for rt in ready))
-        return {rt.config.name: r for rt, r in zip(ready, reports, strict=True) if r is not None}
+        return await status.worker_reports(self._runtimes.values())
 
     def spare_status(self) -> list[dict[str, Any]]:
         """The warm spares, for /status: backend, pid, state (importing, waiting) and RSS."""
-        if self.spares is None:
-            return []
-        return [{**s, "rss_bytes": self.probe.rss(int(str(s["pid"])))} for s in self.spares.status()]
+        return status.spares(self.spares, self.probe)
 
     def is_loaded(self, name: str) -> bool:
-        return self._runtime(name).state is State.READY
+        return self.registry.lookup(name).state is State.READY
 
     def state_of(self, name: str) -> str:
         """Its state now (``State``'s value)."""
-        return self._runtime(name).state.value
+        return self.registry.lookup(name).state.value
 
     @property
     def queued(self) -> int:
