@@ -5,8 +5,12 @@ it is serial on the event loop without a lock. Request handlers ask for a ``Leas
 it in one ``finally``; they never read-then-act on state themselves.
 
 States per model: stopped -> starting -> ready -> stopping -> stopped, and failed (with the
-reason; retried on a later request after a backoff). ``TRANSITIONS`` lists every move allowed;
-each one goes through ``ModelManager._transition``, which refuses the others.
+reason; retried on a later request after a backoff). ``TRANSITIONS`` (``proxy.runtime``) lists every
+move allowed; each one goes through ``ModelManager._transition``, which refuses the others.
+
+The manager owns the runtimes and decides; its helpers each have one concern: ``proxy.runtime`` (the state
+data), ``proxy.registry`` (the catalog by name), ``proxy.lifecycle`` (starts, stops, idle timers),
+``proxy.room`` (admission over the runtimes), ``proxy.status`` (what /status shows), ``proxy.needs``.
 """
 
 from __future__ import annotations
