@@ -42,10 +42,11 @@ from proxy.digests import Digests
 from proxy.discovery import Discovery
 from proxy.events import EventBus
 from proxy.jobs import Jobs, JobStore
-from proxy.manager import ModelManager, WorkerFactory, WorkerHandle
+from proxy.manager import ModelManager
 from proxy.metrics import Metrics
 from proxy.modellogs import LogBook
 from proxy.reload import Reloader, ReloadFrom
+from proxy.runtime import WorkerFactory, WorkerHandle
 from proxy.spares import Spares
 from proxy.supervisor import Worker
 

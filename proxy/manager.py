@@ -5,8 +5,12 @@ it is serial on the event loop without a lock. Request handlers ask for a ``Leas
 it in one ``finally``; they never read-then-act on state themselves.
 
 States per model: stopped -> starting -> ready -> stopping -> stopped, and failed (with the
-reason; retried on a later request after a backoff). ``TRANSITIONS`` lists every move allowed;
-each one goes through ``ModelManager._transition``, which refuses the others.
+reason; retried on a later request after a backoff). ``TRANSITIONS`` (``proxy.runtime``) lists every
+move allowed; each one goes through ``ModelManager._transition``, which refuses the others.
+
+The manager owns the runtimes and decides; its helpers each have one concern: ``proxy.runtime`` (the state
+data), ``proxy.registry`` (the catalog by name), ``proxy.lifecycle`` (starts, stops, idle timers),
+``proxy.room`` (admission over the runtimes), ``proxy.status`` (what /status shows), ``proxy.needs``.
 """
 
 from __future__ import annotations
@@ -15,41 +19,48 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
-import enum
 import itertools
 import logging
-import math
-import signal
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from proxy import room, status
 from proxy import runtime_options as ropts
-from proxy.admission import Decision, Occupant, Snapshot, budgets, decide
+from proxy.admission import Decision, budgets
 from proxy.clock import Clock, SystemClock, Timer
 from proxy.config import ModelConfig, Settings
 from proxy.errors import (
     InsufficientMemory,
-    LoadTimeout,
     ModelLoadFailed,
-    ModelNotFound,
     ProxyError,
     QueueFull,
     Unavailable,
 )
-from proxy.events import EventBus, LoadEnded, LoadProgress, LoadStarted, StateChanged, Unloaded, UnloadReason
+from proxy.events import EventBus, StateChanged, UnloadReason
+from proxy.lifecycle import Lifecycle
 from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
 from proxy.needs import Needs
 from proxy.nvml import Nvml
-from proxy.policy import backoff
+from proxy.registry import Registry
+from proxy.runtime import (
+    TRANSITIONS,
+    InvalidTransition,
+    Runtime,
+    State,
+    WorkerFactory,
+    WorkerHandle,
+    view,
+)
+from proxy.runtime import (
+    ModelStatus as ModelStatus,  # re-exported: the api routes import it from here
+)
 from proxy.scheduler import (
-    RECOVERY_POLL,
     Decide,
     Evict,
     FailBackoff,
-    ModelView,
     NeedFirst,
     Recover,
     Refuse,
@@ -63,140 +74,13 @@ from proxy.scheduler import (
     World,
     kept_alive,
     next_move,
-    overdue,
-    overtaken,
     shown,
 )
 from proxy.spares import SpareKey, Spares
 from proxy.supervisor import Worker, worker_env
 from proxy.upstream import Upstream
-from proxy.watchdog import Activity, StallWatch
 
 log = logging.getLogger("proxy.manager")
-
-# what a worker that ran out of memory leaves in its log (CUDA, llama.cpp's ggml, torch, onnxruntime)
-_OOM_MARKERS = ("out of memory", "cudaMalloc failed", "CUDA_ERROR_OUT_OF_MEMORY", "std::bad_alloc", "MemoryError")
-
-
-class WorkerHandle(Protocol):
-    """What the manager uses of a worker: ``supervisor.Worker``, or a test's fake."""
-
-    @property
-    def pid(self) -> int | None: ...
-
-    @property
-    def upstream(self) -> Upstream | None: ...
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    @property
-    def kill_reason(self) -> str | None: ...
-
-    # called with its load's progress (fraction 0..1, phase) while it starts; set by the manager
-    on_progress: Callable[[float, str], None] | None
-
-    def log_tail(self) -> str: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self, grace: float) -> None: ...
-
-    def kill(self, reason: str) -> None: ...
-
-    def kill_sync(self) -> None: ...
-
-    def cpu_seconds(self) -> float | None: ...
-
-
-# (config, runtime dir, on_exit) -> a worker not yet started; on_exit is called when it exits on its own
-WorkerFactory = Callable[[ModelConfig, Path, Callable[[WorkerHandle], None]], WorkerHandle]
-
-
-class State(enum.StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-# llama-swap's isValidTransition: the moves each state may make, and why it makes them.
-TRANSITIONS: Mapping[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING}),  # a request
-    State.STARTING: frozenset(
-        {
-            State.READY,  # the worker is up
-            State.FAILED,  # its start failed
-            State.STOPPED,  # its start was cancelled (shutdown) or raised something unforeseen
-            State.STOPPING,  # shutdown cancelled its start before it ran: the worker is stopped anyway
-        }
-    ),
-    State.READY: frozenset(
-        {
-            State.STOPPING,  # keep_alive ran out, eviction, unload, shutdown
-            State.STOPPED,  # the worker exited on its own (a crash, the stall watchdog)
-        }
-    ),
-    State.STOPPING: frozenset({State.STOPPED}),
-    State.FAILED: frozenset({State.STARTING}),  # a request after the backoff
-}
-
-
-class InvalidTransition(AssertionError):
-    """A state change ``TRANSITIONS`` does not allow: a bug in the manager, never a client's error."""
-
-
-class Runtime:
-    """What the manager knows of one model. Only the manager writes it."""
-
-    def __init__(self, config: ModelConfig, keep_alive: float) -> None:
-        self.config = config
-        self.default_keep_alive = keep_alive
-        self.state = State.STOPPED
-        self.worker: WorkerHandle | None = None
-        self.in_flight = 0
-        self.waiters = 0
-        self.keep_alive = keep_alive
-        self.keep_alive_set = False  # a request set keep_alive during this load (scheduler.kept_alive)
-        self.last_used = 0.0
-        self.idle_deadline: float | None = None
-        self.idle_timer: Timer | None = None
-        self.start_task: asyncio.Task[None] | None = None
-        self.stop_task: asyncio.Task[None] | None = None
-        self.draining = False
-        self.last_error: str | None = None
-        self.failures = 0
-        self.retry_at = 0.0
-        self.loaded_at: float | None = None  # wall clock
-        self.load_duration = 0.0
-        self.watchdog: StallWatch | None = None
-        self.writing = 0  # its leases whose answer waits on its client's reading (Lease.writing)
-        self.need: Need | None = None  # what it needs (memory.py); None until found
-        self.need_task: asyncio.Task[tuple[ModelConfig, Need]] | None = None  # a GGUF read, for that config
-        self.gpu: int | None = None  # the GPU it runs (or starts) on
-        self.split: tuple[tuple[int, int], ...] = ()  # or the GPUs it is spread over, with its VRAM share on each
-        self.waiting: str | None = None  # why a request for it waits, while one does
-        self.peak = Need(0, 0, "measured")  # the most its worker used, this load
-        self.tickets: list[Ticket] = []  # its requests inside ``acquire``, in arrival order
-        self.blockers: tuple[str, ...] = ()  # busy models it must wait for (its last decision)
-        self.progress: float | None = None  # while it starts: its load's fraction done (0..1), and the phase
-        self.phase: str | None = None
-        self.retired = False  # gone from the catalog (a rescan): unloads when idle, then is forgotten
-        self.pending: ModelConfig | None = None  # its changed config (a reload), taken when it has stopped
-        self.stop_cause = UnloadReason.IDLE  # why its stop in progress began (the unload event's reason)
-        self.overrides: dict[str, Any] = {}  # runtime options its load runs with (proxy.runtime_options)
-        self.ignored: set[str] = set()  # runner options requests asked for in vain, logged once each
-
-    @property
-    def effective(self) -> ModelConfig:
-        """Its config as its worker runs it: with the runtime options of its load."""
-        return ropts.with_options(self.config, self.overrides)
-
-    @property
-    def occupies_slot(self) -> bool:
-        local = self.config.url is None
-        return local and self.state in (State.STARTING, State.READY, State.STOPPING)
 
 
 @dataclass
@@ -207,28 +91,6 @@ class _Place:
     queued: bool = False  # counted against limits.max_queue
     bound: Timer | None = None  # wakes the queue when it becomes overdue (limits.max_wait_for_switch)
     waited_for_start: bool = False  # its lease's load_duration is then the time it waited
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    name: str
-    backend: str
-    state: str
-    pid: int | None
-    in_flight: int
-    keep_alive: float
-    expires_at: float | None  # wall clock; math.inf for never
-    loaded_at: float | None
-    last_error: str | None
-    rss_bytes: int | None
-    config: ModelConfig
-    need: Need | None = None
-    device: str | None = None  # cpu, cuda:N while it runs
-    vram_bytes: int | None = None
-    waiting: str | None = None
-    queued: int = 0  # its requests waiting inside ``acquire``
-    progress: float | None = None  # while it starts (0..1), with its phase
-    phase: str | None = None
 
 
 class Lease:
@@ -285,19 +147,16 @@ class ModelManager:
         self.probe: MemoryProbe = probe or SystemProbe(Nvml.open())
         # need-finding (proxy.needs): estimates, GGUF facts, measured peaks, the cache file
         self.needs = Needs(store or MemoryStore(settings.models_dir / ".cache" / "memory.json"), self.probe)
-        self._stopped_at = -math.inf  # when a worker last stopped (its memory may not be back yet)
-        self._factory: WorkerFactory = worker_factory or Worker
-        self._runtimes: dict[str, Runtime] = {}
-        self._names: dict[str, Runtime] = {}
-        self._content_ids: dict[str, str] = {}  # a discovered model's content id -> its name
-        for cfg in settings.models:
-            self._runtimes[cfg.name] = self._new_runtime(cfg)
-        self._index()
+        # the catalog (proxy.registry); _runtimes is its dict of runtimes by name
+        self.registry = Registry(settings.models, settings.keep_alive)
+        self._runtimes = self.registry.runtimes
         self._changed = asyncio.Event()
         self._queued = 0
         self._seq = itertools.count()
         self._shutting_down = False
         self._runtime_dir = Path(tempfile.mkdtemp(prefix="llm-proxy-"))
+        # starts and stops workers (proxy.lifecycle); state changes still go through _transition here
+        self.lifecycle = Lifecycle(self, worker_factory or Worker, self._runtime_dir)
         atexit.register(self._kill_all_sync)
 
     @property
@@ -312,45 +171,19 @@ class ModelManager:
     # -- lookup -----------------------------------------------------------------------------
     def resolve(self, name: object) -> ModelConfig:
         """Its config; after a reload changed it, the new one (requests from then on wait for its restart)."""
-        rt = self._runtime(name)
+        rt = self.registry.lookup(name)
         return rt.pending or rt.config
-
-    def _runtime(self, name: object) -> Runtime:
-        if not isinstance(name, str) or not name:
-            raise ModelNotFound(str(name))
-        rt = self._names.get(name)
-        if rt is None and name.endswith(":latest"):
-            rt = self._names.get(name[: -len(":latest")])
-        if rt is None and ":" not in name:
-            rt = self._names.get(f"{name}:latest")
-        if rt is None:
-            raise ModelNotFound(name)
-        return rt
 
     @property
     def configs(self) -> list[ModelConfig]:
-        return [rt.config for rt in self._runtimes.values() if not rt.retired]
+        return self.registry.configs
 
     @property
     def pending_configs(self) -> list[ModelConfig]:
         """The new configs of loaded models that restart with them when idle (a reload)."""
-        return [rt.pending for rt in self._runtimes.values() if rt.pending is not None and not rt.retired]
+        return self.registry.pending_configs
 
-    # -- the catalog (start-up, rescans) -------------------------------------------------------
-    def _new_runtime(self, cfg: ModelConfig) -> Runtime:
-        return Runtime(cfg, self._default_keep_alive(cfg))
-
-    def _index(self) -> None:
-        self._names = {}
-        for rt in self._runtimes.values():
-            if not rt.retired:
-                for name in (rt.config.name, *rt.config.aliases):
-                    self._names[name] = rt
-        for cid, name in self._content_ids.items():
-            owner = self._runtimes.get(name)
-            if owner is not None and not owner.retired:
-                self._names.setdefault(cid, owner)
-
+    # -- the catalog (proxy.registry: start-up, rescans) -------------------------------------------
     def replace_models(self, configs: list[ModelConfig], settings: Settings | None = None) -> None:
         """A new catalog (a rescan, a config reload with its ``settings``: limits and defaults apply at
         once). A model still in it keeps its state: a stopped one takes its new config, a loaded one whose
@@ -360,55 +193,27 @@ class ModelManager:
         is then forgotten."""
         if settings is not None:
             self.settings = settings
-            for rt in self._runtimes.values():
-                rt.default_keep_alive = self._default_keep_alive(rt.config)
-        wanted = {cfg.name: cfg for cfg in configs}
-        for name, rt in list(self._runtimes.items()):
-            if name in wanted:
-                rt.retired = False
-                cfg = wanted[name]
-                rt.pending = cfg if cfg != rt.config else None
-                if rt.pending is not None and rt.state not in (State.STOPPED, State.FAILED):
-                    log.info("model %s: its config changed; it restarts with it when its requests in flight end", name)
-                self._forget_or_stop(rt)
-            elif not rt.retired:
-                rt.retired = True
-                rt.pending = None
-                log.info("model %s: no longer in the catalog; it unloads when idle", name)
-                self._forget_or_stop(rt)
-        for name, cfg in wanted.items():
-            if name not in self._runtimes:
-                self._runtimes[name] = self._new_runtime(cfg)
-        self._index()
+            self.registry.keep_alive = settings.keep_alive
+        self.registry.replace(configs, self._forget_or_stop, defaults=settings is not None)
         self._notify()
-
-    def _default_keep_alive(self, cfg: ModelConfig) -> float:
-        return cfg.keep_alive if cfg.keep_alive is not None else self.settings.keep_alive
 
     def _forget_or_stop(self, rt: Runtime) -> None:
         """A retired model: forgotten when stopped and unused, stopped when loaded and idle. A changed one
         (``pending``): takes its new config once stopped, is stopped when loaded and idle."""
         if rt.pending is not None and rt.state in (State.STOPPED, State.FAILED):
-            rt.config, rt.pending = rt.pending, None
-            rt.need, rt.need_task = None, None
-            rt.default_keep_alive = rt.keep_alive = self._default_keep_alive(rt.config)
-            rt.keep_alive_set = False
-            rt.failures, rt.retry_at = 0, 0.0  # a new config deserves a try at once
-            self._index()
+            self.registry.renew(rt)
             return
         if not (rt.retired or rt.pending is not None) or rt.in_flight > 0 or rt.waiters > 0:
             return
         if rt.state in (State.STOPPED, State.FAILED):
-            if self._runtimes.get(rt.config.name) is rt:
-                del self._runtimes[rt.config.name]
+            self.registry.forget(rt)
         elif rt.state is State.READY and not rt.draining:
             why = "no longer in the catalog" if rt.retired else "its config changed"
-            self._begin_stop(rt, why, UnloadReason.CONFIG)
+            self.lifecycle.begin_stop(rt, why, UnloadReason.CONFIG)
 
     def add_content_id(self, name: str, content_id: str) -> None:
         """Let ``content_id`` name the model ``name`` too (unless that name is taken)."""
-        self._content_ids[content_id] = name
-        self._index()
+        self.registry.add_content_id(name, content_id)
 
     # -- change notification ----------------------------------------------------------------
     def _notify(self) -> None:
@@ -441,7 +246,7 @@ class ModelManager:
 
         Each step: ``scheduler.next_move`` over the models as plain data, the move carried out here, then
         a wait for the next change."""
-        rt = self._runtime(name)
+        rt = self.registry.lookup(name)
         wants, need = await self._wants(rt, options) if options else ({}, None)
         self._refuse_if_shutting_down()
         ticket = Ticket(
@@ -453,7 +258,7 @@ class ModelManager:
         lease: Lease | None = None
         try:
             if rt.config.url is None:
-                await self._ensure_need(rt)
+                await self.needs.ensure(rt)
                 self._refuse_if_shutting_down()
             while lease is None:
                 lease = await self._step(rt, ticket, place)
@@ -477,13 +282,13 @@ class ModelManager:
         if place.queued:
             self._queued -= 1
         if not leased:
-            self._maybe_idle(rt)
+            self.lifecycle.maybe_idle(rt)
             self._forget_or_stop(rt)
             self._notify()  # a place in line is free
 
     def world(self) -> World:
         """Every model as the scheduler sees it, now."""
-        views = {name: _view(rt) for name, rt in self._runtimes.items()}
+        views = {name: view(rt) for name, rt in self._runtimes.items()}
         return World(views, self.clock.monotonic(), self.settings.max_wait_for_switch)
 
     async def _step(self, rt: Runtime, ticket: Ticket, place: _Place) -> Lease | None:
@@ -504,9 +309,9 @@ class ModelManager:
             case Reload(wants=wants):
                 was = {k: rt.effective.options.get(k) for k in wants}
                 log.info("model %s: reloading with %s (was %s)", rt.config.name, shown(wants), shown(was))
-                self._begin_stop(rt, f"a request asks for {shown(wants)}", UnloadReason.OPTIONS)
+                self.lifecycle.begin_stop(rt, f"a request asks for {shown(wants)}", UnloadReason.OPTIONS)
             case RestartForConfig():
-                self._begin_stop(rt, "its config changed", UnloadReason.CONFIG)
+                self.lifecycle.begin_stop(rt, "its config changed", UnloadReason.CONFIG)
             case NeedFirst(overrides=overrides):
                 await self._need_first(rt, overrides)
             case Start():
@@ -519,7 +324,7 @@ class ModelManager:
 
     def _serve(self, rt: Runtime, ticket: Ticket, place: _Place) -> Lease:
         assert rt.worker is not None  # a ready model that is served has one (scheduler.next_move)
-        self._cancel_idle(rt)
+        self.lifecycle.cancel_idle(rt)
         rt.in_flight += 1
         now = self.clock.monotonic()
         rt.last_used = now
@@ -531,14 +336,14 @@ class ModelManager:
     async def _need_first(self, rt: Runtime, overrides: Mapping[str, Any]) -> None:
         if dict(overrides) != rt.overrides:  # a load with other runtime options: its need anew
             rt.overrides, rt.need = dict(overrides), None
-        await self._ensure_need(rt)  # (also after its config changed while this request waited)
+        await self.needs.ensure(rt)  # (also after its config changed while this request waited)
         self._refuse_if_shutting_down()
 
     def _start_move(self, rt: Runtime, move: Start) -> None:
         rt.blockers = move.blockers
         if move.warning:
             log.warning("model %s: %s", rt.config.name, move.warning)
-        self._begin_start(rt, move.gpu, move.split)
+        self.lifecycle.begin_start(rt, move.gpu, move.split)
 
     async def _wait_for_start(self, rt: Runtime, place: _Place) -> None:
         assert rt.start_task is not None  # scheduler.next_move: a start under way
@@ -559,7 +364,7 @@ class ModelManager:
             rt.waiting = move.reason
         if isinstance(move, Evict):
             for victim in move.victims:
-                self._begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}", UnloadReason.EVICTED)
+                self.lifecycle.begin_stop(self._runtimes[victim], f"evicted for {rt.config.name}", UnloadReason.EVICTED)
         self._enqueue(place)
         if isinstance(move, Recover):
             await self._wait(move.wake_at - self.clock.monotonic())
@@ -595,20 +400,20 @@ class ModelManager:
             )
         if not allowed:
             return {}, None
-        facts = await self._gguf_facts(cfg)
+        facts = await self.needs.gguf_facts(cfg)
         for key, value in allowed.items():
             ropts.check_bound(key, value, int(facts.get("context_length") or 0) if facts else 0)
         wants = ropts.backend_options(cfg.backend, allowed)
         loaded = ropts.with_options(cfg, wants)
-        need = self._need_now(loaded)
-        return wants, need if need is not None else await self._need_from_gguf(loaded)
+        need = self.needs.now(loaded)
+        return wants, need if need is not None else await self.needs.from_gguf(loaded)
 
     def _release(self, rt: Runtime) -> None:
         rt.in_flight -= 1
         rt.last_used = self.clock.monotonic()
         if rt.worker is not None and rt.state is State.READY:
             self._measure(rt, rt.worker)
-        self._maybe_idle(rt)
+        self.lifecycle.maybe_idle(rt)
         self._notify()
 
     async def _wait(self, seconds: float) -> None:
@@ -620,51 +425,11 @@ class ModelManager:
         finally:
             timer.cancel()
 
-    # -- memory -------------------------------------------------------------------------------
-    def _occupants(self, rt: Runtime) -> list[Occupant]:
-        now = self.clock.monotonic()
-        world = self.world()
-        late = overdue(world)
-        out = []
-        for o in self._runtimes.values():
-            if o is rt or not o.occupies_slot:
-                continue
-            remaining = o.idle_deadline - now if o.idle_deadline is not None else o.keep_alive
-            occupant = Occupant(
-                name=o.config.name,
-                state=o.state.value,  # type: ignore[arg-type]  # starting, ready or stopping here
-                need=self._counted(o),
-                gpu=o.gpu,
-                # its waiting requests keep it only while none for a model in its way waited too long
-                busy=o.in_flight > 0 or o.draining or any(not overtaken(world, t, late) for t in o.tickets),
-                keep_alive=o.keep_alive,
-                remaining=remaining,
-                last_used=o.last_used,
-                pinned=math.isinf(o.keep_alive) and not self.settings.memory.evict_pinned,
-            )
-            out += _per_gpu(occupant, o.split) if o.split else [occupant]
-        return out
-
-    def _counted(self, rt: Runtime) -> Need:
-        """What a loaded model counts for: its need, or more when it was seen using more."""
-        need = rt.need or Need(0, 0, "unknown")
-        if rt.peak.ram and need.source == "measured":  # an earlier load's peak: the larger of the two
-            return Need(max(need.ram, rt.peak.ram), max(need.vram, rt.peak.vram), "measured")
-        if rt.peak.ram and need.source != "config":
-            return rt.peak  # measured on this load: replaces the estimate
-        return need
-
-    def snapshot(self) -> Snapshot:
-        return Snapshot(self.probe.ram_total(), self.probe.ram_available(), self.probe.gpus())
-
     # -- warm spares (proxy.spares): what they hold counts like a model's need; the first to go for room ----
-    def _spare_occupants(self, rt: Runtime) -> tuple[list[Occupant], int]:
-        return self.spares.occupants(rt.config, self.probe) if self.spares is not None else ([], 0)
-
     def _replenish_spare(self, rt: Runtime) -> None:
         """A model of this kind is loaded and idle: have a spare of its kind ready for the next load. Not
         earlier: on a small box the spare's imports would slow this load and its first answers."""
-        placed = self._placed(rt)
+        placed = rt.placed
         key = SpareKey.of(placed) if self.spares is not None and not rt.retired else None
         if self.spares is not None and key is not None:
             self.spares.replenish(key, worker_env(placed.env))
@@ -673,43 +438,17 @@ class ModelManager:
         """Stop the spares that are not ``rt``'s (their memory is wanted); True when there were any."""
         if self.spares is None or not self.spares.dismiss_others(rt.config):
             return False
-        self._stopped_at = self.clock.monotonic()  # the box gives their memory back in a moment
+        self.lifecycle.stopped_at = self.clock.monotonic()  # the box gives their memory back in a moment
         return True
 
     def _decide(self, rt: Runtime, need: Need | None = None) -> Decision:
-        recovering = self.clock.monotonic() < self._stopped_at + self.settings.memory.recovery_timeout
-        spares, mine = self._spare_occupants(rt)
-        snap = self.snapshot()
-        if mine:
-            snap = dataclasses.replace(snap, ram_available=snap.ram_available + mine)
-        return decide(
-            rt.config.name,
-            need or rt.need or Need(0, 0, "unknown"),
-            rt.config.gpus,
-            [*self._occupants(rt), *spares],
-            snap,
-            self.settings.memory,
-            self.settings.max_loaded_models,
-            recovering,
-            span=rt.config.span_gpus,
-        )
+        """Admission for ``rt`` now (``proxy.room``, ``admission.decide``)."""
+        recovering = self.clock.monotonic() < self.lifecycle.stopped_at + self.settings.memory.recovery_timeout
+        now = self.clock.monotonic()
+        others = room.occupants(rt, self._runtimes.values(), self.world(), now, self.settings.memory.evict_pinned)
+        return room.admit(rt, need, others, self.probe, self.spares, self.settings, recovering)
 
-    # -- need-finding: proxy.needs (these delegate, for the call sites here and the api routes) --------
-    async def _ensure_need(self, rt: Runtime) -> Need:
-        return await self.needs.ensure(rt)
-
-    def _fingerprint(self, cfg: ModelConfig) -> str:
-        return self.needs.fingerprint(cfg)
-
-    def _need_now(self, cfg: ModelConfig) -> Need | None:
-        return self.needs.now(cfg)
-
-    async def _need_from_gguf(self, cfg: ModelConfig) -> Need:
-        return await self.needs.from_gguf(cfg)
-
-    async def _gguf_facts(self, cfg: ModelConfig) -> dict[str, Any] | None:
-        return await self.needs.gguf_facts(cfg)
-
+    # -- need-finding: proxy.needs (this delegates, for the api routes) ---------------------------------
     async def gguf_metadata(self, cfg: ModelConfig) -> dict[str, Any] | None:
         """A llama.cpp model's GGUF metadata as Ollama's /api/show has it (``Needs.gguf_metadata``)."""
         return await self.needs.gguf_metadata(cfg)
@@ -725,38 +464,7 @@ class ModelManager:
     def memory_status(self) -> dict[str, Any]:
         """Budgets and what is free, for /status."""
         limits = self.settings.memory
-        return {**budgets(limits, self.snapshot()), "limits": dataclasses.asdict(limits)}
-
-    # -- idle timers ------------------------------------------------------------------------
-    def _cancel_idle(self, rt: Runtime) -> None:
-        if rt.idle_timer is not None:
-            rt.idle_timer.cancel()
-        rt.idle_timer = None
-        rt.idle_deadline = None
-
-    def _maybe_idle(self, rt: Runtime) -> None:
-        """Start the idle timer when nothing is in flight or waiting (DESIGN.md's rule)."""
-        if rt.state in (State.STOPPED, State.FAILED):
-            # the last request on a worker that crashed under it: a model gone from the catalog goes now
-            self._forget_or_stop(rt)
-            return
-        if rt.state is not State.READY or rt.in_flight > 0 or rt.waiters > 0 or rt.draining:
-            return
-        self._cancel_idle(rt)
-        self._replenish_spare(rt)
-        if rt.retired or rt.pending is not None:
-            self._forget_or_stop(rt)
-        elif rt.keep_alive <= 0:
-            self._begin_stop(rt, "keep_alive is 0", UnloadReason.IDLE)
-        elif not math.isinf(rt.keep_alive):
-            rt.idle_deadline = self.clock.monotonic() + rt.keep_alive
-            rt.idle_timer = self.clock.call_later(rt.keep_alive, lambda: self._expire(rt))
-
-    def _expire(self, rt: Runtime) -> None:
-        rt.idle_timer = None
-        if rt.state is State.READY and rt.in_flight == 0 and rt.waiters == 0:
-            log.info("model %s: keep_alive of %gs ran out; unloading", rt.config.name, rt.keep_alive)
-            self._begin_stop(rt, "keep_alive ran out", UnloadReason.IDLE)
+        return {**budgets(limits, room.snapshot(self.probe)), "limits": dataclasses.asdict(limits)}
 
     # -- state ------------------------------------------------------------------------------
     def _transition(self, rt: Runtime, new: State, reason: str) -> None:
@@ -767,199 +475,19 @@ class ModelManager:
         old, rt.state = rt.state, new
         self.events.publish(StateChanged(model=rt.config.name, old=old.value, new=new.value, reason=reason))
 
-    # -- start / stop -----------------------------------------------------------------------
-    def _placed(self, rt: Runtime) -> ModelConfig:
-        """Its config, with CUDA_VISIBLE_DEVICES naming its GPU when it was placed on one; spread over
-        several, naming them all, and llama.cpp's ``tensor_split`` set to its shares (in that order)."""
-        cfg = rt.effective
-        if rt.split:
-            total = sum(share for _, share in rt.split) or 1
-            visible = ",".join(str(index) for index, _ in rt.split)
-            split = [round(share / total, 4) for _, share in rt.split]
-            env = {**rt.config.env, "CUDA_VISIBLE_DEVICES": visible}
-            return dataclasses.replace(cfg, env=env, options={**cfg.options, "tensor_split": split})
-        if rt.gpu is None:
-            return cfg
-        return dataclasses.replace(cfg, env={**rt.config.env, "CUDA_VISIBLE_DEVICES": str(rt.gpu)})
-
-    def _begin_start(self, rt: Runtime, gpu: int | None, split: tuple[tuple[int, int], ...] = ()) -> None:
-        self._transition(rt, State.STARTING, "requested")
-        rt.gpu, rt.split = gpu, split
-        rt.peak = Need(0, 0, "measured")
-        rt.progress, rt.phase = 0.0, "starting"
-        rt.worker = self._new_worker(rt)
-        rt.start_task = asyncio.create_task(self._start(rt, rt.worker))
-        rt.start_task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        self._notify()
-
-    def _new_worker(self, rt: Runtime) -> WorkerHandle:
-        worker = self._factory(self._placed(rt), self._runtime_dir, self._on_worker_exit)
-        worker.on_progress = lambda fraction, phase: self._on_progress(rt, worker, fraction, phase)
-        return worker
-
-    def _on_progress(self, rt: Runtime, worker: WorkerHandle, fraction: float, phase: str) -> None:
-        """A starting worker's load progress (its progress lines): kept on the runtime for /status."""
-        if rt.worker is worker and rt.state is State.STARTING:
-            rt.progress, rt.phase = fraction, phase
-            self.events.publish(LoadProgress(model=rt.config.name, progress=fraction, detail=phase))
-
+    # -- start progress ---------------------------------------------------------------------
     def loading(self, name: str) -> tuple[float, str] | None:
         """A starting model's load progress (fraction, phase); None when it is not starting."""
-        rt = self._runtime(name)
+        rt = self.registry.lookup(name)
         if rt.state is not State.STARTING or rt.progress is None:
             return None
         return rt.progress, rt.phase or ""
-
-    async def _start(self, rt: Runtime, worker: WorkerHandle) -> None:
-        began = self.clock.monotonic()
-        log.info("model %s: starting%s", rt.config.name, f" on cuda:{rt.gpu}" if rt.gpu is not None else "")
-        self.events.publish(LoadStarted(model=rt.config.name))
-        try:
-            try:
-                await worker.start()
-            except ModelLoadFailed as exc:
-                if not _out_of_memory(worker, exc):
-                    raise
-                worker = await self._retry_after_oom(rt, exc)
-        except ProxyError as exc:
-            self._transition(rt, State.FAILED, "its start failed")
-            rt.progress = rt.phase = None
-            rt.worker = None
-            rt.last_error = exc.message
-            rt.failures += 1
-            rt.retry_at = self.clock.monotonic() + backoff(rt.failures)
-            log.error("model %s: failed to start: %s", rt.config.name, exc.message)
-            self._load_ended(rt, began, exc.message)
-            self._notify()
-            raise
-        except BaseException as exc:
-            self._transition(rt, State.STOPPED, f"its start ended with {type(exc).__name__}")
-            rt.progress = rt.phase = None
-            rt.worker = None
-            self._load_ended(rt, began, f"its start ended with {type(exc).__name__}")
-            self._notify()
-            raise
-        self._transition(rt, State.READY, "the worker is up")
-        for ticket in rt.tickets:
-            ticket.batch = True
-        rt.progress = rt.phase = None
-        rt.failures = 0
-        rt.last_error = None
-        rt.load_duration = self.clock.monotonic() - began
-        rt.loaded_at = self.clock.time()
-        rt.last_used = self.clock.monotonic()
-        log.info("model %s: ready in %.2fs (pid %s)", rt.config.name, rt.load_duration, worker.pid)
-        self._load_ended(rt, began, None)
-        self._measure(rt, worker)
-        self._watch_progress(rt, worker)
-        self._maybe_idle(rt)
-        self._notify()
-
-    def _load_ended(self, rt: Runtime, began: float, error: str | None) -> None:
-        seconds = self.clock.monotonic() - began
-        self.events.publish(LoadEnded(model=rt.config.name, seconds=seconds, ok=error is None, error=error))
-
-    async def _retry_after_oom(self, rt: Runtime, exc: ModelLoadFailed) -> WorkerHandle:
-        """A load that ran out of memory: unload every idle model, wait for the memory, try once more."""
-        idle = [
-            o
-            for o in self._runtimes.values()
-            if o is not rt and o.state is State.READY and o.config.url is None and o.in_flight == 0 and o.waiters == 0
-        ]
-        log.warning(
-            "model %s: its worker ran out of memory while loading; unloading %s and trying once more",
-            rt.config.name,
-            ", ".join(o.config.name for o in idle) or "nothing (no idle model)",
-        )
-        await asyncio.gather(
-            *(self._begin_stop(o, f"out of memory loading {rt.config.name}", UnloadReason.EVICTED) for o in idle)
-        )
-        deadline = self.clock.monotonic() + self.settings.memory.recovery_timeout
-        while self._decide(rt).kind not in ("start", "refuse") and self.clock.monotonic() < deadline:
-            await self._wait(RECOVERY_POLL)
-        worker = self._new_worker(rt)
-        rt.progress, rt.phase = 0.0, "starting again"
-        rt.worker = worker
-        try:
-            await worker.start()
-        except ModelLoadFailed as again:
-            if rt.worker is worker:
-                rt.worker = None
-            oom = " (out of memory again, after unloading every idle model)" if _out_of_memory(worker, again) else ""
-            raise ModelLoadFailed(f"{again.message}{oom}", retry_after=again.retry_after) from exc
-        return worker
-
-    # -- stall watchdog (proxy.watchdog) -------------------------------------------------------
-    def _watch_progress(self, rt: Runtime, worker: WorkerHandle) -> None:
-        """Kill this worker when it has requests in flight and makes no progress for ``stall_timeout``
-        (``StallWatch``), unless they wait on their clients' reading."""
-
-        def activity() -> Activity | None:
-            if rt.worker is not worker or rt.state is not State.READY:
-                return None
-            return Activity(rt.in_flight, rt.writing)
-
-        rt.watchdog = StallWatch.start(self.clock, self.settings.stall_timeout, worker, rt.config.name, activity)
-
-    def _begin_stop(
-        self, rt: Runtime, reason: str, cause: UnloadReason, grace: float | None = None
-    ) -> asyncio.Task[None]:
-        """Stop its worker: SIGTERM, ``grace`` (its ``unload_grace`` by default), then SIGKILL; ``cause`` is
-        the unload event's reason."""
-        if rt.stop_task is not None:
-            return rt.stop_task
-        self._cancel_idle(rt)
-        rt.stop_cause = cause
-        self._transition(rt, State.STOPPING, reason)
-        # the next load is a first load again: its keep_alive is the config's until a request is served
-        rt.keep_alive, rt.keep_alive_set = rt.default_keep_alive, False
-        rt.stop_task = asyncio.create_task(
-            self._stop(rt, rt.worker, rt.config.unload_grace if grace is None else grace)
-        )
-        self._notify()
-        return rt.stop_task
-
-    async def _stop(self, rt: Runtime, worker: WorkerHandle | None, grace: float) -> None:
-        try:
-            if worker is not None:
-                await worker.stop(grace)
-        finally:
-            if rt.worker is worker:
-                rt.worker = None
-            self._transition(rt, State.STOPPED, "the worker is stopped")
-            if worker is not None:  # a start that never ran unloads nothing
-                self.events.publish(Unloaded(model=rt.config.name, reason=rt.stop_cause))
-            self._stopped_at = self.clock.monotonic()
-            rt.need = self._counted(rt)  # the next load starts from what this one measured
-            rt.gpu, rt.split = None, ()
-            rt.stop_task = None
-            rt.loaded_at = None
-            log.info("model %s: stopped", rt.config.name)
-            self._forget_or_stop(rt)
-            self._notify()
-
-    def _on_worker_exit(self, worker: WorkerHandle) -> None:
-        for rt in self._runtimes.values():
-            if rt.worker is worker and rt.state is State.READY:
-                why = worker.kill_reason or f"the worker exited unexpectedly with code {worker.returncode}"
-                rt.last_error = f"{why}; its log ends:\n{worker.log_tail()}"
-                self._cancel_idle(rt)
-                rt.worker = None
-                self._transition(rt, State.STOPPED, why)
-                self.events.publish(Unloaded(model=rt.config.name, reason=UnloadReason.CRASH, detail=why))
-                self._stopped_at = self.clock.monotonic()
-                rt.gpu, rt.split = None, ()
-                rt.loaded_at = None
-                rt.keep_alive, rt.keep_alive_set = rt.default_keep_alive, False
-                asyncio.get_running_loop().create_task(worker.stop(0))  # reap, close its client
-                self._forget_or_stop(rt)
-                self._notify()
 
     # -- by hand ----------------------------------------------------------------------------
     async def unload(self, name: str, *, force: bool = False) -> bool:
         """Wait for in-flight requests at most ``unload_grace``, then stop the worker (killed at once when
         requests are still in flight then, or with ``force``). False when nothing was loaded."""
-        rt = self._runtime(name)
+        rt = self.registry.lookup(name)
         if rt.state is State.STARTING and rt.start_task is not None:
             with contextlib.suppress(ProxyError):
                 await asyncio.shield(rt.start_task)
@@ -979,7 +507,9 @@ class ModelManager:
                     log.warning("model %s: unload: %d requests %s; killing", rt.config.name, rt.in_flight, why)
             task = rt.stop_task if rt.state is State.STOPPING else None
             if rt.state is State.READY:
-                task = self._begin_stop(rt, "unload" if grace else "unload: killed", UnloadReason.ADMIN, grace=grace)
+                task = self.lifecycle.begin_stop(
+                    rt, "unload" if grace else "unload: killed", UnloadReason.ADMIN, grace=grace
+                )
             elif force and rt.worker is not None:
                 rt.worker.kill("unload forced")  # a stop under way: its SIGTERM grace is cut short
             if task is not None:
@@ -1009,7 +539,7 @@ class ModelManager:
     async def shutdown(self) -> None:
         self._shutting_down = True  # no new leases: a start now would race the stops below
         for rt in self._runtimes.values():
-            self._cancel_idle(rt)
+            self.lifecycle.cancel_idle(rt)
         starting = [rt.start_task for rt in self._runtimes.values() if rt.start_task and not rt.start_task.done()]
         for task in starting:
             task.cancel()
@@ -1021,7 +551,7 @@ class ModelManager:
             reader.cancel()
         await asyncio.gather(*reading, return_exceptions=True)
         stops = [
-            self._begin_stop(rt, "shutdown", UnloadReason.SHUTDOWN)
+            self.lifecycle.begin_stop(rt, "shutdown", UnloadReason.SHUTDOWN)
             for rt in self._runtimes.values()
             if rt.worker is not None
         ]
@@ -1041,127 +571,25 @@ class ModelManager:
             if rt.worker is not None:
                 rt.worker.kill_sync()
 
-    # -- status ------------------------------------------------------------------------------
-    def _expires_at(self, rt: Runtime) -> float | None:
-        if rt.state is not State.READY:
-            return None
-        if math.isinf(rt.keep_alive):
-            return math.inf
-        now_mono, now_wall = self.clock.monotonic(), self.clock.time()
-        deadline = rt.idle_deadline if rt.idle_deadline is not None else now_mono + rt.keep_alive
-        return now_wall + (deadline - now_mono)
-
+    # -- status (proxy.status) -------------------------------------------------------------------
     def status(self) -> Iterator[ModelStatus]:
-        for rt in self._runtimes.values():
-            worker = rt.worker
-            pid = worker.pid if worker is not None else None
-            running = rt.state in (State.STARTING, State.READY) and rt.config.url is None
-            vram = sum(self.probe.vram(pid).values()) if pid and running else None
-            yield ModelStatus(
-                name=rt.config.name,
-                backend=rt.config.backend,
-                state=rt.state.value,
-                pid=worker.pid if worker is not None else None,
-                in_flight=rt.in_flight,
-                keep_alive=rt.keep_alive,
-                expires_at=self._expires_at(rt),
-                loaded_at=rt.loaded_at,
-                last_error=rt.last_error,
-                rss_bytes=self.probe.rss(pid) if pid else None,
-                config=rt.effective,
-                need=self._counted(rt) if rt.state is State.READY else rt.need,
-                device=_device(rt) if running else None,
-                vram_bytes=vram,
-                waiting=rt.waiting,
-                queued=rt.waiters,
-                progress=rt.progress if rt.state is State.STARTING else None,
-                phase=rt.phase if rt.state is State.STARTING else None,
-            )
+        return status.models(self._runtimes.values(), self.clock, self.probe)
 
     async def worker_reports(self) -> dict[str, dict[str, Any]]:
         """Each ready worker's own /health (progress of a running job, device, ...), asked at once."""
-        ready = [
-            rt
-            for rt in self._runtimes.values()
-            if rt.state is State.READY and rt.worker is not None and rt.worker.upstream is not None
-        ]
-
-        async def ask(rt: Runtime) -> dict[str, Any] | None:
-            assert rt.worker is not None and rt.worker.upstream is not None
-            return await rt.worker.upstream.health_report(rt.config.health_path)
-
-        reports = await asyncio.gather(*(ask(rt) for rt in ready))
-        return {rt.config.name: r for rt, r in zip(ready, reports, strict=True) if r is not None}
+        return await status.worker_reports(self._runtimes.values())
 
     def spare_status(self) -> list[dict[str, Any]]:
         """The warm spares, for /status: backend, pid, state (importing, waiting) and RSS."""
-        if self.spares is None:
-            return []
-        return [{**s, "rss_bytes": self.probe.rss(int(str(s["pid"])))} for s in self.spares.status()]
+        return status.spares(self.spares, self.probe)
 
     def is_loaded(self, name: str) -> bool:
-        return self._runtime(name).state is State.READY
+        return self.registry.lookup(name).state is State.READY
 
     def state_of(self, name: str) -> str:
         """Its state now (``State``'s value)."""
-        return self._runtime(name).state.value
+        return self.registry.lookup(name).state.value
 
     @property
     def queued(self) -> int:
         return self._queued
-
-
-def _view(rt: Runtime) -> ModelView:
-    """A model as the scheduler sees it (plain data)."""
-    return ModelView(
-        name=rt.config.name,
-        state=rt.state.value,
-        tickets=tuple(rt.tickets),
-        in_flight=rt.in_flight,
-        parallel=rt.config.parallel,
-        draining=rt.draining,
-        pending=rt.pending is not None,
-        has_worker=rt.worker is not None,
-        start_running=rt.start_task is not None,
-        external=rt.config.url is not None,
-        need_known=rt.need is not None,
-        retry_at=rt.retry_at,
-        last_error=rt.last_error,
-        options=rt.effective.options,
-        config_options=rt.config.options,
-        overrides=rt.overrides,
-        blockers=rt.blockers,
-    )
-
-
-def _device(rt: Runtime) -> str:
-    """Where it runs: cpu, cuda:N, or cuda:N,M when spread over several GPUs."""
-    if rt.split:
-        return "cuda:" + ",".join(str(index) for index, _ in rt.split)
-    return f"cuda:{rt.gpu}" if rt.gpu is not None else "cpu"
-
-
-def _per_gpu(occupant: Occupant, split: tuple[tuple[int, int], ...]) -> list[Occupant]:
-    """A model spread over GPUs as one occupant per GPU: its VRAM (as measured, when it was) in the
-    proportions of its split, its RAM counted once, with the first."""
-    total = sum(share for _, share in split) or 1
-    need = occupant.need
-    return [
-        dataclasses.replace(
-            occupant,
-            gpu=index,
-            need=Need(need.ram if i == 0 else 0, need.vram * share // total, need.source),
-        )
-        for i, (index, share) in enumerate(split)
-    ]
-
-
-def _out_of_memory(worker: WorkerHandle, exc: ModelLoadFailed) -> bool:
-    """Did this load fail for want of memory? Killed by SIGKILL that we did not send (the kernel's OOM
-    killer), or an out-of-memory message in its log (CUDA, ggml, torch). Not a load timeout (we killed it)."""
-    if isinstance(exc, LoadTimeout):
-        return False
-    if worker.returncode == -signal.SIGKILL and worker.kill_reason is None:
-        return True
-    tail = worker.log_tail().lower()
-    return any(marker.lower() in tail for marker in _OOM_MARKERS)

@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from proxy.events import Event, EventBus, LoadEnded, RequestEnded, Unloaded
-from proxy.manager import ModelStatus, State
+from proxy.runtime import ModelStatus, State
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -23,8 +23,9 @@ from proxy.clock import ManualClock
 from proxy.config import DetailsSection, ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull, Unavailable
 from proxy.events import LoadProgress
-from proxy.manager import TRANSITIONS, InvalidTransition, ModelManager, Runtime, State, WorkerFactory
+from proxy.manager import ModelManager
 from proxy.memory import MemoryStore
+from proxy.runtime import TRANSITIONS, InvalidTransition, Runtime, State, WorkerFactory
 from proxy.upstream import Upstream
 from tests.fake_memory import FakeProbe
 

@@ -17,10 +17,11 @@ from proxy import needs
 from proxy.clock import ManualClock
 from proxy.config import MemoryLimits, ModelConfig
 from proxy.errors import InsufficientMemory, ModelLoadFailed
-from proxy.manager import ModelManager, WorkerFactory
+from proxy.manager import ModelManager
 from proxy.memory import GiB, MemoryStore, MiB, Need, estimate_llama_cpp, parse_bytes
 from proxy.nvml import GpuMemory, Nvml
 from proxy.policy import Candidate, Deficit, choose_victims
+from proxy.runtime import WorkerFactory
 from tests.fake_memory import FakeProbe, FakePynvml
 from tests.test_manager import FakeWorker, model, settings, settle, state
 
@@ -307,7 +308,7 @@ async def test_measured_need_replaces_the_estimate_and_is_remembered(tmp_path: P
     (await manager.acquire("e")).release()
     need = next(s.need for s in manager.status())
     assert need == Need(3 * GiB, 0, "measured")
-    assert MemoryStore(tmp_path / "memory.json").measured("e", manager._fingerprint(manager.resolve("e"))) == need
+    assert MemoryStore(tmp_path / "memory.json").measured("e", manager.needs.fingerprint(manager.resolve("e"))) == need
 
 
 async def test_a_later_load_that_uses_less_does_not_shrink_the_remembered_need(tmp_path: Path) -> None:
@@ -324,7 +325,7 @@ async def test_a_later_load_that_uses_less_does_not_shrink_the_remembered_need(t
     assert next(s.need for s in manager.status()) == Need(3 * GiB, 0, "measured")
     await manager.unload("e")
     assert next(s.need for s in manager.status()) == Need(3 * GiB, 0, "measured")
-    stored = MemoryStore(tmp_path / "memory.json").measured("e", manager._fingerprint(manager.resolve("e")))
+    stored = MemoryStore(tmp_path / "memory.json").measured("e", manager.needs.fingerprint(manager.resolve("e")))
     assert stored == Need(3 * GiB, 0, "measured")
     probe.rss_of[1002] = 4 * GiB  # and one that uses more raises it
     (await manager.acquire("e")).release()

@@ -31,7 +31,7 @@ async def test_a_gguf_need_read_begun_before_a_reload_is_not_kept_for_the_new_co
     before = model("g", backend="llama_cpp", model_path=gguf, cmd=None, options={"n_ctx": 8192})
     after = model("g", backend="llama_cpp", model_path=gguf, cmd=None, options={"n_ctx": 1024})
     manager, _ = make(before)
-    finding = asyncio.create_task(manager._ensure_need(manager._runtime("g")))
+    finding = asyncio.create_task(manager.needs.ensure(manager.registry.lookup("g")))
     await asyncio.wait_for(reading.wait(), 5)
     manager.replace_models([after])  # stopped: it takes the new config at once
     gate.set()

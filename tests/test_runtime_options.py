@@ -154,7 +154,7 @@ async def test_a_reload_that_can_never_fit_is_refused_and_the_loaded_model_keeps
     manager, _ = make(cfg)
     (await manager.acquire("a")).release()
     huge = with_options(cfg, {"n_ctx": 65536})
-    manager.store.put_measured("a", manager._fingerprint(huge), Need(1000 * GiB, 0, "measured"))
+    manager.store.put_measured("a", manager.needs.fingerprint(huge), Need(1000 * GiB, 0, "measured"))
     with pytest.raises(InsufficientMemory):
         await manager.acquire("a", options={"num_ctx": 65536})
     assert state(manager, "a") == "ready" and not FakeWorker.instances[0].stopped
