@@ -35,9 +35,10 @@ from proxy.clock import ManualClock
 from proxy.config import DetailsSection, MemoryLimits, ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ProxyError
 from proxy.events import Event, EventBus, StateChanged, Unloaded, UnloadReason
-from proxy.manager import TRANSITIONS, InvalidTransition, Lease, ModelManager, State
+from proxy.manager import Lease, ModelManager
 from proxy.memory import MemoryStore, Need
 from proxy.relay import LeasedCall
+from proxy.runtime import TRANSITIONS, InvalidTransition, State
 from proxy.upstream import Upstream
 from tests.fake_memory import FakeProbe, GiB
 
