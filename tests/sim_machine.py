@@ -351,6 +351,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         if req.admin and req.role_sent and req.keep_alive is not None:
             if math.isinf(req.keep_alive):
                 self.pins.add(req.model)
+            else:
+                self.pins.discard(req.model)  # an admin changed its own pin: applied when served, in turn
 
     async def _via_acquire(self, req: Req, options: Mapping[str, Any] | None) -> None:
         try:
@@ -414,8 +416,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         if keep_alive is not None:
             self.kas.append((self.count, name))
-            if req.admin and req.role_sent and not math.isinf(keep_alive):
-                self.pins.discard(name)  # an admin changed its own pin
         options = {"num_ctx": req.num_ctx} if req.num_ctx is not None else None
         self.requests.append(req)
         run = self._via_leased_call if leased_call else self._via_acquire
