@@ -134,8 +134,9 @@ NOT_CHAT = {
 }
 
 
-def _post_routes() -> set[str]:
-    settings = Settings(
+def _settings(**limits: Any) -> Settings:
+    """The fewest settings an app is made with, and the limits given."""
+    return Settings(
         host="127.0.0.1",
         port=0,
         cors_origins=(),
@@ -149,8 +150,12 @@ def _post_routes() -> set[str]:
         max_queue=1,
         max_body_bytes=1,
         log_level="info",
+        **limits,
     )
-    app = create_app(settings, keys=KeyRing())
+
+
+def _post_routes() -> set[str]:
+    app = create_app(_settings(), keys=KeyRing())
     return {r.path for r in app.routes if isinstance(r, Route) and "POST" in (r.methods or ())}
 
 
@@ -338,24 +343,7 @@ def test_embeddings_are_bounded_in_count_and_estimated_tokens() -> None:
 
 
 def test_the_limits_come_from_the_settings() -> None:
-    settings = Settings(
-        host="127.0.0.1",
-        port=0,
-        cors_origins=(),
-        models_dir=Path("."),
-        configs_dir=Path("."),
-        api_tokens=None,
-        keep_alive=300,
-        load_timeout=5,
-        unload_grace=1,
-        max_loaded_models=None,
-        max_queue=1,
-        max_body_bytes=1,
-        log_level="info",
-        max_schema_repeat=7,
-        max_schema_enum=8,
-        max_schema_bytes=9,
-        max_embedding_inputs=10,
-        max_embedding_tokens=11,
+    settings = _settings(
+        max_schema_repeat=7, max_schema_enum=8, max_schema_bytes=9, max_embedding_inputs=10, max_embedding_tokens=11
     )
     assert gate.Limits.of(settings) == gate.Limits(SchemaLimits(7, 8, 9), 10, 11)
