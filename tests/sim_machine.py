@@ -608,6 +608,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         versions = self.versions[req.model]
         if versions[req.version] is None:
             return  # not in the catalog when it came: it was refused (404) or is the retired model's
+        if any(v is None for v in versions[req.version + 1 :]):
+            return  # removed after it came: the retired model finishes its requests with the worker it has
         newer = [i for i, c in enumerate(versions) if c is not None and _plain(c) == _plain(leased)]
         if not newer or max(newer) < req.version:
             self._violate(CURRENT_CONFIG, f"{req.model}: served with a config older than the one it was admitted with")
