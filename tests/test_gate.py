@@ -31,6 +31,15 @@ def _fn(schema: Any) -> dict[str, Any]:
     return {"type": "function", "function": {"name": "f", "description": "d", "parameters": schema}}
 
 
+def _named(schema: Any) -> dict[str, Any]:
+    """A tool_choice that forces the tool f: only then do its parameters become a grammar."""
+    return {"type": "function", "function": {"name": "f"}}
+
+
+def _tool_named(schema: Any) -> dict[str, Any]:
+    return {"type": "tool", "name": "f"}  # Anthropic's spelling
+
+
 def _json_schema(schema: Any) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
 
@@ -51,15 +60,19 @@ def _job(**extra: Any) -> Body:
 FIELDS: list[tuple[str, str, Body]] = [
     ("/v1/chat/completions", "response_format", _chat(response_format=_json_schema)),
     ("/v1/chat/completions", "response_format", _chat(response_format=lambda s: {"type": "json_object", "schema": s})),
-    ("/v1/chat/completions", "tools[0].function.parameters", _chat(tools=lambda s: [_fn(s)])),
-    ("/v1/chat/completions", "functions[0].parameters", _chat(functions=lambda s: [{"name": "f", "parameters": s}])),
+    ("/v1/chat/completions", "tools[0].function.parameters", _chat(tools=lambda s: [_fn(s)], tool_choice=_named)),
+    (
+        "/v1/chat/completions",
+        "functions[0].parameters",
+        _chat(functions=lambda s: [{"name": "f", "parameters": s}], function_call=lambda s: {"name": "f"}),
+    ),
     (
         "/v1/completions",
         "response_format",
         lambda s: {"model": "fake", "prompt": "hi", "response_format": _json_schema(s)},
     ),
     ("/api/chat", "format", _chat(format=lambda s: s)),
-    ("/api/chat", "tools[0].function.parameters", _chat(tools=lambda s: [_fn(s)])),
+    # (Ollama's tools are never forced, it has no tool_choice: their schemas are only text in the prompt)
     ("/api/generate", "format", lambda s: {"model": "fake", "prompt": "hi", "format": s}),
     ("/api/generate", "format", lambda s: {"model": "fake", "prompt": "hi", "raw": True, "format": s}),
     (
@@ -70,9 +83,13 @@ FIELDS: list[tuple[str, str, Body]] = [
     (
         "/v1/messages",
         "tools[0].input_schema",
-        _chat(max_tokens=lambda s: 5, tools=lambda s: [{"name": "f", "input_schema": s}]),
+        _chat(max_tokens=lambda s: 5, tools=lambda s: [{"name": "f", "input_schema": s}], tool_choice=_tool_named),
     ),
-    ("/v1/messages/count_tokens", "tools[0].input_schema", _chat(tools=lambda s: [{"name": "f", "input_schema": s}])),
+    (
+        "/v1/messages/count_tokens",
+        "tools[0].input_schema",
+        _chat(tools=lambda s: [{"name": "f", "input_schema": s}], tool_choice=_tool_named),
+    ),
     (
         "/v1/responses",
         "text.format",
@@ -81,12 +98,17 @@ FIELDS: list[tuple[str, str, Body]] = [
     (
         "/v1/responses",
         "tools (function 'f').parameters",
-        lambda s: {"model": "fake", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": s}]},
+        lambda s: {
+            "model": "fake",
+            "input": "hi",
+            "tools": [{"type": "function", "name": "f", "parameters": s}],
+            "tool_choice": "required",
+        },
     ),
     ("/v2/fake/run", "response_format", _job(response_format=_json_schema)),
-    ("/v2/fake/run", "tools[0].function.parameters", _job(tools=lambda s: [_fn(s)])),
+    ("/v2/fake/run", "tools[0].function.parameters", _job(tools=lambda s: [_fn(s)], tool_choice=_named)),
     ("/v2/fake/runsync", "response_format", _job(response_format=_json_schema)),
-    ("/v2/fake/runsync", "tools[0].function.parameters", _job(tools=lambda s: [_fn(s)])),
+    ("/v2/fake/runsync", "tools[0].function.parameters", _job(tools=lambda s: [_fn(s)], tool_choice=_named)),
     ("/v2/fake/run", "response_format", lambda s: {"input": {"prompt": "hi", "response_format": _json_schema(s)}}),
 ]
 
@@ -295,7 +317,7 @@ def test_each_dialect_names_the_field_as_its_clients_spell_it() -> None:
     ]:
         error = refused(request, dialect)  # type: ignore[arg-type]
         assert error.message.startswith(name) and "maxLength 11" in error.message, error.message
-    tool = {"messages": MSG, "tools": [_fn({}), _fn({"enum": [1, 2, 3, 4]})]}
+    tool = {"messages": MSG, "tools": [_fn({}), _fn({"enum": [1, 2, 3, 4]})], "tool_choice": "required"}
     assert refused(tool, "anthropic").message.startswith("'tools[1].input_schema': an 'enum' of 4 values")
     assert refused(tool, "responses").message.startswith("'tools (function 'f').parameters'")
     assert refused(tool).param == "tools"
@@ -307,7 +329,7 @@ def test_enums_anyof_and_oneof_count_their_alternatives_and_the_size_counts_ever
         assert f"'{key}' of 4 values" in refused({"messages": MSG, "response_format": _json_schema(deep)}).message
         gate.check_chat({"messages": MSG, "response_format": _json_schema({key: [1, 2, 3]})}, model(), LIMITS)
     half = {"description": "x" * 150}  # each within the limit, together over it
-    error = refused({"messages": MSG, "tools": [_fn(half), _fn(half), _fn(half)]})
+    error = refused({"messages": MSG, "tools": [_fn(half), _fn(half), _fn(half)], "tool_choice": "required"})
     assert "over the limit of 400 (limits.max_schema_bytes)" in error.message, error.message
     assert "'tools[0].function.parameters', 'tools[1].function.parameters'" in error.message
     gate.check_chat({"messages": MSG, "tools": [_fn(half), _fn(half)]}, model(), LIMITS)
@@ -347,3 +369,21 @@ def test_the_limits_come_from_the_settings() -> None:
         max_schema_repeat=7, max_schema_enum=8, max_schema_bytes=9, max_embedding_inputs=10, max_embedding_tokens=11
     )
     assert gate.Limits.of(settings) == gate.Limits(SchemaLimits(7, 8, 9), 10, 11)
+
+
+def test_only_the_tools_a_request_forces_are_grammars_so_only_their_schemas_are_bounded() -> None:
+    """Claude Code sends tools whose schemas no grammar could hold (``maxLength: 524288``) and never forces
+    them: unforced, a tool's schema is only text in the prompt, so it passes; forced by name, that tool's
+    schema is checked (the others' are not); ``required`` checks every tool's."""
+    agent = {"type": "string", "maxLength": 524288}
+    tools = [_fn({}), {"type": "function", "function": {"name": "Write", "parameters": agent}}]
+    for choice in (None, "auto", "none", {"type": "function", "function": {"name": "f"}}):
+        gate.check_chat({"messages": MSG, "tools": tools, "tool_choice": choice}, model(), LIMITS)
+    write = {"type": "function", "function": {"name": "Write"}}
+    assert "tools[1]" in refused({"messages": MSG, "tools": tools, "tool_choice": write}).message
+    assert "tools[1]" in refused({"messages": MSG, "tools": tools, "tool_choice": "required"}).message
+    functions = [{"name": "Write", "parameters": agent}]
+    gate.check_chat({"messages": MSG, "functions": functions}, model(), LIMITS)
+    assert (
+        "functions[0]" in refused({"messages": MSG, "functions": functions, "function_call": {"name": "Write"}}).message
+    )

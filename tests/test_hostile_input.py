@@ -38,7 +38,10 @@ def worker_pid(proxy: LiveProxy) -> Iterator[int]:
     assert (status["state"], status["pid"]) == ("ready", pid), proxy.log()[-3000:]
 
 
-def _tool(parameters: dict[str, Any]) -> list[dict[str, Any]]:
+FORCE_F: Any = {"type": "function", "function": {"name": "f"}}  # only a forced tool's schema becomes a grammar
+
+
+def _tool(parameters: Any) -> Any:
     return [{"type": "function", "function": {"name": "f", "description": "d", "parameters": parameters}}]
 
 
@@ -58,7 +61,13 @@ def test_a_schema_llama_cpp_cannot_take_is_a_400_and_the_worker_lives(proxy: Liv
                 client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, response_format=fmt)
             assert "limits.max_schema_repeat" in str(info.value), info.value
             with pytest.raises(openai.BadRequestError) as info:
-                client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, tools=_tool(schema))  # type: ignore[arg-type]
+                client.chat.completions.create(
+                    model=MODEL,
+                    messages=MSG,
+                    max_tokens=4,
+                    tools=_tool(schema),
+                    tool_choice=FORCE_F,
+                )
             assert "tools[0].function.parameters" in str(info.value)
         # within the limit, a schema still constrains the answer
         fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "maxLength": 20}}}
@@ -92,7 +101,11 @@ def test_schema_caps_hold_on_the_anthropic_and_responses_routes_too(proxy: LiveP
             assert "'output_config.format'" in str(info.value) and limit in str(info.value), info.value
             with pytest.raises(anthropic.BadRequestError) as info:
                 client.messages.create(
-                    model=MODEL, max_tokens=4, messages=MSG, tools=[{"name": "f", "input_schema": schema}]
+                    model=MODEL,
+                    max_tokens=4,
+                    messages=MSG,
+                    tools=[{"name": "f", "input_schema": schema}],
+                    tool_choice={"type": "tool", "name": "f"},
                 )
             assert "'tools[0].input_schema'" in str(info.value) and limit in str(info.value), info.value
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=120) as oc:
@@ -103,11 +116,27 @@ def test_schema_caps_hold_on_the_anthropic_and_responses_routes_too(proxy: LiveP
             assert "'text.format'" in str(oinfo.value) and limit in str(oinfo.value), oinfo.value
             tool: Any = {"type": "function", "name": "f", "parameters": schema}
             with pytest.raises(openai.BadRequestError) as oinfo:
-                oc.responses.create(model=MODEL, input="hi", max_output_tokens=16, tools=[tool])
+                oc.responses.create(
+                    model=MODEL,
+                    input="hi",
+                    max_output_tokens=16,
+                    tools=[tool],
+                    tool_choice={"type": "function", "name": "f"},
+                )
             assert "'tools (function 'f').parameters'" in str(oinfo.value), oinfo.value
             with pytest.raises(openai.BadRequestError) as oinfo:
-                oc.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, tools=_tool(schema))  # type: ignore[arg-type]
+                oc.chat.completions.create(
+                    model=MODEL,
+                    messages=MSG,
+                    max_tokens=4,
+                    tools=_tool(schema),
+                    tool_choice=FORCE_F,
+                )
             assert limit in str(oinfo.value)
+        # a tool that is not forced is only text in the prompt (Claude Code's maxLength 524288): served
+        agent: Any = {"type": "object", "properties": {"content": {"type": "string", "maxLength": 524288}}}
+        served = oc.chat.completions.create(model=MODEL, messages=MSG, max_tokens=4, tools=_tool(agent))
+        assert served.choices[0].finish_reason in ("stop", "length", "tool_calls")
         # an enum within the limits still constrains the answer
         small: Any = {"type": "object", "properties": {"v": {"enum": ["red", "green"]}}, "required": ["v"]}
         answer = oc.responses.create(

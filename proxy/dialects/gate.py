@@ -6,7 +6,8 @@ request to the canonical one, the OpenAI chat or completion body that workers ta
 prompt), images only for a vision model, the sampling fields' types, and the bounds on every JSON schema
 that becomes a grammar (``proxy.dialects.schemas``: repetitions, enums, total size), wherever the dialect
 carried it (``response_format``, Ollama's ``format``, Anthropic's ``output_config.format`` and
-``input_schema``, the Responses API's ``text.format``, tools' and functions' ``parameters``). A refusal names
+``input_schema``, the Responses API's ``text.format``, and the ``parameters`` of the tools a request forces:
+``_forced``). A refusal names
 the field as the client spelled it (``SPELLINGS``). Embeddings pass ``check_embeddings``: the inputs' shape,
 their count and their estimated tokens.
 """
@@ -72,18 +73,34 @@ def schemas_of(request: Mapping[str, Any], dialect: Dialect = "openai") -> list[
             out.append((spelling.response_format, inner["schema"]))
         if "schema" in response_format:
             out.append((spelling.response_format, response_format["schema"]))
+    forced = _forced(request)
     tools = request.get("tools")
-    if isinstance(tools, list):
+    if isinstance(tools, list) and forced is not None:
         for i, tool in enumerate(tools):
             function = tool.get("function") if isinstance(tool, dict) else None
-            if isinstance(function, dict) and "parameters" in function:
+            if isinstance(function, dict) and "parameters" in function and forced in (True, function.get("name")):
                 out.append((spelling.tool.format(i=i, name=function.get("name")), function["parameters"]))
     functions = request.get("functions")  # OpenAI's older tools, which llama-cpp-python still takes
-    if isinstance(functions, list):
+    if isinstance(functions, list) and forced is not None:
         for i, function in enumerate(functions):
-            if isinstance(function, dict) and "parameters" in function:
+            if isinstance(function, dict) and "parameters" in function and forced in (True, function.get("name")):
                 out.append((f"functions[{i}].parameters", function["parameters"]))
     return out
+
+
+def _forced(request: Mapping[str, Any]) -> str | bool | None:
+    """Which tools' schemas become a grammar: the one a request forces by name (``tool_choice`` naming a
+    function, or the older ``function_call``), every one (``required``: a server may constrain the call to
+    any of them), or none (``auto``, ``none``, absent: the schemas are only text in the prompt). Agents send
+    tools whose schemas a grammar could never hold (Claude Code's ``maxLength: 524288``) and never force them."""
+    for choice in (request.get("tool_choice"), request.get("function_call")):
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else choice.get("name")
+            return name if isinstance(name, str) else True
+        if choice == "required":
+            return True
+    return None
 
 
 def check_chat(
