@@ -34,7 +34,7 @@ def ask(client: openai.OpenAI, *images: str, model: str = VISION, **kw: Any) -> 
     parts += [{"type": "image_url", "image_url": {"url": url}} for url in images]
     return client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": parts}],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": parts}],  # type: ignore[list-item,misc]
         temperature=0,
         max_tokens=8,
         **kw,
