@@ -122,7 +122,8 @@ def test_close_frees_the_multimodal_context(vision_model: dict[str, Any]) -> Non
     options = {"n_ctx": 512, "n_threads": 2, "n_gpu_layers": 0, "mmproj": vision_model["model"]["mmproj"]}
     backend = LlamaCppBackend("seer", str(smollm2_path()), options)
     backend.load()
-    handler = backend._llm.chat_handler
+    llm = backend._llm  # held here, so only an explicit close (not the collector) can free what it holds
+    handler = llm.chat_handler
     answer = backend.chat({"messages": message(data_url(encoded((5, 5, 5)))), "max_tokens": 1})
     assert answer["usage"]["prompt_tokens"] > IMAGE_TOKENS
     assert handler.mtmd_ctx is not None  # made on the first image
