@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.harness import LiveProxy, running, smollm2_path
+from tests.harness import REPO, LiveProxy, running, smollm2_path
 
 pytestmark = pytest.mark.real
 
@@ -114,18 +117,31 @@ def test_a_dropped_gguf_with_its_mmproj_is_a_vision_model(tmp_path: Path, vision
             assert ask(client, data_url(encoded((9, 9, 9))), model="seer").usage.prompt_tokens > IMAGE_TOKENS
 
 
+CLOSE_CHECK = """
+import json, sys
+from proxy.worker.backends.llama_cpp import LlamaCppBackend
+model, mmproj, image = sys.argv[1:4]
+options = {"n_ctx": 512, "n_threads": 2, "n_gpu_layers": 0, "mmproj": mmproj}
+backend = LlamaCppBackend("seer", model, options)
+backend.load()
+llm = backend._llm  # held here, so only an explicit close (not the collector) can free what it holds
+handler = llm.chat_handler
+content = [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": image}}]
+answer = backend.chat({"messages": [{"role": "user", "content": content}], "max_tokens": 1})
+made = handler.mtmd_ctx is not None  # made on the first image
+backend.close()
+print(json.dumps({"prompt_tokens": answer["usage"]["prompt_tokens"], "made": made, "freed": handler.mtmd_ctx is None}))
+"""
+
+
 def test_close_frees_the_multimodal_context(vision_model: dict[str, Any]) -> None:
     """llama-cpp-python frees the mtmd context on ``Llama.close`` (its exit stack; the leak fixed by its
-    PR #2343 was a context left behind): the worker's ``close`` at unload reaches it."""
-    from proxy.worker.backends.llama_cpp import LlamaCppBackend
-
-    options = {"n_ctx": 512, "n_threads": 2, "n_gpu_layers": 0, "mmproj": vision_model["model"]["mmproj"]}
-    backend = LlamaCppBackend("seer", str(smollm2_path()), options)
-    backend.load()
-    llm = backend._llm  # held here, so only an explicit close (not the collector) can free what it holds
-    handler = llm.chat_handler
-    answer = backend.chat({"messages": message(data_url(encoded((5, 5, 5)))), "max_tokens": 1})
-    assert answer["usage"]["prompt_tokens"] > IMAGE_TOKENS
-    assert handler.mtmd_ctx is not None  # made on the first image
-    backend.close()
-    assert handler.mtmd_ctx is None
+    PR #2343 was a context left behind): the worker's ``close`` at unload reaches it. Run as a worker runs,
+    in a process of its own."""
+    image = data_url(encoded((5, 5, 5)))
+    args = [sys.executable, "-c", CLOSE_CHECK, str(smollm2_path()), vision_model["model"]["mmproj"], image]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["prompt_tokens"] > IMAGE_TOKENS
+    assert seen == {**seen, "made": True, "freed": True}
