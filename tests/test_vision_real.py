@@ -27,6 +27,7 @@ from tests.harness import REPO, LiveProxy, running, smollm2_path
 pytestmark = pytest.mark.real
 
 VISION = "smolvlm-test"
+TEXT = {"type": "text", "text": "What is in this picture?"}
 IMAGE_TOKENS = 16  # scripts/make_vision_model.py: (IMAGE_SIZE // PATCH_SIZE) ** 2
 OpenAIFor = Callable[[LiveProxy], openai.OpenAI]
 
@@ -42,7 +43,7 @@ def data_url(raw: bytes, mime: str = "image/png") -> str:
 
 
 def message(*images: str) -> list[Any]:
-    parts: list[dict[str, Any]] = [{"type": "text", "text": "What is in this picture?"}]
+    parts: list[dict[str, Any]] = [TEXT]
     parts += [{"type": "image_url", "image_url": {"url": url}} for url in images]
     return [{"role": "user", "content": parts}]
 
@@ -77,6 +78,15 @@ def test_the_image_changes_the_answer_and_costs_its_tokens(vision_proxy: LivePro
     assert text_only is not None
     # the image's embeddings, and the line that separates it from the text
     assert first.usage.prompt_tokens - text_only.prompt_tokens in (IMAGE_TOKENS, IMAGE_TOKENS + 1)
+    # Anthropic's count_tokens: the chat template counts the text; with an image, the chat's own usage does
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": red.split(",")[1]}}
+    counts = []
+    for content in ([TEXT], [TEXT, image]):
+        body = {"model": VISION, "messages": [{"role": "user", "content": content}]}
+        r = httpx.post(vision_proxy.url + "/v1/messages/count_tokens", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        counts.append(r.json()["input_tokens"])
+    assert counts[1] - counts[0] in (IMAGE_TOKENS, IMAGE_TOKENS + 1)
 
 
 def test_bad_images_are_4xx_and_a_model_without_projector_refuses_them(

@@ -128,7 +128,9 @@ class LlamaCppBackend:
 
         llm = self._llm
         template = llm.metadata.get("tokenizer.chat_template")
-        if template is None or llm.chat_handler is not None or llm.chat_format != "chat_template.default":
+        # a vision model's MTMDChatHandler renders the same template (its images aside)
+        own = llm.chat_handler is None and llm.chat_format == "chat_template.default"
+        if template is None or not (own or isinstance(llm.chat_handler, llama_chat_format.MTMDChatHandler)):
             return None
         eos, bos = llm.token_eos(), llm.token_bos()
         return llama_chat_format.Jinja2ChatFormatter(
@@ -267,7 +269,8 @@ class LlamaCppBackend:
             kwargs["messages"] = [_with_images(m, i) for i, m in enumerate(messages)]
         else:
             kwargs["messages"] = [_text_only(m, i) for i, m in enumerate(messages)]
-        counted = self._chat_prompt_tokens(kwargs["messages"], body)
+        # with images, the handler counts their tokens and checks the room itself
+        counted = None if _images_in(kwargs["messages"]) else self._chat_prompt_tokens(kwargs["messages"], body)
         if counted is not None:
             self._check_room(counted)
         if "response_format" in kwargs:
@@ -292,6 +295,8 @@ class LlamaCppBackend:
         if isinstance(messages, list):
             if self._formatter is None:
                 raise NotSupported("this model has no chat template in its GGUF to count a chat with")
+            if _images_in(messages):
+                raise NotSupported("an image's tokens are counted when the chat runs (its usage), not here")
             try:
                 rendered = self._formatter(messages=messages, tools=body.get("tools"))
             except Exception as exc:  # the template refused these messages (jinja2's own errors)
@@ -484,13 +489,24 @@ def _flat_parts(cls: Any, message: Any, media_marker: str) -> dict[str, Any]:
     return out
 
 
+def _images_in(messages: Any) -> bool:
+    return isinstance(messages, list) and any(
+        isinstance(m, dict)
+        and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"])
+        for m in messages
+    )
+
+
 def _with_images(message: Any, i: int) -> Any:
     """A message for a vision model: text parts and ``image_url`` parts whose URL is a ``data:`` URL (the
     proxy fetches http(s) images itself and passes them as data; this worker never opens a URL), in user
-    messages only (the handler reads images from those)."""
+    messages only (the handler reads images from those). One without images is text (``_text_only``)."""
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
         return message
+    if not _images_in([message]):
+        return _text_only(message, i)
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
