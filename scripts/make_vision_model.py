@@ -13,7 +13,7 @@ the projector into the language model (two different images give different greed
 costs ``IMAGE_TOKENS`` tokens of the context.
 
 Deterministic (a fixed seed, float32 throughout): the same inputs give the same bytes. Written with the
-``gguf`` package (and numpy), so it needs no torch; it runs in a second or so and writes about 0.6 MB.
+``gguf`` package (and numpy), so it needs no torch; it runs in seconds and writes about 1.1 MB.
 
     python scripts/make_vision_model.py [--text-model PATH] [--out PATH]
 
