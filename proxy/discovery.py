@@ -1,8 +1,8 @@
 """Model discovery: weights dropped into ``models/`` with no YAML become models with defaults.
 
 - ``*.gguf`` -> ``llama_cpp``, named from the file with ``:latest`` (split parts after the first and
-  ``mmproj-*`` projectors are not models of their own); an ``mmproj-X*.gguf`` beside ``X.gguf`` is its image
-  projector (``model.mmproj``): a vision model
+  ``mmproj-*`` projectors are not models of their own); an ``mmproj-X*.gguf`` beside ``X.gguf`` (or the one
+  projector in a folder with one model) is its image projector (``model.mmproj``): a vision model
 - a diffusers folder (``model_index.json``) -> ``diffusers``; a single ``.safetensors`` / ``.ckpt`` with
   exactly one diffusers folder beside it (its configs) -> ``diffusers``
 - a Piper ``.onnx`` with its ``.onnx.json`` -> ``piper``
@@ -80,11 +80,17 @@ def _name(stem: str) -> str:
 
 def _projector(entries: list[Path], stem: str) -> Path | None:
     """The image projector beside a GGUF: ``mmproj-<stem>*.gguf`` (the first by name when there are several,
-    as ``-f16`` beside ``-q8_0``), which makes it a vision model."""
+    as ``-f16`` beside ``-q8_0``), which makes it a vision model. Failing that, a folder holding one model and
+    one projector pairs them (``Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf`` with ``mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf``:
+    the model's name carries its quantization, the projector's does not)."""
+    ggufs = [e for e in entries if e.name.lower().endswith(".gguf") and e.is_file()]
+    projectors = [e for e in ggufs if e.name.lower().startswith("mmproj")]
     prefix = f"mmproj-{stem}".lower()
-    for entry in entries:
-        name = entry.name.lower()
-        if name.startswith(prefix) and name.endswith(".gguf") and entry.is_file() and _readable(entry, b"GGUF"):
+    named = [e for e in projectors if e.name.lower().startswith(prefix)]
+    models = [e for e in ggufs if e not in projectors and not _SPLIT_PART.search(e.stem)]
+    candidates = named or (projectors if len(projectors) == 1 and len(models) == 1 else [])
+    for entry in candidates:
+        if _readable(entry, b"GGUF"):
             return entry
     return None
 

@@ -39,3 +39,21 @@ def test_a_gguf_with_an_mmproj_beside_it_is_a_vision_model(tmp_path: Path) -> No
     seer, plain = found["seer-7b:latest"], found["plain:latest"]
     assert seer.vision and seer.options["mmproj"] == str(tmp_path / "mmproj-Seer-7B-f16.gguf")
     assert not plain.vision and plain.options.get("mmproj") is None
+
+
+def test_a_folder_with_one_model_and_one_projector_pairs_them(tmp_path: Path) -> None:
+    """Published names differ by quantization (the model's ``-Q4_K_M``, the projector's ``-f16``): alone in
+    their folder, they still pair; beside another model, an unnamed projector pairs with neither."""
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    for name in ("Qwen2.5-VL-7B-Instruct-Q4_K_M.gguf", "mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf"):
+        (qwen / name).write_bytes(b"GGUF\x03\x00\x00\x00")
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in ("a.gguf", "b.gguf", "mmproj-c-f16.gguf"):
+        (both / name).write_bytes(b"GGUF\x03\x00\x00\x00")
+    found = {c.name: c for c in scan(dataclasses.replace(settings(), models_dir=tmp_path), ())}
+    assert sorted(found) == ["a:latest", "b:latest", "qwen2.5-vl-7b-instruct-q4_k_m:latest"]
+    qwen_vl = found["qwen2.5-vl-7b-instruct-q4_k_m:latest"]
+    assert qwen_vl.vision and qwen_vl.options["mmproj"] == str(qwen / "mmproj-Qwen2.5-VL-7B-Instruct-f16.gguf")
+    assert not found["a:latest"].vision and not found["b:latest"].vision
