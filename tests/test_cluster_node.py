@@ -194,6 +194,23 @@ async def test_redis_down_each_node_serves_alone_and_rejoins_within_2s(
     assert route(b.view(), "m", forwarded=False) == Forward("a", "http://a.test:11434", "ready")
 
 
+async def test_a_hung_redis_is_left_within_a_heartbeat_and_rejoined_when_it_answers(
+    nodes: Callable[..., Awaitable[ClusterNode]], redis_server: RedisServer
+) -> None:
+    a = await nodes("a", state(ModelPresence("m", "ready")), heartbeat=0.5, dead_after=1.5)
+    b = await nodes("b", state(catalog=()), heartbeat=0.5, dead_after=1.5)
+    await eventually(lambda: set(b.view().nodes) == {"a", "b"})
+    redis_server.pause()
+    try:
+        # each heartbeat gives up on Redis after min(heartbeat, 1 s): alone within two heartbeats and a timeout
+        await eventually(lambda: not a.view().connected and not b.view().connected, timeout=2.5)
+        assert route(a.view(), "m", forwarded=False) == Here("ready")
+    finally:
+        redis_server.resume()
+    took = await eventually(lambda: set(b.view().nodes) == {"a", "b"} and b.view().connected, timeout=5)
+    assert took <= 2.0
+
+
 async def test_routing_a_warm_request_sends_no_redis_command(
     nodes: Callable[..., Awaitable[ClusterNode]], redis_server: RedisServer
 ) -> None:
@@ -207,6 +224,7 @@ async def test_routing_a_warm_request_sends_no_redis_command(
             a.touch()  # this node's own state is read again too
             assert route(a.view(), "m", forwarded=False) == Here("ready")
             assert route(a.view(), "n", forwarded=False) == Forward("b", "http://b.test:11434", "ready")
+            await asyncio.sleep(0)  # as between requests: anything the route set going would run here
         stats = await probe.info("commandstats")
     finally:
         await probe.aclose()
