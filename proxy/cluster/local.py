@@ -27,7 +27,7 @@ def config_hash(configs: Iterable[ModelConfig]) -> str:
 
 
 def presence(st: ModelStatus) -> ModelPresence:
-    need = st.need
+    need = st.need or st.config.memory  # a need not found yet: its YAML's, else 0 (unknown)
     return ModelPresence(
         name=st.name,
         state=st.state,
