@@ -3,7 +3,7 @@ probe with set figures, the ManualClock)."""
 
 from __future__ import annotations
 
-from proxy.cluster.local import local_state
+from proxy.cluster.local import local_state, quick_state
 from proxy.cluster.view import ModelPresence
 from proxy.memory import Need
 from proxy.nvml import GpuMemory
@@ -47,6 +47,21 @@ async def test_free_vram_per_gpu() -> None:
     try:
         assert local_state(manager).free_vram == (8 * GiB - reserve - 3 * GiB, 6 * GiB - reserve)
         assert local_state(manager).vram_budget == (8 * GiB - reserve, 8 * GiB - reserve)
+    finally:
+        lease.release()
+        await manager.shutdown()
+
+
+async def test_quick_state_reads_states_and_counts_without_the_probe() -> None:
+    manager, _ = make(model("a", parallel=2, memory=Need(4 * GiB, 0, "config")), max_loaded=None)
+    before = local_state(manager)
+    lease = await manager.acquire("a")
+    try:
+        reads = manager.probe.reads  # type: ignore[attr-defined]
+        quick = quick_state(manager, before)
+        assert manager.probe.reads == reads  # type: ignore[attr-defined]
+        assert quick.models == (ModelPresence("a", "ready", in_flight=1, ram=4 * GiB, parallel=2),)
+        assert quick.free_ram == before.free_ram  # memory stays the last heartbeat's
     finally:
         lease.release()
         await manager.shutdown()

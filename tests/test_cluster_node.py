@@ -52,9 +52,11 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> flo
 async def nodes(redis_server: RedisServer) -> AsyncIterator[Callable[..., Awaitable[ClusterNode]]]:
     started: list[ClusterNode] = []
 
-    async def make(name: str, local: LocalState | None = None, **kw: Any) -> ClusterNode:
+    async def make(
+        name: str, local: LocalState | None = None, quick: Callable[[LocalState], LocalState] | None = None, **kw: Any
+    ) -> ClusterNode:
         current = local or state()
-        node = ClusterNode(settings(redis_server, name, **kw), lambda: current)
+        node = ClusterNode(settings(redis_server, name, **kw), lambda: current, quick=quick)
         await node.start()
         started.append(node)
         return node
@@ -229,3 +231,22 @@ async def test_routing_a_warm_request_sends_no_redis_command(
     finally:
         await probe.aclose()
     assert [k for k in stats if not k.startswith("cmdstat_config")] == []
+
+
+async def test_touch_reads_this_nodes_state_again_between_heartbeats(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    now = {"m": ModelPresence("m", "stopped")}
+
+    def quick(last: LocalState) -> LocalState:
+        return replace(last, models=(now["m"],))
+
+    a = await nodes("a", state(now["m"]), quick=quick, heartbeat=30, dead_after=90)
+    assert route(a.view(), "m", forwarded=False) == Here("place")
+    now["m"] = ModelPresence("m", "ready")
+    assert route(a.view(), "m", forwarded=False) == Here("place")  # not told: the last read holds
+    a.touch()
+    assert route(a.view(), "m", forwarded=False) == Here("ready")
+    now["m"] = ModelPresence("m", "ready", in_flight=1)
+    a.touch()
+    assert a.view().nodes["a"].models == (now["m"],)

@@ -6,6 +6,7 @@ counted at, and no more than what the box has available now less the reserve; pe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
@@ -74,3 +75,17 @@ def local_state(manager: ModelManager) -> LocalState:
         vram_budget=tuple(int(g["budget"]) for g in gpus),
         config_hash=config_hash(configs),
     )
+
+
+def quick_state(manager: ModelManager, last: LocalState) -> LocalState:
+    """``last`` with each model's state and request counts as they are now: plain reads of the manager's
+    runtimes (``ModelManager.world``), no memory probe, so it is cheap enough to run after every request
+    (``ClusterNode.touch``); memory figures stay the last heartbeat's."""
+    now = manager.world().models
+    models = []
+    for m in last.models:
+        v = now.get(m.name)
+        if v is not None:
+            m = dataclasses.replace(m, state=v.state, in_flight=v.in_flight, queued=len(v.tickets))
+        models.append(m)
+    return dataclasses.replace(last, models=tuple(models))

@@ -187,8 +187,8 @@ def _text(v: Any) -> str:
 class ClusterNode:
     """This proxy as one node: ``start()`` claims the name and publishes, the heartbeat keeps doing it and
     refreshes the view; ``view()`` and ``lease()`` are what routing uses. ``local`` reads this node's state
-    (``proxy.cluster.local.local_state`` over the manager); it is called once per heartbeat and when
-    ``view()`` follows ``touch()``."""
+    (``proxy.cluster.local.local_state`` over the manager) once per heartbeat; after ``touch()``, ``view()``
+    reads it again with ``quick`` (``local.quick_state``: states and request counts, no probe) when given."""
 
     def __init__(
         self,
@@ -198,9 +198,12 @@ class ClusterNode:
         *,
         source: str = "config.yml",
         client: aioredis.Redis | None = None,
+        quick: Callable[[LocalState], LocalState] | None = None,
     ) -> None:
         self.settings = settings
         self._local = local
+        self._quick = quick
+        self._last = LocalState()  # what ``local`` answered last
         self._clock = clock or SystemClock()
         self._source = source
         timeout = min(settings.heartbeat, 1.0)
@@ -239,12 +242,13 @@ class ClusterNode:
         """The registry as the last heartbeat read it, with this node as it is now (after ``touch``)."""
         if self._dirty:
             self._dirty = False
-            self._here = self._me(self._local())
+            self._here = self._me(self._quick(self._last) if self._quick is not None else self._read_local())
             self._view = self._build()
         return self._view
 
     def touch(self) -> None:
-        """This node's state changed (a model loaded, a request ended): the next ``view()`` reads it again."""
+        """This node's state changed (a model loaded, a request began or ended): the next ``view()`` reads it
+        again, with ``quick`` when given (states and counts only), else ``local``."""
         self._dirty = True
 
     # -- life ----------------------------------------------------------------------------------------------
@@ -330,7 +334,7 @@ class ClusterNode:
     async def _beat(self) -> None:
         """One heartbeat: publish this node, renew its leases, read every node and lease."""
         s, p = self.settings, self.settings.prefix
-        self._here = self._me(self._local())
+        self._here = self._me(self._read_local())
         self._dirty = False
         if not self._claimed and await self._take_name() is not None:
             self._lost_name()
@@ -391,7 +395,7 @@ class ClusterNode:
         self.connected = False
         self._remote = {}
         self._leases = {}
-        self._here = self._me(self._local())
+        self._here = self._me(self._read_local())
         self._view = self._build()
 
     def _lost_name(self) -> None:
@@ -451,6 +455,10 @@ class ClusterNode:
             self._lost(e)
 
     # -- the view ------------------------------------------------------------------------------------------
+    def _read_local(self) -> LocalState:
+        self._last = self._local()
+        return self._last
+
     def _me(self, local: LocalState) -> NodeInfo:
         s = self.settings
         return node_from(local, node=s.node, advertise=s.advertise, epoch=self.epoch, age=0.0, alive=True)
