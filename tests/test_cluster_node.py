@@ -250,3 +250,41 @@ async def test_touch_reads_this_nodes_state_again_between_heartbeats(
     now["m"] = ModelPresence("m", "ready", in_flight=1)
     a.touch()
     assert a.view().nodes["a"].models == (now["m"],)
+
+
+async def test_a_lease_for_another_node_reserves_its_memory_in_every_view(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    a = await nodes("a", state(catalog=()))
+    await nodes("b", state(ModelPresence("m", "stopped", ram=3 << 30)))
+    c = await nodes("c", state(catalog=()))
+    await eventually(lambda: "b" in a.view().nodes and "b" in c.view().nodes)
+    assert route(a.view(), "m", forwarded=False) == Forward("b", "http://b.test:11434", "place")
+    lease = await a.lease("m", node="b", ram=3 << 30)
+    assert lease is not None and lease.node == "b"
+    for member in (a, c):  # a at once, c from its next heartbeat
+        await eventually(lambda m=member: m.view().nodes["b"].state_of("m") == "starting")  # type: ignore[misc]
+        assert member.view().nodes["b"].free_ram == (8 << 30) - (3 << 30)
+        assert route(member.view(), "m", forwarded=False) == Forward("b", "http://b.test:11434", "loading")
+    await a.release(lease)
+    await eventually(lambda: c.view().nodes["b"].state_of("m") == "stopped")
+
+
+async def test_a_node_started_while_redis_is_down_joins_when_it_comes(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_server.stop()
+    a = ClusterNode(settings(redis_server, "a"), lambda: state(ModelPresence("m", "ready")))
+    b = ClusterNode(settings(redis_server, "b"), lambda: state(catalog=()))
+    await a.start()
+    await b.start()
+    try:
+        assert not a.view().connected and set(a.view().nodes) == {"a"}
+        assert route(a.view(), "m", forwarded=False) == Here("ready")
+        assert any("out of reach" in r.getMessage() for r in caplog.records)
+        redis_server.start()
+        await eventually(lambda: set(b.view().nodes) == {"a", "b"} and b.view().nodes["a"].alive, timeout=2)
+        assert a.epoch >= 1 and b.view().nodes["a"].epoch == a.epoch
+    finally:
+        await a.stop()
+        await b.stop()

@@ -334,11 +334,11 @@ class ClusterNode:
     async def _beat(self) -> None:
         """One heartbeat: publish this node, renew its leases, read every node and lease."""
         s, p = self.settings, self.settings.prefix
-        self._here = self._me(self._read_local())
-        self._dirty = False
         if not self._claimed and await self._take_name() is not None:
             self._lost_name()
             return
+        self._here = self._me(self._read_local())  # after the claim: a first claim sets the epoch
+        self._dirty = False
         payload = json.dumps(publication(self._here), separators=(",", ":"))
         got = await self._publish(
             keys=[f"{p}:owner:{s.node}", f"{p}:node:{s.node}", self._k_nodes],
@@ -356,7 +356,7 @@ class ClusterNode:
         self._absorb(int(now), nodes, leases)
         if not self.connected:
             if self._warned:
-                log.warning("cluster: Redis at %s is back: node %s rejoined", s.redis_url, s.node)
+                log.info("cluster: Redis at %s is back: node %s rejoined", s.redis_url, s.node)
             self.connected = True
             self._warned = False
         self._view = self._build()
