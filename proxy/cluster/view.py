@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 # a model's states as the manager names them (proxy.runtime.State)
@@ -100,11 +101,12 @@ class NodeInfo:
     ram_budget: int = 0
     vram_budget: tuple[int, ...] = ()
 
+    @cached_property
+    def _by_name(self) -> dict[str, ModelPresence]:
+        return {m.name: m for m in self.models}
+
     def model(self, name: str) -> ModelPresence | None:
-        for m in self.models:
-            if m.name == name:
-                return m
-        return None
+        return self._by_name.get(name)
 
     def state_of(self, name: str) -> str | None:
         m = self.model(name)
@@ -187,12 +189,14 @@ class ClusterView:
     def me(self) -> NodeInfo | None:
         return self.nodes.get(self.here)
 
+    @cached_property
+    def _alive(self) -> tuple[NodeInfo, ...]:
+        names = sorted(self.nodes, key=lambda n: (n != self.here, n))
+        return tuple(self.nodes[n] for n in names if self.nodes[n].alive)
+
     def alive_nodes(self) -> Iterator[NodeInfo]:
         """The live nodes, this one first, then by name."""
-        for name in sorted(self.nodes, key=lambda n: (n != self.here, n)):
-            info = self.nodes[name]
-            if info.alive:
-                yield info
+        return iter(self._alive)
 
     def serving(self, model: str) -> list[NodeInfo]:
         """The live nodes whose catalog has the model."""
