@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.cluster.config import ClusterSettings
-from proxy.cluster.node import ClusterNode, DuplicateNode
+from proxy.cluster.node import ClusterNode, DuplicateNode, redacted
 from proxy.cluster.routing import Forward, Here, NotFound, route
 from proxy.cluster.view import LocalState, ModelPresence
 from tests.redis_server import RedisServer
@@ -288,3 +288,20 @@ async def test_a_node_started_while_redis_is_down_joins_when_it_comes(
     finally:
         await a.stop()
         await b.stop()
+
+
+def test_logs_never_show_redis_password() -> None:
+    assert redacted("redis://:hunter2@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
+    assert redacted("rediss://proxy:hunter2@r.example:6380") == "rediss://proxy:***@r.example:6380"
+    assert redacted("redis://10.0.0.1:6379/0") == "redis://10.0.0.1:6379/0"
+
+
+async def test_a_read_that_began_before_this_nodes_lease_does_not_hide_it(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    a = await nodes("a", heartbeat=30, dead_after=90)
+    lease = await a.lease("m", ram=1 << 30)
+    assert lease is not None
+    a._absorb(0, [], [])  # what a read sent before the lease answers: no lease at all
+    a.touch()
+    assert a.view().nodes["a"].state_of("m") == "starting"

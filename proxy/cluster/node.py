@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -214,6 +215,7 @@ class ClusterNode:
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
         )
+        self.where = redacted(settings.redis_url)  # for logs: the URL without its password
         self.instance = uuid.uuid4().hex
         self.epoch = 0
         self.connected = False
@@ -272,7 +274,7 @@ class ClusterNode:
                 raise DuplicateNode(
                     self._source,
                     "cluster.node",
-                    f"'{s.node}' is the name of another live node of the cluster at {s.redis_url}; give each "
+                    f"'{s.node}' is the name of another live node of the cluster at {self.where}; give each "
                     "node its own name",
                 )
             await self._sleep(s.heartbeat / 2)
@@ -356,7 +358,7 @@ class ClusterNode:
         self._absorb(int(now), nodes, leases)
         if not self.connected:
             if self._warned:
-                log.info("cluster: Redis at %s is back: node %s rejoined", s.redis_url, s.node)
+                log.info("cluster: Redis at %s is back: node %s rejoined", self.where, s.node)
             self.connected = True
             self._warned = False
         self._view = self._build()
@@ -380,6 +382,10 @@ class ClusterNode:
             key, info = _text(leases[i]), LeaseInfo.parse(_text(leases[i + 1]))
             if info is not None and key.startswith(head):
                 found.setdefault(key[len(head) :].rsplit(":", 1)[0], info)
+        for lease in self._held.values():  # ours, even when taken after this read began
+            info = LeaseInfo.parse(lease.value)
+            if info is not None:
+                found.setdefault(lease.model, info)
         self._leases = found
 
     def _lost(self, error: BaseException) -> None:
@@ -387,7 +393,7 @@ class ClusterNode:
         if not self._warned:
             log.warning(
                 "cluster: Redis at %s is out of reach (%s): node %s serves its own models alone until it is back",
-                self.settings.redis_url,
+                self.where,
                 error,
                 self.settings.node,
             )
@@ -500,6 +506,16 @@ def reserve(info: NodeInfo, model: str, lease: LeaseInfo) -> NodeInfo:
         free_vram=tuple(free_vram),
         catalog=info.catalog if model in info.catalog else (*info.catalog, model),
     )
+
+
+def redacted(url: str) -> str:
+    """A Redis URL fit for a log line: its password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
 
 
 def _ms(seconds: float) -> int:
