@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.clock import ManualClock
 from proxy.cluster.config import ClusterSettings
 from proxy.cluster.node import ClusterNode, DuplicateNode, redacted
 from proxy.cluster.routing import Forward, Here, NotFound, route
@@ -305,3 +306,23 @@ async def test_a_read_that_began_before_this_nodes_lease_does_not_hide_it(
     a._absorb(0, [], [])  # what a read sent before the lease answers: no lease at all
     a.touch()
     assert a.view().nodes["a"].state_of("m") == "starting"
+
+
+async def test_liveness_is_by_redis_clock_whatever_the_hosts_clocks_say(redis_server: RedisServer) -> None:
+    # two hosts whose clocks are frozen and decades apart: only Redis's TIME moves
+    a = ClusterNode(settings(redis_server, "a"), state, clock=ManualClock(wall=1_000_000_000.0))
+    b = ClusterNode(settings(redis_server, "b"), state, clock=ManualClock(wall=2_000_000_000.0))
+    await a.start()  # one publication each; their heartbeats wait on clocks that never move
+    await b.start()
+    try:
+        await b._beat()
+        assert b.view().nodes["a"].alive and b.view().nodes["a"].age < b.settings.dead_after
+        start = time.monotonic()
+        while b.view().nodes["a"].alive:
+            assert time.monotonic() - start < b.settings.dead_after + 1
+            await asyncio.sleep(0.05)
+            await b._beat()
+        assert time.monotonic() - start >= b.settings.dead_after - 0.2
+    finally:
+        await a.stop()
+        await b.stop()
