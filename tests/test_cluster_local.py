@@ -13,7 +13,7 @@ from tests.test_manager import make, model
 
 async def test_models_states_and_free_memory() -> None:
     manager, _ = make(
-        model("a", parallel=2, memory=Need(4 * GiB, 0, "config")),
+        model("a", parallel=2, memory=Need(4 * GiB, 0, "config"), aliases=("a1", "a2")),
         model("b", memory=Need(2 * GiB, 0, "config")),
         max_loaded=None,
     )
@@ -21,6 +21,7 @@ async def test_models_states_and_free_memory() -> None:
     reserve = manager.settings.memory.reserve_ram
     before = local_state(manager)
     assert before.catalog == ("a", "b") and before.weights == ("a", "b")
+    assert before.aliases == (("a1", "a"), ("a2", "a"))
     assert before.models == (
         ModelPresence("a", "stopped", ram=4 * GiB, parallel=2),
         ModelPresence("b", "stopped", ram=2 * GiB),

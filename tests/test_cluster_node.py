@@ -36,7 +36,14 @@ def settings(server: RedisServer, node: str, **kw: Any) -> ClusterSettings:
 
 
 def state(*models: ModelPresence, catalog: tuple[str, ...] = ("m",)) -> LocalState:
-    return LocalState(models=models, catalog=catalog, weights=catalog, free_ram=8 << 30, ram_budget=16 << 30)
+    return LocalState(
+        models=models,
+        catalog=catalog,
+        weights=catalog,
+        free_ram=8 << 30,
+        ram_budget=16 << 30,
+        aliases=tuple((f"{name}-alias", name) for name in catalog),
+    )
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
@@ -75,6 +82,7 @@ async def test_publish_and_read_back(nodes: Callable[..., Awaitable[ClusterNode]
     seen = b.view().nodes["a"]
     assert seen.alive and seen.advertise == "http://a.test:11434" and seen.epoch >= 1
     assert seen.models == (ready,) and seen.catalog == ("m",) and seen.free_ram == 8 << 30
+    assert seen.aliases == (("m-alias", "m"),) and b.view().canonical("m-alias") == "m"
     assert [n.node for n in b.view().holders("m")] == ["a"]
     assert route(b.view(), "m", forwarded=False) == Forward("a", "http://a.test:11434", "ready")
     assert route(a.view(), "m", forwarded=False) == Here("ready")

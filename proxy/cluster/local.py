@@ -74,6 +74,7 @@ def local_state(manager: ModelManager) -> LocalState:
         ram_budget=int(ram["budget"]),
         vram_budget=tuple(int(g["budget"]) for g in gpus),
         config_hash=config_hash(configs),
+        aliases=tuple((alias, c.name) for c in configs for alias in c.aliases),
     )
 
 

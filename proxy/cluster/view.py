@@ -81,6 +81,7 @@ class LocalState:
     ram_budget: int = 0  # the most all its models together may hold (limits.memory)
     vram_budget: tuple[int, ...] = ()
     config_hash: str = ""
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical name) of its catalog's models
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class NodeInfo:
     weights: tuple[str, ...] = ()
     ram_budget: int = 0
     vram_budget: tuple[int, ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical name)
 
     @cached_property
     def _by_name(self) -> dict[str, ModelPresence]:
@@ -129,6 +131,7 @@ class NodeInfo:
             "free_vram": list(self.free_vram),
             "ram_budget": self.ram_budget,
             "vram_budget": list(self.vram_budget),
+            "aliases": [list(a) for a in self.aliases],
             "age": self.age,
             "alive": self.alive,
         }
@@ -149,6 +152,7 @@ def node_from(local: LocalState, *, node: str, advertise: str, epoch: int, age: 
         weights=local.weights,
         ram_budget=local.ram_budget,
         vram_budget=local.vram_budget,
+        aliases=local.aliases,
     )
 
 
@@ -174,6 +178,7 @@ def from_publication(d: Mapping[str, Any], *, age: float, alive: bool) -> NodeIn
         weights=tuple(str(n) for n in d.get("weights", ())),
         ram_budget=int(d.get("ram_budget", 0)),
         vram_budget=tuple(int(v) for v in d.get("vram_budget", ())),
+        aliases=tuple((str(a), str(n)) for a, n in d.get("aliases", ())),
     )
 
 
@@ -209,6 +214,17 @@ class ClusterView:
     def loaders(self, model: str) -> list[NodeInfo]:
         """The live nodes where the model is loading (or a load lease reserves it)."""
         return [n for n in self.alive_nodes() if n.state_of(model) == "starting"]
+
+    def canonical(self, name: str) -> str | None:
+        """A model's name as the live nodes' catalogs know it (itself, or the model an alias names); None when
+        no live node knows it. This node's own names come first."""
+        for n in self.alive_nodes():
+            if name in n.catalog:
+                return name
+            for alias, model in n.aliases:
+                if alias == name:
+                    return model
+        return None
 
     def catalog(self) -> list[str]:
         """Every model some live node can serve, each once, sorted."""
