@@ -263,11 +263,11 @@ class ClusterNode:
         while True:
             try:
                 other = await self._take_name()
+                if other is None:
+                    await self._beat()
+                    break
             except (RedisError, OSError) as e:
                 self._lost(e)
-                break
-            if other is None:
-                await self._beat()
                 break
             if self._clock.monotonic() >= deadline:
                 await self.redis.aclose()
