@@ -334,3 +334,14 @@ async def test_liveness_is_by_redis_clock_whatever_the_hosts_clocks_say(redis_se
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_lease_held_by_a_node_not_read_yet_still_routes_there(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    a = await nodes("a", heartbeat=30, dead_after=90)  # its only read was before b existed
+    b = await nodes("b", heartbeat=30, dead_after=90)
+    assert "b" not in a.view().nodes
+    assert await b.lease("m", ram=1 << 30) is not None
+    assert await a.lease("m") is None
+    assert route(a.view(), "m", forwarded=False) == Forward("b", "http://b.test:11434", "loading")

@@ -11,7 +11,7 @@ Keys (``P`` is ``cluster.prefix``):
 - ``P:owner:NAME``    the instance that owns the name, expires ``dead_after`` after its last heartbeat: a
                       second node with the same name is refused while the first is alive
 - ``P:epoch:NAME``    counts the starts of that name (each start publishes a new epoch)
-- ``P:lease:MODEL:N`` a load lease (slot N < replicas): "owner|node|token|ram|vram", PX ``lease_ttl``
+- ``P:lease:MODEL:N`` a load lease (slot N < replicas): "owner|node|token|ram|vram|advertise", PX ``lease_ttl``
 - ``P:fence:MODEL``   the fencing tokens' counter: every lease gets a larger one
 - ``P:leases``        sorted set: live lease keys -> their expiry (read with the nodes each heartbeat)
 
@@ -114,7 +114,7 @@ for i = 1, n do
   local cur = redis.call('GET', KEYS[i])
   if not cur then
     local token = redis.call('INCR', fence)
-    local value = ARGV[1] .. '|' .. token .. '|' .. ARGV[3] .. '|' .. ARGV[4]
+    local value = ARGV[1] .. '|' .. token .. '|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[6]
     redis.call('SET', KEYS[i], value, 'NX', 'PX', ARGV[2])
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -149,21 +149,23 @@ class DuplicateNode(ConfigError):
 
 @dataclass(frozen=True)
 class LeaseInfo:
-    """A load lease as stored: who took it, which node loads, its fencing token, the memory it reserves."""
+    """A load lease as stored: who took it, which node loads (and its address), its fencing token, the memory
+    it reserves."""
 
     owner: str
     node: str
     token: int
     ram: int
     vram: int
+    advertise: str = ""
 
     @classmethod
     def parse(cls, value: str) -> LeaseInfo | None:
         parts = value.split("|")
-        if len(parts) != 5:
+        if len(parts) != 6:
             return None
         try:
-            return cls(parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]))
+            return cls(parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]), parts[5])
         except ValueError:
             return None
 
@@ -430,7 +432,7 @@ class ClusterNode:
         try:
             got = await self._lease(
                 keys=[*keys, f"{p}:fence:{model}", self._k_leases],
-                args=[f"{s.node}|{target}", _ms(s.lease_ttl), ram, vram, len(keys)],
+                args=[f"{s.node}|{target}", _ms(s.lease_ttl), ram, vram, len(keys), self._address(target)],
             )
         except (RedisError, OSError) as e:
             self._lost(e)
@@ -460,6 +462,10 @@ class ClusterNode:
         except (RedisError, OSError) as e:
             self._lost(e)
 
+    def _address(self, node: str) -> str:
+        info = self._view.nodes.get(node)
+        return info.advertise if info is not None else ""
+
     # -- the view ------------------------------------------------------------------------------------------
     def _read_local(self) -> LocalState:
         self._last = self._local()
@@ -474,6 +480,9 @@ class ClusterNode:
         nodes[self.settings.node] = self._here
         for model, lease in self._leases.items():
             info = nodes.get(lease.node)
+            if info is None and lease.advertise:
+                # a node that joined after the last read: known by its lease until its publication is read
+                info = NodeInfo(lease.node, lease.advertise, 0, "", (), (), 0, (), 0.0, True)
             if info is not None:
                 nodes[lease.node] = reserve(info, model, lease)
         return ClusterView(self.settings.node, nodes, connected=self.connected)
