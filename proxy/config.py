@@ -30,6 +30,7 @@ from proxy.backends import (
     OptionFileError,
     under,
 )
+from proxy.cluster.config import ClusterSection, ClusterSettings, cluster_settings
 from proxy.errors import BadRequest, ConfigError
 from proxy.keepalive import parse_keep_alive
 from proxy.memory import Need, parse_bytes
@@ -169,6 +170,7 @@ class ConfigFile(_Strict):
     log_level: str = "info"
     data_dir: str = "data"  # what the proxy keeps across restarts (the jobs database), beside config.yml
     jobs: JobsSection = msgspec.field(default_factory=JobsSection)
+    cluster: ClusterSection | None = None  # several proxies, one endpoint (proxy/cluster/); none: this host alone
 
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
@@ -216,6 +218,8 @@ class ModelFile(_Strict):
     # llama_cpp: it may be spread over several of those GPUs (a tensor split) when no one of them can hold it
     span_gpus: bool = False
     priority: int = 0  # between requests for different models that wait as long, the higher goes first
+    # in a cluster (config.yml cluster:), how many nodes may load it at once (the load lease's slots)
+    replicas: int = 1
     # streamed /v1/* answers get their headers and SSE comments while it loads (false: nothing until loaded)
     loading_feedback: bool = True
     # runner options an Ollama request's ``options`` may change by reloading the model (proxy.runtime_options)
@@ -270,6 +274,7 @@ class ModelConfig:
     # the limits its worker enforces on what it decodes (max_audio_seconds, max_image_pixels)
     worker_limits: Mapping[str, float] = field(default_factory=dict)
     priority: int = 0
+    replicas: int = 1  # nodes of a cluster that may hold it at once (proxy/cluster/)
     loading_feedback: bool = True  # SSE comments while it loads (proxy.loading)
     runtime_options: tuple[str, ...] = ()  # what a request may reload it with (proxy.runtime_options)
     idle_timeout: float = 300.0  # limits.worker_idle_timeout (0: off)
@@ -331,6 +336,7 @@ class Settings:
     header_timeout: float = 10.0  # seconds for a request's headers, and the longest pause in its body; 0: off
     max_connections: int = 1000  # open connections at most (proxy.connections); 0: no cap
     max_concurrent_per_key: int = 256  # requests in flight per key (waiting ones included); 0: no limit
+    cluster: ClusterSettings | None = None  # cluster: in config.yml (proxy/cluster/); None: this host alone
 
 
 def _read_yaml(path: Path) -> Any:
@@ -518,6 +524,7 @@ def _model(
         span_gpus=raw.span_gpus,
         worker_limits=dict(worker_limits or {}),
         priority=raw.priority,
+        replicas=_positive(raw.replicas, file, "replicas"),
         loading_feedback=raw.loading_feedback,
         runtime_options=tuple(dict.fromkeys(raw.runtime_options)),
     )
@@ -625,6 +632,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
             if raw.limits.max_concurrent_per_key is None
             else _at_least_zero(raw.limits.max_concurrent_per_key, file, "limits.max_concurrent_per_key")
         ),
+        cluster=cluster_settings(raw.cluster, file, host, int(port)) if raw.cluster is not None else None,
     )
 
 
