@@ -1,0 +1,1 @@
+"""A cluster of proxies on Redis (issue 27)."""
