@@ -28,6 +28,7 @@ from proxy.backends import (
     ModelFileOptions,
     under,
 )
+from proxy.cluster.config import ClusterSection, ClusterSettings, cluster_settings
 from proxy.errors import BadRequest, ConfigError
 from proxy.keepalive import parse_keep_alive
 from proxy.memory import Need, parse_bytes
@@ -167,6 +168,7 @@ class ConfigFile(_Strict):
     log_level: str = "info"
     data_dir: str = "data"  # what the proxy keeps across restarts (the jobs database), beside config.yml
     jobs: JobsSection = msgspec.field(default_factory=JobsSection)
+    cluster: ClusterSection | None = None  # several proxies, one endpoint (proxy/cluster/); none: this host alone
 
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
@@ -329,6 +331,7 @@ class Settings:
     header_timeout: float = 10.0  # seconds for a request's headers, and the longest pause in its body; 0: off
     max_connections: int = 1000  # open connections at most (proxy.connections); 0: no cap
     max_concurrent_per_key: int = 256  # requests in flight per key (waiting ones included); 0: no limit
+    cluster: ClusterSettings | None = None  # cluster: in config.yml (proxy/cluster/); None: this host alone
 
 
 def _read_yaml(path: Path) -> Any:
@@ -620,6 +623,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
             if raw.limits.max_concurrent_per_key is None
             else _at_least_zero(raw.limits.max_concurrent_per_key, file, "limits.max_concurrent_per_key")
         ),
+        cluster=cluster_settings(raw.cluster, file, host, int(port)) if raw.cluster is not None else None,
     )
 
 

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.harness import REPO, LiveProxy, gone, smollm2_config, wait_until
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +69,11 @@ def openai_for() -> Iterator[Callable[[LiveProxy], openai.OpenAI]]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of the test's own (tests/redis_server.py), killed after it."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
