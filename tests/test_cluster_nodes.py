@@ -7,6 +7,7 @@ shared, b serves beta and shared, c serves shared only.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -46,13 +47,18 @@ def start_cluster(root: Path, redis_url: str, **fake_flags: list[str]) -> dict[s
     for t in starts:
         t.join()
     for node in nodes.values():
-        wait_until(lambda node=node: len(alive(node)) == 3, timeout=15)
+        assert node.proc is not None, f"a node did not start: {node.log()}"
+        wait_until(functools.partial(all_alive, node), timeout=15)
     return nodes
 
 
 def stop_cluster(nodes: dict[str, LiveProxy]) -> None:
     for node in nodes.values():
         node.stop()
+
+
+def all_alive(node: LiveProxy) -> bool:
+    return len(alive(node)) == 3
 
 
 def alive(node: LiveProxy) -> set[str]:
@@ -207,9 +213,10 @@ def test_a_killed_node_is_left_out_and_its_work_moves(tmp_path: Path, redis_serv
         assert chat(nodes["c"], "shared").status_code == 200  # c serves its own (the view says b; both fine)
         wait_until(lambda: chat(nodes["a"], "shared").headers["x-served-by"] in ("b", "c"), timeout=5)
         victim = chat(nodes["a"], "shared").headers["x-served-by"]
-        assert nodes[victim].proc is not None
-        nodes[victim].proc.send_signal(signal.SIGKILL)
-        nodes[victim].proc.wait()
+        proc = nodes[victim].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
         killed = time.monotonic()
         r = chat(nodes["a"], "shared")  # before it is left out: another holder, or 503 at once
         assert r.status_code in (200, 503)
