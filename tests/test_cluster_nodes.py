@@ -178,9 +178,36 @@ def test_keys_and_scopes_hold_across_a_hop(nodes: dict[str, LiveProxy]) -> None:
     assert r.status_code == 403
 
 
-def signed(method: str, path: str, body: bytes, *, secret: str = SECRET, age: float = 0.0) -> dict[str, str]:
-    caller = Caller(Principal(Role.ADMIN), "key:test")
+def signed(
+    method: str, path: str, body: bytes, *, secret: str = SECRET, age: float = 0.0, caller: Caller | None = None
+) -> dict[str, str]:
+    caller = caller or Caller(Principal(Role.ADMIN), "key:test")
     return Signer(secret, "b").sign(method, path, body, caller, time.time() - age)
+
+
+def test_the_serving_node_applies_the_caller_the_forward_carries(nodes: dict[str, LiveProxy]) -> None:
+    """What the entry node found of the caller (role, scope) binds the node that serves a forward."""
+    json_type = {"Content-Type": "application/json"}
+    scoped = Caller(Principal(Role.USER, frozenset({"alpha"})), "key:scoped")
+    body = b'{"model":"beta","messages":[{"role":"user","content":"hi"}]}'
+    r = httpx.post(
+        nodes["b"].url + "/v1/chat/completions",
+        content=body,
+        headers={**json_type, **signed("POST", "/v1/chat/completions", body, caller=scoped)},
+        timeout=30,
+    )
+    assert r.status_code == 404  # beta is outside the scope the forward says
+    user = Caller(Principal(Role.USER), "key:user")
+    body = b'{"model":"beta","messages":[{"role":"user","content":"hi"}],"keep_alive":0}'
+    r = httpx.post(
+        nodes["b"].url + "/v1/chat/completions",
+        content=body,
+        headers={**json_type, **signed("POST", "/v1/chat/completions", body, caller=user)},
+        timeout=30,
+    )
+    assert r.status_code == 403  # keep_alive 0 is an admin's
+    r = httpx.post(nodes["b"].url + "/unload", headers=signed("POST", "/unload", b"", caller=user), timeout=30)
+    assert r.status_code == 403  # an admin route, for a user caller
 
 
 def test_forged_unsigned_and_stale_forwards_are_refused(nodes: dict[str, LiveProxy]) -> None:
