@@ -8,7 +8,8 @@
 #   scripts/setup.sh          runtime                                   (locks/runtime.txt)
 #   scripts/setup.sh --test   runtime + images + test tools             (locks/test.txt)
 #                             + the XTTS venv (.venv-xtts) its tests need (locks/xtts.txt)
-#                             + Debian's chromium, which Playwright drives for the /ui test
+#                             + Debian's chromium, which Playwright drives for the /ui test, and
+#                               redis-server, which the cluster's tests start on their own ports
 #                               (apt-get, only when missing; never `playwright install`)
 #                             + the coding agents tests/test_agents_real.py runs (Claude Code, the Codex
 #                               CLI: npm, at the versions in tests/agents/package-lock.json)
@@ -30,11 +31,15 @@ CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" "${install[
 "${install[@]}" -e .
 .venv/bin/python scripts/check_lock.py --prune "$lock" locks/models.txt
 if [ "${1:-}" = "--test" ]; then
-  if ! command -v chromium >/dev/null 2>&1; then   # tests/test_ui_real.py: the page in headless Chromium
+  debs=()
+  if ! command -v chromium >/dev/null 2>&1; then debs+=(chromium); fi   # tests/test_ui_real.py: the page in headless Chromium
+  # the cluster's tests start their own redis-server (tests/redis_server.py); the system service is not used
+  if ! command -v redis-server >/dev/null 2>&1; then debs+=(redis-server); fi
+  if [ "${#debs[@]}" -gt 0 ]; then
     sudo=()
     if [ "$(id -u)" != 0 ]; then sudo=(sudo); fi
     "${sudo[@]}" apt-get update -qq
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}" >/dev/null
   fi
   scripts/setup_xtts.sh   # the XTTS worker's own venv, for tests/test_xtts.py (about 2 minutes, 1.9 GB)
   if ! command -v npm >/dev/null 2>&1; then

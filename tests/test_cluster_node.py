@@ -10,10 +10,11 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from proxy.cluster.config import ClusterSettings
-from proxy.cluster.node import ClusterNode
-from proxy.cluster.routing import Forward, Here, route
+from proxy.cluster.node import ClusterNode, DuplicateNode
+from proxy.cluster.routing import Forward, Here, NotFound, route
 from proxy.cluster.view import LocalState, ModelPresence
 from tests.redis_server import RedisServer
 
@@ -92,3 +93,121 @@ async def test_lease_is_exclusive_and_tokens_grow(nodes: Callable[..., Awaitable
     await holder.release(first)
     again = await members[0].lease("m")
     assert again is not None and again.token > first.token
+
+
+def crash(node: ClusterNode) -> None:
+    """The node stops beating without a word, as a SIGKILLed proxy does (its keys stay until they lapse)."""
+    assert node._task is not None
+    node._task.cancel()
+
+
+async def test_a_silent_node_is_dead_within_dead_after_plus_one_second(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    a = await nodes("a", state(ModelPresence("m", "ready", ram=1 << 30)))
+    b = await nodes("b", state(catalog=()))
+    await eventually(lambda: b.view().nodes.get("a") is not None and b.view().nodes["a"].alive)
+    crash(a)
+    took = await eventually(lambda: not b.view().nodes["a"].alive, timeout=10)
+    assert took <= b.settings.dead_after + 1.0
+    assert b.view().holders("m") == [] and route(b.view(), "m", forwarded=False) == NotFound()
+    assert b.view().nodes["a"].age > b.settings.dead_after  # still listed (GET /cluster), not routed to
+
+
+async def test_a_lease_is_taken_over_after_its_ttl(nodes: Callable[..., Awaitable[ClusterNode]]) -> None:
+    a = await nodes("a")
+    b = await nodes("b")
+    first = await a.lease("m")
+    assert first is not None and await b.lease("m") is None
+    crash(a)  # no more renewals
+    start = time.monotonic()
+    taken: list[Any] = []
+
+    async def again() -> bool:
+        taken.append(await b.lease("m"))
+        return taken[-1] is not None
+
+    while not await again():
+        assert time.monotonic() - start < b.settings.lease_ttl + 2
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - start >= b.settings.lease_ttl - 0.3  # not before it lapsed
+    assert taken[-1].token > first.token and taken[-1].node == "b"
+
+
+async def test_a_held_lease_outlives_its_ttl_while_its_holder_beats(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    a = await nodes("a")
+    b = await nodes("b")
+    assert await a.lease("m") is not None
+    deadline = time.monotonic() + a.settings.lease_ttl * 2.5
+    while time.monotonic() < deadline:
+        assert await b.lease("m") is None
+        await asyncio.sleep(0.1)
+
+
+async def test_a_second_node_with_the_same_name_is_refused(
+    nodes: Callable[..., Awaitable[ClusterNode]], redis_server: RedisServer
+) -> None:
+    first = await nodes("same")
+    twin = ClusterNode(settings(redis_server, "same"), state)
+    with pytest.raises(DuplicateNode, match="'same' is the name of another live node"):
+        await twin.start()
+    assert first.view().nodes["same"].alive
+    # a crashed node's name is free again once its claim lapsed: its restart is not refused
+    crash(first)
+    heir = await nodes("same")
+    assert heir.epoch > first.epoch
+
+
+async def test_a_cleanly_stopped_node_is_gone_at_once(nodes: Callable[..., Awaitable[ClusterNode]]) -> None:
+    a = await nodes("a")
+    b = await nodes("b")
+    await eventually(lambda: "a" in b.view().nodes)
+    await a.stop()
+    await eventually(lambda: "a" not in b.view().nodes, timeout=1)
+    again = await nodes("a")  # its name is free at once
+    assert again.epoch > a.epoch
+
+
+async def test_redis_down_each_node_serves_alone_and_rejoins_within_2s(
+    nodes: Callable[..., Awaitable[ClusterNode]], redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await nodes("a", state(ModelPresence("m", "ready", ram=1 << 30)), heartbeat=0.5, dead_after=1.5)
+    b = await nodes("b", state(catalog=("n",)), heartbeat=0.5, dead_after=1.5)
+    await eventually(lambda: set(a.view().nodes) == set(b.view().nodes) == {"a", "b"})
+    redis_server.stop()
+    await eventually(lambda: not a.view().connected and not b.view().connected)
+    assert set(a.view().nodes) == {"a"} and set(b.view().nodes) == {"b"}
+    assert route(a.view(), "m", forwarded=False) == Here("ready")
+    assert route(b.view(), "m", forwarded=False) == NotFound()  # it routes nothing it can't see
+    lease = await b.lease("n")  # and loads its own models without asking anyone
+    assert lease is not None and lease.token == 0
+    await b.release(lease)
+    await asyncio.sleep(1.5)  # several failed heartbeats: still one line each
+    lost = [r for r in caplog.records if "out of reach" in r.getMessage()]
+    assert sorted(r.getMessage().split("node ")[1][0] for r in lost) == ["a", "b"]
+    redis_server.start()
+    took = await eventually(lambda: set(a.view().nodes) == set(b.view().nodes) == {"a", "b"}, timeout=5)
+    assert took <= 2.0
+    assert a.view().connected and b.view().connected
+    assert route(b.view(), "m", forwarded=False) == Forward("a", "http://a.test:11434", "ready")
+
+
+async def test_routing_a_warm_request_sends_no_redis_command(
+    nodes: Callable[..., Awaitable[ClusterNode]], redis_server: RedisServer
+) -> None:
+    a = await nodes("a", state(ModelPresence("m", "ready", parallel=4)), heartbeat=30, dead_after=90)
+    await nodes("b", state(ModelPresence("n", "ready", parallel=4), catalog=("n",)), heartbeat=30, dead_after=90)
+    await a._beat()  # a reads b (the next heartbeat is 30 s away)
+    probe = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await probe.config_resetstat()
+        for _ in range(1000):
+            a.touch()  # this node's own state is read again too
+            assert route(a.view(), "m", forwarded=False) == Here("ready")
+            assert route(a.view(), "n", forwarded=False) == Forward("b", "http://b.test:11434", "ready")
+        stats = await probe.info("commandstats")
+    finally:
+        await probe.aclose()
+    assert [k for k in stats if not k.startswith("cmdstat_config")] == []

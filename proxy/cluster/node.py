@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -411,8 +411,9 @@ class ClusterNode:
         self, model: str, *, node: str | None = None, ram: int = 0, vram: int = 0, replicas: int = 1
     ) -> Lease | None:
         """Take the load lease of ``model`` for ``node`` (default this one), reserving its memory there; None
-        when every one of its ``replicas`` slots is held (the view then shows the holder loading it, so routing
-        again forwards there) or Redis is out of reach (and then nobody else can be asked: load here)."""
+        when every one of its ``replicas`` slots is held: the view then shows the holder loading it, so routing
+        again forwards there. Redis out of reach: a lease of this node alone (``token`` 0, nothing stored), since
+        no other node can be seen: load here."""
         s, p = self.settings, self.settings.prefix
         target = node or s.node
         keys = [f"{p}:lease:{model}:{i}" for i in range(max(1, replicas))]
@@ -423,7 +424,7 @@ class ClusterNode:
             )
         except (RedisError, OSError) as e:
             self._lost(e)
-            return None
+            return Lease(model=model, node=target, token=0, key="", value="")
         token, value, key = int(got[0]), _text(got[1]), _text(got[2])
         info = LeaseInfo.parse(value)
         if info is not None:
@@ -438,7 +439,10 @@ class ClusterNode:
     async def release(self, lease: Lease) -> None:
         """Give the lease back (the load ended: ready, failed or abandoned); a lapsed one is left alone."""
         self._held.pop(lease.key, None)
-        if self._leases.get(lease.model) is not None and self._leases[lease.model].token == lease.token:
+        if lease.token == 0:
+            return
+        known = self._leases.get(lease.model)
+        if known is not None and known.token == lease.token:
             del self._leases[lease.model]
             self._view = self._build()
         try:
@@ -461,11 +465,9 @@ class ClusterNode:
         return ClusterView(self.settings.node, nodes, connected=self.connected)
 
 
-def reserve(info: NodeInfo, model: str, lease: LeaseInfo | Mapping[str, int]) -> NodeInfo:
-    """A node with a load lease on it: the model shows as starting there (unless it already holds memory),
-    and the lease's memory is no longer free."""
-    ram = lease.ram if isinstance(lease, LeaseInfo) else lease["ram"]
-    vram = lease.vram if isinstance(lease, LeaseInfo) else lease["vram"]
+def reserve(info: NodeInfo, model: str, lease: LeaseInfo) -> NodeInfo:
+    """A node with a load lease on it: the model shows as starting there (unless it already holds memory
+    there), and the memory the lease reserves is no longer free."""
     if info.state_of(model) in HOLDING:
         return info
     old = info.model(model)
@@ -474,8 +476,8 @@ def reserve(info: NodeInfo, model: str, lease: LeaseInfo | Mapping[str, int]) ->
         "starting",
         in_flight=old.in_flight if old else 0,
         queued=old.queued if old else 0,
-        ram=ram or (old.ram if old else 0),
-        vram=vram or (old.vram if old else 0),
+        ram=lease.ram or (old.ram if old else 0),
+        vram=lease.vram or (old.vram if old else 0),
         parallel=old.parallel if old else 1,
     )
     models = tuple(m for m in info.models if m.name != model) + (starting,)

@@ -5,7 +5,7 @@
 2. the model is ready here and not saturated: here;
 3. it is ready on some nodes: the one with the fewest outstanding requests (per slot) among two of them
    picked at random (power of two choices; here wins a tie); unless every one is saturated and ``replicas``
-   allows another load, then placement (5) over the nodes that have none;
+   allows another load, then placement (5) over the nodes that have none, where it fits;
 4. it is loading somewhere (or a load lease reserves it there): there (here when here is one of them);
 5. nowhere: placement by memory over the live nodes that can serve it, best first: fits in what is free
    without evicting > has its weights on disk > this node > most free memory > fewest loads in progress.
@@ -63,7 +63,7 @@ def route(
     loaders = view.loaders(model)
     if holders:
         if all(_presence(n, model).saturated for n in holders) and len(holders) + len(loaders) < replicas:
-            placed = _place(view, model, exclude={n.node for n in (*holders, *loaders)})
+            placed = _place(view, model, exclude={n.node for n in (*holders, *loaders)}, extra=True)
             if placed is not None:
                 return placed
         busy_here = mine is not None and mine.state == "ready"
@@ -124,11 +124,12 @@ def within_budget(node: NodeInfo, model: str) -> bool:
     return ram_ok and vram_ok
 
 
-def _place(view: ClusterView, model: str, exclude: set[str]) -> Here | Forward | None:
+def _place(view: ClusterView, model: str, exclude: set[str], extra: bool = False) -> Here | Forward | None:
+    """Where to load it; ``extra``: one more replica, only where it fits (else None: the holders serve)."""
     serving = [n for n in view.serving(model) if n.node not in exclude]
     if not serving:
         return None
-    candidates = [n for n in serving if n.node == view.here or fits_idle(n, model)]
+    candidates = [n for n in serving if (n.node == view.here and not extra) or fits_idle(n, model)]
     if candidates:
         best = max(
             candidates,
@@ -143,6 +144,8 @@ def _place(view: ClusterView, model: str, exclude: set[str]) -> Here | Forward |
             ),
         )
         return _to(view, best, "place")
+    if extra:
+        return None
     roomy = [n for n in serving if within_budget(n, model)]
     if roomy:
         best = max(roomy, key=lambda n: (n.free_ram + sum(n.free_vram), [-ord(c) for c in n.node]))
