@@ -67,6 +67,7 @@ def local_state(manager: ModelManager) -> LocalState:
     return LocalState(
         models=models,
         catalog=tuple(c.name for c in configs),
+        aliases=tuple((alias, c.name) for c in configs for alias in c.aliases),
         weights=tuple(c.name for c in configs if _has_weights(c)),
         free_ram=max(0, free_ram),
         free_vram=free_vram,

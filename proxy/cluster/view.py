@@ -74,6 +74,7 @@ class LocalState:
 
     models: tuple[ModelPresence, ...] = ()
     catalog: tuple[str, ...] = ()  # the models it can serve (canonical names)
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical name) for the models of its catalog
     weights: tuple[str, ...] = ()  # those whose weights are on its disk
     free_ram: int = 0  # bytes it could admit without evicting anything
     free_vram: tuple[int, ...] = ()  # the same per GPU (NVML index order)
@@ -99,6 +100,7 @@ class NodeInfo:
     weights: tuple[str, ...] = ()
     ram_budget: int = 0
     vram_budget: tuple[int, ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical name)
 
     def model(self, name: str) -> ModelPresence | None:
         for m in self.models:
@@ -122,6 +124,7 @@ class NodeInfo:
             "config_hash": self.config_hash,
             "models": [m.to_json() for m in self.models],
             "catalog": list(self.catalog),
+            "aliases": [list(pair) for pair in self.aliases],
             "weights": list(self.weights),
             "free_ram": self.free_ram,
             "free_vram": list(self.free_vram),
@@ -140,6 +143,7 @@ def node_from(local: LocalState, *, node: str, advertise: str, epoch: int, age: 
         config_hash=local.config_hash,
         models=local.models,
         catalog=local.catalog,
+        aliases=local.aliases,
         free_ram=local.free_ram,
         free_vram=local.free_vram,
         age=age,
@@ -165,6 +169,7 @@ def from_publication(d: Mapping[str, Any], *, age: float, alive: bool) -> NodeIn
         config_hash=str(d.get("config_hash", "")),
         models=tuple(ModelPresence.from_json(m) for m in d.get("models", ())),
         catalog=tuple(str(n) for n in d.get("catalog", ())),
+        aliases=tuple((str(a), str(n)) for a, n in d.get("aliases", ())),
         free_ram=int(d.get("free_ram", 0)),
         free_vram=tuple(int(v) for v in d.get("free_vram", ())),
         age=age,
@@ -205,6 +210,16 @@ class ClusterView:
     def loaders(self, model: str) -> list[NodeInfo]:
         """The live nodes where the model is loading (or a load lease reserves it)."""
         return [n for n in self.alive_nodes() if n.state_of(model) == "starting"]
+
+    def canonical(self, name: str) -> str | None:
+        """The canonical name a live node serves ``name`` by (it, or one of its aliases); None when none does."""
+        for node in self.alive_nodes():
+            if name in node.catalog:
+                return name
+            for alias, canonical in node.aliases:
+                if alias == name:
+                    return canonical
+        return None
 
     def catalog(self) -> list[str]:
         """Every model some live node can serve, each once, sorted."""
