@@ -69,9 +69,14 @@ def route_model(
         cfg: ModelConfig | None = resolve(name)
     except ModelNotFound:
         cfg = None
-    model = cfg.name if cfg is not None else name.removesuffix(":latest")
-    if cfg is None and not (allows(model) and model in net.view().catalog()):
-        raise ModelNotFound(name)
+    if cfg is not None:
+        model = cfg.name
+    else:  # served elsewhere only: by its name or an alias another node publishes
+        view = net.view()
+        found = view.canonical(name) or view.canonical(name.removesuffix(":latest"))
+        if found is None or not (allows(found) or allows(name)):
+            raise ModelNotFound(name)
+        model = found
     decision = net.decide(model)
     if cfg is not None and isinstance(decision, Here) and not net.needs_lease(decision):
         return cfg
