@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -97,6 +99,13 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Itera
     started = start_cluster(tmp_path_factory.mktemp("cluster"), redis.url, shared=["--load-time", "1"])
     yield started
     stop_cluster(started)
+
+
+def test_a_single_host_never_loads_redis() -> None:
+    """Without cluster: in config.yml nothing of Redis is imported (the cluster's node is imported lazily)."""
+    code = "import sys, proxy.app, proxy.__main__; print([m for m in sys.modules if m.split('.')[0] == 'redis'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_every_node_lists_the_whole_cluster_each_model_once(nodes: dict[str, LiveProxy]) -> None:
