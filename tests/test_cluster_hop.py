@@ -5,9 +5,11 @@ upstream. The other node is a small aiohttp server in the test's loop that check
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,11 +19,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from proxy.api.security import HostPolicy
 from proxy.auth import Principal, Role
 from proxy.clock import SystemClock
+from proxy.cluster.config import ClusterSettings
 from proxy.cluster.hop import SERVED_BY, TOOK, Hop, Outcome, Target
 from proxy.cluster.signing import Caller, Signer
-from proxy.errors import Unavailable
+from proxy.config import Settings
+from proxy.errors import Forbidden, Unavailable
 
 SECRET = "x" * 32
 CALLER = Caller(Principal(Role.USER, frozenset({"m"})), "key:1")
@@ -111,7 +116,7 @@ async def test_a_stream_passes_chunk_by_chunk_and_credentials_stay_home(node: No
     stream = await hop.forward(
         "POST",
         "/stream?x=1",
-        {"authorization": "Bearer secret", "x-api-key": "k", "accept": "text/event-stream"},
+        {"authorization": "Bearer secret", "x-api-key": "k", "accept": "text/event-stream", "origin": "http://a"},
         b'{"model":"m"}',
         CALLER,
         [Target("b", node.url)],
@@ -130,6 +135,7 @@ async def test_a_stream_passes_chunk_by_chunk_and_credentials_stay_home(node: No
     await stream._on_close()
     seen = node.seen[-1]
     assert "authorization" not in seen and "x-api-key" not in seen
+    assert "origin" not in seen  # the entry node checked it; the serving node is another host
     assert seen["accept"] == "text/event-stream"
     assert seen["x-cluster-forward"] == "a"
     assert [o.outcome for o in outcomes] == ["ok"] and outcomes[0].added is not None
@@ -194,3 +200,31 @@ async def test_the_client_going_away_closes_the_upstream(node: Node) -> None:
     node.next_chunk.set()
     await asyncio.wait_for(node.cut.wait(), 5)
     await hop.close()
+
+
+def test_a_node_takes_forwards_addressed_to_its_advertised_name() -> None:
+    """A node on 0.0.0.0 advertised by its hostname: its forwards' Host is that name, which it must not
+    refuse as a DNS-rebinding name (RequestGuard); other names still are."""
+    cluster = ClusterSettings(redis_url="redis://r:6379/0", node="b", advertise="http://box-b:11434", secret=SECRET)
+    settings = Settings(
+        host="0.0.0.0",
+        port=11434,
+        cors_origins=(),
+        models_dir=Path("."),
+        configs_dir=Path("."),
+        api_tokens=None,
+        keep_alive=300,
+        load_timeout=5,
+        unload_grace=1,
+        max_loaded_models=None,
+        max_queue=1,
+        max_body_bytes=1,
+        log_level="info",
+        cluster=cluster,
+    )
+    policy = HostPolicy(settings)
+    policy.check_host("box-b:11434")
+    with pytest.raises(Forbidden):
+        policy.check_host("evil.example:11434")
+    with pytest.raises(Forbidden):
+        HostPolicy(dataclasses.replace(settings, cluster=None)).check_host("box-b:11434")

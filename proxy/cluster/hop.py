@@ -49,6 +49,8 @@ _NOT_SENT = frozenset(
         "upgrade",
         "proxy-authorization",
         "expect",
+        "origin",  # checked by the entry node (RequestGuard); the serving node's own pages are another host
+        "referer",
         *SIGNED_HEADERS,
     }
 )
