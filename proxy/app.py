@@ -195,11 +195,13 @@ async def _join_cluster(
 ) -> tuple[Any, ClusterNet]:
     """This proxy as a node of the cluster in ``settings.cluster``: its registry on Redis (imported only
     here, so a single host never loads redis-py) and its network (routing, forwards)."""
-    from proxy.cluster.local import local_state
+    from proxy.cluster.local import local_state, quick_state
     from proxy.cluster.node import ClusterNode
 
     assert settings.cluster is not None
-    node = ClusterNode(settings.cluster, lambda: local_state(manager), clock)
+    node = ClusterNode(
+        settings.cluster, lambda: local_state(manager), clock, quick=lambda last: quick_state(manager, last)
+    )
 
     def changed(event: Event) -> None:
         if isinstance(event, StateChanged | LoadEnded | Unloaded):

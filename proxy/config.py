@@ -216,6 +216,8 @@ class ModelFile(_Strict):
     # llama_cpp: it may be spread over several of those GPUs (a tensor split) when no one of them can hold it
     span_gpus: bool = False
     priority: int = 0  # between requests for different models that wait as long, the higher goes first
+    # in a cluster (config.yml cluster:), how many nodes may load it at once (the load lease's slots)
+    replicas: int = 1
     # streamed /v1/* answers get their headers and SSE comments while it loads (false: nothing until loaded)
     loading_feedback: bool = True
     # runner options an Ollama request's ``options`` may change by reloading the model (proxy.runtime_options)
@@ -270,6 +272,7 @@ class ModelConfig:
     # the limits its worker enforces on what it decodes (max_audio_seconds, max_image_pixels)
     worker_limits: Mapping[str, float] = field(default_factory=dict)
     priority: int = 0
+    replicas: int = 1  # nodes of a cluster that may hold it at once (proxy/cluster/)
     loading_feedback: bool = True  # SSE comments while it loads (proxy.loading)
     runtime_options: tuple[str, ...] = ()  # what a request may reload it with (proxy.runtime_options)
     idle_timeout: float = 300.0  # limits.worker_idle_timeout (0: off)
@@ -516,6 +519,7 @@ def _model(
         span_gpus=raw.span_gpus,
         worker_limits=dict(worker_limits or {}),
         priority=raw.priority,
+        replicas=_positive(raw.replicas, file, "replicas"),
         loading_feedback=raw.loading_feedback,
         runtime_options=tuple(dict.fromkeys(raw.runtime_options)),
     )

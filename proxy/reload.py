@@ -57,6 +57,7 @@ RESTART_ONLY = (
     "log_dir",
     "log_file_bytes",
     "log_level",
+    "cluster",  # the node's name, Redis and secret are taken at start (proxy/cluster/node.py)
 )
 
 Install = Callable[[Settings, KeyRing], None]

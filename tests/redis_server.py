@@ -5,6 +5,7 @@ Debian's ``redis-server`` (scripts/setup.sh installs it); never the system servi
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -58,8 +59,18 @@ class RedisServer:
         wait_until(lambda: _answers(self.port), timeout=10)
         return self
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers (a hung Redis, or a cut link)."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None

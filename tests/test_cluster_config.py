@@ -65,3 +65,13 @@ def test_errors_name_the_key(
     with pytest.raises(ConfigError) as e:
         load_settings(cluster(tmp_path, **section))
     assert key in str(e.value)
+
+
+def test_a_models_replicas(tmp_path: Path) -> None:
+    model = {"name": "m", "backend": "external", "url": "http://127.0.0.1:1"}
+    models = load_settings(
+        write(tmp_path, {}, {"m.yaml": {**model, "replicas": 2}, "n.yaml": {**model, "name": "n"}})
+    ).models
+    assert [(m.name, m.replicas) for m in models] == [("m", 2), ("n", 1)]
+    with pytest.raises(ConfigError, match="replicas"):
+        load_settings(write(tmp_path, {}, {"m.yaml": {**model, "replicas": 0}}))

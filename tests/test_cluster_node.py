@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.clock import ManualClock
 from proxy.cluster.config import ClusterSettings
-from proxy.cluster.node import ClusterNode, DuplicateNode
+from proxy.cluster.node import ClusterNode, DuplicateNode, redacted
 from proxy.cluster.routing import Forward, Here, NotFound, route
 from proxy.cluster.view import LocalState, ModelPresence
 from tests.redis_server import RedisServer
@@ -35,7 +36,14 @@ def settings(server: RedisServer, node: str, **kw: Any) -> ClusterSettings:
 
 
 def state(*models: ModelPresence, catalog: tuple[str, ...] = ("m",)) -> LocalState:
-    return LocalState(models=models, catalog=catalog, weights=catalog, free_ram=8 << 30, ram_budget=16 << 30)
+    return LocalState(
+        models=models,
+        catalog=catalog,
+        weights=catalog,
+        free_ram=8 << 30,
+        ram_budget=16 << 30,
+        aliases=tuple((f"{name}-alias", name) for name in catalog),
+    )
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
@@ -52,9 +60,11 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> flo
 async def nodes(redis_server: RedisServer) -> AsyncIterator[Callable[..., Awaitable[ClusterNode]]]:
     started: list[ClusterNode] = []
 
-    async def make(name: str, local: LocalState | None = None, **kw: Any) -> ClusterNode:
+    async def make(
+        name: str, local: LocalState | None = None, quick: Callable[[LocalState], LocalState] | None = None, **kw: Any
+    ) -> ClusterNode:
         current = local or state()
-        node = ClusterNode(settings(redis_server, name, **kw), lambda: current)
+        node = ClusterNode(settings(redis_server, name, **kw), lambda: current, quick=quick)
         await node.start()
         started.append(node)
         return node
@@ -72,6 +82,7 @@ async def test_publish_and_read_back(nodes: Callable[..., Awaitable[ClusterNode]
     seen = b.view().nodes["a"]
     assert seen.alive and seen.advertise == "http://a.test:11434" and seen.epoch >= 1
     assert seen.models == (ready,) and seen.catalog == ("m",) and seen.free_ram == 8 << 30
+    assert seen.aliases == (("m-alias", "m"),) and b.view().canonical("m-alias") == "m"
     assert [n.node for n in b.view().holders("m")] == ["a"]
     assert route(b.view(), "m", forwarded=False) == Forward("a", "http://a.test:11434", "ready")
     assert route(a.view(), "m", forwarded=False) == Here("ready")
@@ -194,6 +205,23 @@ async def test_redis_down_each_node_serves_alone_and_rejoins_within_2s(
     assert route(b.view(), "m", forwarded=False) == Forward("a", "http://a.test:11434", "ready")
 
 
+async def test_a_hung_redis_is_left_within_a_heartbeat_and_rejoined_when_it_answers(
+    nodes: Callable[..., Awaitable[ClusterNode]], redis_server: RedisServer
+) -> None:
+    a = await nodes("a", state(ModelPresence("m", "ready")), heartbeat=0.5, dead_after=1.5)
+    b = await nodes("b", state(catalog=()), heartbeat=0.5, dead_after=1.5)
+    await eventually(lambda: set(b.view().nodes) == {"a", "b"})
+    redis_server.pause()
+    try:
+        # each heartbeat gives up on Redis after min(heartbeat, 1 s): alone within two heartbeats and a timeout
+        await eventually(lambda: not a.view().connected and not b.view().connected, timeout=2.5)
+        assert route(a.view(), "m", forwarded=False) == Here("ready")
+    finally:
+        redis_server.resume()
+    took = await eventually(lambda: set(b.view().nodes) == {"a", "b"} and b.view().connected, timeout=5)
+    assert took <= 2.0
+
+
 async def test_routing_a_warm_request_sends_no_redis_command(
     nodes: Callable[..., Awaitable[ClusterNode]], redis_server: RedisServer
 ) -> None:
@@ -207,7 +235,113 @@ async def test_routing_a_warm_request_sends_no_redis_command(
             a.touch()  # this node's own state is read again too
             assert route(a.view(), "m", forwarded=False) == Here("ready")
             assert route(a.view(), "n", forwarded=False) == Forward("b", "http://b.test:11434", "ready")
+            await asyncio.sleep(0)  # as between requests: anything the route set going would run here
         stats = await probe.info("commandstats")
     finally:
         await probe.aclose()
     assert [k for k in stats if not k.startswith("cmdstat_config")] == []
+
+
+async def test_touch_reads_this_nodes_state_again_between_heartbeats(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    now = {"m": ModelPresence("m", "stopped")}
+
+    def quick(last: LocalState) -> LocalState:
+        return replace(last, models=(now["m"],))
+
+    a = await nodes("a", state(now["m"]), quick=quick, heartbeat=30, dead_after=90)
+    assert route(a.view(), "m", forwarded=False) == Here("place")
+    now["m"] = ModelPresence("m", "ready")
+    assert route(a.view(), "m", forwarded=False) == Here("place")  # not told: the last read holds
+    a.touch()
+    assert route(a.view(), "m", forwarded=False) == Here("ready")
+    now["m"] = ModelPresence("m", "ready", in_flight=1)
+    a.touch()
+    assert a.view().nodes["a"].models == (now["m"],)
+
+
+async def test_a_lease_for_another_node_reserves_its_memory_in_every_view(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    a = await nodes("a", state(catalog=()))
+    await nodes("b", state(ModelPresence("m", "stopped", ram=3 << 30)))
+    c = await nodes("c", state(catalog=()))
+    await eventually(lambda: "b" in a.view().nodes and "b" in c.view().nodes)
+    assert route(a.view(), "m", forwarded=False) == Forward("b", "http://b.test:11434", "place")
+    lease = await a.lease("m", node="b", ram=3 << 30)
+    assert lease is not None and lease.node == "b"
+    for member in (a, c):  # a at once, c from its next heartbeat
+        await eventually(lambda m=member: m.view().nodes["b"].state_of("m") == "starting")  # type: ignore[misc]
+        assert member.view().nodes["b"].free_ram == (8 << 30) - (3 << 30)
+        assert route(member.view(), "m", forwarded=False) == Forward("b", "http://b.test:11434", "loading")
+    await a.release(lease)
+    await eventually(lambda: c.view().nodes["b"].state_of("m") == "stopped")
+
+
+async def test_a_node_started_while_redis_is_down_joins_when_it_comes(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_server.stop()
+    a = ClusterNode(settings(redis_server, "a"), lambda: state(ModelPresence("m", "ready")))
+    b = ClusterNode(settings(redis_server, "b"), lambda: state(catalog=()))
+    await a.start()
+    await b.start()
+    try:
+        assert not a.view().connected and set(a.view().nodes) == {"a"}
+        assert route(a.view(), "m", forwarded=False) == Here("ready")
+        assert any("out of reach" in r.getMessage() for r in caplog.records)
+        redis_server.start()
+        await eventually(lambda: set(b.view().nodes) == {"a", "b"} and b.view().nodes["a"].alive, timeout=2)
+        assert a.epoch >= 1 and b.view().nodes["a"].epoch == a.epoch
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+def test_logs_never_show_redis_password() -> None:
+    assert redacted("redis://:hunter2@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
+    assert redacted("rediss://proxy:hunter2@r.example:6380") == "rediss://proxy:***@r.example:6380"
+    assert redacted("redis://10.0.0.1:6379/0") == "redis://10.0.0.1:6379/0"
+
+
+async def test_a_read_that_began_before_this_nodes_lease_does_not_hide_it(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    a = await nodes("a", heartbeat=30, dead_after=90)
+    lease = await a.lease("m", ram=1 << 30)
+    assert lease is not None
+    a._absorb(0, [], [])  # what a read sent before the lease answers: no lease at all
+    a.touch()
+    assert a.view().nodes["a"].state_of("m") == "starting"
+
+
+async def test_liveness_is_by_redis_clock_whatever_the_hosts_clocks_say(redis_server: RedisServer) -> None:
+    # two hosts whose clocks are frozen and decades apart: only Redis's TIME moves
+    a = ClusterNode(settings(redis_server, "a"), state, clock=ManualClock(wall=1_000_000_000.0))
+    b = ClusterNode(settings(redis_server, "b"), state, clock=ManualClock(wall=2_000_000_000.0))
+    await a.start()  # one publication each; their heartbeats wait on clocks that never move
+    await b.start()
+    try:
+        await b._beat()
+        assert b.view().nodes["a"].alive and b.view().nodes["a"].age < b.settings.dead_after
+        start = time.monotonic()
+        while b.view().nodes["a"].alive:
+            assert time.monotonic() - start < b.settings.dead_after + 1
+            await asyncio.sleep(0.05)
+            await b._beat()
+        assert time.monotonic() - start >= b.settings.dead_after - 0.2
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_lease_held_by_a_node_not_read_yet_still_routes_there(
+    nodes: Callable[..., Awaitable[ClusterNode]],
+) -> None:
+    a = await nodes("a", heartbeat=30, dead_after=90)  # its only read was before b existed
+    b = await nodes("b", heartbeat=30, dead_after=90)
+    assert "b" not in a.view().nodes
+    assert await b.lease("m", ram=1 << 30) is not None
+    assert await a.lease("m") is None
+    assert route(a.view(), "m", forwarded=False) == Forward("b", "http://b.test:11434", "loading")

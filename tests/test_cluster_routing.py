@@ -279,3 +279,12 @@ def test_properties(v: ClusterView, model: str, replicas: int, seed: int) -> Non
             assert target.ram_budget == 0 or need.ram <= target.ram_budget
         if v.holders(model):
             assert r.reason in ("ready", "busy", "place") and (r.reason == "place" or target.state_of(model) == "ready")
+
+
+def test_canonical_names_from_every_live_nodes_aliases() -> None:
+    v = view(
+        node("a", catalog=("m",), aliases=(("mm", "m"),)),
+        node("b", catalog=("n",), aliases=(("nn", "n"),)),
+        node("c", catalog=("o",), aliases=(("oo", "o"),), alive=False),
+    )
+    assert [v.canonical(x) for x in ("m", "mm", "nn", "n", "oo", "zz")] == ["m", "m", "n", "n", None, None]

@@ -45,11 +45,12 @@ ARRIVED = "proxy.cluster.arrived"  # when a forward arrived (the clock's monoton
 class Routing(Exception):
     """Not served here as it is: ``follow`` takes the lease, forwards, or runs the handler again."""
 
-    def __init__(self, model: str, asked: str, decision: Route) -> None:
+    def __init__(self, model: str, asked: str, decision: Route, replicas: int = 1) -> None:
         super().__init__(model)
         self.model = model
         self.asked = asked
         self.decision = decision
+        self.replicas = replicas  # its YAML's replicas where this node has it, else 1
 
 
 def target_of(request: Request) -> str:
@@ -77,12 +78,13 @@ def route_model(
         if found is None or not (allows(found) or allows(name)):
             raise ModelNotFound(name)
         model = found
-    decision = net.decide(model)
+    replicas = cfg.replicas if cfg is not None else 1
+    decision = net.decide(model, replicas=replicas)
     if cfg is not None and isinstance(decision, Here) and not net.needs_lease(decision):
         return cfg
     if isinstance(decision, NotFound):
         raise ModelNotFound(name)
-    raise Routing(model, name, decision)
+    raise Routing(model, name, decision, replicas)
 
 
 async def accept(net: ClusterNet, request: Request, max_bytes: int) -> tuple[Request, Accepted]:
@@ -126,7 +128,7 @@ async def follow(
 ) -> Response:
     decision = routing.decision
     if net.needs_lease(decision):
-        decision, give_back = await net.settle(routing.model, decision)
+        decision, give_back = await net.settle(routing.model, decision, routing.replicas)
         if give_back is not None:
             held = request.scope.get(SLOTS)
             if isinstance(held, list):

@@ -6,6 +6,7 @@ counted at, and no more than what the box has available now less the reserve; pe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, cast
@@ -27,7 +28,7 @@ def config_hash(configs: Iterable[ModelConfig]) -> str:
 
 
 def presence(st: ModelStatus) -> ModelPresence:
-    need = st.need
+    need = st.need or st.config.memory  # a need not found yet: its YAML's, else 0 (unknown)
     return ModelPresence(
         name=st.name,
         state=st.state,
@@ -67,11 +68,25 @@ def local_state(manager: ModelManager) -> LocalState:
     return LocalState(
         models=models,
         catalog=tuple(c.name for c in configs),
-        aliases=tuple((alias, c.name) for c in configs for alias in c.aliases),
         weights=tuple(c.name for c in configs if _has_weights(c)),
         free_ram=max(0, free_ram),
         free_vram=free_vram,
         ram_budget=int(ram["budget"]),
         vram_budget=tuple(int(g["budget"]) for g in gpus),
         config_hash=config_hash(configs),
+        aliases=tuple((alias, c.name) for c in configs for alias in c.aliases),
     )
+
+
+def quick_state(manager: ModelManager, last: LocalState) -> LocalState:
+    """``last`` with each model's state and request counts as they are now: plain reads of the manager's
+    runtimes (``ModelManager.world``), no memory probe, so it is cheap enough to run after every request
+    (``ClusterNode.touch``); memory figures stay the last heartbeat's."""
+    now = manager.world().models
+    models = []
+    for m in last.models:
+        v = now.get(m.name)
+        if v is not None:
+            m = dataclasses.replace(m, state=v.state, in_flight=v.in_flight, queued=len(v.tickets))
+        models.append(m)
+    return dataclasses.replace(last, models=tuple(models))

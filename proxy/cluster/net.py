@@ -35,7 +35,9 @@ class Registry(Protocol):
 
     def touch(self) -> None: ...
 
-    async def lease(self, model: str, *, node: str | None = None, ram: int = 0, vram: int = 0) -> Any: ...
+    async def lease(
+        self, model: str, *, node: str | None = None, ram: int = 0, vram: int = 0, replicas: int = 1
+    ) -> Any: ...
 
     async def release(self, lease: Any) -> None: ...
 
@@ -62,14 +64,14 @@ class ClusterNet:
     def view(self) -> ClusterView:
         return self.registry.view()
 
-    def decide(self, model: str, *, forwarded: bool = False) -> Route:
+    def decide(self, model: str, *, forwarded: bool = False, replicas: int = 1) -> Route:
         """Where a request for ``model`` (its canonical name) goes now (no I/O)."""
-        return route(self.registry.view(), model, forwarded=forwarded)
+        return route(self.registry.view(), model, forwarded=forwarded, replicas=replicas)
 
     def needs_lease(self, decision: Route) -> bool:
         return isinstance(decision, Here | Forward) and decision.reason in PLACING
 
-    async def settle(self, model: str, decision: Route) -> tuple[Route, Callable[[], None] | None]:
+    async def settle(self, model: str, decision: Route, replicas: int = 1) -> tuple[Route, Callable[[], None] | None]:
         """A placement (``needs_lease``) with its load lease taken: the same decision and the lease's
         give-back (call it when the request has been answered), or, when another node's lease won, where
         the request goes now (the loading node), with nothing to give back."""
@@ -77,9 +79,9 @@ class ClusterNet:
         info = self.registry.view().nodes.get(target)
         need = info.model(model) if info is not None else None
         ram, vram = (need.ram, need.vram) if need is not None else (0, 0)
-        lease = await self.registry.lease(model, node=target, ram=ram, vram=vram)
-        if lease is None:  # another node's lease won (the view now shows it loading there), or Redis is away
-            return self.decide(model), None
+        lease = await self.registry.lease(model, node=target, ram=ram, vram=vram, replicas=replicas)
+        if lease is None:  # another node's lease won: the view now shows it loading there
+            return self.decide(model, replicas=replicas), None
         return decision, lambda: self._release_later(lease)
 
     def _release_later(self, lease: Any) -> None:

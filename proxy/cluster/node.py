@@ -11,7 +11,7 @@ Keys (``P`` is ``cluster.prefix``):
 - ``P:owner:NAME``    the instance that owns the name, expires ``dead_after`` after its last heartbeat: a
                       second node with the same name is refused while the first is alive
 - ``P:epoch:NAME``    counts the starts of that name (each start publishes a new epoch)
-- ``P:lease:MODEL:N`` a load lease (slot N < replicas): "owner|node|token|ram|vram", PX ``lease_ttl``
+- ``P:lease:MODEL:N`` a load lease (slot N < replicas): "owner|node|token|ram|vram|advertise", PX ``lease_ttl``
 - ``P:fence:MODEL``   the fencing tokens' counter: every lease gets a larger one
 - ``P:leases``        sorted set: live lease keys -> their expiry (read with the nodes each heartbeat)
 
@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -113,7 +114,7 @@ for i = 1, n do
   local cur = redis.call('GET', KEYS[i])
   if not cur then
     local token = redis.call('INCR', fence)
-    local value = ARGV[1] .. '|' .. token .. '|' .. ARGV[3] .. '|' .. ARGV[4]
+    local value = ARGV[1] .. '|' .. token .. '|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. ARGV[6]
     redis.call('SET', KEYS[i], value, 'NX', 'PX', ARGV[2])
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -148,21 +149,23 @@ class DuplicateNode(ConfigError):
 
 @dataclass(frozen=True)
 class LeaseInfo:
-    """A load lease as stored: who took it, which node loads, its fencing token, the memory it reserves."""
+    """A load lease as stored: who took it, which node loads (and its address), its fencing token, the memory
+    it reserves."""
 
     owner: str
     node: str
     token: int
     ram: int
     vram: int
+    advertise: str = ""
 
     @classmethod
     def parse(cls, value: str) -> LeaseInfo | None:
         parts = value.split("|")
-        if len(parts) != 5:
+        if len(parts) != 6:
             return None
         try:
-            return cls(parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]))
+            return cls(parts[0], parts[1], int(parts[2]), int(parts[3]), int(parts[4]), parts[5])
         except ValueError:
             return None
 
@@ -187,8 +190,8 @@ def _text(v: Any) -> str:
 class ClusterNode:
     """This proxy as one node: ``start()`` claims the name and publishes, the heartbeat keeps doing it and
     refreshes the view; ``view()`` and ``lease()`` are what routing uses. ``local`` reads this node's state
-    (``proxy.cluster.local.local_state`` over the manager); it is called once per heartbeat and when
-    ``view()`` follows ``touch()``."""
+    (``proxy.cluster.local.local_state`` over the manager) once per heartbeat; after ``touch()``, ``view()``
+    reads it again with ``quick`` (``local.quick_state``: states and request counts, no probe) when given."""
 
     def __init__(
         self,
@@ -198,9 +201,12 @@ class ClusterNode:
         *,
         source: str = "config.yml",
         client: aioredis.Redis | None = None,
+        quick: Callable[[LocalState], LocalState] | None = None,
     ) -> None:
         self.settings = settings
         self._local = local
+        self._quick = quick
+        self._last = LocalState()  # what ``local`` answered last
         self._clock = clock or SystemClock()
         self._source = source
         timeout = min(settings.heartbeat, 1.0)
@@ -211,6 +217,7 @@ class ClusterNode:
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
         )
+        self.where = redacted(settings.redis_url)  # for logs: the URL without its password
         self.instance = uuid.uuid4().hex
         self.epoch = 0
         self.connected = False
@@ -239,12 +246,13 @@ class ClusterNode:
         """The registry as the last heartbeat read it, with this node as it is now (after ``touch``)."""
         if self._dirty:
             self._dirty = False
-            self._here = self._me(self._local())
+            self._here = self._me(self._quick(self._last) if self._quick is not None else self._read_local())
             self._view = self._build()
         return self._view
 
     def touch(self) -> None:
-        """This node's state changed (a model loaded, a request ended): the next ``view()`` reads it again."""
+        """This node's state changed (a model loaded, a request began or ended): the next ``view()`` reads it
+        again, with ``quick`` when given (states and counts only), else ``local``."""
         self._dirty = True
 
     # -- life ----------------------------------------------------------------------------------------------
@@ -257,18 +265,18 @@ class ClusterNode:
         while True:
             try:
                 other = await self._take_name()
+                if other is None:
+                    await self._beat()
+                    break
             except (RedisError, OSError) as e:
                 self._lost(e)
-                break
-            if other is None:
-                await self._beat()
                 break
             if self._clock.monotonic() >= deadline:
                 await self.redis.aclose()
                 raise DuplicateNode(
                     self._source,
                     "cluster.node",
-                    f"'{s.node}' is the name of another live node of the cluster at {s.redis_url}; give each "
+                    f"'{s.node}' is the name of another live node of the cluster at {self.where}; give each "
                     "node its own name",
                 )
             await self._sleep(s.heartbeat / 2)
@@ -330,11 +338,11 @@ class ClusterNode:
     async def _beat(self) -> None:
         """One heartbeat: publish this node, renew its leases, read every node and lease."""
         s, p = self.settings, self.settings.prefix
-        self._here = self._me(self._local())
-        self._dirty = False
         if not self._claimed and await self._take_name() is not None:
             self._lost_name()
             return
+        self._here = self._me(self._read_local())  # after the claim: a first claim sets the epoch
+        self._dirty = False
         payload = json.dumps(publication(self._here), separators=(",", ":"))
         got = await self._publish(
             keys=[f"{p}:owner:{s.node}", f"{p}:node:{s.node}", self._k_nodes],
@@ -352,7 +360,7 @@ class ClusterNode:
         self._absorb(int(now), nodes, leases)
         if not self.connected:
             if self._warned:
-                log.warning("cluster: Redis at %s is back: node %s rejoined", s.redis_url, s.node)
+                log.info("cluster: Redis at %s is back: node %s rejoined", self.where, s.node)
             self.connected = True
             self._warned = False
         self._view = self._build()
@@ -376,6 +384,10 @@ class ClusterNode:
             key, info = _text(leases[i]), LeaseInfo.parse(_text(leases[i + 1]))
             if info is not None and key.startswith(head):
                 found.setdefault(key[len(head) :].rsplit(":", 1)[0], info)
+        for lease in self._held.values():  # ours, even when taken after this read began
+            info = LeaseInfo.parse(lease.value)
+            if info is not None:
+                found.setdefault(lease.model, info)
         self._leases = found
 
     def _lost(self, error: BaseException) -> None:
@@ -383,7 +395,7 @@ class ClusterNode:
         if not self._warned:
             log.warning(
                 "cluster: Redis at %s is out of reach (%s): node %s serves its own models alone until it is back",
-                self.settings.redis_url,
+                self.where,
                 error,
                 self.settings.node,
             )
@@ -391,7 +403,7 @@ class ClusterNode:
         self.connected = False
         self._remote = {}
         self._leases = {}
-        self._here = self._me(self._local())
+        self._here = self._me(self._read_local())
         self._view = self._build()
 
     def _lost_name(self) -> None:
@@ -420,7 +432,7 @@ class ClusterNode:
         try:
             got = await self._lease(
                 keys=[*keys, f"{p}:fence:{model}", self._k_leases],
-                args=[f"{s.node}|{target}", _ms(s.lease_ttl), ram, vram, len(keys)],
+                args=[f"{s.node}|{target}", _ms(s.lease_ttl), ram, vram, len(keys), self._address(target)],
             )
         except (RedisError, OSError) as e:
             self._lost(e)
@@ -450,7 +462,15 @@ class ClusterNode:
         except (RedisError, OSError) as e:
             self._lost(e)
 
+    def _address(self, node: str) -> str:
+        info = self._view.nodes.get(node)
+        return info.advertise if info is not None else ""
+
     # -- the view ------------------------------------------------------------------------------------------
+    def _read_local(self) -> LocalState:
+        self._last = self._local()
+        return self._last
+
     def _me(self, local: LocalState) -> NodeInfo:
         s = self.settings
         return node_from(local, node=s.node, advertise=s.advertise, epoch=self.epoch, age=0.0, alive=True)
@@ -460,6 +480,9 @@ class ClusterNode:
         nodes[self.settings.node] = self._here
         for model, lease in self._leases.items():
             info = nodes.get(lease.node)
+            if info is None and lease.advertise:
+                # a node that joined after the last read: known by its lease until its publication is read
+                info = NodeInfo(lease.node, lease.advertise, 0, "", (), (), 0, (), 0.0, True)
             if info is not None:
                 nodes[lease.node] = reserve(info, model, lease)
         return ClusterView(self.settings.node, nodes, connected=self.connected)
@@ -492,6 +515,16 @@ def reserve(info: NodeInfo, model: str, lease: LeaseInfo) -> NodeInfo:
         free_vram=tuple(free_vram),
         catalog=info.catalog if model in info.catalog else (*info.catalog, model),
     )
+
+
+def redacted(url: str) -> str:
+    """A Redis URL fit for a log line: its password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
 
 
 def _ms(seconds: float) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 # a model's states as the manager names them (proxy.runtime.State)
@@ -74,13 +75,13 @@ class LocalState:
 
     models: tuple[ModelPresence, ...] = ()
     catalog: tuple[str, ...] = ()  # the models it can serve (canonical names)
-    aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical name) for the models of its catalog
     weights: tuple[str, ...] = ()  # those whose weights are on its disk
     free_ram: int = 0  # bytes it could admit without evicting anything
     free_vram: tuple[int, ...] = ()  # the same per GPU (NVML index order)
     ram_budget: int = 0  # the most all its models together may hold (limits.memory)
     vram_budget: tuple[int, ...] = ()
     config_hash: str = ""
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical name) of its catalog's models
 
 
 @dataclass(frozen=True)
@@ -102,11 +103,12 @@ class NodeInfo:
     vram_budget: tuple[int, ...] = ()
     aliases: tuple[tuple[str, str], ...] = ()  # (alias, canonical name)
 
+    @cached_property
+    def _by_name(self) -> dict[str, ModelPresence]:
+        return {m.name: m for m in self.models}
+
     def model(self, name: str) -> ModelPresence | None:
-        for m in self.models:
-            if m.name == name:
-                return m
-        return None
+        return self._by_name.get(name)
 
     def state_of(self, name: str) -> str | None:
         m = self.model(name)
@@ -124,12 +126,12 @@ class NodeInfo:
             "config_hash": self.config_hash,
             "models": [m.to_json() for m in self.models],
             "catalog": list(self.catalog),
-            "aliases": [list(pair) for pair in self.aliases],
             "weights": list(self.weights),
             "free_ram": self.free_ram,
             "free_vram": list(self.free_vram),
             "ram_budget": self.ram_budget,
             "vram_budget": list(self.vram_budget),
+            "aliases": [list(a) for a in self.aliases],
             "age": self.age,
             "alive": self.alive,
         }
@@ -143,7 +145,6 @@ def node_from(local: LocalState, *, node: str, advertise: str, epoch: int, age: 
         config_hash=local.config_hash,
         models=local.models,
         catalog=local.catalog,
-        aliases=local.aliases,
         free_ram=local.free_ram,
         free_vram=local.free_vram,
         age=age,
@@ -151,6 +152,7 @@ def node_from(local: LocalState, *, node: str, advertise: str, epoch: int, age: 
         weights=local.weights,
         ram_budget=local.ram_budget,
         vram_budget=local.vram_budget,
+        aliases=local.aliases,
     )
 
 
@@ -169,7 +171,6 @@ def from_publication(d: Mapping[str, Any], *, age: float, alive: bool) -> NodeIn
         config_hash=str(d.get("config_hash", "")),
         models=tuple(ModelPresence.from_json(m) for m in d.get("models", ())),
         catalog=tuple(str(n) for n in d.get("catalog", ())),
-        aliases=tuple((str(a), str(n)) for a, n in d.get("aliases", ())),
         free_ram=int(d.get("free_ram", 0)),
         free_vram=tuple(int(v) for v in d.get("free_vram", ())),
         age=age,
@@ -177,6 +178,7 @@ def from_publication(d: Mapping[str, Any], *, age: float, alive: bool) -> NodeIn
         weights=tuple(str(n) for n in d.get("weights", ())),
         ram_budget=int(d.get("ram_budget", 0)),
         vram_budget=tuple(int(v) for v in d.get("vram_budget", ())),
+        aliases=tuple((str(a), str(n)) for a, n in d.get("aliases", ())),
     )
 
 
@@ -192,12 +194,14 @@ class ClusterView:
     def me(self) -> NodeInfo | None:
         return self.nodes.get(self.here)
 
+    @cached_property
+    def _alive(self) -> tuple[NodeInfo, ...]:
+        names = sorted(self.nodes, key=lambda n: (n != self.here, n))
+        return tuple(self.nodes[n] for n in names if self.nodes[n].alive)
+
     def alive_nodes(self) -> Iterator[NodeInfo]:
         """The live nodes, this one first, then by name."""
-        for name in sorted(self.nodes, key=lambda n: (n != self.here, n)):
-            info = self.nodes[name]
-            if info.alive:
-                yield info
+        return iter(self._alive)
 
     def serving(self, model: str) -> list[NodeInfo]:
         """The live nodes whose catalog has the model."""
@@ -212,13 +216,14 @@ class ClusterView:
         return [n for n in self.alive_nodes() if n.state_of(model) == "starting"]
 
     def canonical(self, name: str) -> str | None:
-        """The canonical name a live node serves ``name`` by (it, or one of its aliases); None when none does."""
-        for node in self.alive_nodes():
-            if name in node.catalog:
+        """A model's name as the live nodes' catalogs know it (itself, or the model an alias names); None when
+        no live node knows it. This node's own names come first."""
+        for n in self.alive_nodes():
+            if name in n.catalog:
                 return name
-            for alias, canonical in node.aliases:
+            for alias, model in n.aliases:
                 if alias == name:
-                    return canonical
+                    return model
         return None
 
     def catalog(self) -> list[str]:
