@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -17,6 +18,7 @@ from proxy import rundirs
 from proxy.api import (
     admin,
     anthropic,
+    cluster,
     images,
     infer,
     jobs,
@@ -32,15 +34,17 @@ from proxy.api import (
 )
 from proxy.api.common import Services
 from proxy.api.errors import HANDLERS
+from proxy.api.forwarding import ClusterHeaders
 from proxy.api.observe import RequestEvents
 from proxy.api.perkey import PerKeyLimit
 from proxy.api.security import RequestGuard
 from proxy.auth import KeyRing
 from proxy.clock import Clock, SystemClock
+from proxy.cluster.net import ClusterNet
 from proxy.config import ModelConfig, Settings
 from proxy.digests import Digests
 from proxy.discovery import Discovery
-from proxy.events import EventBus
+from proxy.events import Event, EventBus, LoadEnded, StateChanged, Unloaded
 from proxy.jobs import Jobs, JobStore
 from proxy.manager import ModelManager
 from proxy.metrics import Metrics
@@ -55,6 +59,7 @@ log = logging.getLogger("proxy")
 # each API module brings its own routes (one module per dialect or kind of model)
 ROUTE_MODULES = [
     openai,
+    cluster,
     anthropic,
     responses,
     ollama,
@@ -96,6 +101,7 @@ def create_app(
         catalog = dataclasses.replace(settings, models=tuple(discovery.scan_now()))
         manager = ModelManager(catalog, clock=clock, worker_factory=worker_factory or worker, events=bus, spares=spares)
         metrics.watch(manager.status)
+        cluster = await _join_cluster(settings, manager, clock, bus, metrics) if settings.cluster is not None else None
         discovery.hash_soon(manager)
         app.state.discovery = discovery
         store = JobStore(settings.data_dir / "jobs.sqlite3" if settings.data_dir is not None else None)
@@ -123,6 +129,7 @@ def create_app(
             metrics=metrics,
             logs=logbook,
             digests=digests,
+            cluster=cluster[1] if cluster is not None else None,
         )
         if keyring.open:
             where = settings.api_tokens or "api_tokens: null"
@@ -151,6 +158,9 @@ def create_app(
                 await reloader.close()
             await queue.close()  # first: jobs running now stay unfinished on disk, to run again at the next start
             await discovery.close()
+            if cluster is not None:
+                await cluster[1].close()
+                await cluster[0].stop()
             await manager.shutdown()
             logbook.close()
             os.close(lock)
@@ -160,6 +170,8 @@ def create_app(
         Middleware(RequestGuard, settings=settings),
         Middleware(PerKeyLimit),  # gives back a request's slot (limits.max_concurrent_per_key) once it is answered
     ]
+    if settings.cluster is not None:
+        middleware.append(Middleware(ClusterHeaders, node=settings.cluster.node, clock=clock))
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -176,3 +188,33 @@ def create_app(
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
+
+
+async def _join_cluster(
+    settings: Settings, manager: ModelManager, clock: Clock, bus: EventBus, metrics: Metrics
+) -> tuple[Any, ClusterNet]:
+    """This proxy as a node of the cluster in ``settings.cluster``: its registry on Redis (imported only
+    here, so a single host never loads redis-py) and its network (routing, forwards)."""
+    from proxy.cluster.local import local_state, quick_state
+    from proxy.cluster.node import ClusterNode
+
+    assert settings.cluster is not None
+    node = ClusterNode(
+        settings.cluster, lambda: local_state(manager), clock, quick=lambda last: quick_state(manager, last)
+    )
+
+    def changed(event: Event) -> None:
+        if isinstance(event, StateChanged | LoadEnded | Unloaded):
+            node.touch()  # the next route reads this node's own state again
+
+    bus.listen(changed)
+    await node.start()
+    net = ClusterNet(
+        settings.cluster.node,
+        settings.cluster.secret,
+        node,
+        clock,
+        heartbeat=settings.cluster.heartbeat,
+        on_forward=lambda o: metrics.forwarded(o.node, o.outcome, o.added),
+    )
+    return node, net

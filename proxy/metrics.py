@@ -23,6 +23,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+FORWARD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # every metric the proxy exports (the Grafana dashboard's test checks its queries against these)
@@ -91,6 +92,20 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("proxy_generated_tokens_total", "Tokens generated (from usage)", ["model"], registry=r)
+        # a cluster's forwards to other nodes (proxy.cluster.hop); not on the dashboard, so not in NAMES
+        self.forwards = Counter(
+            "proxy_cluster_forwards_total",
+            "Requests forwarded to another node, by outcome",
+            ["node", "outcome"],
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "proxy_cluster_forward_added_seconds",
+            "Time a forward added before the serving node's answer began (hop time less the node's own)",
+            ["node"],
+            buckets=FORWARD_BUCKETS,
+            registry=r,
+        )
         self._gauges: _Gauges | None = None
         bus.listen(self.on_event)
 
@@ -115,6 +130,12 @@ class Metrics:
                 self.load_seconds.labels(event.model).observe(event.seconds)
         elif isinstance(event, Unloaded):
             self.unloads.labels(event.model, event.reason.value).inc()
+
+    def forwarded(self, node: str, outcome: str, added: float | None) -> None:
+        """One forward to ``node`` (``ok`` or ``unreachable``) and the seconds it added."""
+        self.forwards.labels(node, outcome).inc()
+        if added is not None:
+            self.forward_seconds.labels(node).observe(added)
 
     def render(self, visible: Callable[[str], bool] | None = None) -> bytes:
         """The exposition; with ``visible``, only the samples of the models (``model`` label) it allows."""

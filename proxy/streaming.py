@@ -23,7 +23,7 @@ class ClosingStream(StreamingResponse):
         content: AsyncIterable[bytes],
         *,
         on_close: Callable[[], Awaitable[None]],
-        media_type: str = "text/event-stream",
+        media_type: str | None = "text/event-stream",
         headers: Mapping[str, str] | None = None,
         status_code: int = 200,
         on_writing: Callable[[bool], None] | None = None,

@@ -115,8 +115,11 @@ class LiveProxy:
         server: dict[str, Any] | None = None,
         args: list[str] | None = None,
         auth: dict[str, Any] | None = None,
+        cluster: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.args = list(args or [])  # more command-line arguments (--watch)
         (root / "configs").mkdir(parents=True, exist_ok=True)
         (root / "models").mkdir(exist_ok=True)
@@ -134,10 +137,10 @@ class LiveProxy:
             config["server"]["allowed_hosts"] = allowed_hosts
         if auth:
             config["auth"] = auth
+        if cluster:  # a node of a cluster (tests/test_cluster_nodes.py): it advertises its own URL
+            config["cluster"] = {"advertise": self.url, **cluster}
         (root / "config.yml").write_text(yaml.safe_dump(config))
         (root / "api_tokens.yml").write_text(yaml.safe_dump(tokens or {}))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / "proxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

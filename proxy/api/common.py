@@ -18,9 +18,11 @@ from starlette.responses import Response
 from starlette.types import Message
 
 from proxy import loading
+from proxy.api import forwarding
 from proxy.api.perkey import InFlight, caller_id
 from proxy.auth import KeyRing, Principal, Role, key_from_headers
 from proxy.clock import Clock
+from proxy.cluster.net import ClusterNet
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.blocks import frames
 from proxy.dialects.gate import Limits
@@ -81,6 +83,7 @@ class Services:
     # size while it is turned into Python objects)
     parses: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(PARSE_SLOTS))
     in_flight: InFlight = field(default_factory=InFlight)  # requests per caller (limits.max_concurrent_per_key)
+    cluster: ClusterNet | None = None  # cluster: in config.yml (proxy.api.forwarding); None: this host alone
 
 
 PARSE_SLOTS = 2
@@ -108,12 +111,19 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
     def wrap(handler: Handler) -> Handler:
         async def checked(request: Request) -> Response:
             internal = request.scope.get(INTERNAL_PRINCIPAL)
+            svc = services(request)
+            net = svc.cluster
             if isinstance(internal, Principal):
                 if internal.role < role:
                     raise Forbidden(f"this needs {role.name.lower()} rights")
                 principal = internal
+            elif net is not None and forwarding.FORWARD in request.headers:  # another node's, signed
+                request, accepted = await forwarding.accept(net, request, svc.settings.max_body_bytes)
+                principal = accepted.caller.principal
+                if principal.role < role:
+                    raise Forbidden(f"this needs {role.name.lower()} rights")
+                request.state.caller = accepted.caller.id  # counted on the node it came to
             else:
-                svc = services(request)
                 key = key_from_headers(request.headers)
                 principal = svc.keys.authenticate(key, role)
                 who = caller_id(None if svc.keys.open else key, request.client.host if request.client else None)
@@ -122,7 +132,13 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
                     svc.in_flight.hold(request.scope, who, svc.settings.max_concurrent_per_key)
             request.state.principal = principal
             request.state.role = principal.role
-            return await handler(request)
+            if net is None:
+                return await handler(request)
+            try:
+                return await handler(request)
+            except forwarding.Routing as routing:  # served by another node, or after a load lease
+                who = getattr(request.state, "caller", None) or caller_id(None, None)
+                return await forwarding.follow(net, request, handler, routing, principal, who)
 
         checked.__name__ = handler.__name__
         return checked
@@ -275,6 +291,8 @@ async def read_json(request: Request) -> dict[str, Any]:
     svc = services(request)
     limited = size_limited(request, svc.settings.max_json_bytes)
     raw = b"".join([chunk async for chunk in limited.stream()])
+    if svc.cluster is not None and INTERNAL_PRINCIPAL not in request.scope:
+        request.scope[forwarding.RAW] = raw  # forwarded as it came, if another node serves it
     if len(raw) <= OFF_LOOP_BYTES:
         return parse_small(raw)
     async with svc.parses:
@@ -299,7 +317,12 @@ def model_for(
     """The model a body names and its keep_alive (taken out of the body), if it can do one of ``needs``."""
     model = require_model(body)
     keep_alive = checked_keep_alive(request, keep_alive_of(body))
-    cfg = caller(request).resolve(model)
+    view = caller(request)
+    net = services(request).cluster
+    if net is None:
+        cfg = view.resolve(model)
+    else:  # served here, or Routing (proxy.api.forwarding)
+        cfg = forwarding.route_model(net, request.scope, model, view.resolve, lambda n: view.principal.allows((n,)))
     note = RequestNote.of(request.scope)
     if note is not None:
         note.for_model(cfg.name)

@@ -17,10 +17,12 @@ from starlette.routing import Route
 
 from proxy import __version__, largejson
 from proxy import runtime_options as ropts
+from proxy.api import cluster
 from proxy.api.common import caller, guarded, json_bytes, limits, model_for, read_json, services
 from proxy.api.errors import is_admin
 from proxy.auth import Role
 from proxy.catalog import entry, tag_name
+from proxy.cluster.view import ModelPresence
 from proxy.config import ModelConfig
 from proxy.dialects import ollama as dialect
 from proxy.dialects.gate import check_chat, check_embeddings
@@ -201,7 +203,23 @@ def _llm_configs(request: Request) -> list[ModelConfig]:
 
 @guarded(Role.USER)
 async def tags(request: Request) -> Response:
-    return JSONResponse({"models": [_tag(cfg) for cfg in _llm_configs(request)]})
+    models = [_tag(cfg) for cfg in _llm_configs(request)]
+    models += [_remote_tag(name, node.model(name)) for name, node in cluster.other_models(request)]
+    return JSONResponse({"models": models})
+
+
+def _remote_tag(name: str, presence: ModelPresence | None) -> dict[str, Any]:
+    """A model another node of the cluster serves (what its registry entry says of it)."""
+    size = presence.ram + presence.vram if presence is not None else 0
+    modified = dialect.rfc3339()
+    return {
+        "name": tag_name(name),
+        "model": tag_name(name),
+        "modified_at": modified,
+        "size": size,
+        "digest": "",
+        "details": {},
+    }
 
 
 def _expires(status: ModelStatus) -> str:
@@ -232,6 +250,9 @@ async def ps(request: Request) -> Response:
                 "keep_alive": format_keep_alive(status.keep_alive),
             }
         )
+    for presence, _node in cluster.loaded_elsewhere(request):  # ready on another node of the cluster
+        tag = _remote_tag(presence.name, presence)
+        models.append({**tag, "expires_at": dialect.rfc3339(), "size_vram": presence.vram, "context_length": 0})
     return JSONResponse({"models": models})
 
 

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import largejson
-from proxy.api import anthropic
+from proxy.api import anthropic, cluster
 from proxy.api.common import caller, guarded, json_bytes, leased_stream, limits, model_for, read_json, services
 from proxy.auth import Role
 from proxy.config import ModelConfig
@@ -182,6 +182,11 @@ async def list_models(request: Request) -> Response:
     if anthropic.wants_anthropic(request):
         return anthropic.list_models(request)
     data = [model_object(request, cfg) for cfg in caller(request).configs]
+    created = int(services(request).clock.time())
+    for name, node in cluster.other_models(request):  # a cluster's other nodes' models (none on a single host)
+        state = node.state_of(name) or "stopped"
+        loaded = {"id": name, "object": "model", "created": created, "owned_by": node.node, "loaded": state == "ready"}
+        data.append({**loaded, "status": {"value": _ROUTER_STATUS.get(state, "unloaded")}})
     return JSONResponse({"object": "list", "data": data})
 
 

@@ -163,6 +163,8 @@ OPERATIONS: tuple[Op, ...] = (
     # the proxy's own
     _op("GET", "/health", "Liveness", "Proxy", access="public", ok=t.Health),
     _op("GET", "/status", "Every model's state, memory and queue", "Proxy", ok=t.Status),
+    _op("GET", "/cluster", "The cluster's nodes: alive, advertise URL, age, models, free memory", "Proxy",
+        access="admin", extra={404: "this proxy is not in a cluster"}),
     _op("POST", "/load/{model:path}", "Load a model", "Proxy", access="admin", ok=t.Loaded, model=True,
         query=(_KEEP,)),
     _op("POST", "/unload", "Unload every model", "Proxy", access="admin", ok=t.Unloaded),

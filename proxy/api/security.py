@@ -51,6 +51,8 @@ class HostPolicy:
         self.any_host = "*" in settings.allowed_hosts
         self.any_ip = settings.host.strip("[]") in _EVERY_ADDRESS
         self.hosts = _LOCAL | {_hostname(settings.host)} | {_hostname(h) for h in settings.allowed_hosts}
+        if settings.cluster is not None:  # the name the other nodes reach this one by (its forwards' Host)
+            self.hosts |= {_hostname(urlsplit(settings.cluster.advertise).netloc)}
         self.any_origin = "*" in settings.cors_origins
         self.origins = frozenset(o.rstrip("/").lower() for o in settings.cors_origins)
 

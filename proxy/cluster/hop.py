@@ -1,0 +1,170 @@
+"""The hop: a request this node will not serve, forwarded to another node and its answer relayed back.
+
+``Hop.forward`` sends the client's request (method, path with query, body, its headers but the client's
+credentials) to a node's advertise URL with aiohttp, signed (``proxy.cluster.signing``), and answers
+the client with the other node's status, headers and body, passed on chunk by chunk as they arrive
+(SSE, NDJSON, audio bytes: nothing is buffered or parsed). The first target that answers serves it; one
+that cannot be reached (refused, or no connection within ``connect_timeout``) is skipped for the next,
+which is safe because nothing has reached the client yet; when none answers, ``Unavailable`` (503 with
+Retry-After). Once the answer has started there is no retry: its end, or the client's going away
+(``ClosingStream``), closes the upstream connection, so the other node sees its client go as a local
+client's going would be seen. Forwards are counted by node and outcome, with the time they added:
+``X-Cluster-Took`` (the serving node's own time to its answer's headers) is taken from the time to the
+answer's headers here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from proxy.clock import Clock
+from proxy.cluster.signing import HEADERS as SIGNED_HEADERS
+from proxy.cluster.signing import Caller, Signer
+from proxy.errors import Unavailable
+from proxy.streaming import ClosingStream
+
+log = logging.getLogger("proxy.cluster")
+
+SERVED_BY = "x-served-by"
+TOOK = "x-cluster-took"
+CONNECT_TIMEOUT = 1.0  # a node that does not take the connection within this is taken as dead
+RETRY_AFTER = 1.0
+
+# never forwarded: the client's credentials stay on the entry node; hop-by-hop and per-connection headers
+_NOT_SENT = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "cookie",
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "expect",
+        "origin",  # checked by the entry node (RequestGuard); the serving node's own pages are another host
+        "referer",
+        *SIGNED_HEADERS,
+    }
+)
+_NOT_RETURNED = frozenset({"connection", "keep-alive", "transfer-encoding", "date", "server", TOOK})
+
+
+@dataclass(frozen=True)
+class Target:
+    node: str
+    url: str  # its advertise URL
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One forward, for the metrics: the node, ``ok`` or ``unreachable``, and the seconds it added."""
+
+    node: str
+    outcome: str
+    added: float | None
+
+
+class Hop:
+    def __init__(
+        self,
+        signer: Signer,
+        clock: Clock,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        on_forward: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self.signer = signer
+        self.clock = clock
+        self.connect_timeout = connect_timeout
+        self._on_forward = on_forward
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Made on first use, inside the event loop that uses it."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, use_dns_cache=False),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self.connect_timeout, sock_connect=self.connect_timeout, sock_read=None
+                ),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _note(self, outcome: Outcome) -> None:
+        if self._on_forward is not None:
+            self._on_forward(outcome)
+
+    async def forward(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        caller: Caller,
+        targets: Sequence[Target],
+    ) -> ClosingStream:
+        """The answer of the first of ``targets`` that takes the request ``method target`` (path with
+        query); Unavailable (503) when none does."""
+        sent = {k: v for k, v in headers.items() if k.lower() not in _NOT_SENT}
+        failed: list[str] = []
+        for node in targets:
+            started = self.clock.monotonic()
+            signed = {**sent, **self.signer.sign(method, target, body, caller, self.clock.time())}
+            try:
+                response = await self._send(method, node.url.rstrip("/") + target, signed, body)
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                log.warning("cluster: node %s (%s) unreachable: %s", node.node, node.url, type(exc).__name__)
+                failed.append(node.node)
+                self._note(Outcome(node.node, "unreachable", None))
+                continue
+            added = self.clock.monotonic() - started
+            try:
+                added = max(0.0, added - float(response.headers.get(TOOK, "0")))
+            except ValueError:
+                pass
+            self._note(Outcome(node.node, "ok", added))
+            return self._relay(response)
+        raise Unavailable(
+            f"no node could take the request: {', '.join(failed) or 'none'} unreachable", retry_after=RETRY_AFTER
+        )
+
+    async def _send(self, method: str, url: str, headers: dict[str, str], body: bytes) -> aiohttp.ClientResponse:
+        """The answer's head; one more try on the same node when a pooled connection was closed under it."""
+        try:
+            return await self.session.request(method, url, data=body or None, headers=headers)
+        except aiohttp.ServerDisconnectedError:
+            return await self.session.request(method, url, data=body or None, headers=headers)
+
+    def _relay(self, response: aiohttp.ClientResponse) -> ClosingStream:
+        finished = False
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal finished
+            async for chunk in response.content.iter_any():
+                yield chunk
+            finished = True
+
+        async def close() -> None:
+            if finished:
+                response.release()  # the connection goes back to the pool
+            else:
+                response.close()  # cut: the other node sees its client go
+
+        returned = {k: v for k, v in response.headers.items() if k.lower() not in _NOT_RETURNED}
+        return ClosingStream(chunks(), on_close=close, status_code=response.status, headers=returned, media_type=None)

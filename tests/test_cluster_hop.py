@@ -1,0 +1,230 @@
+"""The hop (proxy.cluster.hop): a forward to another node over real sockets, its answer relayed chunk by
+chunk; an unreachable node skipped for the next, or 503 within a second; the client's going closes the
+upstream. The other node is a small aiohttp server in the test's loop that checks the signature."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy.api.security import HostPolicy
+from proxy.auth import Principal, Role
+from proxy.clock import SystemClock
+from proxy.cluster.config import ClusterSettings
+from proxy.cluster.hop import SERVED_BY, TOOK, Hop, Outcome, Target
+from proxy.cluster.signing import Caller, Signer
+from proxy.config import Settings
+from proxy.errors import Forbidden, Unavailable
+
+SECRET = "x" * 32
+CALLER = Caller(Principal(Role.USER, frozenset({"m"})), "key:1")
+
+
+class Node:
+    """The other node: answers /stream with chunks it sends one at a time, when the test allows."""
+
+    def __init__(self) -> None:
+        self.signer = Signer(SECRET, "b")
+        self.seen: list[dict[str, str]] = []
+        self.next_chunk = asyncio.Event()
+        self.cut = asyncio.Event()  # set when its client went away mid-answer
+        self.url = ""
+        self.runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.seen.append(headers)
+        self.signer.verify(request.method, request.path_qs, body, headers, time.time())  # raises when forged
+        if request.path == "/json":
+            return web.json_response({"echo": body.decode()}, headers={SERVED_BY: "b", TOOK: "0.0"})
+        answer = web.StreamResponse(headers={"Content-Type": "text/event-stream", SERVED_BY: "b"})
+        await answer.prepare(request)
+        try:
+            for i in range(3):
+                await answer.write(f"data: {i}\n\n".encode())
+                await self.next_chunk.wait()
+                self.next_chunk.clear()
+            await answer.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.cut.set()
+            raise
+        return answer
+
+    async def start(self) -> Node:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+def dead_url() -> str:
+    """An address where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    n = await Node().start()
+    yield n
+    await n.stop()
+
+
+def entry(hop: Hop, targets: list[Target]) -> Starlette:
+    """The entry node's side: every request forwarded to ``targets``."""
+
+    async def forward(request: Request) -> Response:
+        body = await request.body()
+        return await hop.forward(
+            request.method,
+            request.url.path + "?" + request.url.query if request.url.query else request.url.path,
+            request.headers,
+            body,
+            CALLER,
+            targets,
+        )
+
+    return Starlette(routes=[Route("/{tail:path}", forward, methods=["GET", "POST"])])
+
+
+async def test_a_stream_passes_chunk_by_chunk_and_credentials_stay_home(node: Node) -> None:
+    outcomes: list[Outcome] = []
+    hop = Hop(Signer(SECRET, "a"), SystemClock(), on_forward=outcomes.append)
+    stream = await hop.forward(
+        "POST",
+        "/stream?x=1",
+        {"authorization": "Bearer secret", "x-api-key": "k", "accept": "text/event-stream", "origin": "http://a"},
+        b'{"model":"m"}',
+        CALLER,
+        [Target("b", node.url)],
+    )
+    assert stream.status_code == 200
+    assert stream.headers[SERVED_BY] == "b"
+    chunks = stream.body_iterator.__aiter__()
+    assert await asyncio.wait_for(chunks.__anext__(), 5) == b"data: 0\n\n"  # before the node sent the rest
+    node.next_chunk.set()
+    assert await asyncio.wait_for(chunks.__anext__(), 5) == b"data: 1\n\n"
+    node.next_chunk.set()
+    assert await asyncio.wait_for(chunks.__anext__(), 5) == b"data: 2\n\n"
+    node.next_chunk.set()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(chunks.__anext__(), 5)
+    await stream._on_close()
+    seen = node.seen[-1]
+    assert "authorization" not in seen and "x-api-key" not in seen
+    assert "origin" not in seen  # the entry node checked it; the serving node is another host
+    assert seen["accept"] == "text/event-stream"
+    assert seen["x-cluster-forward"] == "a"
+    assert [o.outcome for o in outcomes] == ["ok"] and outcomes[0].added is not None
+    await hop.close()
+
+
+async def test_through_an_asgi_entry_the_json_answer_and_status_pass(node: Node) -> None:
+    hop = Hop(Signer(SECRET, "a"), SystemClock())
+    app = entry(hop, [Target("b", node.url)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a") as client:
+        r = await client.post("/json?q=2", content=b"hello", headers={"authorization": "Bearer k"})
+    assert r.status_code == 200
+    assert r.json() == {"echo": "hello"}
+    assert r.headers[SERVED_BY] == "b"
+    assert TOOK not in r.headers
+    await hop.close()
+
+
+async def test_a_forged_forward_is_refused_by_the_other_node(node: Node) -> None:
+    hop = Hop(Signer("y" * 32, "a"), SystemClock())  # not the cluster's secret
+    stream = await hop.forward("POST", "/json", {}, b"x", CALLER, [Target("b", node.url)])
+    assert stream.status_code == 500  # the test node turns the Unauthorized into a 500; the app's is 401
+    await stream._on_close()
+    await hop.close()
+
+
+async def test_an_unreachable_node_is_skipped_for_the_next(node: Node) -> None:
+    outcomes: list[Outcome] = []
+    hop = Hop(Signer(SECRET, "a"), SystemClock(), on_forward=outcomes.append)
+    stream = await hop.forward("POST", "/json", {}, b"x", CALLER, [Target("dead", dead_url()), Target("b", node.url)])
+    assert stream.status_code == 200
+    await stream._on_close()
+    assert [(o.node, o.outcome) for o in outcomes] == [("dead", "unreachable"), ("b", "ok")]
+    await hop.close()
+
+
+async def test_no_node_reachable_is_a_503_with_retry_after_within_a_second() -> None:
+    hop = Hop(Signer(SECRET, "a"), SystemClock(), connect_timeout=0.5)
+    with socket.socket() as full, socket.socket() as filler:
+        # a listener whose accept queue is full drops new connections: the connect times out, as to a
+        # node whose host is gone, rather than being refused
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler.connect(full.getsockname())
+        targets = [Target("dead", dead_url()), Target("black-hole", f"http://127.0.0.1:{full.getsockname()[1]}")]
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as caught:
+            await hop.forward("POST", "/json", {}, b"x", CALLER, targets)
+    assert time.monotonic() - started < 1.5
+    assert caught.value.status == 503
+    assert "Retry-After" in caught.value.headers()
+    assert "dead, black-hole" in caught.value.message
+    await hop.close()
+
+
+async def test_the_client_going_away_closes_the_upstream(node: Node) -> None:
+    hop = Hop(Signer(SECRET, "a"), SystemClock())
+    stream = await hop.forward("POST", "/stream", {}, b"x", CALLER, [Target("b", node.url)])
+    chunks = stream.body_iterator.__aiter__()
+    assert await asyncio.wait_for(chunks.__anext__(), 5) == b"data: 0\n\n"
+    await stream._on_close()  # what ClosingStream runs when its client has gone
+    node.next_chunk.set()
+    await asyncio.wait_for(node.cut.wait(), 5)
+    await hop.close()
+
+
+def test_a_node_takes_forwards_addressed_to_its_advertised_name() -> None:
+    """A node on 0.0.0.0 advertised by its hostname: its forwards' Host is that name, which it must not
+    refuse as a DNS-rebinding name (RequestGuard); other names still are."""
+    cluster = ClusterSettings(redis_url="redis://r:6379/0", node="b", advertise="http://box-b:11434", secret=SECRET)
+    settings = Settings(
+        host="0.0.0.0",
+        port=11434,
+        cors_origins=(),
+        models_dir=Path("."),
+        configs_dir=Path("."),
+        api_tokens=None,
+        keep_alive=300,
+        load_timeout=5,
+        unload_grace=1,
+        max_loaded_models=None,
+        max_queue=1,
+        max_body_bytes=1,
+        log_level="info",
+        cluster=cluster,
+    )
+    policy = HostPolicy(settings)
+    policy.check_host("box-b:11434")
+    with pytest.raises(Forbidden):
+        policy.check_host("evil.example:11434")
+    with pytest.raises(Forbidden):
+        HostPolicy(dataclasses.replace(settings, cluster=None)).check_host("box-b:11434")
