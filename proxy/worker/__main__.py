@@ -76,6 +76,8 @@ def make_backend(spec: dict[str, Any]) -> Any:
     options = dict(spec.get("options", {}))
     if spec.get("cache_dir"):
         options.setdefault("cache_dir", spec["cache_dir"])
+    if spec.get("prompt_cache"):
+        options.setdefault("prompt_cache", spec["prompt_cache"])
     for key, value in (spec.get("limits") or {}).items():
         options.setdefault(key, value)
     return cls(spec["name"], spec["model_path"], options)
@@ -136,6 +138,12 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     state.ready = True
     say(json.dumps({"event": "ready", "pid": os.getpid()}))
     await serving
+    persist = getattr(backend, "persist", None)
+    if persist is not None:  # what the backend keeps across loads (llama.cpp's prompt cache), bounded in time
+        try:
+            persist()
+        except Exception:
+            log.exception("saving the backend's state at unload failed")
     backend.close()
     return 0
 
