@@ -92,10 +92,7 @@ class RamCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[int, Entry] = OrderedDict()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        self.nbytes = 0  # kept up to date, so that a report needs no lock
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -117,9 +114,11 @@ class RamCache:
         for key, old in list(self._entries.items()):
             if common_prefix(old.tokens, entry.tokens) >= len(old.tokens) - SLACK:
                 del self._entries[key]  # the new one extends it
+                self.nbytes -= old.nbytes
         self._entries[id(entry)] = entry
+        self.nbytes += entry.nbytes
         while self.nbytes > self.capacity:
-            self._entries.popitem(last=False)
+            self.nbytes -= self._entries.popitem(last=False)[1].nbytes
 
     def recent(self) -> list[Entry]:
         return list(reversed(self._entries.values()))
@@ -533,19 +532,18 @@ class PromptCache:
         )
 
     def report(self) -> dict[str, Any]:
-        with self._lock:
-            disk = self._disk
-            return {
-                "enabled": True,
-                "hits": self.stats.hits,
-                "misses": self.stats.misses,
-                "tokens_reused": self.stats.tokens_reused,
-                "restores_ram": self.stats.restores_ram,
-                "restores_disk": self.stats.restores_disk,
-                "entries_ram": len(self.ram),
-                "ram_bytes": self.ram.nbytes,
-                "ram_limit": self.ram.capacity,
-                "disk_bytes": disk.nbytes() if disk is not None else 0,
-                "disk_limit": self.settings.disk,
-                "bad_files": self.stats.bad_files + (disk.bad_files if disk is not None else 0),
-            }
+        """What /status and /metrics show; no lock (a request's restore may hold it for a while)."""
+        disk = self._disk
+        return {
+            "enabled": True,
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "tokens_reused": self.stats.tokens_reused,
+            "restores_ram": self.stats.restores_ram,
+            "restores_disk": self.stats.restores_disk,
+            "entries_ram": len(self.ram),
+            "ram_bytes": self.ram.nbytes,
+            "ram_limit": self.ram.capacity,
+            "disk_limit": self.settings.disk,
+            "bad_files": self.stats.bad_files + (disk.bad_files if disk is not None else 0),
+        }
