@@ -124,8 +124,9 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     server = uvicorn.Server(config)
     loaded = asyncio.wrap_future(loading)
     # uvicorn takes SIGTERM while it serves and raises it again once it has stopped: with the default handler
-    # that killed the process there, before the backend could save what it keeps across loads (persist below)
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: setattr(server, "should_exit", True))
+    # that kills the process there, before a backend that keeps something across loads saves it (persist below)
+    if getattr(backend, "persist", None) is not None:
+        signal.signal(signal.SIGTERM, lambda _sig, _frame: setattr(server, "should_exit", True))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     await asyncio.wait({loaded, serving}, return_when=asyncio.FIRST_COMPLETED)
     if not loaded.done():  # told to stop while loading: the load thread may be deep in C code
