@@ -49,7 +49,7 @@ def conversation(seed: int, turns: int = 6, words: int = 330) -> list[dict[str, 
     for t in range(turns):
         messages.append({"role": "user", "content": f"Conversation {seed}, note {t}: {_text(seed * 100 + t, words)}"})
         messages.append({"role": "assistant", "content": f"Noted {t}. {_text(seed * 100 + t + 50, words // 4)}"})
-    messages.append({"role": "user", "content": "Summarise the notes in one sentence."})
+    messages.append({"role": "user", "content": "Which word comes up most often in these notes? Answer in a sentence."})
     return messages
 
 
@@ -75,12 +75,14 @@ def ask(
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{model}: {chunk['error']}")
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content")
-                if piece:
+                if piece or choice.get("finish_reason"):  # the first token (or an answer that ends at once)
                     first = first if first is not None else time.perf_counter() - start
-                    text.append(piece)
+                    text.append(piece or "")
     if first is None:
         raise RuntimeError(f"no token from {model}")
     return first, "".join(text), usage

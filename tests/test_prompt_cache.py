@@ -91,8 +91,8 @@ def test_least_recently_read_files_go_first(tmp_path: Path) -> None:
         store.write(entry([n] * 50, 50_000, n))
     assert first.path is not None
     old = first.path.stat().st_mtime - 100
-    for path in tmp_path.glob("*.pcache"):
-        os.utime(path, (old - 50, old - 50))
+    for path in tmp_path.glob("*.pcache"):  # the first written is the oldest, until it is read
+        os.utime(path, (old - 50, old - 50) if path != first.path else (old - 100, old - 100))
     assert store.read(first.path) is not None  # a read makes it the most recently used
     pc.trim(tmp_path, 2 * 50_500)
     assert first.path.exists() and len(list(tmp_path.glob("*.pcache"))) == 2
@@ -268,3 +268,19 @@ def test_a_state_saved_with_another_context_size_is_a_miss(tmp_path: Path, cold:
     finally:
         other.close()
     assert sorted((tmp_path / "prompts").glob("*.pcache")) == files  # theirs, kept for them
+
+
+def test_the_weights_hash_is_worked_out_once_per_size_and_mtime(tmp_path: Path) -> None:
+    import hashlib
+
+    weights = tmp_path / "w.gguf"
+    weights.write_bytes(b"weights" * 1000)
+    cache = tmp_path / ".cache"
+    digest = pc.weights_sha256(str(weights), cache)
+    assert digest == hashlib.sha256(weights.read_bytes()).hexdigest()
+    st = weights.stat()
+    weights.write_bytes(b"WEIGHTS" * 1000)  # same size, mtime put back: the kept hash is used
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert pc.weights_sha256(str(weights), cache) == digest
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: hashed again
+    assert pc.weights_sha256(str(weights), cache) == hashlib.sha256(weights.read_bytes()).hexdigest()

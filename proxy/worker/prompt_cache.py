@@ -298,12 +298,14 @@ def trim(folder: Path, limit: int) -> None:
 
 
 def weights_sha256(model_path: str, cache_dir: Path | None) -> str:
-    """The weights' sha256: from the proxy's digests cache (``models/.cache/digests.json``) while the file's size
-    and mtime match it, else hashed here."""
+    """The weights' sha256: from the proxy's digests cache (``models/.cache/digests.json``) or this cache's own
+    (``prompts/weights.json``) while the file's size and mtime match, else hashed here (and kept in the latter)."""
     st = os.stat(model_path)
-    if cache_dir is not None:
+    key = str(Path(model_path).resolve())
+    files = [cache_dir / "digests.json", cache_dir / "prompts" / "weights.json"] if cache_dir is not None else []
+    for path in files:
         try:
-            known = json.loads((cache_dir / "digests.json").read_text()).get(str(Path(model_path).resolve()))
+            known = json.loads(path.read_text()).get(key)
         except (OSError, ValueError, AttributeError):
             known = None
         if (
@@ -317,6 +319,18 @@ def weights_sha256(model_path: str, cache_dir: Path | None) -> str:
     with open(model_path, "rb") as fh:
         while chunk := fh.read(4 * 1024 * 1024):
             digest.update(chunk)
+    if files:
+        own = files[1]
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            try:
+                data = json.loads(own.read_text())
+            except FileNotFoundError:
+                data = {}
+            data[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()}
+            own.parent.mkdir(parents=True, exist_ok=True)
+            tmp = own.with_name(f".weights.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, own)
     return digest.hexdigest()
 
 

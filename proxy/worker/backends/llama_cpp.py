@@ -76,6 +76,7 @@ class LlamaCppBackend:
         self._cache: prompt_cache.PromptCache | None = None
         self._cache_off = "off in the model's config" if self._cache_settings is None else ""
         self._key: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._key_waited = False
         self._llm: Any = None
         self._embedder: Any = None
         self._embed_lock = threading.Lock()  # creates the embedder once
@@ -140,9 +141,10 @@ class LlamaCppBackend:
         """The disk key, waited for (a bounded while) only when there are files it could find."""
         folder = self._cache_settings.folder if self._cache_settings is not None else None
         try:
-            if folder is None or not any(folder.glob(f"*{prompt_cache.SUFFIX}")):
-                if not self._key.done():
+            if not self._key.done():
+                if self._key_waited or folder is None or not any(folder.glob(f"*{prompt_cache.SUFFIX}")):
                     return None
+                self._key_waited = True  # once: a request does not wait for a long hash again
             return self._key.result(timeout=30)
         except Exception as exc:
             prompt_cache.log.warning("prompt cache: no disk key: %s", exc)
