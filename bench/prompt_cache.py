@@ -148,8 +148,9 @@ def interleaved(rounds: int) -> dict[str, Any]:
                     if r > 0:
                         turns.append(t)
                     conv += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"And {r}?"}]
-                fresh.append(ask(client, A, conversation(3000 + r))[0])  # a new conversation, same length
-                print(f"round {r}: turns {turns[-2:]}, new conversation {fresh[-1]:.2f}s", flush=True)
+                if r > 0:  # a new conversation of the same length: a whole prefill
+                    fresh.append(ask(client, A, conversation(3000 + r))[0])
+                    print(f"round {r}: turns {turns[-2:]}, new conversation {fresh[-1]:.2f}s", flush=True)
     finally:
         proxy.stop()
     return {"turn_ttft_s": median(turns), "new_ttft_s": median(fresh), "ratio": median(turns) / median(fresh)}
