@@ -87,7 +87,7 @@ def create_app(
     keyring = keys if keys is not None else KeyRing.load(settings.api_tokens, settings.jwt_secret)
     clock = clock or SystemClock()
     bus = EventBus()
-    metrics = Metrics(bus)
+    metrics = Metrics(bus, settings.models_dir / ".cache" / "prompts")
     logbook = LogBook(settings.log_dir, settings.log_file_bytes)
     spares = Spares() if settings.warm_spare and worker_factory is None else None
 

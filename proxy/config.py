@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,9 @@ class LimitsSection(_Strict):
     max_image_pixels: int = 4096 * 4096
     # a model's log file is rotated past this size (3 old files are kept)
     log_file_bytes: Size = "10MiB"
+    # llama.cpp prompt states saved at unload under models/.cache/prompts/, every model together (least
+    # recently used go first); none: 10 GiB, or a tenth of the disk models/ is on if that is less
+    prompt_cache_disk: Size | None = None
 
 
 class JobsSection(_Strict):
@@ -193,6 +197,12 @@ class MemorySection(_Strict):
     vram: Size | None = None
 
 
+class PromptCacheSection(_Strict):
+    # the prompt states a loaded model keeps in RAM (least recently used go first); none: 1 GiB, or a
+    # sixteenth of the box's RAM if that is less
+    ram: Size | None = None
+
+
 class ModelFile(_Strict):
     name: str
     aliases: list[str] = []
@@ -224,6 +234,8 @@ class ModelFile(_Strict):
     loading_feedback: bool = True
     # runner options an Ollama request's ``options`` may change by reloading the model (proxy.runtime_options)
     runtime_options: list[str] = []
+    # llama_cpp: the prompt cache (proxy/worker/prompt_cache.py); false: off
+    prompt_cache: bool | PromptCacheSection = True
 
 
 @dataclass(frozen=True)
@@ -278,6 +290,8 @@ class ModelConfig:
     loading_feedback: bool = True  # SSE comments while it loads (proxy.loading)
     runtime_options: tuple[str, ...] = ()  # what a request may reload it with (proxy.runtime_options)
     idle_timeout: float = 300.0  # limits.worker_idle_timeout (0: off)
+    # llama_cpp's prompt cache as its worker gets it (ram, disk, dir, save_seconds); None: off
+    prompt_cache: Mapping[str, Any] | None = None
 
     @property
     def facts(self) -> BackendInfo:
@@ -337,6 +351,7 @@ class Settings:
     max_connections: int = 1000  # open connections at most (proxy.connections); 0: no cap
     max_concurrent_per_key: int = 256  # requests in flight per key (waiting ones included); 0: no limit
     cluster: ClusterSettings | None = None  # cluster: in config.yml (proxy/cluster/); None: this host alone
+    prompt_cache_disk: int = 10 * 1024**3  # bytes of prompt states under models/.cache/prompts/, all models
 
 
 def _read_yaml(path: Path) -> Any:
@@ -408,6 +423,42 @@ def _size(value: Size | None, file: str, key: str) -> int | None:
         return parse_bytes(value)
     except ValueError as exc:
         raise ConfigError(file, key, str(exc)) from None
+
+
+def default_prompt_cache_ram() -> int:
+    """1 GiB, or a sixteenth of the box's RAM if that is less."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        total = 16 * 1024**3
+    return min(1024**3, total // 16)
+
+
+def default_prompt_cache_disk(models_dir: Path) -> int:
+    """10 GiB, or a tenth of the disk that holds models/ if that is less."""
+    where = models_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        total = shutil.disk_usage(where).total
+    except OSError:
+        total = 100 * 1024**3
+    return min(10 * 1024**3, total // 10)
+
+
+def _prompt_cache(raw: ModelFile, file: str, disk: int, unload_grace: float, models_dir: Path) -> dict[str, Any] | None:
+    """A llama_cpp model's prompt cache, as its worker's spec carries it (None: off)."""
+    if raw.backend != "llama_cpp" or raw.prompt_cache is False:
+        return None
+    ram = raw.prompt_cache.ram if isinstance(raw.prompt_cache, PromptCacheSection) else None
+    size = _size(ram, file, "prompt_cache.ram")
+    return {
+        "ram": default_prompt_cache_ram() if size is None else size,
+        "disk": disk,
+        "dir": str(models_dir / ".cache" / "prompts"),
+        # saving at unload may take half the grace a stop gives before SIGKILL
+        "save_seconds": unload_grace / 2,
+    }
 
 
 def _memory(raw: MemoryLimitsSection, file: str) -> MemoryLimits:
@@ -527,6 +578,9 @@ def _model(
         replicas=_positive(raw.replicas, file, "replicas"),
         loading_feedback=raw.loading_feedback,
         runtime_options=tuple(dict.fromkeys(raw.runtime_options)),
+        prompt_cache=_prompt_cache(
+            raw, file, int(settings_defaults.get("prompt_cache_disk", 0)), settings_defaults["unload_grace"], models_dir
+        ),
     )
 
 
@@ -554,6 +608,8 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
             raise ConfigError(file, f"defaults.{key}", "must be a positive duration")
     models_dir = rel(raw.models_dir)
     configs_dir = rel(raw.configs_dir)
+    disk = _size(raw.limits.prompt_cache_disk, file, "limits.prompt_cache_disk")
+    defaults["prompt_cache_disk"] = default_prompt_cache_disk(models_dir) if disk is None else disk
     if not (raw.limits.max_audio_seconds > 0 and math.isfinite(raw.limits.max_audio_seconds)):
         raise ConfigError(file, "limits.max_audio_seconds", "must be a positive number of seconds")
     worker_limits = {
@@ -633,6 +689,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
             else _at_least_zero(raw.limits.max_concurrent_per_key, file, "limits.max_concurrent_per_key")
         ),
         cluster=cluster_settings(raw.cluster, file, host, int(port)) if raw.cluster is not None else None,
+        prompt_cache_disk=int(defaults["prompt_cache_disk"] or 0),
     )
 
 
@@ -642,6 +699,7 @@ def model_from_options(settings: Settings, name: str, backend: Backend, model: d
     defaults = {
         "load_timeout": settings.load_timeout,
         "unload_grace": settings.unload_grace,
+        "prompt_cache_disk": settings.prompt_cache_disk,
     }
     limits = {"max_audio_seconds": settings.max_audio_seconds, "max_image_pixels": float(settings.max_image_pixels)}
     raw = ModelFile(name=name, backend=backend, model=model)

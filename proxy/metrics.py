@@ -9,10 +9,13 @@ No HTTP here; ``proxy.api.ops`` serves ``render()``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -39,6 +42,11 @@ NAMES = (
     "proxy_time_to_first_token_seconds",
     "proxy_generated_tokens_total",
     "proxy_queue_waiting",
+    "proxy_prompt_cache_hits_total",
+    "proxy_prompt_cache_misses_total",
+    "proxy_prompt_cache_reused_tokens_total",
+    "proxy_prompt_cache_ram_bytes",
+    "proxy_prompt_cache_disk_bytes",
 )
 
 
@@ -67,10 +75,52 @@ class _Gauges(Collector):
         yield from (loaded, state, memory, waiting)
 
 
+class _PromptCache(Collector):
+    """llama.cpp's prompt cache: each loaded worker's own counts (``prompt_cache`` in its /health, asked at
+    each scrape; they start over with each load) and the bytes of saved states on disk, every model together."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.reports: dict[str, dict[str, Any]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=["model"])
+
+        hits = counter("proxy_prompt_cache_hits_total", "Requests that reused some of their prompt, since the load")
+        misses = counter("proxy_prompt_cache_misses_total", "Requests that reused none of their prompt, since the load")
+        reused = counter("proxy_prompt_cache_reused_tokens_total", "Prompt tokens not evaluated again, since the load")
+        ram = GaugeMetricFamily("proxy_prompt_cache_ram_bytes", "Prompt states kept in RAM", labels=["model"])
+        for model, report in self.reports.items():
+            cache = report.get("prompt_cache")
+            if not isinstance(cache, dict) or not cache.get("enabled"):
+                continue
+            hits.add_metric([model], float(cache.get("hits") or 0))
+            misses.add_metric([model], float(cache.get("misses") or 0))
+            reused.add_metric([model], float(cache.get("tokens_reused") or 0))
+            ram.add_metric([model], float(cache.get("ram_bytes") or 0))
+        disk = GaugeMetricFamily("proxy_prompt_cache_disk_bytes", "Prompt states saved on disk, every model together")
+        disk.add_metric([], float(prompt_cache_bytes(self.folder)))
+        yield from (hits, misses, reused, ram, disk)
+
+
+def prompt_cache_bytes(folder: Path | None) -> int:
+    """The bytes of the saved prompt states (``*.pcache``) in ``folder``."""
+    total = 0
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            for path in folder.glob("*.pcache"):
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size
+    return total
+
+
 class Metrics:
-    def __init__(self, bus: EventBus) -> None:
+    def __init__(self, bus: EventBus, prompt_cache: Path | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._prompt_cache = _PromptCache(prompt_cache)
+        r.register(self._prompt_cache)
         self.loads = Counter("proxy_model_loads_total", "Model loads that succeeded", ["model"], registry=r)
         self.load_seconds = Histogram(
             "proxy_model_load_seconds", "Time a model took to load", ["model"], buckets=LOAD_BUCKETS, registry=r
@@ -115,6 +165,10 @@ class Metrics:
             self.registry.unregister(self._gauges)
         self._gauges = _Gauges(status)
         self.registry.register(self._gauges)
+
+    def observe_workers(self, reports: dict[str, dict[str, Any]]) -> None:
+        """The loaded workers' own reports (``ModelManager.worker_reports``), read before a scrape."""
+        self._prompt_cache.reports = reports
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, RequestEnded):

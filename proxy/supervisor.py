@@ -118,6 +118,7 @@ class Worker:
             "parallel": cfg.parallel,
             "cache_dir": str(cfg.cache_dir) if cfg.cache_dir else None,
             "limits": dict(cfg.worker_limits),
+            "prompt_cache": dict(cfg.prompt_cache) if cfg.prompt_cache is not None else None,
         }
 
     def _env(self) -> dict[str, str]:

@@ -39,6 +39,7 @@ DEFAULT_LINES = 100
 
 async def metrics(request: Request) -> Response:
     svc = services(request)
+    svc.metrics.observe_workers(await svc.manager.worker_reports())  # the prompt cache's counts
     if not svc.settings.metrics_public:
         # every model's figures: a key scoped to some models may not see them (403)
         request.state.principal = svc.keys.authenticate(key_from_headers(request.headers), Role.USER)

@@ -189,7 +189,10 @@ class StreamTranslator:
         """One OpenAI chunk; returns the Ollama object to send, or None."""
         usage = chunk.get("usage")
         if usage:
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            # Ollama counts the prompt tokens it evaluated: those reused from the prompt cache are not
+            details = usage.get("prompt_tokens_details")
+            cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+            self.prompt_tokens = max(0, int(usage.get("prompt_tokens") or 0) - cached)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
         choices = chunk.get("choices") or []
         if not choices:

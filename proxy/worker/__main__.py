@@ -76,6 +76,8 @@ def make_backend(spec: dict[str, Any]) -> Any:
     options = dict(spec.get("options", {}))
     if spec.get("cache_dir"):
         options.setdefault("cache_dir", spec["cache_dir"])
+    if spec.get("prompt_cache"):
+        options.setdefault("prompt_cache", spec["prompt_cache"])
     for key, value in (spec.get("limits") or {}).items():
         options.setdefault(key, value)
     return cls(spec["name"], spec["model_path"], options)
@@ -121,6 +123,10 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     loaded = asyncio.wrap_future(loading)
+    # uvicorn takes SIGTERM while it serves and raises it again once it has stopped: with the default handler
+    # that kills the process there, before a backend that keeps something across loads saves it (persist below)
+    if getattr(backend, "persist", None) is not None:
+        signal.signal(signal.SIGTERM, lambda _sig, _frame: setattr(server, "should_exit", True))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     await asyncio.wait({loaded, serving}, return_when=asyncio.FIRST_COMPLETED)
     if not loaded.done():  # told to stop while loading: the load thread may be deep in C code
@@ -136,6 +142,12 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     state.ready = True
     say(json.dumps({"event": "ready", "pid": os.getpid()}))
     await serving
+    persist = getattr(backend, "persist", None)
+    if persist is not None:  # what the backend keeps across loads (llama.cpp's prompt cache), bounded in time
+        try:
+            persist()
+        except Exception:
+            log.exception("saving the backend's state at unload failed")
     backend.close()
     return 0
 

@@ -13,15 +13,18 @@ however the server schedules its threads and however a cancelled consumer behave
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import inspect
 import math
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from proxy.wire import TokenCount, TokenizeRequest
+from proxy.worker import prompt_cache
 from proxy.worker.backends.base import Cancelled, ContextExceeded, InvalidRequest, NotSupported
 
 
@@ -67,10 +70,20 @@ class LlamaCppBackend:
         self.name = name
         self.model_path = model_path
         # the rest is for Llama(); the limits on decoded input are not for this backend
-        self.options = {k: v for k, v in options.items() if k not in ("cache_dir", "mmproj", "chat_handler", *_LIMITS)}
+        self.options = {
+            k: v
+            for k, v in options.items()
+            if k not in ("cache_dir", "mmproj", "chat_handler", "prompt_cache", *_LIMITS)
+        }
         # a vision model: its image projector and the llama_chat_format class that loads it
         self.mmproj: str | None = options.get("mmproj")
         self.chat_handler: str = options.get("chat_handler") or "MTMDChatHandler"
+        self._cache_dir = Path(options["cache_dir"]) if options.get("cache_dir") else None
+        self._cache_settings = prompt_cache.Settings.of(options.get("prompt_cache"))
+        self._cache: prompt_cache.PromptCache | None = None
+        self._cache_off = "off in the model's config" if self._cache_settings is None else ""
+        self._key: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._key_waited = False
         self._llm: Any = None
         self._embedder: Any = None
         self._embed_lock = threading.Lock()  # creates the embedder once
@@ -119,7 +132,64 @@ class LlamaCppBackend:
         self._chat_params = frozenset(inspect.signature(self._llm.create_chat_completion).parameters)
         self._completion_params = frozenset(inspect.signature(self._llm.create_completion).parameters)
         self._formatter = self._chat_formatter()
+        self._start_cache()
         self._loaded = True
+
+    def _start_cache(self) -> None:
+        """The prompt cache, unless the config turns it off or this model's states do not survive a round
+        trip; the disk key (the weights' sha256 first) is worked out in a thread."""
+        import llama_cpp
+
+        settings, llm = self._cache_settings, self._llm
+        if settings is None:
+            return
+        if self.mmproj:
+            self._cache_off = "a vision model: its images are evaluated by the handler, not kept as tokens"
+            return
+        if llama_cpp.llama_model_is_recurrent(llm.model) or llama_cpp.llama_model_is_hybrid(llm.model):
+            self._cache_off = "a recurrent model: its state cannot be cut back to a prefix"
+            return
+        if llama_cpp.llama_model_n_swa(llm.model) > 0 and not self.options.get("swa_full"):
+            self._cache_off = "sliding-window attention without swa_full: a kept state cannot be cut back to a prefix"
+            return
+        self._cache = prompt_cache.PromptCache(llm, settings, self._disk_key)
+        threading.Thread(target=self._work_out_key, name="prompt-cache-key", daemon=True).start()
+
+    def _work_out_key(self) -> None:
+        import llama_cpp
+
+        try:
+            sha = prompt_cache.weights_sha256(self.model_path, self._cache_dir)
+            build = f"llama-cpp-python {llama_cpp.__version__}; {llama_cpp.llama_print_system_info().decode()}"
+            device = _device(self.options.get("n_gpu_layers"))
+            options = {**self.options, "device": device}
+            self._key.set_result(prompt_cache.cache_key(sha, options, int(self._llm.n_ctx()), build))
+        except BaseException as exc:  # no disk tier then; RAM still works
+            self._key.set_exception(exc)
+
+    def _disk_key(self) -> str | None:
+        """The disk key, waited for (a bounded while) only when there are files it could find."""
+        folder = self._cache_settings.folder if self._cache_settings is not None else None
+        try:
+            if not self._key.done():
+                if self._key_waited or folder is None or not any(folder.glob(f"*{prompt_cache.SUFFIX}")):
+                    return None
+                self._key_waited = True  # once: a request does not wait for a long hash again
+            return self._key.result(timeout=30)
+        except Exception as exc:
+            prompt_cache.log.warning("prompt cache: no disk key: %s", exc)
+            return None
+
+    def persist(self) -> None:
+        """At unload: the kept states to disk (bounded in time: the prompt cache's ``save_seconds``)."""
+        if self._cache is None or self._cache_settings is None:
+            return
+        try:
+            self._key.result(timeout=self._cache_settings.save_seconds / 2)
+        except Exception as exc:  # no key (yet): nothing to file the states under
+            prompt_cache.log.warning("prompt cache: not saved: no disk key (%s)", exc or "the weights' hash is late")
+            return
+        self._cache.persist(self._context)
 
     def _chat_formatter(self) -> Any:
         """The GGUF's chat template as llama-cpp-python builds it (``Llama.__init__``), when the model uses
@@ -152,6 +222,8 @@ class LlamaCppBackend:
             info["vision"] = True
         if self._loaded:
             info["n_ctx"] = self._llm.n_ctx()  # the context llama.cpp made (n_ctx rounded up to 256)
+            cache, off = self._cache, {"enabled": False, "reason": self._cache_off}
+            info["prompt_cache"] = cache.report() if cache is not None else off
         return info
 
     def close(self) -> None:
@@ -183,7 +255,7 @@ class LlamaCppBackend:
     ) -> Any:
         self._context.acquire()
         # a vision handler evaluates the whole prompt itself, the images included (no prefix reused)
-        meter = _PromptMeter(self._llm, None if stream else cancel, fresh=self.mmproj is not None)
+        meter = _PromptMeter(self._llm, None if stream else cancel, self._cache, fresh=self.mmproj is not None)
         try:
             meter.attach()
             result = fn(**kwargs)
@@ -353,9 +425,16 @@ class _PromptMeter:
     whose exceptions are swallowed; stopping_criteria exists for completions only). The state left behind
     is the one a closed stream leaves: the tokens evaluated so far, reused as a prefix."""
 
-    def __init__(self, llm: Any, cancel: threading.Event | None, fresh: bool = False) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        cancel: threading.Event | None,
+        cache: prompt_cache.PromptCache | None = None,
+        fresh: bool = False,
+    ) -> None:
         self.llm = llm
         self.cancel = cancel
+        self.cache = cache
         self.fresh = fresh  # the prompt was evaluated from an empty context (a vision chat): nothing cached
         self.prompt_tokens = 0
         self.cached_tokens = 0
@@ -368,15 +447,22 @@ class _PromptMeter:
             tokens = list(tokens)
             self.prompt_tokens = len(tokens)
             self._evaluated = False
+            if self.cache is not None and kwargs.get("reset", True):
+                self.cache.prepare(tokens)  # the kept state with the longest prefix, when it beats the context's
             return cls.generate(llm, tokens, *args, **kwargs)
 
         def evaluate(tokens: Any) -> None:
             if not self._evaluated:
                 self._evaluated = True
                 self.cached_tokens = 0 if self.fresh else int(llm.n_tokens)
+                if self.cache is not None:
+                    self.cache.note(self.prompt_tokens, min(self.cached_tokens, self.prompt_tokens))
             if self.cancel is not None and self.cancel.is_set():
                 raise Cancelled("the client went away")
+            n_past = int(llm.n_tokens)
             cls.eval(llm, tokens)
+            if self.cache is not None:
+                self.cache.evaluated(n_past, len(tokens))
 
         llm.generate = generate
         llm.eval = evaluate
