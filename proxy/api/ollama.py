@@ -19,6 +19,7 @@ from proxy import __version__, largejson
 from proxy import runtime_options as ropts
 from proxy.api.common import caller, guarded, json_bytes, limits, model_for, read_json, services
 from proxy.api.errors import is_admin
+from proxy.api.media import fetcher, inline_images
 from proxy.auth import Role
 from proxy.catalog import entry, tag_name
 from proxy.config import ModelConfig
@@ -97,6 +98,7 @@ async def chat(request: Request) -> Response:
         return await _load_or_unload(request, cfg, keep_alive, False, runner)
     openai = dialect.chat_request(body, cfg.name)
     check_chat(openai, cfg, limits(request), "ollama")
+    await inline_images(openai, fetcher(request))  # each image labelled by its bytes
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, "/v1/chat/completions", openai, stream, keep_alive, False, runner)
 
@@ -111,6 +113,7 @@ async def generate(request: Request) -> Response:
         return await _load_or_unload(request, cfg, keep_alive, True, runner)
     path, openai = dialect.generate_request(body, cfg.name)
     check_chat(openai, cfg, limits(request), "ollama", completion="messages" not in openai)
+    await inline_images(openai, fetcher(request))
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, path, openai, stream, keep_alive, True, runner)
 

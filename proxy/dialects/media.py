@@ -106,3 +106,12 @@ def image_parts(request: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]
 
 def scheme_of(url: str) -> str:
     return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
+def typed_data_url(url: str, where: str) -> str:
+    """A base64 image data URL labelled with the type its bytes show (BadRequest: not base64, not an image)."""
+    header, sep, data = url.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise BadRequest(f"'{where}' must be a base64 data URL (data:image/png;base64,...)", param=where)
+    media = typed_base64(data, "image", where)
+    return f"data:{media};base64,{data}"
