@@ -26,6 +26,7 @@ from proxy.api import (
     openapi,
     ops,
     responses,
+    service,
     speech,
     transcription,
     ui,
@@ -57,6 +58,7 @@ ROUTE_MODULES = [
     openai,
     anthropic,
     responses,
+    service,  # /api/v1/run: before Ollama's /api/* routes
     ollama,
     ollama_models,
     admin,
