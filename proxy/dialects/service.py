@@ -38,10 +38,10 @@ PRODUCT_SYSTEM = (
 PRODUCT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "title": {"type": "string", "maxLength": 100},
-        "description": {"type": "string", "maxLength": 400},
-        "keywords": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 8},
-        "categories": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 4},
+        "title": {"type": "string", "maxLength": 80},
+        "description": {"type": "string", "maxLength": 300},
+        "keywords": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 6},
+        "categories": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
     },
     "required": ["title", "description", "keywords", "categories"],
     "additionalProperties": False,
