@@ -45,6 +45,36 @@ class ModelFileOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
         return self
 
 
+class PackageFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A file inside an installed package's folder (as ``model.package`` + ``model.file``)."""
+
+    package: str
+    file: str
+
+
+class OptionFileError(Exception):
+    """A file a ``model:`` option names cannot be found: the option's key and why."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def in_package(package: str, file: str, key: str) -> Path:
+    """``file`` in an installed package's folder (the first of its locations that has it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise OptionFileError(key, f"package '{package}' is not installed")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / file
+        if candidate.exists():
+            return candidate
+    raise OptionFileError(key, f"'{file}' not found in package '{package}'")
+
+
 class LlamaCppOptions(ModelFileOptions):
     """``model:`` of a llama_cpp model; anything beyond the file goes to ``llama_cpp.Llama``."""
 
@@ -55,6 +85,24 @@ class LlamaCppOptions(ModelFileOptions):
     chat_format: str | None = None
     seed: int | None = None
     flash_attn: bool = False
+    # a vision model's image projector (llama.cpp's ``mmproj`` GGUF): under models/, absolute, or
+    # {package, file}; resolved to an absolute path at config load
+    mmproj: str | PackageFile | None = None
+    # the llama_cpp.llama_chat_format class that reads images with it (default MTMDChatHandler)
+    chat_handler: str | None = None
+
+    def with_paths(self, model_path: Path, models_dir: Path) -> Self:
+        if self.mmproj is None:
+            if self.chat_handler is not None:
+                raise OptionFileError("chat_handler", "needs model.mmproj (the image projector it loads)")
+            return self
+        if isinstance(self.mmproj, PackageFile):
+            path = in_package(self.mmproj.package, self.mmproj.file, "mmproj")
+        else:
+            path = under(models_dir, self.mmproj)
+            if not path.is_file():
+                raise OptionFileError("mmproj", f"no such file: {path}")
+        return msgspec.structs.replace(self, mmproj=str(path))
 
 
 class WhisperOptions(ModelFileOptions):

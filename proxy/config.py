@@ -25,7 +25,9 @@ from proxy.backends import (
     BackendInfo,
     Capability,
     Kind,
+    LlamaCppOptions,
     ModelFileOptions,
+    OptionFileError,
     under,
 )
 from proxy.errors import BadRequest, ConfigError
@@ -480,7 +482,10 @@ def _model(
     if facts.options is not None:
         opts = _convert(raw.model, facts.options, file, "model.")
         model_path = resolve_model_file(opts, models_dir, file)
-        opts = opts.with_paths(model_path, models_dir)
+        try:
+            opts = opts.with_paths(model_path, models_dir)
+        except OptionFileError as exc:
+            raise ConfigError(file, f"model.{exc.key}", exc.message) from None
         options = {k: v for k, v in msgspec.structs.asdict(opts).items() if k not in ("path", "package", "file")}
     if facts.entry is None:  # a server of its own
         if (raw.cmd is None) == (raw.url is None):
@@ -536,7 +541,7 @@ def _model(
         unload_grace=settings_defaults["unload_grace"],
         idle_timeout=settings_defaults.get("idle_timeout") or 0.0,
         capabilities=capabilities,
-        vision=raw.vision,
+        vision=raw.vision or (isinstance(opts, LlamaCppOptions) and opts.mmproj is not None),
         details=raw.details,
         kind=kind,
         cache_dir=models_dir / ".cache",

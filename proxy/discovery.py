@@ -1,7 +1,8 @@
 """Model discovery: weights dropped into ``models/`` with no YAML become models with defaults.
 
 - ``*.gguf`` -> ``llama_cpp``, named from the file with ``:latest`` (split parts after the first and
-  ``mmproj-*`` projectors are not models of their own)
+  ``mmproj-*`` projectors are not models of their own); an ``mmproj-X*.gguf`` beside ``X.gguf`` is its image
+  projector (``model.mmproj``): a vision model
 - a diffusers folder (``model_index.json``) -> ``diffusers``; a single ``.safetensors`` / ``.ckpt`` with
   exactly one diffusers folder beside it (its configs) -> ``diffusers``
 - a Piper ``.onnx`` with its ``.onnx.json`` -> ``piper``
@@ -77,6 +78,17 @@ def _name(stem: str) -> str:
     return stem.lower().replace(" ", "-")
 
 
+def _projector(entries: list[Path], stem: str) -> Path | None:
+    """The image projector beside a GGUF: ``mmproj-<stem>*.gguf`` (the first by name when there are several,
+    as ``-f16`` beside ``-q8_0``), which makes it a vision model."""
+    prefix = f"mmproj-{stem}".lower()
+    for entry in entries:
+        name = entry.name.lower()
+        if name.startswith(prefix) and name.endswith(".gguf") and entry.is_file() and _readable(entry, b"GGUF"):
+            return entry
+    return None
+
+
 def _in_folder(folder: Path) -> Iterable[Found]:
     try:
         entries = sorted(folder.iterdir())
@@ -97,7 +109,9 @@ def _in_folder(folder: Path) -> Iterable[Found]:
             if split:
                 stem = stem[: split.start()]
             if _readable(entry, b"GGUF"):
-                yield Found(f"{_name(stem)}:latest", "llama_cpp", entry, {})
+                projector = _projector(entries, stem)
+                options = {"mmproj": str(projector)} if projector is not None else {}
+                yield Found(f"{_name(stem)}:latest", "llama_cpp", entry, options)
         elif suffix == ".onnx":
             if not entry.with_name(entry.name + ".json").is_file():
                 log.warning("discovery: skipping %s: a Piper voice needs its %s.json beside it", entry, entry.name)

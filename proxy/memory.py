@@ -61,6 +61,9 @@ FILE_FACTOR: dict[str, float] = {
     "whisper": 1.29,
     "xtts": 3.26,
 }
+# llama.cpp: a vision model's image encoder (mmproj) beyond its file: an allowance for its compute buffers
+# (not measured on a real projector here; a model's measured peak replaces the estimate after its first load)
+PROJECTOR_COMPUTE = 128 * MiB
 # llama.cpp: bytes per element of the KV cache by ggml type id (f32 0, f16 1, q4_0 2, q8_0 8, ...)
 _KV_TYPE_BYTES = {0: 4.0, 1: 2.0, 30: 2.0, 2: 18 / 32, 3: 20 / 32, 6: 22 / 32, 7: 24 / 32, 8: 34 / 32}
 # diffusers: activations per output pixel at float32 (UNet, then the VAE decode), halved at 16-bit.
@@ -140,6 +143,17 @@ def _package_data(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
+def projector_need(options: Mapping[str, Any], gpu: bool) -> Need:
+    """A vision model's image projector (``mmproj``): its file's size plus ``PROJECTOR_COMPUTE`` for the
+    image encoder's buffers, on the GPU when llama.cpp puts the model's layers there."""
+    mmproj = options.get("mmproj")
+    if not mmproj:
+        return Need()
+    size = _files_size([Path(str(mmproj))]) + PROJECTOR_COMPUTE
+    on_gpu = gpu and int(options.get("n_gpu_layers", -1) if options.get("n_gpu_layers") is not None else -1) != 0
+    return Need(ram=0, vram=size) if on_gpu else Need(ram=size)
+
+
 def estimate_llama_cpp(facts: Mapping[str, Any], options: Mapping[str, Any], gpu: bool, parallel: int = 1) -> Need:
     """From a GGUF's facts (``proxy.worker.gguf_meta``) and the model's options.
 
@@ -180,6 +194,8 @@ def estimate_llama_cpp(facts: Mapping[str, Any], options: Mapping[str, Any], gpu
         ram += 4 * n_batch * n_embd  # the host's share: the input batch and its embeddings
     else:
         ram += compute
+    projector = projector_need(options, gpu)  # a vision model's mmproj
+    ram, vram = ram + projector.ram, vram + projector.vram
     return Need(ram=int(ram) + PROCESS_BASE["llama_cpp"], vram=int(vram), source="estimate")
 
 
@@ -236,6 +252,8 @@ def model_files(backend: str, model_path: Path | None, options: Mapping[str, Any
     if model_path is None:
         return []
     files = [model_path]
+    if backend == "llama_cpp" and options.get("mmproj"):
+        files.append(Path(str(options["mmproj"])))
     if backend == "whisper":
         for package in options.get("part_packages") or ():
             data = _package_data(str(package))

@@ -10,13 +10,30 @@ from typing import Any
 import openai
 import pytest
 
-from tests.harness import REPO, LiveProxy, gone, smollm2_config, wait_until
+from tests.harness import REPO, LiveProxy, gone, smollm2_config, vision_config, vision_mmproj, wait_until
 
 
 @pytest.fixture(scope="session")
 def smollm2_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProxy]:
     """One live proxy for the whole session serving the real SmolLM2 worker (loaded on demand)."""
     proxy = LiveProxy(tmp_path_factory.mktemp("smollm2"), [smollm2_config()]).start()
+    yield proxy
+    pids = [p.pid for p in proxy.workers()]
+    proxy.stop()
+    wait_until(lambda: gone(pids), timeout=15)
+
+
+@pytest.fixture(scope="session")
+def vision_model() -> dict[str, Any]:
+    """The config of the tests' vision model: SmolLM2 with a random-weight projector (scripts/make_vision_model.py,
+    built once, cached under models/.cache/vision/); add it to a LiveProxy's models."""
+    return vision_config(vision_mmproj())
+
+
+@pytest.fixture(scope="session")
+def vision_proxy(tmp_path_factory: pytest.TempPathFactory, vision_model: dict[str, Any]) -> Iterator[LiveProxy]:
+    """One live proxy for the session serving the vision model (``smolvlm-test``) and plain SmolLM2."""
+    proxy = LiveProxy(tmp_path_factory.mktemp("vision"), [vision_model, smollm2_config()]).start()
     yield proxy
     pids = [p.pid for p in proxy.workers()]
     proxy.stop()

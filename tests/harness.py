@@ -54,6 +54,30 @@ def smollm2_config(**extra: Any) -> dict[str, Any]:
     return cfg
 
 
+def vision_mmproj() -> Path:
+    """The tests' vision projector for SmolLM2 (``scripts/make_vision_model.py``: random weights, built
+    once and cached under models/.cache/vision/)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_vision_model.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def vision_config(mmproj: Path, **extra: Any) -> dict[str, Any]:
+    """SmolLM2 with the tests' projector: a vision model whose words are noise but whose answers depend on
+    the image (greedy decoding: ``temperature: 0``)."""
+    cfg = smollm2_config(name="smolvlm-test", aliases=[], **extra)
+    cfg["model"]["mmproj"] = str(mmproj)
+    cfg.pop("runtime_options", None)
+    cfg["details"] = {"family": "llama", "parameter_size": "135M"}
+    return cfg
+
+
 def fake_config(name: str, *flags: str, **extra: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "name": name,

@@ -73,6 +73,18 @@ def test_the_shipped_configuration_loads() -> None:
             "a.yaml",
             "model.package",
         ),
+        (
+            {},
+            {"a.yaml": {"name": "m", "backend": "llama_cpp", "model": {"path": "x", "mmproj": "no-such.gguf"}}},
+            "a.yaml",
+            "model.mmproj",
+        ),
+        (
+            {},
+            {"a.yaml": {"name": "m", "backend": "llama_cpp", "model": {"path": "x", "chat_handler": "Llava15"}}},
+            "a.yaml",
+            "model.chat_handler",  # a handler with no projector to load
+        ),
         ({}, {"a.yaml": {"name": "m", "backend": "external"}}, "a.yaml", "cmd"),
         ({}, {"a.yaml": {"name": "m", "backend": "vllm"}}, "a.yaml", "backend"),
         ({}, {"a.yaml": GOOD, "b.yaml": GOOD}, "b.yaml", "name"),
@@ -153,3 +165,27 @@ def test_connection_and_per_key_limits_are_read(tmp_path: Path) -> None:
     config = {"server": {"header_timeout": "0", "max_connections": 0}, "limits": {"max_concurrent_per_key": 3}}
     settings = load_settings(write(tmp_path, config, {}))
     assert (settings.header_timeout, settings.max_connections, settings.max_concurrent_per_key) == (0, 0, 3)
+
+
+def test_a_models_mmproj_is_found_under_models_absolute_or_in_a_package(tmp_path: Path) -> None:
+    """``model.mmproj`` as ``model:`` names its file: under models/, absolute, or {package, file}; a model
+    with one is a vision model."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "mmproj-a.gguf").write_bytes(b"GGUF")
+    (tmp_path / "mmproj-b.gguf").write_bytes(b"GGUF")
+    path = write(
+        tmp_path,
+        {},
+        {
+            "a.yaml": {"name": "a", "model": {"path": "a.gguf", "mmproj": "mmproj-a.gguf"}},
+            "b.yaml": {"name": "b", "model": {"path": "b.gguf", "mmproj": str(tmp_path / "mmproj-b.gguf")}},
+            "c.yaml": {"name": "c", "model": {"path": "c.gguf", "mmproj": {"package": "proxy", "file": "wire.py"}}},
+            "d.yaml": {"name": "d", "model": {"path": "d.gguf"}},
+        },
+    )
+    a, b, c, d = sorted(load_settings(path).models, key=lambda m: m.name)
+    assert a.options["mmproj"] == str(models / "mmproj-a.gguf") and a.vision
+    assert b.options["mmproj"] == str(tmp_path / "mmproj-b.gguf") and b.vision
+    assert c.options["mmproj"] == str(REPO / "proxy" / "wire.py") and c.vision
+    assert d.options["mmproj"] is None and not d.vision

@@ -344,9 +344,14 @@ def test_the_gate_checks_messages_or_a_prompt_and_the_sampling_fields() -> None:
     gate.check_chat(request, model(), LIMITS, completion=True)
     assert request["prompt"] == "hi"
     assert refused({"messages": MSG, "temperature": "hot"}).param == "temperature"
-    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    png = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGNgYGAAAAAEAAH2FzhVAAAAAElFTk"
+    png += "SuQmCC"  # a 1x1 PNG
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}]}]
     assert isinstance(refused({"messages": image}, "anthropic"), UnsupportedInput)
     gate.check_chat({"messages": image}, model(vision=True), LIMITS, "anthropic")
+    image[0]["content"][0]["image_url"]["url"] = "x"  # type: ignore[index]
+    with pytest.raises(BadRequest, match="a data: URL or an http"):  # its images are checked (test_dialect_vision)
+        gate.check_chat({"messages": image}, model(vision=True), LIMITS, "anthropic")
 
 
 def test_embeddings_are_bounded_in_count_and_estimated_tokens() -> None:

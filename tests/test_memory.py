@@ -18,7 +18,16 @@ from proxy.clock import ManualClock
 from proxy.config import MemoryLimits, ModelConfig
 from proxy.errors import InsufficientMemory, ModelLoadFailed
 from proxy.manager import ModelManager
-from proxy.memory import GiB, MemoryStore, MiB, Need, estimate_llama_cpp, parse_bytes
+from proxy.memory import (
+    PROJECTOR_COMPUTE,
+    GiB,
+    MemoryStore,
+    MiB,
+    Need,
+    estimate_llama_cpp,
+    model_files,
+    parse_bytes,
+)
 from proxy.nvml import GpuMemory, Nvml
 from proxy.policy import Candidate, Deficit, choose_victims
 from proxy.runtime import WorkerFactory
@@ -123,6 +132,20 @@ def test_llama_cpp_estimate_matches_what_llama_cpp_allocates() -> None:
     assert gpu.vram > half.vram > 0 and half.ram > gpu.ram
     small_ctx = estimate_llama_cpp(FACTS, {"n_ctx": 1024}, gpu=False)
     assert cpu.ram - small_ctx.ram > 60 * MiB  # the KV cache shrinks with n_ctx
+
+
+def test_a_vision_models_estimate_counts_its_projector(tmp_path: Path) -> None:
+    mmproj = tmp_path / "mmproj.gguf"
+    mmproj.write_bytes(b"\0" * 3 * MiB)
+    plain = {"n_ctx": 4096, "n_gpu_layers": -1}
+    vision = {**plain, "mmproj": str(mmproj)}
+    assert estimate_llama_cpp(FACTS, vision, gpu=False).ram - estimate_llama_cpp(FACTS, plain, gpu=False).ram == (
+        3 * MiB + PROJECTOR_COMPUTE
+    )
+    on_gpu, text_on_gpu = estimate_llama_cpp(FACTS, vision, gpu=True), estimate_llama_cpp(FACTS, plain, gpu=True)
+    assert (on_gpu.vram - text_on_gpu.vram, on_gpu.ram - text_on_gpu.ram) == (3 * MiB + PROJECTOR_COMPUTE, 0)
+    # its file is one of the model's files: a measurement taken with another projector is not reused
+    assert model_files("llama_cpp", tmp_path / "m.gguf", vision) == [tmp_path / "m.gguf", mmproj]
 
 
 def test_nvml_reads_free_memory_and_per_process_use() -> None:

@@ -1,11 +1,11 @@
 """Images in chat messages, for a model configured with ``vision: true``.
 
-No vision model runs here (no GGUF with its projector ships in a package, and the llama_cpp backend has
-no projector option), so the real path is followed as far as it goes: the proxy takes the image from
-either dialect and hands it to the worker in OpenAI's shape, which a recording fake worker shows (a vision
-server plugs in as ``backend: external``), and the real llama.cpp worker configured as a vision model
-gets the image and refuses it with a clear 400 (it loads no projector). The proxy's own refusal for
-models without ``vision`` is in test_openai_api.py.
+Here the proxy takes the image from either dialect and hands it to the worker in OpenAI's shape, which a
+recording fake worker shows (a vision server plugs in as ``backend: external``), and the real llama.cpp
+worker configured with ``vision: true`` but no projector (``model.mmproj``) gets the image and refuses it
+with a clear 400. A llama.cpp model that sees (the tests' synthetic projector) is in test_vision_real.py;
+the gate's checks of an image's header in test_dialect_vision.py; the proxy's own refusal for models
+without ``vision`` in test_openai_api.py.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Every dialect (OpenAI, Ollama, Anthropic, Responses; a job runs the OpenAI routes) first translates its
 request to the canonical one, the OpenAI chat or completion body that workers take, then calls
 ``check_chat`` on it before anything is leased or loaded: the messages' shape and roles (a completion: its
-prompt), images only for a vision model, the sampling fields' types, and the bounds on every JSON schema
-that becomes a grammar (``proxy.dialects.schemas``: repetitions, enums, total size), wherever the dialect
-carried it (``response_format``, Ollama's ``format``, Anthropic's ``output_config.format`` and
-``input_schema``, the Responses API's ``text.format``, and the ``parameters`` of the tools a request forces:
+prompt), images only for a vision model (theirs checked from their headers: ``proxy.dialects.vision``),
+the sampling fields' types, and the bounds on every JSON schema that becomes a grammar
+(``proxy.dialects.schemas``: repetitions, enums, total size), wherever the dialect carried it
+(``response_format``, Ollama's ``format``, Anthropic's ``output_config.format`` and ``input_schema``,
+the Responses API's ``text.format``, and the ``parameters`` of the tools a request forces:
 ``_forced``). A refusal names
 the field as the client spelled it (``SPELLINGS``). Embeddings pass ``check_embeddings``: the inputs' shape,
 their count and their estimated tokens.
@@ -22,6 +23,7 @@ from typing import Any, Literal
 from proxy.config import ModelConfig, Settings
 from proxy.dialects.schemas import SchemaLimits, check_schemas
 from proxy.dialects.shaping import check_common, check_embedding_input, check_messages, check_prompt
+from proxy.dialects.vision import LLAMA_FORMATS, check_images
 from proxy.errors import BadRequest
 
 Dialect = Literal["openai", "ollama", "anthropic", "responses"]
@@ -51,6 +53,7 @@ class Limits:
     schemas: SchemaLimits = field(default_factory=SchemaLimits)
     embedding_inputs: int = 2048  # limits.max_embedding_inputs
     embedding_tokens: int = 300_000  # limits.max_embedding_tokens, estimated by estimated_tokens
+    image_pixels: int = 4096 * 4096  # limits.max_image_pixels: an image's size, read from its header
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -58,6 +61,7 @@ class Limits:
             SchemaLimits(settings.max_schema_repeat, settings.max_schema_enum, settings.max_schema_bytes),
             settings.max_embedding_inputs,
             settings.max_embedding_tokens,
+            settings.max_image_pixels,
         )
 
 
@@ -113,6 +117,9 @@ def check_chat(
         check_prompt(request)
     else:
         check_messages(request.get("messages"), cfg)
+        if cfg.vision:  # llama.cpp decodes PNG, JPEG, GIF, BMP; an external server may take more
+            formats = LLAMA_FORMATS if cfg.backend == "llama_cpp" else None
+            check_images(request.get("messages"), limits.image_pixels, formats)
     check_common(request)
     schemas = schemas_of(request, dialect)
     if schemas:

@@ -67,7 +67,10 @@ class LlamaCppBackend:
         self.name = name
         self.model_path = model_path
         # the rest is for Llama(); the limits on decoded input are not for this backend
-        self.options = {k: v for k, v in options.items() if k not in ("cache_dir", *_LIMITS)}
+        self.options = {k: v for k, v in options.items() if k not in ("cache_dir", "mmproj", "chat_handler", *_LIMITS)}
+        # a vision model: its image projector and the llama_chat_format class that loads it
+        self.mmproj: str | None = options.get("mmproj")
+        self.chat_handler: str = options.get("chat_handler") or "MTMDChatHandler"
         self._llm: Any = None
         self._embedder: Any = None
         self._embed_lock = threading.Lock()  # creates the embedder once
@@ -90,9 +93,29 @@ class LlamaCppBackend:
     def prepare() -> None:
         import llama_cpp  # noqa: F401  (the import is the point: see proxy.worker.__main__)
 
+    def _handler(self) -> Any:
+        """The chat handler that reads images with the projector (``mmproj``): llama-cpp-python's
+        ``chat_handler`` class, made to render a message's parts as one string (``_flat_parts``)."""
+        from llama_cpp import llama_chat_format
+
+        cls = getattr(llama_chat_format, self.chat_handler, None)
+        bases = tuple(getattr(llama_chat_format, n) for n in ("MTMDChatHandler", "Llava15ChatHandler"))
+        if not (isinstance(cls, type) and issubclass(cls, bases)):
+            raise ValueError(
+                f"chat_handler '{self.chat_handler}' is not a multimodal handler of llama_cpp.llama_chat_format "
+                "(MTMDChatHandler, Qwen25VLChatHandler, Llava15ChatHandler, ...)"
+            )
+        kwargs: dict[str, Any] = {"clip_model_path": self.mmproj, "verbose": False}
+        if "use_gpu" in inspect.signature(cls).parameters:
+            kwargs["use_gpu"] = _device(self.options.get("n_gpu_layers")) == "gpu"
+        if issubclass(cls, llama_chat_format.MTMDChatHandler):
+            cls = type(cls.__name__, (cls,), {"_convert_message_for_template": classmethod(_flat_parts)})
+        return cls(**kwargs)
+
     def load(self) -> None:
+        extra = {"chat_handler": self._handler()} if self.mmproj else {}
         with _progress_reported(self._set_progress):
-            self._llm = self._make()
+            self._llm = self._make(**extra)
         self._chat_params = frozenset(inspect.signature(self._llm.create_chat_completion).parameters)
         self._completion_params = frozenset(inspect.signature(self._llm.create_completion).parameters)
         self._formatter = self._chat_formatter()
@@ -122,13 +145,17 @@ class LlamaCppBackend:
         return 1.0 if self._loaded else self._progress
 
     def info(self) -> dict[str, Any]:
-        info = {"backend": "llama_cpp", "device": _device(self.options.get("n_gpu_layers"))}
+        info: dict[str, Any] = {"backend": "llama_cpp", "device": _device(self.options.get("n_gpu_layers"))}
+        if self.mmproj:
+            info["vision"] = True
         if self._loaded:
             info["n_ctx"] = self._llm.n_ctx()  # the context llama.cpp made (n_ctx rounded up to 256)
         return info
 
     def close(self) -> None:
-        for llm in (self._llm, self._embedder):  # at exit: a generation still running is abandoned
+        # at exit: a generation still running is abandoned. Llama.close frees a vision model's multimodal
+        # context too (the handler registers mtmd_free on the model's exit stack).
+        for llm in (self._llm, self._embedder):
             if llm is not None:
                 llm.close()
         self._llm = self._embedder = None
@@ -153,7 +180,8 @@ class LlamaCppBackend:
         cancel: threading.Event | None,
     ) -> Any:
         self._context.acquire()
-        meter = _PromptMeter(self._llm, None if stream else cancel)
+        # a vision handler evaluates the whole prompt itself, the images included (no prefix reused)
+        meter = _PromptMeter(self._llm, None if stream else cancel, fresh=self.mmproj is not None)
         try:
             meter.attach()
             result = fn(**kwargs)
@@ -235,7 +263,10 @@ class LlamaCppBackend:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty list", param="messages")
         kwargs = self._kwargs(body, self._chat_params, _SKIP)
-        kwargs["messages"] = [_text_only(m, i) for i, m in enumerate(messages)]
+        if self.mmproj:
+            kwargs["messages"] = [_with_images(m, i) for i, m in enumerate(messages)]
+        else:
+            kwargs["messages"] = [_text_only(m, i) for i, m in enumerate(messages)]
         counted = self._chat_prompt_tokens(kwargs["messages"], body)
         if counted is not None:
             self._check_room(counted)
@@ -317,9 +348,10 @@ class _PromptMeter:
     whose exceptions are swallowed; stopping_criteria exists for completions only). The state left behind
     is the one a closed stream leaves: the tokens evaluated so far, reused as a prefix."""
 
-    def __init__(self, llm: Any, cancel: threading.Event | None) -> None:
+    def __init__(self, llm: Any, cancel: threading.Event | None, fresh: bool = False) -> None:
         self.llm = llm
         self.cancel = cancel
+        self.fresh = fresh  # the prompt was evaluated from an empty context (a vision chat): nothing cached
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self._evaluated = False
@@ -336,7 +368,7 @@ class _PromptMeter:
         def evaluate(tokens: Any) -> None:
             if not self._evaluated:
                 self._evaluated = True
-                self.cached_tokens = int(llm.n_tokens)
+                self.cached_tokens = 0 if self.fresh else int(llm.n_tokens)
             if self.cancel is not None and self.cancel.is_set():
                 raise Cancelled("the client went away")
             cls.eval(llm, tokens)
@@ -420,8 +452,8 @@ class _Held:
 
 def _text_only(message: Any, i: int) -> Any:
     """A message whose content is OpenAI's array of parts, as llama.cpp's chat templates take it: the
-    text parts joined into one string (a template given the array fails with a TypeError). This backend
-    loads no image projector, so an image part is refused with 400."""
+    text parts joined into one string (a template given the array fails with a TypeError). A model without
+    an image projector refuses an image part with 400."""
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, list):
         return message
@@ -431,8 +463,47 @@ def _text_only(message: Any, i: int) -> Any:
         if kind != "text" or not isinstance(part.get("text"), str):
             raise InvalidRequest(
                 f"messages[{i}] has a part of type {kind!r}; this llama.cpp model reads text only "
-                "(serve a vision model as backend: external)",
+                "(a vision model names its image projector: model.mmproj)",
                 param="messages",
             )
         texts.append(part["text"])
     return {**message, "content": "\n".join(texts)}
+
+
+def _flat_parts(cls: Any, message: Any, media_marker: str) -> dict[str, Any]:
+    """A message for the chat template of a vision model (``MTMDChatHandler._convert_message_for_template``):
+    its parts as one string, each image as mtmd's media marker where it stood. llama-cpp-python's own
+    conversion keeps the array (image parts as text parts), which templates that concatenate ``content`` as
+    a string (SmolLM2's, most text models') cannot render."""
+    out = dict(message)
+    content = out.get("content")
+    if isinstance(content, list):
+        out["content"] = "\n".join(
+            media_marker if part.get("type") == "image_url" else str(part.get("text", "")) for part in content
+        )
+    return out
+
+
+def _with_images(message: Any, i: int) -> Any:
+    """A message for a vision model: text parts and ``image_url`` parts whose URL is a ``data:`` URL (the
+    proxy fetches http(s) images itself and passes them as data; this worker never opens a URL), in user
+    messages only (the handler reads images from those)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            continue
+        if kind != "image_url":
+            raise InvalidRequest(
+                f"messages[{i}] has a part of type {kind!r}; this model reads text and image_url parts",
+                param="messages",
+            )
+        if message.get("role") != "user":
+            raise InvalidRequest(f"messages[{i}]: images are read in user messages only", param="messages")
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url.startswith("data:"):
+            raise InvalidRequest(f"messages[{i}]: an image_url must be a data: URL here", param="messages")
+    return message
