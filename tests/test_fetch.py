@@ -166,7 +166,7 @@ async def test_the_content_type_is_checked_against_the_bytes(server: str) -> Non
     exc = await refused(Fetcher(ALLOW), f"{server}/page")
     assert "text/html" in exc.message
     exc = await refused(Fetcher(ALLOW), f"{server}/lying.png")
-    assert "not a PNG, JPEG, GIF or WebP image" in exc.message
+    assert "not a PNG, JPEG, GIF, WebP or BMP image" in exc.message
     exc = await refused(Fetcher(ALLOW), f"{server}/a.png", "audio")
     assert "Content-Type is image/png" in exc.message
     exc = await refused(Fetcher(ALLOW), f"{server}/missing")

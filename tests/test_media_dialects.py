@@ -25,7 +25,8 @@ from tests.test_vision import png
 
 MakeProxy = Callable[..., LiveProxy]
 PNG = png(3, 2)
-JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x01" * 64  # typed by its first bytes; never decoded here
+# a JPEG's start: its frame header (3x2 pixels) is all the proxy reads; no worker decodes it here
+JPEG = bytes.fromhex("ffd8ffc0001108000200030301220002110103110100") + b"\x00" * 32
 PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 JPEG_URL = "data:image/jpeg;base64," + base64.b64encode(JPEG).decode()
 
@@ -196,7 +197,7 @@ def test_a_refused_fetch_is_a_400_naming_the_host_in_each_dialect(eyes: tuple[Li
     r = httpx.post(
         proxy.url + "/api/generate", json={"model": "eyes", "prompt": "x", "images": ["aGVsbG8="]}, timeout=30
     )
-    assert r.status_code == 400 and "not a PNG, JPEG, GIF or WebP image" in r.json()["error"], r.text
+    assert r.status_code == 400 and "not a PNG, JPEG, GIF, BMP or WebP image" in r.json()["error"], r.text
     # a model without vision is refused before any URL is fetched
     r = httpx.post(
         proxy.url + "/v1/chat/completions",

@@ -45,8 +45,8 @@ def _error_event(exc: ProxyError) -> list[tuple[str, dict[str, Any]]]:
 async def _prepare(request: Request, body: dict[str, Any], count_only: bool) -> tuple[ModelConfig, float | None, Any]:
     cfg, keep_alive = model_for(request, body, ("completion",), "does not support messages")
     openai, stops = dialect.messages_request(body, cfg.name, count_only=count_only)
+    await inline_images(openai, cfg, fetcher(request))  # url sources fetched: the worker sees data URLs
     check_chat(openai, cfg, limits(request), "anthropic")
-    await inline_images(openai, fetcher(request))  # url sources fetched: the worker sees data URLs
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return cfg, keep_alive, (openai, stops)
 

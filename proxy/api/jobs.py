@@ -295,8 +295,8 @@ async def _input(request: Request) -> dict[str, Any]:
 async def _submit(request: Request) -> Job:
     cfg = caller(request).resolve(request.path_params["model"])  # a scoped key's other models are 404
     job_input = await _input(request)
-    if cfg.vision and isinstance(job_input.get("messages"), list):  # image URLs fetched once, now: stored as data
-        await inline_images(job_input, fetcher(request))
+    if isinstance(job_input.get("messages"), list):  # image URLs fetched once, now: stored as data URLs
+        await inline_images(job_input, cfg, fetcher(request))
     return await submit(request, cfg, job_input)
 
 

@@ -97,8 +97,8 @@ async def chat(request: Request) -> Response:
     if not body.get("messages"):
         return await _load_or_unload(request, cfg, keep_alive, False, runner)
     openai = dialect.chat_request(body, cfg.name)
+    await inline_images(openai, cfg, fetcher(request))  # each image labelled by its bytes
     check_chat(openai, cfg, limits(request), "ollama")
-    await inline_images(openai, fetcher(request))  # each image labelled by its bytes
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, "/v1/chat/completions", openai, stream, keep_alive, False, runner)
 
@@ -112,8 +112,8 @@ async def generate(request: Request) -> Response:
     if not optional(body, "prompt", str, "a string") and not body.get("images"):
         return await _load_or_unload(request, cfg, keep_alive, True, runner)
     path, openai = dialect.generate_request(body, cfg.name)
+    await inline_images(openai, cfg, fetcher(request))
     check_chat(openai, cfg, limits(request), "ollama", completion="messages" not in openai)
-    await inline_images(openai, fetcher(request))
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, path, openai, stream, keep_alive, True, runner)
 

@@ -126,8 +126,8 @@ async def _prepare(
 @guarded(Role.USER)
 async def chat_completions(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request, ("completion",), "does not support chat completions")
+    await inline_images(body, cfg, fetcher(request))  # http(s) image URLs fetched: the worker sees data URLs
     check_chat(body, cfg, limits(request))
-    await inline_images(body, fetcher(request))  # http(s) image URLs fetched: the worker sees data URLs
     apply_model_defaults(body, cfg, services(request).clock.time())
     return await forward(request, cfg, "/v1/chat/completions", body, bool(body.get("stream")), keep_alive)
 

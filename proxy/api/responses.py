@@ -32,8 +32,8 @@ async def create(request: Request) -> Response:
     body = await read_json(request)
     cfg, keep_alive = model_for(request, body, ("completion",), "does not support responses")
     openai = dialect.responses_request(body, cfg.name)
+    await inline_images(openai, cfg, fetcher(request))  # input_image URLs fetched: the worker sees data URLs
     check_chat(openai, cfg, limits(request), "responses")
-    await inline_images(openai, fetcher(request))  # input_image URLs fetched: the worker sees data URLs
     now = services(request).clock.time()
     apply_model_defaults(openai, cfg, now)
     tr = dialect.ResponseStream(cfg.name, body, now)
