@@ -390,6 +390,7 @@ class ServiceInput(TypedDict):
     image_description: NotRequired[str]
     prompt: NotRequired[str]
     max_tokens: NotRequired[int]
+    temperature: NotRequired[float]
     text: NotRequired[str]
     voice: NotRequired[str]
     language: NotRequired[str]

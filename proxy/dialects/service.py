@@ -85,10 +85,14 @@ def describe_request(service_input: dict[str, Any], data_url: str) -> dict[str, 
     """A chat with the image (already a data URL) and the prompt."""
     text = _prompt(service_input) or DESCRIBE_PROMPT
     content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": data_url}}]
-    return {
+    out: dict[str, Any] = {
         "messages": [{"role": "user", "content": content}],
         "max_tokens": _max_tokens(service_input, DESCRIBE_TOKENS),
     }
+    temperature = optional(service_input, "temperature", (int, float), "a number")
+    if temperature is not None:
+        out["temperature"] = temperature
+    return out
 
 
 def product_request(service_input: dict[str, Any]) -> dict[str, Any]:
