@@ -78,11 +78,11 @@ async def _submit(request: Request) -> Job:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' must name the model that serves the request", param="model")
+    cfg = caller(request).resolve(model)  # a scoped key's other models are 404, whatever the input
     given = body.get("input")
     if not isinstance(given, dict):
         shapes = service.SHAPES
         raise BadRequest(f"the body must be {{'model': ..., 'input': ...}}, 'input' one of {shapes}", param="input")
-    cfg = caller(request).resolve(model)  # a scoped key's other models are 404
     kind = service.kind_of(given)
     _needs(cfg, kind)  # before any URL is fetched
     return await submit(request, cfg, await _route_input(request, cfg, kind, given), kind)
