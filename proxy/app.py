@@ -28,6 +28,7 @@ from proxy.api import (
     openapi,
     ops,
     responses,
+    service,
     speech,
     transcription,
     ui,
@@ -62,6 +63,7 @@ ROUTE_MODULES = [
     cluster,
     anthropic,
     responses,
+    service,  # /api/v1/run: before Ollama's /api/* routes
     ollama,
     ollama_models,
     admin,

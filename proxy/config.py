@@ -96,8 +96,17 @@ class MemoryLimitsSection(_Strict):
     evict_pinned: bool = False
 
 
+class FetchLimitsSection(_Strict):
+    # image and audio URLs the proxy fetches (proxy/fetch.py): hosts (names, addresses or networks such as
+    # 10.0.0.0/8) allowed although they resolve to a loopback, private, link-local or other non-public address
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    max_bytes: Size = "20MiB"  # a longer answer is refused while it streams
+    timeout: Duration = "30s"  # the whole fetch, redirects included
+
+
 class LimitsSection(_Strict):
     memory: MemoryLimitsSection = msgspec.field(default_factory=MemoryLimitsSection)
+    fetch: FetchLimitsSection = msgspec.field(default_factory=FetchLimitsSection)
     max_loaded_models: int | None = None  # an extra cap on the count; none: memory alone decides
     max_queue: int = 512
     # requests one key (or, with no keys, one client address) may have in flight at once, waiting ones
@@ -251,6 +260,15 @@ class MemoryLimits:
 
 
 @dataclass(frozen=True)
+class FetchLimits:
+    """limits.fetch: what the proxy's URL fetcher (proxy/fetch.py) allows."""
+
+    allowed_hosts: tuple[str, ...] = ()
+    max_bytes: int = 20 * 1024 * 1024
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One model, resolved: durations in seconds, files as absolute paths."""
 
@@ -331,6 +349,7 @@ class Settings:
     max_embedding_inputs: int = 2048
     max_embedding_tokens: int = 300_000
     memory: MemoryLimits = field(default_factory=MemoryLimits)
+    fetch: FetchLimits = field(default_factory=FetchLimits)
     max_audio_seconds: float = 3600.0
     max_image_pixels: int = 4096 * 4096
     max_wait_for_switch: float = 30.0  # seconds a request waits at most behind other models' requests
@@ -470,6 +489,20 @@ def _memory(raw: MemoryLimitsSection, file: str) -> MemoryLimits:
         reserve_vram=_size(raw.reserve_vram, file, "limits.memory.reserve_vram") or 0,
         recovery_timeout=recovery if recovery is not None and not math.isinf(recovery) else 10.0,
         evict_pinned=raw.evict_pinned,
+    )
+
+
+def _fetch(raw: FetchLimitsSection, file: str) -> FetchLimits:
+    timeout = _seconds(raw.timeout, file, "limits.fetch.timeout")
+    if timeout is None or timeout <= 0 or math.isinf(timeout):
+        raise ConfigError(file, "limits.fetch.timeout", "must be a positive duration")
+    hosts = tuple(h.strip().lower().strip("[]") for h in raw.allowed_hosts)
+    if any(not h for h in hosts):
+        raise ConfigError(file, "limits.fetch.allowed_hosts", "holds an empty host")
+    return FetchLimits(
+        allowed_hosts=hosts,
+        max_bytes=_positive(_size(raw.max_bytes, file, "limits.fetch.max_bytes") or 0, file, "limits.fetch.max_bytes"),
+        timeout=timeout,
     )
 
 
@@ -661,6 +694,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         max_embedding_inputs=_positive(raw.limits.max_embedding_inputs, file, "limits.max_embedding_inputs"),
         max_embedding_tokens=_positive(raw.limits.max_embedding_tokens, file, "limits.max_embedding_tokens"),
         memory=_memory(raw.limits.memory, file),
+        fetch=_fetch(raw.limits.fetch, file),
         max_audio_seconds=worker_limits["max_audio_seconds"],
         max_image_pixels=int(worker_limits["max_image_pixels"]),
         max_wait_for_switch=_finite(raw.limits.max_wait_for_switch, file, "limits.max_wait_for_switch"),

@@ -9,6 +9,7 @@ by walking the exception's MRO, so a new subclass inherits its parent's status.
     ProxyError                      500  something we did not foresee
     ├── BadRequest                  400  malformed JSON, missing or wrong-typed field, bad value
     │   ├── UnsupportedInput        400  valid, but this model cannot take it (images, ...)
+    │   ├── FetchFailed             400  a URL in the request was refused or could not be fetched (host, why)
     │   └── ContextLengthExceeded   400  the prompt does not fit the model's context (its worker counted)
     ├── Unauthorized                401  no key or an unknown key
     ├── Forbidden                   403  a user key on an admin action; a foreign Host or Origin
@@ -58,6 +59,18 @@ class BadRequest(ProxyError):
 
 class UnsupportedInput(BadRequest):
     code = "unsupported_input"
+
+
+class FetchFailed(BadRequest):
+    """A URL in the request (an image, a voice sample) that the proxy refused to fetch or could not fetch:
+    the message names the URL's host and why (proxy.fetch)."""
+
+    code = "fetch_failed"
+
+    def __init__(self, host: str, why: str, *, param: str | None = None) -> None:
+        super().__init__(f"cannot fetch the URL on host '{host}': {why}", param=param)
+        self.host = host
+        self.why = why
 
 
 class ContextLengthExceeded(BadRequest):

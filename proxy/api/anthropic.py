@@ -26,6 +26,7 @@ from proxy.api.common import (
     read_json,
     services,
 )
+from proxy.api.media import fetcher, inline_images
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects import anthropic as dialect
@@ -41,9 +42,10 @@ def _error_event(exc: ProxyError) -> list[tuple[str, dict[str, Any]]]:
     return [("error", dialect.error_body(exc.status, dialect.error_message(exc)))]
 
 
-def _prepare(request: Request, body: dict[str, Any], count_only: bool) -> tuple[ModelConfig, float | None, Any]:
+async def _prepare(request: Request, body: dict[str, Any], count_only: bool) -> tuple[ModelConfig, float | None, Any]:
     cfg, keep_alive = model_for(request, body, ("completion",), "does not support messages")
     openai, stops = dialect.messages_request(body, cfg.name, count_only=count_only)
+    await inline_images(openai, cfg, fetcher(request))  # url sources fetched: the worker sees data URLs
     check_chat(openai, cfg, limits(request), "anthropic")
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return cfg, keep_alive, (openai, stops)
@@ -52,7 +54,7 @@ def _prepare(request: Request, body: dict[str, Any], count_only: bool) -> tuple[
 @guarded(Role.USER)
 async def messages(request: Request) -> Response:
     body = await read_json(request)
-    cfg, keep_alive, (openai, stops) = _prepare(request, body, count_only=False)
+    cfg, keep_alive, (openai, stops) = await _prepare(request, body, count_only=False)
     stream = bool(body.get("stream"))
     tr = dialect.MessageStream(cfg.name, stops)
     if stream:
@@ -79,7 +81,7 @@ async def count_tokens(request: Request) -> Response:
     """The prompt's length in the model's own tokens, as the worker's chat template renders it; a worker
     without the tokenize route (an external server) is asked for one token and its prompt count."""
     body = await read_json(request)
-    cfg, keep_alive, (openai, _) = _prepare(request, body, count_only=True)
+    cfg, keep_alive, (openai, _) = await _prepare(request, body, count_only=True)
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         try:
             counted = await call.post_json(TOKENIZE_PATH, openai)

@@ -34,8 +34,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
 from proxy.api.common import INTERNAL_PRINCIPAL, Services, caller, guarded, read_json, role_of, services
+from proxy.api.media import fetcher, inline_images
 from proxy.auth import Principal, Role, key_from_headers
 from proxy.config import ModelConfig
+from proxy.dialects import service
 from proxy.errors import BadRequest, Forbidden
 from proxy.jobs import FINAL, Job, Jobs, Outcome, Status
 from proxy.manager import ModelManager
@@ -255,17 +257,26 @@ def executor(app: ASGIApp, resolve: Any) -> Any:
     """The ``Execute`` that ``proxy.jobs.Jobs`` runs each job with."""
 
     async def execute(job: Job, job_input: dict[str, Any], cancelled: asyncio.Event) -> Outcome:
+        kind = job_input.get(service.SERVICE_KEY)  # a job of /api/v1/run: its route's input, its output's shape
+        if kind is not None:
+            job_input = job_input.get("request") or {}
         try:
             cfg: ModelConfig = resolve(job.model)
             path, body, content_type = route_for(cfg, job_input)
         except Exception as exc:  # noqa: BLE001 - the model is gone, or the input cannot make a request
             message = getattr(exc, "message", str(exc))
             return Outcome(Status.FAILED, error=message)
-        return outcome_of(
+        outcome = outcome_of(
             *await run_route(
                 app, path, body, content_type, Principal(Role(job.role), frozenset({job.model})), cancelled
             )
         )
+        if kind is None or outcome.status is not Status.COMPLETED:
+            return outcome
+        try:
+            return Outcome(Status.COMPLETED, output=service.shape_output(kind, outcome.output))
+        except ValueError as exc:
+            return Outcome(Status.FAILED, error=str(exc))
 
     return execute
 
@@ -276,15 +287,26 @@ async def _input(request: Request) -> dict[str, Any]:
     job_input = body.get("input")
     if not isinstance(job_input, dict):
         raise BadRequest('the body must be {"input": {...}}: the request the model\'s usual route takes', param="input")
+    if service.SERVICE_KEY in job_input:
+        raise BadRequest(f"'input.{service.SERVICE_KEY}' is reserved (POST /api/v1/run makes it)", param="input")
     return job_input
 
 
 async def _submit(request: Request) -> Job:
     cfg = caller(request).resolve(request.path_params["model"])  # a scoped key's other models are 404
     job_input = await _input(request)
+    if isinstance(job_input.get("messages"), list):  # image URLs fetched once, now: stored as data URLs
+        await inline_images(job_input, cfg, fetcher(request))
+    return await submit(request, cfg, job_input)
+
+
+async def submit(request: Request, cfg: ModelConfig, job_input: dict[str, Any], kind: str | None = None) -> Job:
+    """Store a job for ``cfg`` whose route takes ``job_input`` (``kind``: a job of /api/v1/run, whose output
+    ``executor`` shapes), once the route's dry run finds nothing to refuse."""
     path, body, content_type = route_for(cfg, job_input)
-    text = await anyio.to_thread.run_sync(json.dumps, job_input)  # what is stored: the proxy keeps no copy
-    del job_input  # before the dry run parses the route's body: one parsed copy at a time
+    stored = job_input if kind is None else {service.SERVICE_KEY: kind, "request": job_input}
+    text = await anyio.to_thread.run_sync(json.dumps, stored)  # what is stored: the proxy keeps no copy
+    del job_input, stored  # before the dry run parses the route's body: one parsed copy at a time
     jobs, owner = jobs_of(request), owner_of(request)
     jobs.check_room(owner, len(text))
     # refuse now what the route would refuse (400, 403, 404, 413, ...), rather than store a job that fails later
@@ -300,7 +322,7 @@ async def run(request: Request) -> Response:
     return JSONResponse({"id": job.id, "status": job.status.value})
 
 
-def _wait_seconds(request: Request) -> float:
+def wait_seconds(request: Request) -> float:
     raw = request.query_params.get("wait")
     if raw is None:
         return RUNSYNC_WAIT_MS / 1000
@@ -314,7 +336,7 @@ def _wait_seconds(request: Request) -> float:
 async def runsync(request: Request) -> Response:
     """Submit and wait up to ``?wait`` ms; an unfinished job answers with its id and status (the job goes on,
     as it does when the client goes away)."""
-    wait = _wait_seconds(request)
+    wait = wait_seconds(request)
     job = await _submit(request)
     jobs = jobs_of(request)
     await jobs.wait(job.id, wait)

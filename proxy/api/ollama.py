@@ -20,6 +20,7 @@ from proxy import runtime_options as ropts
 from proxy.api import cluster
 from proxy.api.common import caller, guarded, json_bytes, limits, model_for, read_json, services
 from proxy.api.errors import is_admin
+from proxy.api.media import fetcher, inline_images
 from proxy.auth import Role
 from proxy.catalog import entry, tag_name
 from proxy.cluster.view import ModelPresence
@@ -98,6 +99,7 @@ async def chat(request: Request) -> Response:
     if not body.get("messages"):
         return await _load_or_unload(request, cfg, keep_alive, False, runner)
     openai = dialect.chat_request(body, cfg.name)
+    await inline_images(openai, cfg, fetcher(request))  # each image labelled by its bytes
     check_chat(openai, cfg, limits(request), "ollama")
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, "/v1/chat/completions", openai, stream, keep_alive, False, runner)
@@ -112,6 +114,7 @@ async def generate(request: Request) -> Response:
     if not optional(body, "prompt", str, "a string") and not body.get("images"):
         return await _load_or_unload(request, cfg, keep_alive, True, runner)
     path, openai = dialect.generate_request(body, cfg.name)
+    await inline_images(openai, cfg, fetcher(request))
     check_chat(openai, cfg, limits(request), "ollama", completion="messages" not in openai)
     apply_model_defaults(openai, cfg, services(request).clock.time())
     return await _generation(request, cfg, path, openai, stream, keep_alive, True, runner)

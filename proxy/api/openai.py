@@ -20,6 +20,7 @@ from starlette.routing import Route
 from proxy import largejson
 from proxy.api import anthropic, cluster
 from proxy.api.common import caller, guarded, json_bytes, leased_stream, limits, model_for, read_json, services
+from proxy.api.media import fetcher, inline_images
 from proxy.auth import Role
 from proxy.config import ModelConfig
 from proxy.dialects.gate import check_chat, check_embeddings
@@ -125,6 +126,7 @@ async def _prepare(
 @guarded(Role.USER)
 async def chat_completions(request: Request) -> Response:
     body, cfg, keep_alive = await _prepare(request, ("completion",), "does not support chat completions")
+    await inline_images(body, cfg, fetcher(request))  # http(s) image URLs fetched: the worker sees data URLs
     check_chat(body, cfg, limits(request))
     apply_model_defaults(body, cfg, services(request).clock.time())
     return await forward(request, cfg, "/v1/chat/completions", body, bool(body.get("stream")), keep_alive)

@@ -160,6 +160,13 @@ OPERATIONS: tuple[Op, ...] = (
         "Jobs", ok=t.PurgedQueue, query=(("owner", "string", "admin only: one key's jobs"),),
         extra={404: "no such model"}),
     _op("GET", "/v2/{model:path}/health", "Job counts of a model", "Jobs", extra={404: "no such model"}),
+    # the seed's service API, on the same jobs
+    _op("POST", "/api/v1/run", "Queue a service job: describe an image, a product description, speech", "Jobs",
+        body=t.ServiceRequest, ok=t.Job, extra={**_JOB_REFUSALS, 400: "bad input, wrong kind of model, a URL refused"}),
+    _op("POST", "/api/v1/runsync", "Run a service job, waiting up to ?wait ms", "Jobs", body=t.ServiceRequest,
+        ok=t.Job, query=(("wait", "integer", "milliseconds to wait"),),
+        extra={**_JOB_REFUSALS, 400: "bad input, wrong kind of model, a URL refused"}),
+    _op("GET", "/api/v1/status/{job_id}", "A job's status and output", "Jobs", ok=t.Job, extra={404: "no such job"}),
     # the proxy's own
     _op("GET", "/health", "Liveness", "Proxy", access="public", ok=t.Health),
     _op("GET", "/status", "Every model's state, memory and queue", "Proxy", ok=t.Status),

@@ -381,6 +381,29 @@ class JobRequest(TypedDict):
     input: dict[str, Any]
 
 
+class ServiceInput(TypedDict):
+    """One of three shapes: ``image_url`` (+ ``prompt``) describes an image on a vision model;
+    ``image_description`` (+ ``prompt``) writes a product's title, description, keywords and categories on a
+    chat model; ``text`` (+ ``voice``, ``audio_prompt_url``: a voice sample to clone) speaks on a speech model"""
+
+    image_url: NotRequired[str]
+    image_description: NotRequired[str]
+    prompt: NotRequired[str]
+    max_tokens: NotRequired[int]
+    temperature: NotRequired[float]
+    text: NotRequired[str]
+    voice: NotRequired[str]
+    language: NotRequired[str]
+    audio_prompt_url: NotRequired[str]
+
+
+class ServiceRequest(TypedDict):
+    """The seed's ``/api/v1/run`` and ``/runsync``"""
+
+    model: str
+    input: ServiceInput
+
+
 class Job(TypedDict):
     id: str
     status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
@@ -479,6 +502,7 @@ COMPONENTS: tuple[type, ...] = (
     A1111Options,
     InferRequest,
     JobRequest,
+    ServiceRequest,
     Job,
     JobList,
     PurgedQueue,

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.api.common import guarded, json_bytes, leased_stream, limits, model_for, named_events, read_json, services
+from proxy.api.media import fetcher, inline_images
 from proxy.auth import Role
 from proxy.dialects import responses as dialect
 from proxy.dialects.blocks import frames
@@ -31,6 +32,7 @@ async def create(request: Request) -> Response:
     body = await read_json(request)
     cfg, keep_alive = model_for(request, body, ("completion",), "does not support responses")
     openai = dialect.responses_request(body, cfg.name)
+    await inline_images(openai, cfg, fetcher(request))  # input_image URLs fetched: the worker sees data URLs
     check_chat(openai, cfg, limits(request), "responses")
     now = services(request).clock.time()
     apply_model_defaults(openai, cfg, now)
