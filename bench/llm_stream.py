@@ -9,6 +9,10 @@ proxy/in-process >= 0.97.
 
 ``--threads 1`` leaves one of this machine's two cores to the proxy and the client: the gap between
 ``--threads 2`` and ``--threads 1`` shows how much of the loss is CPU contention rather than the proxy's work.
+
+The worker's own CPU per token beyond llama.cpp's: the worker process's CPU per token on the direct path (its
+HTTP server, the pump thread, a token's JSON, and llama.cpp) less this process's CPU per token in-process
+(llama.cpp alone, the same prompt and settings).
 """
 
 from __future__ import annotations
@@ -103,13 +107,15 @@ def main() -> None:
                 run()
             assert proxy.proc is not None
             proxy_process = psutil.Process(proxy.proc.pid)
-            proxy_cpu = 0.0
+            # whose CPU each path's tokens cost: the proxy's on the proxy path, the worker's on the direct path,
+            # this process's (llama.cpp alone) in-process
+            measured = {"proxy": proxy_process, "direct": psutil.Process(status["pid"]), "in_process": psutil.Process()}
+            cpu = dict.fromkeys(runs, 0.0)
             for _ in range(rounds):
                 for name, run in runs.items():
-                    before = sum(proxy_process.cpu_times()[:2])
+                    before = sum(measured[name].cpu_times()[:2])
                     start, times = run()
-                    if name == "proxy":
-                        proxy_cpu += sum(proxy_process.cpu_times()[:2]) - before
+                    cpu[name] += sum(measured[name].cpu_times()[:2]) - before
                     results[name].append((*rates(start, times), len(times)))
         llm.close()
     finally:
@@ -128,7 +134,9 @@ def main() -> None:
         "ratio_proxy_direct": med["proxy"][0] / med["direct"][0],
         "ratio_proxy_in_process": med["proxy"][0] / med["in_process"][0],
         "paired_ratio_quartiles": paired,
-        "proxy_cpu_us_per_token": proxy_cpu / sum(r[2] for r in results["proxy"]) * 1e6,
+        "proxy_cpu_us_per_token": cpu["proxy"] / sum(r[2] for r in results["proxy"]) * 1e6,
+        "worker_cpu_us_per_token": cpu["direct"] / sum(r[2] for r in results["direct"]) * 1e6,
+        "in_process_cpu_us_per_token": cpu["in_process"] / sum(r[2] for r in results["in_process"]) * 1e6,
         "raw": results,
     }
     path = save("llm_stream", summary)
@@ -142,6 +150,14 @@ def main() -> None:
                 ("proxy / in-process (goal >= 0.97): of medians", f"{summary['ratio_proxy_in_process']:.3f}"),
                 ("  round by round: q1, median, q3", ", ".join(f"{q:.3f}" for q in paired["in_process"])),
                 ("proxy CPU per streamed token (user + system)", f"{summary['proxy_cpu_us_per_token']:.0f} us"),
+                (
+                    "worker CPU per token, direct; llama.cpp's in-process",
+                    f"{summary['worker_cpu_us_per_token']:.0f} us, {summary['in_process_cpu_us_per_token']:.0f} us",
+                ),
+                (
+                    "  the worker's own per token (the difference)",
+                    f"{summary['worker_cpu_us_per_token'] - summary['in_process_cpu_us_per_token']:.0f} us",
+                ),
                 ("results", str(path)),
             ]
         )

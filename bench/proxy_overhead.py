@@ -6,7 +6,12 @@
 
 Variants are interleaved in rounds; medians. The load comes from an aiohttp client in this process.
 
-    .venv/bin/python -m bench.proxy_overhead [--rounds N] [--quick]
+``--paced RATE``: the fake worker sends one chunk per write at RATE chunks/s per stream, as a real model sends
+its tokens (a read per token, where the unpaced worker's chunks arrive many to a read), 4 streams at once: the
+proxy's CPU per chunk (the per-token figure of ``bench.llm_stream`` without llama.cpp's noise) and its CPU
+while idle with the model loaded (what a slow stream's per-token figure also carries).
+
+    .venv/bin/python -m bench.proxy_overhead [--rounds N] [--quick] [--paced RATE]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from bench.common import load, median, save, start_proxy, table, worker_arg
 from tests.harness import fake_config
 
 CHUNKS = 64
+PACED_CHUNKS = 256
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": CHUNKS}
 
 
@@ -70,12 +76,74 @@ async def cpu_per_stream(url: str, proxy: psutil.Process, requests: int) -> floa
         return (sum(proxy.cpu_times()[:2]) - before) / requests
 
 
+async def events_once(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> int:
+    """The SSE events of one streamed answer (its ``data:`` lines)."""
+    async with session.post(url, json={**body, "stream": True}) as r:
+        return sum([1 async for line in r.content if line.startswith(b"data: ")])
+
+
+async def paced_cpu(url: str, proxy: psutil.Process, streams: int, concurrency: int) -> tuple[float, float, int]:
+    """(proxy user CPU seconds, its system CPU seconds, chunks) over ``streams`` streams of the paced worker,
+    ``concurrency`` at a time."""
+    sem = asyncio.Semaphore(concurrency)
+    body = {**BODY, "model": "paced", "max_tokens": PACED_CHUNKS}
+    async with aiohttp.ClientSession() as session:
+        await events_once(session, url, body)
+
+        async def one() -> int:
+            async with sem:
+                return await events_once(session, url, body)
+
+        before = proxy.cpu_times()
+        chunks = sum(await asyncio.gather(*(one() for _ in range(streams))))
+        after = proxy.cpu_times()
+        return after.user - before.user, after.system - before.system, chunks
+
+
+def paced(rate: float, rounds: int) -> None:
+    proxy = start_proxy([{**fake_config("paced", "--tokens", str(PACED_CHUNKS), "--rate", str(rate)), "parallel": 8}])
+    try:
+        load(proxy, "paced")
+        assert proxy.proc is not None
+        proxy_proc = psutil.Process(proxy.proc.pid)
+        url = proxy.url + "/v1/chat/completions"
+        per_chunk, user, idle = [], [], []
+        for _ in range(rounds):
+            before = sum(proxy_proc.cpu_times()[:2])
+            time.sleep(5)
+            idle.append((sum(proxy_proc.cpu_times()[:2]) - before) / 5)
+            in_user, in_system, chunks = asyncio.run(paced_cpu(url, proxy_proc, 8, 4))
+            per_chunk.append((in_user + in_system) / chunks)
+            user.append(in_user / chunks)
+    finally:
+        proxy.stop()
+    summary = {"rate": rate, "rounds": rounds, "proxy_cpu_us_per_chunk": median(per_chunk) * 1e6}
+    summary["of_which_user_us"] = median(user) * 1e6
+    summary |= {"proxy_idle_cpu_percent": median(idle) * 100, "raw": {"per_chunk": per_chunk, "idle": idle}}
+    path = save("proxy_overhead_paced", summary)
+    print(
+        table(
+            [
+                ("paced chunks/s per stream, streams at once", f"{rate:g}, 4"),
+                ("proxy CPU per chunk (user + system)", f"{summary['proxy_cpu_us_per_chunk']:.0f} us"),
+                ("  of which user", f"{summary['of_which_user_us']:.0f} us"),
+                ("proxy CPU idle, model loaded", f"{summary['proxy_idle_cpu_percent']:.2f}% of a core"),
+                ("results", str(path)),
+            ]
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 short rounds")
+    parser.add_argument("--paced", type=float, default=0.0, help="chunks/s per stream of a paced worker (see above)")
     args = parser.parse_args()
     rounds = 2 if args.quick else args.rounds
+    if args.paced:
+        paced(args.paced, rounds)
+        return
     scale = 1 if args.quick else 3
 
     # parallel 32: the fake worker serves concurrent streams, so the proxy queues none of them (what is measured

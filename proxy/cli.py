@@ -7,6 +7,7 @@ with ``@main.command()``; read the configuration through ``_settings`` so errors
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import sys
@@ -103,6 +104,10 @@ def run_server(config: str, host: str | None, port: int | None, log_level: str |
     app = create_app(settings, keys=keys, reload=reload)
     if settings.max_connections:
         raise_fd_limit(settings.max_connections)
+    # what was made so far (the modules, the app) lives as long as the process: out of the cyclic GC's sight, so
+    # the collections that a streamed token's few allocations trigger now and then do not walk it all again
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
         app,
         host=settings.host,

@@ -355,10 +355,9 @@ class SystemProbe:
 
     @staticmethod
     def _tree(pid: int) -> list[Any]:
-        import psutil
+        from proxy import proctree
 
-        proc = psutil.Process(pid)
-        return [proc, *proc.children(recursive=True)]
+        return proctree.processes(pid)
 
     def rss(self, pid: int) -> int | None:
         import psutil
@@ -371,8 +370,10 @@ class SystemProbe:
     def vram(self, pid: int) -> dict[int, int]:
         import psutil
 
+        from proxy import proctree
+
         try:
-            pids = [p.pid for p in self._tree(pid)]
+            pids = proctree.tree(pid)
         except psutil.Error:
             return {}
         return self._gpus.used_by(pids)

@@ -296,12 +296,12 @@ class Worker:
             return None
         import psutil
 
+        from proxy import proctree
+
         try:
-            proc = psutil.Process(self.process.pid)
-            times = [p.cpu_times() for p in (proc, *proc.children(recursive=True))]
+            return proctree.cpu_seconds(self.process.pid)
         except psutil.Error:
             return None
-        return sum(t.user + t.system for t in times)
 
     def kill(self, reason: str) -> None:
         """SIGKILL the group now, as a crash would: the exit is reported through ``on_exit``."""

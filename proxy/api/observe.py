@@ -8,6 +8,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.events import EventBus, RequestNote
+from proxy.streaming import DIRECT_SEND
 
 UNOBSERVED = frozenset({"/health", "/status", "/status/events", "/status/requests", "/metrics", "/ui"})
 UNOBSERVED_PREFIXES = ("/logs/", "/ui/")
@@ -23,6 +24,8 @@ class RequestEvents:
         self.bus = bus
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[DIRECT_SEND] = send
         if scope["type"] != "http" or not observed(scope["path"]):
             await self.app(scope, receive, send)
             return

@@ -1,0 +1,83 @@
+"""The proxy's CPU per streamed token of SmolLM2, quickly: no direct or in-process path, only the proxy's (and its
+worker's) CPU over a few streams one after another, and the proxy's CPU while idle with the model loaded (what a
+slow stream's per-token figure also carries). ``bench.llm_stream`` is the full comparison; this is its proxy
+column, for before/after runs on a busy machine.
+
+    .venv/bin/python -m bench.llm_cpu [--streams N] [--tokens N] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import httpx
+import psutil
+
+from bench.common import load, save, start_proxy, table
+from bench.llm_stream import MODEL, PROMPT
+from tests.harness import smollm2_config
+
+
+def cpu(process: psutil.Process) -> float:
+    return float(sum(process.cpu_times()[:2]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=6)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    args = parser.parse_args()
+
+    cfg = smollm2_config()
+    cfg["model"]["n_threads"] = args.threads
+    proxy = start_proxy([cfg])
+    try:
+        status = load(proxy, MODEL)
+        assert proxy.proc is not None
+        proxy_process, worker = psutil.Process(proxy.proc.pid), psutil.Process(status["pid"])
+        body = {"model": MODEL, "messages": PROMPT, "max_tokens": args.tokens, "temperature": 0, "seed": 1}
+        url = proxy.url + "/v1/chat/completions"
+        with httpx.Client(timeout=300) as client:
+            with client.stream("POST", url, json={**body, "stream": True}) as r:  # warm up
+                for _ in r.iter_lines():
+                    pass
+            before = cpu(proxy_process)
+            time.sleep(5)
+            idle = (cpu(proxy_process) - before) / 5
+            tokens = 0
+            proxy_before, worker_before, start = cpu(proxy_process), cpu(worker), time.perf_counter()
+            for _ in range(args.streams):
+                with client.stream("POST", url, json={**body, "stream": True}) as r:
+                    tokens += sum(1 for line in r.iter_lines() if line.startswith("data: {") and '"content"' in line)
+            seconds = time.perf_counter() - start
+            proxy_cpu, worker_cpu = cpu(proxy_process) - proxy_before, cpu(worker) - worker_before
+    finally:
+        proxy.stop()
+
+    summary = {
+        "streams": args.streams,
+        "threads": args.threads,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "proxy_cpu_us_per_token": proxy_cpu / tokens * 1e6,
+        "worker_cpu_us_per_token": worker_cpu / tokens * 1e6,
+        "proxy_idle_cpu_percent": idle * 100,
+    }
+    path = save("llm_cpu", summary)
+    print(
+        table(
+            [
+                ("tokens, tokens/s", f"{tokens}, {summary['tokens_per_s']:.1f}"),
+                ("proxy CPU per streamed token (user + system)", f"{summary['proxy_cpu_us_per_token']:.0f} us"),
+                ("worker CPU per token (llama.cpp included)", f"{summary['worker_cpu_us_per_token']:.0f} us"),
+                ("proxy CPU idle, model loaded", f"{summary['proxy_idle_cpu_percent']:.2f}% of a core"),
+                ("results", str(path)),
+            ]
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
