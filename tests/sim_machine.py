@@ -40,6 +40,7 @@ from proxy.memory import MemoryStore, Need
 from proxy.relay import LeasedCall
 from proxy.runtime import TRANSITIONS, InvalidTransition, State
 from proxy.upstream import Upstream
+from tests.bare import bare_settings
 from tests.fake_memory import FakeProbe, GiB
 
 # -- what the simulated box holds ---------------------------------------------------------------------------
@@ -123,14 +124,7 @@ def catalog() -> dict[str, ModelConfig]:
 
 
 def sim_settings(models: tuple[ModelConfig, ...]) -> Settings:
-    return Settings(
-        host="127.0.0.1",
-        port=0,
-        cors_origins=(),
-        models_dir=Path("."),
-        configs_dir=Path("."),
-        api_tokens=None,
-        keep_alive=300.0,
+    return bare_settings(
         load_timeout=60.0,
         unload_grace=5.0,
         max_loaded_models=MAX_LOADED,

@@ -9,7 +9,6 @@ import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,8 +24,8 @@ from proxy.clock import SystemClock
 from proxy.cluster.config import ClusterSettings
 from proxy.cluster.hop import SERVED_BY, TOOK, Hop, Outcome, Target
 from proxy.cluster.signing import Caller, Signer
-from proxy.config import Settings
 from proxy.errors import Forbidden, Unavailable
+from tests.bare import bare_settings
 
 SECRET = "x" * 32
 CALLER = Caller(Principal(Role.USER, frozenset({"m"})), "key:1")
@@ -206,22 +205,7 @@ def test_a_node_takes_forwards_addressed_to_its_advertised_name() -> None:
     """A node on 0.0.0.0 advertised by its hostname: its forwards' Host is that name, which it must not
     refuse as a DNS-rebinding name (RequestGuard); other names still are."""
     cluster = ClusterSettings(redis_url="redis://r:6379/0", node="b", advertise="http://box-b:11434", secret=SECRET)
-    settings = Settings(
-        host="0.0.0.0",
-        port=11434,
-        cors_origins=(),
-        models_dir=Path("."),
-        configs_dir=Path("."),
-        api_tokens=None,
-        keep_alive=300,
-        load_timeout=5,
-        unload_grace=1,
-        max_loaded_models=None,
-        max_queue=1,
-        max_body_bytes=1,
-        log_level="info",
-        cluster=cluster,
-    )
+    settings = bare_settings(host="0.0.0.0", port=11434, cluster=cluster)
     policy = HostPolicy(settings)
     policy.check_host("box-b:11434")
     with pytest.raises(Forbidden):

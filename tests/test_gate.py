@@ -7,7 +7,6 @@ pass here) or not. The gate's rules in-process are below the live tests."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +19,7 @@ from proxy.config import Settings
 from proxy.dialects import gate
 from proxy.dialects.schemas import SchemaLimits
 from proxy.errors import BadRequest, UnsupportedInput
+from tests.bare import bare_settings
 from tests.harness import LiveProxy, fake_config, wait_until
 from tests.test_shaping import model
 
@@ -162,22 +162,7 @@ NOT_CHAT = {
 
 def _settings(**limits: Any) -> Settings:
     """The fewest settings an app is made with, and the limits given."""
-    return Settings(
-        host="127.0.0.1",
-        port=0,
-        cors_origins=(),
-        models_dir=Path("."),
-        configs_dir=Path("."),
-        api_tokens=None,
-        keep_alive=300,
-        load_timeout=5,
-        unload_grace=1,
-        max_loaded_models=None,
-        max_queue=1,
-        max_body_bytes=1,
-        log_level="info",
-        **limits,
-    )
+    return bare_settings(**limits)
 
 
 def _post_routes() -> set[str]:

@@ -27,6 +27,7 @@ from proxy.manager import ModelManager
 from proxy.memory import MemoryStore
 from proxy.runtime import TRANSITIONS, InvalidTransition, Runtime, State, WorkerFactory
 from proxy.upstream import Upstream
+from tests.bare import bare_settings
 from tests.fake_memory import FakeProbe
 
 
@@ -62,20 +63,12 @@ def model(name: str, keep_alive: float | None = None, **kw: Any) -> ModelConfig:
 def settings(
     *models: ModelConfig, max_loaded: int = 3, max_queue: int = 8, keep_alive: float = 300.0, stall_timeout: float = 0.0
 ) -> Settings:
-    return Settings(
-        host="127.0.0.1",
-        port=0,
-        cors_origins=(),
-        models_dir=Path("."),
-        configs_dir=Path("."),
+    return bare_settings(
         api_tokens=Path("none"),
         keep_alive=keep_alive,
-        load_timeout=5.0,
-        unload_grace=1.0,
         max_loaded_models=max_loaded,
         max_queue=max_queue,
         max_body_bytes=1 << 20,
-        log_level="info",
         models=tuple(models),
         stall_timeout=stall_timeout,
     )

@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from proxy.app import create_app
 from proxy.auth import KeyRing
-from proxy.config import Settings
+from tests.bare import bare_settings
 from tests.harness import REPO, LiveProxy, fake_config, running, wait_until
 
 SECRET = "s" * 40
@@ -82,21 +82,7 @@ def _load_llms(proxy: LiveProxy) -> None:
 def app_routes() -> list[tuple[str, str]]:
     """Every (method, path) the app serves, from the app itself."""
     app = create_app(
-        Settings(
-            host="127.0.0.1",
-            port=0,
-            cors_origins=(),
-            models_dir=Path("."),
-            configs_dir=Path("."),
-            api_tokens=None,
-            keep_alive=300,
-            load_timeout=5,
-            unload_grace=1,
-            max_loaded_models=None,
-            max_queue=1,
-            max_body_bytes=1,
-            log_level="info",
-        ),
+        bare_settings(),
         keys=KeyRing(),
     )
     out = []
