@@ -100,7 +100,8 @@ def test_an_answer_never_runs_past_the_context(smollm2_proxy: LiveProxy) -> None
 
 @pytest.mark.real
 def test_a_repeated_prompt_is_read_from_the_cache_in_every_dialect(smollm2_proxy: LiveProxy) -> None:
-    """The second time a prompt comes, llama.cpp evaluates only its last token: Anthropic's
+    """The second time a prompt comes, llama.cpp evaluates only its last two tokens (the prompt cache never
+    evaluates a last token alone: llama.cpp's CPU kernels give a lone token other logits than a batch): Anthropic's
     cache_read_input_tokens, OpenAI's and the Responses API's cached_tokens say so; the counts add up to
     count_tokens."""
     url = smollm2_proxy.url
@@ -120,7 +121,7 @@ def test_a_repeated_prompt_is_read_from_the_cache_in_every_dialect(smollm2_proxy
         first, second = usages
         assert first["input_tokens"] + first["cache_read_input_tokens"] == n
         assert second["input_tokens"] + second["cache_read_input_tokens"] == n
-        assert second["cache_read_input_tokens"] >= n - 1 and second["cache_creation_input_tokens"] == 0
+        assert second["cache_read_input_tokens"] >= n - 2 and second["cache_creation_input_tokens"] == 0
     for stream in (False, True):
         body = {**ask, "stream": stream, "stream_options": {"include_usage": True}} if stream else ask
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
@@ -130,10 +131,10 @@ def test_a_repeated_prompt_is_read_from_the_cache_in_every_dialect(smollm2_proxy
             usage = next(c["usage"] for c in chunks if c.get("usage"))
         else:
             usage = r.json()["usage"]
-        assert usage["prompt_tokens"] == n and usage["prompt_tokens_details"]["cached_tokens"] >= n - 1
+        assert usage["prompt_tokens"] == n and usage["prompt_tokens_details"]["cached_tokens"] >= n - 2
     r = httpx.post(url + "/v1/responses", json={"model": MODEL, "input": text, "max_output_tokens": 2}, timeout=120)
     usage = r.json()["usage"]
-    assert usage["input_tokens"] == n and usage["input_tokens_details"]["cached_tokens"] >= n - 1
+    assert usage["input_tokens"] == n and usage["input_tokens_details"]["cached_tokens"] >= n - 2
 
 
 def test_the_models_yaml_caps_answers_that_ask_for_no_cap_in_every_dialect(
