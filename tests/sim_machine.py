@@ -32,7 +32,7 @@ from starlette.types import Message
 
 from proxy.auth import Role
 from proxy.clock import ManualClock
-from proxy.config import DetailsSection, MemoryLimits, ModelConfig, Settings
+from proxy.config import MemoryLimits, ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ProxyError
 from proxy.events import Event, EventBus, StateChanged, Unloaded, UnloadReason
 from proxy.manager import Lease, ModelManager
@@ -40,7 +40,7 @@ from proxy.memory import MemoryStore, Need
 from proxy.relay import LeasedCall
 from proxy.runtime import TRANSITIONS, InvalidTransition, State
 from proxy.upstream import Upstream
-from tests.bare import bare_settings
+from tests.bare import bare_model, bare_settings
 from tests.fake_memory import FakeProbe, GiB
 
 # -- what the simulated box holds ---------------------------------------------------------------------------
@@ -85,32 +85,14 @@ def _role(param: str | None, admin: bool) -> dict[str, Any]:
 def model(name: str, **kw: Any) -> ModelConfig:
     """A model the fake workers run: its memory need in its config, so admission needs no estimate."""
     base: dict[str, Any] = dict(
-        name=name,
-        aliases=(),
-        backend="external",
         source=f"configs/{name}.yaml",
-        options={},
-        model_path=None,
         cmd=("fake",),
-        url=None,
-        health_path="/health",
-        python=None,
-        env={},
-        sampling={},
-        system=None,
-        system_time=False,
-        keep_alive=None,
-        pin_keep_alive=False,
-        parallel=1,
         load_timeout=60.0,
         unload_grace=5.0,
-        capabilities=("completion",),
-        vision=False,
-        details=DetailsSection(),
         memory=Need(NEEDS[name] * GiB, 0, "config"),
     )
     base.update(kw)
-    return ModelConfig(**base)
+    return bare_model(name, **base)
 
 
 def catalog() -> dict[str, ModelConfig]:

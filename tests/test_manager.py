@@ -20,44 +20,19 @@ from typing import Any
 import pytest
 
 from proxy.clock import ManualClock
-from proxy.config import DetailsSection, ModelConfig, Settings
+from proxy.config import ModelConfig, Settings
 from proxy.errors import ModelLoadFailed, ModelNotFound, QueueFull, Unavailable
 from proxy.events import LoadProgress
 from proxy.manager import ModelManager
 from proxy.memory import MemoryStore
 from proxy.runtime import TRANSITIONS, InvalidTransition, Runtime, State, WorkerFactory
 from proxy.upstream import Upstream
-from tests.bare import bare_settings
+from tests.bare import bare_model, bare_settings
 from tests.fake_memory import FakeProbe
 
 
 def model(name: str, keep_alive: float | None = None, **kw: Any) -> ModelConfig:
-    base: dict[str, Any] = dict(
-        name=name,
-        aliases=(),
-        backend="external",
-        source="test",
-        options={},
-        model_path=None,
-        cmd=("x",),
-        url=None,
-        health_path="/health",
-        python=None,
-        env={},
-        sampling={},
-        system=None,
-        system_time=False,
-        keep_alive=keep_alive,
-        pin_keep_alive=False,
-        parallel=1,
-        load_timeout=5.0,
-        unload_grace=1.0,
-        capabilities=("completion",),
-        vision=False,
-        details=DetailsSection(),
-    )
-    base.update(kw)
-    return ModelConfig(**base)
+    return bare_model(name, keep_alive=keep_alive, **kw)
 
 
 def settings(

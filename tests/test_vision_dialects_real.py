@@ -7,7 +7,6 @@ URL, a /v2 job's chat and the service API's ``image_url``), so each image went t
 from __future__ import annotations
 
 import http.server
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import ollama as ollama_sdk
 import openai
 import pytest
 
+from tests.bare import served
 from tests.harness import LiveProxy
 from tests.test_vision_real import VISION, encoded
 
@@ -42,15 +42,8 @@ class _Pictures(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def pictures() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Pictures)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with served(_Pictures) as address:
+        yield f"http://{address}"
 
 
 def test_each_dialect_gets_the_image_through_the_projector(
