@@ -25,6 +25,7 @@ from proxy.cluster.config import ClusterSettings
 from proxy.cluster.hop import SERVED_BY, TOOK, Hop, Outcome, Target
 from proxy.cluster.signing import Caller, Signer
 from proxy.errors import Forbidden, Unavailable
+from proxy.streaming import ClosingStream
 from tests.bare import bare_settings
 
 SECRET = "x" * 32
@@ -34,9 +35,12 @@ CALLER = Caller(Principal(Role.USER, frozenset({"m"})), "key:1")
 class Node:
     """The other node: answers /stream with chunks it sends one at a time, when the test allows."""
 
-    def __init__(self) -> None:
-        self.signer = Signer(SECRET, "b")
+    def __init__(self, name: str = "b", *, cuts: bool = True) -> None:
+        self.name = name
+        self.cuts = cuts  # /cut hangs up mid-answer
+        self.signer = Signer(SECRET, name)
         self.seen: list[dict[str, str]] = []
+        self.peers: list[object] = []  # the address each request came from: one per connection
         self.next_chunk = asyncio.Event()
         self.cut = asyncio.Event()  # set when its client went away mid-answer
         self.url = ""
@@ -46,9 +50,19 @@ class Node:
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.seen.append(headers)
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
         self.signer.verify(request.method, request.path_qs, body, headers, time.time())  # raises when forged
         if request.path == "/json":
             return web.json_response({"echo": body.decode()}, headers={SERVED_BY: "b", TOOK: "0.0"})
+        if request.path == "/cut" and not self.cuts:
+            return web.json_response({"echo": body.decode()}, headers={SERVED_BY: self.name})
+        if request.path == "/cut":  # says 100 bytes, sends 10 and hangs up
+            cut = web.StreamResponse(headers={"Content-Length": "100", SERVED_BY: "b"})
+            await cut.prepare(request)
+            await cut.write(b"0123456789")
+            assert request.transport is not None
+            request.transport.close()
+            return cut
         answer = web.StreamResponse(headers={"Content-Type": "text/event-stream", SERVED_BY: "b"})
         await answer.prepare(request)
         try:
@@ -120,6 +134,7 @@ async def test_a_stream_passes_chunk_by_chunk_and_credentials_stay_home(node: No
         CALLER,
         [Target("b", node.url)],
     )
+    assert isinstance(stream, ClosingStream)  # relayed as it comes: no length known
     assert stream.status_code == 200
     assert stream.headers[SERVED_BY] == "b"
     chunks = stream.body_iterator.__aiter__()
@@ -153,20 +168,50 @@ async def test_through_an_asgi_entry_the_json_answer_and_status_pass(node: Node)
     await hop.close()
 
 
+async def test_answers_of_a_known_length_come_whole_over_one_pooled_connection(node: Node) -> None:
+    """A JSON answer (its length known) is read whole and answered as a plain response, not relayed (a
+    relay's tasks cost more than the rest of the hop); its connection goes back to the pool, so the next
+    forward to that node opens none."""
+    hop = Hop(Signer(SECRET, "a"), SystemClock())
+    for i in range(5):
+        answer = await hop.forward("POST", "/json", {}, str(i).encode(), CALLER, [Target("b", node.url)])
+        assert not isinstance(answer, ClosingStream)
+        assert answer.status_code == 200 and answer.body == b'{"echo": "%d"}' % i
+        assert answer.headers[SERVED_BY] == "b" and TOOK not in answer.headers
+    assert len(node.peers) == 5 and len(set(node.peers)) == 1
+    await hop.close()
+
+
+async def test_a_node_that_cuts_a_known_length_answer_is_skipped_for_the_next(node: Node) -> None:
+    """Nothing has reached the client while a known-length answer is read: a node that hangs up before its
+    end is taken as unreachable, and the next target is tried (503 when there is none)."""
+    outcomes: list[Outcome] = []
+    hop = Hop(Signer(SECRET, "a"), SystemClock(), on_forward=outcomes.append)
+    with pytest.raises(Unavailable):
+        await hop.forward("POST", "/cut", {}, b"x", CALLER, [Target("b", node.url)])
+    assert [(o.node, o.outcome) for o in outcomes] == [("b", "unreachable")]
+    other = await Node("c", cuts=False).start()
+    try:
+        answer = await hop.forward("POST", "/cut", {}, b"x", CALLER, [Target("b", node.url), Target("c", other.url)])
+    finally:
+        await other.stop()
+    assert answer.status_code == 200 and answer.headers[SERVED_BY] == "c"
+    assert [(o.node, o.outcome) for o in outcomes[1:]] == [("b", "unreachable"), ("c", "ok")]
+    await hop.close()
+
+
 async def test_a_forged_forward_is_refused_by_the_other_node(node: Node) -> None:
     hop = Hop(Signer("y" * 32, "a"), SystemClock())  # not the cluster's secret
-    stream = await hop.forward("POST", "/json", {}, b"x", CALLER, [Target("b", node.url)])
-    assert stream.status_code == 500  # the test node turns the Unauthorized into a 500; the app's is 401
-    await stream._on_close()
+    answer = await hop.forward("POST", "/json", {}, b"x", CALLER, [Target("b", node.url)])
+    assert answer.status_code == 500  # the test node turns the Unauthorized into a 500; the app's is 401
     await hop.close()
 
 
 async def test_an_unreachable_node_is_skipped_for_the_next(node: Node) -> None:
     outcomes: list[Outcome] = []
     hop = Hop(Signer(SECRET, "a"), SystemClock(), on_forward=outcomes.append)
-    stream = await hop.forward("POST", "/json", {}, b"x", CALLER, [Target("dead", dead_url()), Target("b", node.url)])
-    assert stream.status_code == 200
-    await stream._on_close()
+    answer = await hop.forward("POST", "/json", {}, b"x", CALLER, [Target("dead", dead_url()), Target("b", node.url)])
+    assert answer.status_code == 200
     assert [(o.node, o.outcome) for o in outcomes] == [("dead", "unreachable"), ("b", "ok")]
     await hop.close()
 
@@ -193,6 +238,7 @@ async def test_no_node_reachable_is_a_503_with_retry_after_within_a_second() -> 
 async def test_the_client_going_away_closes_the_upstream(node: Node) -> None:
     hop = Hop(Signer(SECRET, "a"), SystemClock())
     stream = await hop.forward("POST", "/stream", {}, b"x", CALLER, [Target("b", node.url)])
+    assert isinstance(stream, ClosingStream)
     chunks = stream.body_iterator.__aiter__()
     assert await asyncio.wait_for(chunks.__anext__(), 5) == b"data: 0\n\n"
     await stream._on_close()  # what ClosingStream runs when its client has gone

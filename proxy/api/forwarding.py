@@ -54,9 +54,12 @@ class Routing(Exception):
 
 
 def target_of(request: Request) -> str:
-    """The path with its query, as signed."""
-    query = request.url.query
-    return request.url.path + ("?" + query if query else "")
+    """The path with its query, as signed: what ``request.url.path`` and ``.query`` say, read from the scope
+    (building ``request.url`` costs more than the rest of the forward's routing)."""
+    scope = request.scope
+    path: str = scope["path"].replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+    query: bytes = scope.get("query_string", b"")
+    return path + "?" + query.decode() if query else path
 
 
 def route_model(

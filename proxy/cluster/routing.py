@@ -43,6 +43,8 @@ class NotFound:
 
 Route = Here | Forward | NotFound
 
+_RNG = random.Random()  # one for the process: seeding a new one per request costs a getrandom call and more
+
 
 def route(
     view: ClusterView,
@@ -67,7 +69,7 @@ def route(
             if placed is not None:
                 return placed
         busy_here = mine is not None and mine.state == "ready"
-        return _to(view, _two_choices(view, model, holders, rng or random.Random()), "busy" if busy_here else "ready")
+        return _to(view, _two_choices(view, model, holders, rng or _RNG), "busy" if busy_here else "ready")
     if loaders:
         return _to(view, _least_outstanding(view, model, loaders), "loading")
     placed = _place(view, model, exclude=set())
