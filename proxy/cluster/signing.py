@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -43,9 +44,7 @@ class Caller:
     id: str  # perkey.caller_id: a hash of the key or token, or the client's address
 
     def encode(self) -> str:
-        models = sorted(self.principal.models) if self.principal.models is not None else None
-        raw = json.dumps({"role": int(self.principal.role), "models": models, "id": self.id}, separators=(",", ":"))
-        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+        return _encoded(self)
 
     @classmethod
     def decode(cls, text: str) -> Caller:
@@ -59,6 +58,14 @@ class Caller:
         except (binascii.Error, ValueError, KeyError, TypeError) as exc:
             raise Unauthorized(f"malformed cluster forward: caller ({type(exc).__name__})") from None
         return cls(Principal(role, frozenset(models) if models is not None else None), who)
+
+
+@functools.lru_cache(maxsize=4096)  # the same few callers forward again and again: encoded once each
+def _encoded(caller: Caller) -> str:
+    principal = caller.principal
+    models = sorted(principal.models) if principal.models is not None else None
+    raw = json.dumps({"role": int(principal.role), "models": models, "id": caller.id}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
 @dataclass(frozen=True)
