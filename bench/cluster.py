@@ -3,7 +3,8 @@
 - a warm forward's added latency: a small non-streaming request for a model loaded on node a, sent to node
   b (which forwards it) against the same request sent to a; interleaved rounds; p50 and p99 of each, and
   their difference (goal <= 2 ms at p50)
-- the entry node's CPU time per forwarded request (what the hop costs on an idle machine)
+- the entry node's CPU time per forwarded request (what the hop costs on an idle machine), and for scale the
+  serving node's CPU time per direct request (the whole proxy's work for one request: parse, auth, worker call)
 - the cold-load count: N simultaneous first requests for a model every node can serve (a 1 s load), spread
   over the three nodes (goal: exactly one load)
 - the time to leave out a killed node: SIGKILL, then /cluster on another node polled every 20 ms until
@@ -138,6 +139,12 @@ def main() -> None:
         forwards = rounds * per_round + 5
         cpu_per_forward = (sum(entry.cpu_times()[:2]) - cpu0) / forwards if entry is not None else float("nan")
 
+        serving = psutil.Process(nodes["a"].proc.pid) if nodes["a"].proc is not None else None
+        direct_n = per_round * max(2, rounds // 2)  # a whole request's CPU on the node that serves it, for scale
+        cpu0 = sum(serving.cpu_times()[:2]) if serving is not None else 0.0
+        asyncio.run(latencies({"direct": urls["direct"]}, 1, direct_n))
+        cpu_per_direct = (sum(serving.cpu_times()[:2]) - cpu0) / (direct_n + 5) if serving else float("nan")
+
         client = redis.Redis.from_url(server.url)
         (idle_calls, idle_beats), idle_t0 = commands(client), time.perf_counter()
         time.sleep(3.0)
@@ -187,6 +194,7 @@ def main() -> None:
         "added_p50_ms": med["forwarded"] - med["direct"],
         "added_p99_ms": tail["forwarded"] - tail["direct"],
         "entry_cpu_ms_per_forward": cpu_per_forward * 1000,
+        "serving_cpu_ms_per_direct_request": cpu_per_direct * 1000,
         "first_requests": args.first,
         "first_requests_ok": results.count(200),
         "cold_loads": cold_loads,
@@ -204,6 +212,7 @@ def main() -> None:
                 ("p99 direct, forwarded", f"{tail['direct']:.2f} ms, {tail['forwarded']:.2f} ms"),
                 ("added p99", f"{summary['added_p99_ms']:.2f} ms"),
                 ("entry node's CPU per forward", f"{cpu_per_forward * 1000:.2f} ms"),
+                ("serving node's CPU per direct request", f"{cpu_per_direct * 1000:.2f} ms"),
                 (f"loads for {args.first} first requests (goal 1)", f"{cold_loads:.0f} ({results.count(200)} ok)"),
                 ("killed node left out after (goal <= 4 s)", f"{exclusion:.2f} s"),
                 ("Redis commands per warm request (goal <= 0.05)", f"{per_request:.3f}"),
