@@ -9,7 +9,9 @@ import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 from aiohttp import web
@@ -23,7 +25,9 @@ from proxy.auth import Principal, Role
 from proxy.clock import SystemClock
 from proxy.cluster.config import ClusterSettings
 from proxy.cluster.hop import SERVED_BY, TOOK, Hop, Outcome, Target
+from proxy.cluster.net import ClusterNet
 from proxy.cluster.signing import Caller, Signer
+from proxy.cluster.view import ClusterView, NodeInfo
 from proxy.errors import Forbidden, Unavailable
 from tests.bare import bare_settings
 
@@ -47,6 +51,8 @@ class Node:
         headers = {k.lower(): v for k, v in request.headers.items()}
         self.seen.append(headers)
         self.signer.verify(request.method, request.path_qs, body, headers, time.time())  # raises when forged
+        if request.path == "/hang":  # takes the request and never answers (a SIGSTOPped node, a cut link)
+            await asyncio.Event().wait()
         if request.path == "/json":
             return web.json_response({"echo": body.decode()}, headers={SERVED_BY: "b", TOOK: "0.0"})
         answer = web.StreamResponse(headers={"Content-Type": "text/event-stream", SERVED_BY: "b"})
@@ -199,6 +205,74 @@ async def test_the_client_going_away_closes_the_upstream(node: Node) -> None:
     node.next_chunk.set()
     await asyncio.wait_for(node.cut.wait(), 5)
     await hop.close()
+
+
+async def test_a_cut_node_ends_its_forwards_in_flight_a_head_with_503_a_body_broken(node: Node) -> None:
+    """A node seen dead (Hop.cut) that took the request and never answers: the forward waiting for its head
+    is a 503 with Retry-After at once, a stream under way breaks (no head timeout, no read timeout)."""
+    outcomes: list[Outcome] = []
+    hop = Hop(Signer(SECRET, "a"), SystemClock(), on_forward=outcomes.append)
+    waiting = asyncio.ensure_future(hop.forward("POST", "/hang", {}, b"x", CALLER, [Target("b", node.url)]))
+    stream = await hop.forward("POST", "/stream", {}, b"x", CALLER, [Target("b", node.url)])
+    chunks = stream.body_iterator.__aiter__()
+    assert await asyncio.wait_for(chunks.__anext__(), 5) == b"data: 0\n\n"
+    while len(node.seen) < 2:  # both have reached the node
+        await asyncio.sleep(0.01)
+    assert hop.cut("c") == 0 and not waiting.done()  # another node's death ends nothing here
+    assert hop.open_to() == ["b"]
+    assert hop.cut("b") == 2
+    with pytest.raises(Unavailable) as caught:
+        await asyncio.wait_for(waiting, 1)
+    assert caught.value.status == 503 and "Retry-After" in caught.value.headers()
+    assert "b stopped answering" in caught.value.message
+    with pytest.raises(aiohttp.ClientPayloadError, match="b stopped answering"):
+        await asyncio.wait_for(chunks.__anext__(), 1)
+    await stream._on_close()  # what ClosingStream runs when its body failed: the upstream is closed
+    await asyncio.wait_for(node.cut.wait(), 5)
+    assert hop.open_to() == []
+    assert ("b", "dead") in [(o.node, o.outcome) for o in outcomes]
+    await hop.close()
+
+
+class OneView:
+    """A registry that only shows views (ClusterNet.seen reads none of it)."""
+
+    def view(self) -> ClusterView:
+        return ClusterView("a")
+
+    def touch(self) -> None:
+        pass
+
+    async def lease(self, model: str, **kw: Any) -> None:
+        return None
+
+    async def release(self, lease: Any) -> None:
+        pass
+
+
+def seen_as(alive: bool | None, *, connected: bool = True) -> ClusterView:
+    """A heartbeat's view where node b is alive, dead, or absent (None)."""
+    me = NodeInfo("a", "http://a", 1, "", (), (), 0, (), 0.0, True)
+    nodes = {"a": me}
+    if alive is not None:
+        nodes["b"] = NodeInfo("b", "http://b", 1, "", (), (), 0, (), 0.0 if alive else 9.0, alive)
+    return ClusterView("a", nodes, connected=connected)
+
+
+async def test_only_a_view_read_from_redis_showing_the_node_dead_ends_its_forwards(node: Node) -> None:
+    net = ClusterNet("a", SECRET, OneView(), SystemClock())
+    waiting = asyncio.ensure_future(net.hop.forward("POST", "/hang", {}, b"x", CALLER, [Target("b", node.url)]))
+    while not node.seen:
+        await asyncio.sleep(0.01)
+    net.seen(seen_as(False, connected=False))  # Redis out of reach: this node alone, b not known dead
+    net.seen(seen_as(None))  # b stopped cleanly (gone from the registry): its answers may still come
+    net.seen(seen_as(True))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    net.seen(seen_as(False))
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(waiting, 1)
+    await net.close()
 
 
 def test_a_node_takes_forwards_addressed_to_its_advertised_name() -> None:
