@@ -213,25 +213,28 @@ async def test_a_cut_node_ends_its_forwards_in_flight_a_head_with_503_a_body_bro
     outcomes: list[Outcome] = []
     hop = Hop(Signer(SECRET, "a"), SystemClock(), on_forward=outcomes.append)
     waiting = asyncio.ensure_future(hop.forward("POST", "/hang", {}, b"x", CALLER, [Target("b", node.url)]))
-    stream = await hop.forward("POST", "/stream", {}, b"x", CALLER, [Target("b", node.url)])
-    chunks = stream.body_iterator.__aiter__()
-    assert await asyncio.wait_for(chunks.__anext__(), 5) == b"data: 0\n\n"
-    while len(node.seen) < 2:  # both have reached the node
-        await asyncio.sleep(0.01)
-    assert hop.cut("c") == 0 and not waiting.done()  # another node's death ends nothing here
-    assert hop.open_to() == ["b"]
-    assert hop.cut("b") == 2
-    with pytest.raises(Unavailable) as caught:
-        await asyncio.wait_for(waiting, 1)
-    assert caught.value.status == 503 and "Retry-After" in caught.value.headers()
-    assert "b stopped answering" in caught.value.message
-    with pytest.raises(aiohttp.ClientPayloadError, match="b stopped answering"):
-        await asyncio.wait_for(chunks.__anext__(), 1)
-    await stream._on_close()  # what ClosingStream runs when its body failed: the upstream is closed
-    await asyncio.wait_for(node.cut.wait(), 5)
-    assert hop.open_to() == []
-    assert ("b", "dead") in [(o.node, o.outcome) for o in outcomes]
-    await hop.close()
+    try:
+        stream = await hop.forward("POST", "/stream", {}, b"x", CALLER, [Target("b", node.url)])
+        chunks = stream.body_iterator.__aiter__()
+        assert await asyncio.wait_for(chunks.__anext__(), 5) == b"data: 0\n\n"
+        while len(node.seen) < 2:  # both have reached the node
+            await asyncio.sleep(0.01)
+        assert hop.cut("c") == 0 and not waiting.done()  # another node's death ends nothing here
+        assert hop.open_to() == ["b"]
+        assert hop.cut("b") == 2
+        with pytest.raises(Unavailable) as caught:
+            await asyncio.wait_for(waiting, 1)
+        assert caught.value.status == 503 and "Retry-After" in caught.value.headers()
+        assert "b stopped answering" in caught.value.message
+        with pytest.raises(aiohttp.ClientPayloadError, match="b stopped answering"):
+            await asyncio.wait_for(chunks.__anext__(), 1)
+        await stream._on_close()  # what ClosingStream runs when its body failed: the upstream is closed
+        await asyncio.wait_for(node.cut.wait(), 5)
+        assert hop.open_to() == []
+        assert ("b", "dead") in [(o.node, o.outcome) for o in outcomes]
+    finally:
+        waiting.cancel()
+        await hop.close()
 
 
 class OneView:
@@ -262,17 +265,20 @@ def seen_as(alive: bool | None, *, connected: bool = True) -> ClusterView:
 async def test_only_a_view_read_from_redis_showing_the_node_dead_ends_its_forwards(node: Node) -> None:
     net = ClusterNet("a", SECRET, OneView(), SystemClock())
     waiting = asyncio.ensure_future(net.hop.forward("POST", "/hang", {}, b"x", CALLER, [Target("b", node.url)]))
-    while not node.seen:
-        await asyncio.sleep(0.01)
-    net.seen(seen_as(False, connected=False))  # Redis out of reach: this node alone, b not known dead
-    net.seen(seen_as(None))  # b stopped cleanly (gone from the registry): its answers may still come
-    net.seen(seen_as(True))
-    await asyncio.sleep(0.05)
-    assert not waiting.done()
-    net.seen(seen_as(False))
-    with pytest.raises(Unavailable):
-        await asyncio.wait_for(waiting, 1)
-    await net.close()
+    try:
+        while not node.seen:
+            await asyncio.sleep(0.01)
+        net.seen(seen_as(False, connected=False))  # Redis out of reach: this node alone, b not known dead
+        net.seen(seen_as(None))  # b stopped cleanly (gone from the registry): its answers may still come
+        net.seen(seen_as(True))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        net.seen(seen_as(False))
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(waiting, 1)
+    finally:
+        waiting.cancel()
+        await net.close()
 
 
 def test_a_node_takes_forwards_addressed_to_its_advertised_name() -> None:
