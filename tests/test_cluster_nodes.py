@@ -37,12 +37,15 @@ ADMIN = {"Authorization": "Bearer admin-key"}
 CATALOG = {"a": ("alpha", "shared"), "b": ("beta", "shared"), "c": ("shared",)}
 
 
-def start_cluster(root: Path, redis_url: str, **fake_flags: list[str]) -> dict[str, LiveProxy]:
+def start_cluster(
+    root: Path, redis_url: str, where: dict[str, dict[str, Any]] | None = None, **fake_flags: list[str]
+) -> dict[str, LiveProxy]:
+    """The three nodes of CATALOG; ``where``: more LiveProxy arguments by node (its host, its netns)."""
     nodes: dict[str, LiveProxy] = {}
     for name, models in CATALOG.items():
         configs = [fake_config(m, *fake_flags.get(m, [])) for m in models]
         cluster = {"redis_url": redis_url, "node": name, "secret": SECRET}
-        nodes[name] = LiveProxy(root / name, configs, tokens=TOKENS, cluster=cluster)
+        nodes[name] = LiveProxy(root / name, configs, tokens=TOKENS, cluster=cluster, **(where or {}).get(name, {}))
     starts = [threading.Thread(target=node.start) for node in nodes.values()]  # side by side: quicker
     for t in starts:
         t.start()
