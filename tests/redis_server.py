@@ -45,6 +45,8 @@ class RedisServer:
                 "--bind",
                 "127.0.0.1",
                 *self.also,
+                # on an address of its own beside loopback (a test's veth), taking clients there too
+                *(["--protected-mode", "no"] if self.also else []),
                 "--save",
                 "",
                 "--appendonly",

@@ -51,15 +51,20 @@ def start_cluster(
         t.start()
     for t in starts:
         t.join()
-    for node in nodes.values():
-        assert node.proc is not None, f"a node did not start: {node.log()}"
-        wait_until(functools.partial(all_alive, node), timeout=15)
+    try:
+        for node in nodes.values():
+            assert node.proc is not None, f"a node did not start: {node.log()}"
+            wait_until(functools.partial(all_alive, node), timeout=15)
+    except BaseException:
+        stop_cluster(nodes)  # none left running
+        raise
     return nodes
 
 
 def stop_cluster(nodes: dict[str, LiveProxy]) -> None:
     for node in nodes.values():
-        node.stop()
+        if node.proc is not None:
+            node.stop()
 
 
 def all_alive(node: LiveProxy) -> bool:
