@@ -295,3 +295,15 @@ def test_without_redis_each_node_serves_its_own_and_rejoins(tmp_path: Path, redi
             assert node.log().count("is back: node") == 1, name
     finally:
         stop_cluster(nodes)
+
+
+def test_a_second_node_with_a_live_nodes_name_refuses_to_start(
+    tmp_path: Path, redis: RedisServer, nodes: dict[str, LiveProxy]
+) -> None:
+    cluster = {"redis_url": redis.url, "node": "a", "secret": SECRET}
+    twin = LiveProxy(tmp_path, [fake_config("alpha")], tokens=TOKENS, cluster=cluster)
+    with pytest.raises(AssertionError, match="proxy exited"):
+        twin.start()
+    assert twin.proc is not None and twin.proc.returncode != 0
+    assert "'a' is the name of another live node of the cluster" in twin.log()
+    assert all_alive(nodes["a"])  # the first one goes on
