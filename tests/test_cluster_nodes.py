@@ -302,8 +302,12 @@ def test_a_second_node_with_a_live_nodes_name_refuses_to_start(
 ) -> None:
     cluster = {"redis_url": redis.url, "node": "a", "secret": SECRET}
     twin = LiveProxy(tmp_path, [fake_config("alpha")], tokens=TOKENS, cluster=cluster)
-    with pytest.raises(AssertionError, match="proxy exited"):
-        twin.start()
+    try:
+        with pytest.raises(AssertionError, match="proxy exited"):
+            twin.start()
+    finally:
+        if twin.proc is not None and twin.proc.poll() is None:
+            twin.stop()  # it started after all: the test fails, and leaves nothing running
     assert twin.proc is not None and twin.proc.returncode != 0
     assert "'a' is the name of another live node of the cluster" in twin.log()
     assert all_alive(nodes["a"])  # the first one goes on
