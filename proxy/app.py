@@ -219,4 +219,5 @@ async def _join_cluster(
         heartbeat=settings.cluster.heartbeat,
         on_forward=lambda o: metrics.forwarded(o.node, o.outcome, o.added),
     )
+    node.watch(net.seen)  # forwards to a node seen dead end at once
     return node, net

@@ -186,7 +186,7 @@ class Metrics:
             self.unloads.labels(event.model, event.reason.value).inc()
 
     def forwarded(self, node: str, outcome: str, added: float | None) -> None:
-        """One forward to ``node`` (``ok`` or ``unreachable``) and the seconds it added."""
+        """One forward to ``node`` (``ok``, ``unreachable`` or ``dead``) and the seconds it added."""
         self.forwards.labels(node, outcome).inc()
         if added is not None:
             self.forward_seconds.labels(node).observe(added)

@@ -116,10 +116,13 @@ class LiveProxy:
         args: list[str] | None = None,
         auth: dict[str, Any] | None = None,
         cluster: dict[str, Any] | None = None,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
         self.root = root
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
+        self.netns = netns  # run in this network namespace (tests/test_cluster_faults.py)
         self.args = list(args or [])  # more command-line arguments (--watch)
         (root / "configs").mkdir(parents=True, exist_ok=True)
         (root / "models").mkdir(exist_ok=True)
@@ -127,7 +130,7 @@ class LiveProxy:
             safe = model["name"].replace(":", "_").replace("/", "_")
             (root / "configs" / f"{safe}.yaml").write_text(yaml.safe_dump(model))
         config: dict[str, Any] = {
-            "server": {"host": "127.0.0.1", "port": 0, "cors_origins": cors or [], **(server or {})},
+            "server": {"host": host, "port": 0, "cors_origins": cors or [], **(server or {})},
             "defaults": {"keep_alive": "5m", "load_timeout": "60s", "unload_grace": "5s", **(defaults or {})},
             # no warm spares unless a test asks (tests/test_spares_real.py): other tests count the workers
             "limits": {"max_loaded_models": 3, "max_queue": 64, "warm_spare": False, **(limits or {})},
@@ -150,6 +153,7 @@ class LiveProxy:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *(["ip", "netns", "exec", self.netns] if self.netns else []),
                     sys.executable,
                     "-m",
                     "proxy",

@@ -28,8 +28,9 @@ class RedisServer:
     """``start()``, ``stop()`` (SIGKILL: its data goes with it, as with a crash) and ``start()`` again on the
     same port; ``url`` for clients."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, also: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.also = also  # more addresses it listens on, besides 127.0.0.1
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -43,6 +44,9 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
+                *self.also,
+                # on an address of its own beside loopback (a test's veth), taking clients there too
+                *(["--protected-mode", "no"] if self.also else []),
                 "--save",
                 "",
                 "--appendonly",

@@ -8,8 +8,10 @@ import asyncio
 import dataclasses
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 from aiohttp import web
@@ -21,9 +23,12 @@ from starlette.routing import Route
 from proxy.api.security import HostPolicy
 from proxy.auth import Principal, Role
 from proxy.clock import SystemClock
+from proxy.cluster import hop as hop_module
 from proxy.cluster.config import ClusterSettings
 from proxy.cluster.hop import SERVED_BY, TOOK, Hop, Outcome, Target
+from proxy.cluster.net import ClusterNet
 from proxy.cluster.signing import Caller, Signer
+from proxy.cluster.view import ClusterView, NodeInfo
 from proxy.errors import Forbidden, Unavailable
 from proxy.streaming import ClosingStream
 from tests.bare import bare_settings
@@ -52,9 +57,18 @@ class Node:
         self.seen.append(headers)
         self.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
         self.signer.verify(request.method, request.path_qs, body, headers, time.time())  # raises when forged
+        if request.path == "/hang":  # takes the request and never answers (a SIGSTOPped node, a cut link)
+            await asyncio.Event().wait()
         if request.path == "/json":
             return web.json_response({"echo": body.decode()}, headers={SERVED_BY: "b", TOOK: "0.0"})
         if request.path == "/cut" and not self.cuts:
+            return web.json_response({"echo": body.decode()}, headers={SERVED_BY: self.name})
+        if request.path == "/stall" and self.cuts:  # says 100 bytes, sends 10 and stops (a SIGSTOP mid-answer)
+            stall = web.StreamResponse(headers={"Content-Length": "100", SERVED_BY: "b"})
+            await stall.prepare(request)
+            await stall.write(b"0123456789")
+            await asyncio.Event().wait()
+        if request.path == "/stall":
             return web.json_response({"echo": body.decode()}, headers={SERVED_BY: self.name})
         if request.path == "/cut":  # says 100 bytes, sends 10 and hangs up
             cut = web.StreamResponse(headers={"Content-Length": "100", SERVED_BY: "b"})
@@ -200,6 +214,34 @@ async def test_a_node_that_cuts_a_known_length_answer_is_skipped_for_the_next(no
     await hop.close()
 
 
+async def test_a_node_cut_while_its_known_length_answer_is_read_is_skipped_for_the_next(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node seen dead after its head came but before the rest of a known-length answer: nothing has reached
+    the client, so the next target serves it (no read timeout: only the cut ends the wait)."""
+    reading = asyncio.Event()  # the head is in: the body's read is watched
+    ender = hop_module._ender
+
+    def watched(name: str, response: aiohttp.ClientResponse) -> Callable[[], None]:
+        reading.set()
+        return ender(name, response)
+
+    monkeypatch.setattr(hop_module, "_ender", watched)
+    hop = Hop(Signer(SECRET, "a"), SystemClock())
+    other = await Node("c", cuts=False).start()
+    try:
+        targets = [Target("b", node.url), Target("c", other.url)]
+        answer = asyncio.ensure_future(hop.forward("POST", "/stall", {}, b"x", CALLER, targets))
+        await asyncio.wait_for(reading.wait(), 5)
+        assert hop.cut("b") == 1
+        served = await asyncio.wait_for(answer, 5)
+        assert served.status_code == 200 and served.headers[SERVED_BY] == "c"
+        assert hop.open_to() == []
+    finally:
+        await other.stop()
+        await hop.close()
+
+
 async def test_a_forged_forward_is_refused_by_the_other_node(node: Node) -> None:
     hop = Hop(Signer("y" * 32, "a"), SystemClock())  # not the cluster's secret
     answer = await hop.forward("POST", "/json", {}, b"x", CALLER, [Target("b", node.url)])
@@ -245,6 +287,81 @@ async def test_the_client_going_away_closes_the_upstream(node: Node) -> None:
     node.next_chunk.set()
     await asyncio.wait_for(node.cut.wait(), 5)
     await hop.close()
+
+
+async def test_a_cut_node_ends_its_forwards_in_flight_a_head_with_503_a_body_broken(node: Node) -> None:
+    """A node seen dead (Hop.cut) that took the request and never answers: the forward waiting for its head
+    is a 503 with Retry-After at once, a stream under way breaks (no head timeout, no read timeout)."""
+    outcomes: list[Outcome] = []
+    hop = Hop(Signer(SECRET, "a"), SystemClock(), on_forward=outcomes.append)
+    waiting = asyncio.ensure_future(hop.forward("POST", "/hang", {}, b"x", CALLER, [Target("b", node.url)]))
+    try:
+        stream = await hop.forward("POST", "/stream", {}, b"x", CALLER, [Target("b", node.url)])
+        assert isinstance(stream, ClosingStream)  # a chunked answer is relayed
+        chunks = stream.body_iterator.__aiter__()
+        assert await asyncio.wait_for(chunks.__anext__(), 5) == b"data: 0\n\n"
+        while len(node.seen) < 2:  # both have reached the node
+            await asyncio.sleep(0.01)
+        assert hop.cut("c") == 0 and not waiting.done()  # another node's death ends nothing here
+        assert hop.open_to() == ["b"]
+        assert hop.cut("b") == 2
+        with pytest.raises(Unavailable) as caught:
+            await asyncio.wait_for(waiting, 1)
+        assert caught.value.status == 503 and "Retry-After" in caught.value.headers()
+        assert "b stopped answering" in caught.value.message
+        with pytest.raises(aiohttp.ClientPayloadError, match="b stopped answering"):
+            await asyncio.wait_for(chunks.__anext__(), 1)
+        await stream._on_close()  # what ClosingStream runs when its body failed: the upstream is closed
+        await asyncio.wait_for(node.cut.wait(), 5)
+        assert hop.open_to() == []
+        assert ("b", "dead") in [(o.node, o.outcome) for o in outcomes]
+    finally:
+        waiting.cancel()
+        await hop.close()
+
+
+class OneView:
+    """A registry that only shows views (ClusterNet.seen reads none of it)."""
+
+    def view(self) -> ClusterView:
+        return ClusterView("a")
+
+    def touch(self) -> None:
+        pass
+
+    async def lease(self, model: str, **kw: Any) -> None:
+        return None
+
+    async def release(self, lease: Any) -> None:
+        pass
+
+
+def seen_as(alive: bool | None, *, connected: bool = True) -> ClusterView:
+    """A heartbeat's view where node b is alive, dead, or absent (None)."""
+    me = NodeInfo("a", "http://a", 1, "", (), (), 0, (), 0.0, True)
+    nodes = {"a": me}
+    if alive is not None:
+        nodes["b"] = NodeInfo("b", "http://b", 1, "", (), (), 0, (), 0.0 if alive else 9.0, alive)
+    return ClusterView("a", nodes, connected=connected)
+
+
+async def test_only_a_view_read_from_redis_showing_the_node_dead_ends_its_forwards(node: Node) -> None:
+    net = ClusterNet("a", SECRET, OneView(), SystemClock())
+    waiting = asyncio.ensure_future(net.hop.forward("POST", "/hang", {}, b"x", CALLER, [Target("b", node.url)]))
+    try:
+        while not node.seen:
+            await asyncio.sleep(0.01)
+        net.seen(seen_as(False, connected=False))  # Redis out of reach: this node alone, b not known dead
+        net.seen(seen_as(None))  # b stopped cleanly (gone from the registry): its answers may still come
+        net.seen(seen_as(True))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        net.seen(seen_as(False))
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(waiting, 1)
+    finally:
+        waiting.cancel()
+        await net.close()
 
 
 def test_a_node_takes_forwards_addressed_to_its_advertised_name() -> None:

@@ -37,26 +37,34 @@ ADMIN = {"Authorization": "Bearer admin-key"}
 CATALOG = {"a": ("alpha", "shared"), "b": ("beta", "shared"), "c": ("shared",)}
 
 
-def start_cluster(root: Path, redis_url: str, **fake_flags: list[str]) -> dict[str, LiveProxy]:
+def start_cluster(
+    root: Path, redis_url: str, where: dict[str, dict[str, Any]] | None = None, **fake_flags: list[str]
+) -> dict[str, LiveProxy]:
+    """The three nodes of CATALOG; ``where``: more LiveProxy arguments by node (its host, its netns)."""
     nodes: dict[str, LiveProxy] = {}
     for name, models in CATALOG.items():
         configs = [fake_config(m, *fake_flags.get(m, [])) for m in models]
         cluster = {"redis_url": redis_url, "node": name, "secret": SECRET}
-        nodes[name] = LiveProxy(root / name, configs, tokens=TOKENS, cluster=cluster)
+        nodes[name] = LiveProxy(root / name, configs, tokens=TOKENS, cluster=cluster, **(where or {}).get(name, {}))
     starts = [threading.Thread(target=node.start) for node in nodes.values()]  # side by side: quicker
     for t in starts:
         t.start()
     for t in starts:
         t.join()
-    for node in nodes.values():
-        assert node.proc is not None, f"a node did not start: {node.log()}"
-        wait_until(functools.partial(all_alive, node), timeout=15)
+    try:
+        for node in nodes.values():
+            assert node.proc is not None, f"a node did not start: {node.log()}"
+            wait_until(functools.partial(all_alive, node), timeout=15)
+    except BaseException:
+        stop_cluster(nodes)  # none left running
+        raise
     return nodes
 
 
 def stop_cluster(nodes: dict[str, LiveProxy]) -> None:
     for node in nodes.values():
-        node.stop()
+        if node.proc is not None:
+            node.stop()
 
 
 def all_alive(node: LiveProxy) -> bool:
@@ -276,10 +284,30 @@ def test_without_redis_each_node_serves_its_own_and_rejoins(tmp_path: Path, redi
         r = chat(nodes["a"], "alpha")
         assert r.status_code == 200 and r.headers["x-served-by"] == "a"
         assert chat(nodes["a"], "beta").status_code == 404  # nobody it can see has it
+        time.sleep(2.5)  # the outage lasts several heartbeats (not a synchronisation)
         redis_server.start()
         back = time.monotonic()
         wait_until(lambda: len(alive(nodes["a"])) == 3, timeout=5)
-        assert time.monotonic() - back <= 3
+        assert time.monotonic() - back <= 2  # each node publishes at its next heartbeat; a reads them at its own
         assert chat(nodes["a"], "beta").headers["x-served-by"] == "b"
+        for name, node in nodes.items():  # logged once by each node, and its return once
+            assert node.log().count("is out of reach") == 1, name
+            assert node.log().count("is back: node") == 1, name
     finally:
         stop_cluster(nodes)
+
+
+def test_a_second_node_with_a_live_nodes_name_refuses_to_start(
+    tmp_path: Path, redis: RedisServer, nodes: dict[str, LiveProxy]
+) -> None:
+    cluster = {"redis_url": redis.url, "node": "a", "secret": SECRET}
+    twin = LiveProxy(tmp_path, [fake_config("alpha")], tokens=TOKENS, cluster=cluster)
+    try:
+        with pytest.raises(AssertionError, match="proxy exited"):
+            twin.start()
+    finally:
+        if twin.proc is not None and twin.proc.poll() is None:
+            twin.stop()  # it started after all: the test fails, and leaves nothing running
+    assert twin.proc is not None and twin.proc.returncode != 0
+    assert "'a' is the name of another live node of the cluster" in twin.log()
+    assert all_alive(nodes["a"])  # the first one goes on

@@ -11,13 +11,18 @@ which is safe because nothing has reached the client yet (so is one that hangs u
 known-length answer); when none answers, ``Unavailable`` (503 with
 Retry-After). Once the answer has started there is no retry: its end, or the client's going away
 (``ClosingStream``), closes the upstream connection, so the other node sees its client go as a local
-client's going would be seen. Forwards are counted by node and outcome, with the time they added:
-``X-Cluster-Took`` (the serving node's own time to its answer's headers) is taken from the time to the
-answer's headers here.
+client's going would be seen. A node the registry sees dead (``cut``: its heartbeats stopped, as when it is
+SIGSTOPped or its link is cut, where the kernel may still take the connection and nothing ever answers) ends
+every forward to it in flight: one still waiting for its answer's head with ``Unavailable`` (503 with
+Retry-After), one whose body is coming cut (the client's stream breaks, as when a local worker dies). There is
+no head timeout: a cold load or a long answer may rightly take minutes before its headers. Forwards are
+counted by node and outcome, with the time they added: ``X-Cluster-Took`` (the serving node's own time to its
+answer's headers) is taken from the time to the answer's headers here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +67,10 @@ _NOT_SENT = frozenset(
 _NOT_RETURNED = frozenset({"connection", "keep-alive", "transfer-encoding", "date", "server", TOOK})
 
 
+class _Dead(Exception):
+    """The node was cut (seen dead) before its answer's head came."""
+
+
 @dataclass(frozen=True)
 class Target:
     node: str
@@ -70,7 +79,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One forward, for the metrics: the node, ``ok`` or ``unreachable``, and the seconds it added."""
+    """One forward, for the metrics: the node, ``ok``, ``unreachable`` or ``dead`` (cut), and the seconds it added."""
 
     node: str
     outcome: str
@@ -91,6 +100,7 @@ class Hop:
         self.connect_timeout = connect_timeout
         self._on_forward = on_forward
         self._session: aiohttp.ClientSession | None = None
+        self._open: dict[str, set[Callable[[], None]]] = {}  # node -> how to end each forward to it in flight
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -111,6 +121,30 @@ class Hop:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def open_to(self) -> list[str]:
+        """The nodes with forwards in flight."""
+        return list(self._open)
+
+    def cut(self, node: str) -> int:
+        """``node`` was seen dead: every forward to it in flight ends now (see the module's doc); how many."""
+        ends = self._open.pop(node, set())
+        for end in ends:
+            end()
+        return len(ends)
+
+    def _watch(self, node: str, end: Callable[[], None]) -> Callable[[], None]:
+        """``end`` is called if ``node`` is cut; the answer forgets it."""
+        self._open.setdefault(node, set()).add(end)
+
+        def forget() -> None:
+            ends = self._open.get(node)
+            if ends is not None:
+                ends.discard(end)
+                if not ends:
+                    del self._open[node]
+
+        return forget
 
     def _note(self, outcome: Outcome) -> None:
         if self._on_forward is not None:
@@ -133,7 +167,11 @@ class Hop:
             started = self.clock.monotonic()
             signed = {**sent, **self.signer.sign(method, target, body, caller, self.clock.time())}
             try:
-                response = await self._send(method, node.url.rstrip("/") + target, signed, body)
+                response = await self._head(node.node, method, node.url.rstrip("/") + target, signed, body)
+            except _Dead as exc:
+                log.warning("cluster: node %s stopped answering a forward: it is dead", node.node)
+                self._note(Outcome(node.node, "dead", None))
+                raise Unavailable(f"node {node.node} stopped answering", retry_after=RETRY_AFTER) from exc
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 log.warning("cluster: node %s (%s) unreachable: %s", node.node, node.url, type(exc).__name__)
                 failed.append(node.node)
@@ -146,6 +184,7 @@ class Hop:
                 pass
             whole = _whole(response)
             if whole:
+                forget = self._watch(node.node, _ender(node.node, response))  # a cut: the next node
                 try:  # a small answer of a known length: here already, or about to be
                     content = await response.read()
                 except (TimeoutError, aiohttp.ClientError) as exc:
@@ -154,13 +193,32 @@ class Hop:
                     failed.append(node.node)
                     self._note(Outcome(node.node, "unreachable", None))
                     continue
+                finally:
+                    forget()
             self._note(Outcome(node.node, "ok", added))
             if whole:
                 return Response(content, status_code=response.status, headers=_returned(response))
-            return self._relay(response)
+            return self._relay(node.node, response)
         raise Unavailable(
             f"no node could take the request: {', '.join(failed) or 'none'} unreachable", retry_after=RETRY_AFTER
         )
+
+    async def _head(
+        self, node: str, method: str, url: str, headers: dict[str, str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """``_send``, ended with _Dead as soon as ``node`` is cut."""
+        head = asyncio.timeout(None)
+        try:
+            async with head:
+                forget = self._watch(node, lambda: head.reschedule(0))
+                try:
+                    return await self._send(method, url, headers, body)
+                finally:
+                    forget()
+        except TimeoutError as exc:
+            if head.expired():
+                raise _Dead(node) from exc
+            raise  # aiohttp's connect timeout: unreachable
 
     async def _send(self, method: str, url: str, headers: dict[str, str], body: bytes) -> aiohttp.ClientResponse:
         """The answer's head; one more try on the same node when a pooled connection was closed under it."""
@@ -169,8 +227,10 @@ class Hop:
         except aiohttp.ServerDisconnectedError:
             return await self.session.request(method, url, data=body or None, headers=headers)
 
-    def _relay(self, response: aiohttp.ClientResponse) -> ClosingStream:
+    def _relay(self, node: str, response: aiohttp.ClientResponse) -> ClosingStream:
         finished = False
+
+        forget = self._watch(node, _ender(node, response))  # the client's stream breaks
 
         async def chunks() -> AsyncIterator[bytes]:
             nonlocal finished
@@ -179,6 +239,7 @@ class Hop:
             finished = True
 
         async def close() -> None:
+            forget()
             if finished:
                 response.release()  # the connection goes back to the pool
             else:
@@ -187,6 +248,15 @@ class Hop:
         return ClosingStream(
             chunks(), on_close=close, status_code=response.status, headers=_returned(response), media_type=None
         )
+
+
+def _ender(node: str, response: aiohttp.ClientResponse) -> Callable[[], None]:
+    """What ends ``response``'s body when ``node`` is seen dead: its next read fails."""
+
+    def end() -> None:
+        response.content.set_exception(aiohttp.ClientPayloadError(f"node {node} stopped answering"))
+
+    return end
 
 
 def _returned(response: aiohttp.ClientResponse) -> dict[str, str]:

@@ -100,6 +100,17 @@ class ClusterNet:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def seen(self, view: ClusterView) -> None:
+        """A heartbeat's view of the registry: the forwards in flight to a node it shows dead end now (the
+        hop's ``cut``). Only a view read from Redis says a node is dead: while Redis is out of reach, or once a
+        node stopped cleanly (it is gone from the registry, not dead), its forwards go on."""
+        if not view.connected:
+            return
+        for name in self.hop.open_to():
+            info = view.nodes.get(name)
+            if info is not None and not info.alive:
+                log.warning("cluster: node %s is dead: its %d forwards in flight end", name, self.hop.cut(name))
+
     def targets(self, model: str, first: Forward) -> list[Target]:
         """Where to forward: the chosen node, then the other live nodes that have the model ready or
         loading (tried only when the first cannot be reached)."""

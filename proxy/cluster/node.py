@@ -232,6 +232,7 @@ class ClusterNode:
         self._here = self._me(LocalState())
         self._view = ClusterView(settings.node, {settings.node: self._here}, connected=False)
         self._dirty = True
+        self._watchers: list[Callable[[ClusterView], None]] = []
         p = settings.prefix
         self._k_nodes, self._k_leases = f"{p}:nodes", f"{p}:leases"
         self._claim = self.redis.register_script(_CLAIM)
@@ -254,6 +255,11 @@ class ClusterNode:
         """This node's state changed (a model loaded, a request began or ended): the next ``view()`` reads it
         again, with ``quick`` when given (states and counts only), else ``local``."""
         self._dirty = True
+
+    def watch(self, seen: Callable[[ClusterView], None]) -> None:
+        """``seen(view)`` after each heartbeat that read the registry (``ClusterNet.seen``: forwards to a node
+        seen dead end then)."""
+        self._watchers.append(seen)
 
     # -- life ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -364,6 +370,8 @@ class ClusterNode:
             self.connected = True
             self._warned = False
         self._view = self._build()
+        for seen in self._watchers:
+            seen(self._view)
 
     def _absorb(self, now_ms: int, nodes: list[Any], leases: list[Any]) -> None:
         remote: dict[str, NodeInfo] = {}
