@@ -41,10 +41,14 @@ class Caller:
 
     principal: Principal
     id: str  # perkey.caller_id: a hash of the key or token, or the client's address
+    owner: str | None = None  # whose jobs it makes and sees (proxy.jobs.owner_of_key); None: not said
 
     def encode(self) -> str:
         models = sorted(self.principal.models) if self.principal.models is not None else None
-        raw = json.dumps({"role": int(self.principal.role), "models": models, "id": self.id}, separators=(",", ":"))
+        data = {"role": int(self.principal.role), "models": models, "id": self.id}
+        if self.owner is not None:
+            data["owner"] = self.owner
+        raw = json.dumps(data, separators=(",", ":"))
         return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
     @classmethod
@@ -54,11 +58,14 @@ class Caller:
             role = Role(data["role"])
             models = data["models"]
             who = data["id"]
+            owner = data.get("owner")  # a node that does not say: None
             if not isinstance(who, str) or not (models is None or all(isinstance(m, str) for m in models)):
                 raise ValueError("bad caller fields")
+            if owner is not None and not isinstance(owner, str):
+                raise ValueError("bad caller owner")
         except (binascii.Error, ValueError, KeyError, TypeError) as exc:
             raise Unauthorized(f"malformed cluster forward: caller ({type(exc).__name__})") from None
-        return cls(Principal(role, frozenset(models) if models is not None else None), who)
+        return cls(Principal(role, frozenset(models) if models is not None else None), who, owner)
 
 
 @dataclass(frozen=True)
