@@ -11,6 +11,8 @@ model (hear): every request below enters at a node that does not have its model.
 from __future__ import annotations
 
 import functools
+import re
+import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,10 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from proxy.cluster.view import ModelPresence, from_publication
 from tests.harness import LiveProxy, fake_config, wait_until
 from tests.redis_server import RedisServer
+from tests.test_ui_real import HTTP_4XX
 
 SECRET = "cluster-secret-for-the-routes-0123456789abcdef"
 TOKENS: dict[str, Any] = {"api_key": ["user-key", "other-key"], "admin_key": ["admin-key"]}
@@ -186,3 +190,33 @@ def test_a_multipart_request_with_a_wrong_key_is_refused_before_any_forward(node
         timeout=30,
     )
     assert r.status_code == 401
+
+
+def test_the_status_page_shows_the_nodes(nodes: dict[str, LiveProxy]) -> None:
+    """/ui on a node of a cluster: its own models, and every node from GET /cluster (an admin's), in a real
+    headless Chromium (as tests/test_ui_real.py drives it)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is missing: scripts/setup.sh --test installs it (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(nodes["b"].url + "/ui")
+            page.fill("#key", "admin-key")
+            page.click("#keyform button[type=submit]")
+            expect(page.locator('tr[data-model="draw"]')).to_be_visible(timeout=30_000)  # its own models
+            expect(page.locator("#cluster-section")).to_be_visible(timeout=30_000)
+            expect(page.locator("#cluster tbody tr")).to_have_count(3)
+            row = page.locator('#cluster tr[data-node="c"]')
+            expect(row.locator("td.alive")).to_have_text("alive")
+            expect(row.locator("td.models")).to_have_text("hear")
+            expect(row.locator("td.free")).to_contain_text("RAM")
+            expect(row.locator("td.age")).to_have_text(re.compile(r"^\d+\.\d s$"))
+            expect(page.locator('#cluster tr[data-node="b"] td.node')).to_have_text("b (this node)")
+            assert all(HTTP_4XX.match(e) for e in errors), errors  # the key form's 401 only
+        finally:
+            browser.close()
