@@ -16,15 +16,21 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from proxy.cluster.view import ModelPresence, from_publication
+from proxy.api.forwarding import FORWARDED, RAW, Routing, route_to_node
+from proxy.cluster.net import ClusterNet
+from proxy.cluster.routing import Forward
+from proxy.cluster.view import ClusterView, ModelPresence, from_publication
+from proxy.errors import NotFound, Unavailable
 from tests.harness import LiveProxy, fake_config, wait_until
 from tests.redis_server import RedisServer
+from tests.test_cluster_routing import node as node_info
+from tests.test_cluster_routing import view
 from tests.test_ui_real import HTTP_4XX
 
 SECRET = "cluster-secret-for-the-routes-0123456789abcdef"
@@ -126,7 +132,7 @@ def test_speech_route(nodes: dict[str, LiveProxy]) -> None:
 
 def test_transcription_is_forwarded_as_the_client_sent_it(nodes: dict[str, LiveProxy]) -> None:
     audio = bytes(range(256)) * 40  # 10240 bytes, every byte value: the multipart body must arrive intact
-    for entry in ("a", "b"):
+    for entry in ("c", "a", "b"):  # c's own first: its load lease taken, the handler runs again on the body kept
         r = httpx.post(
             nodes[entry].url + "/v1/audio/transcriptions",
             files={"file": ("clip.wav", audio, "audio/wav")},
@@ -220,3 +226,31 @@ def test_the_status_page_shows_the_nodes(nodes: dict[str, LiveProxy]) -> None:
             assert all(HTTP_4XX.match(e) for e in errors), errors  # the key form's 401 only
         finally:
             browser.close()
+
+
+class _Net:
+    """What ``forwarding.route_to_node`` reads of the network: this node's name, the view, the heartbeat."""
+
+    def __init__(self, v: ClusterView) -> None:
+        self.node = v.here
+        self.heartbeat = 1.0
+        self._view = v
+
+    def view(self) -> ClusterView:
+        return self._view
+
+
+def test_a_job_on_a_node_that_is_down_is_503_and_on_one_nobody_knows_404() -> None:
+    v = view(node_info("a", catalog=()), node_info("b", catalog=(), alive=False), node_info("c", catalog=()))
+    net = cast(ClusterNet, _Net(v))
+    scope: dict[str, Any] = {RAW: b""}
+    with pytest.raises(Unavailable) as down:
+        route_to_node(net, scope, "b", "job 'b~1'")
+    assert down.value.retry_after > 0
+    with pytest.raises(NotFound):
+        route_to_node(net, scope, "z", "job 'z~1'")
+    with pytest.raises(Routing) as there:
+        route_to_node(net, scope, "c", "job 'c~1'")
+    assert there.value.pinned and there.value.decision == Forward("c", "http://c", "holds")
+    route_to_node(net, scope, "a", "job 'a~1'")  # this node's own: served here
+    route_to_node(net, {RAW: b"", FORWARDED: "c"}, "c", "job 'c~1'")  # came from another node: one hop at most
