@@ -219,7 +219,7 @@ def test_the_status_page_shows_the_nodes(nodes: dict[str, LiveProxy]) -> None:
             expect(page.locator("#cluster tbody tr")).to_have_count(3)
             row = page.locator('#cluster tr[data-node="c"]')
             expect(row.locator("td.alive")).to_have_text("alive")
-            expect(row.locator("td.models")).to_have_text("hear")
+            expect(row.locator("td.models")).to_have_text(re.compile(r"^hear( \((ready|starting|stopping)\))?$"))
             expect(row.locator("td.free")).to_contain_text("RAM")
             expect(row.locator("td.age")).to_have_text(re.compile(r"^\d+\.\d s$"))
             expect(page.locator('#cluster tr[data-node="b"] td.node')).to_have_text("b (this node)")
@@ -254,3 +254,21 @@ def test_a_job_on_a_node_that_is_down_is_503_and_on_one_nobody_knows_404() -> No
     assert there.value.pinned and there.value.decision == Forward("c", "http://c", "holds")
     route_to_node(net, scope, "a", "job 'a~1'")  # this node's own: served here
     route_to_node(net, {RAW: b"", FORWARDED: "c"}, "c", "job 'c~1'")  # came from another node: one hop at most
+
+
+def test_ollama_ps_shows_the_language_models_loaded_elsewhere_only(nodes: dict[str, LiveProxy]) -> None:
+    assert post(nodes["a"], "/v1/embeddings", {"model": "embed", "input": "one"}).status_code == 200
+    image = {"model": "draw", "prompt": "a cat", "size": "256x256"}
+    assert post(nodes["b"], "/v1/images/generations", image).status_code == 200
+
+    def listed() -> set[str]:
+        return {m["name"] for m in httpx.get(nodes["c"].url + "/api/ps", headers=USER, timeout=10).json()["models"]}
+
+    def ready_on_b() -> bool:
+        found = httpx.get(nodes["c"].url + "/cluster", headers=ADMIN, timeout=10).json()["nodes"]
+        b = next(n for n in found if n["node"] == "b")
+        return any(m["name"] == "draw" and m["state"] == "ready" for m in b["models"])
+
+    wait_until(ready_on_b, timeout=10)  # c's view has it ready on b
+    wait_until(lambda: "embed:latest" in listed(), timeout=10)
+    assert "draw:latest" not in listed()  # an image model: not in Ollama's list, as on its own node
