@@ -116,6 +116,7 @@ def create_app(
             ttl=settings.jobs_ttl,
             max_queued_per_key=settings.jobs_max_queued_per_key,
             max_bytes_per_key=settings.jobs_max_bytes_per_key,
+            node=settings.cluster.node if settings.cluster is not None else None,
         )
         discovery.on_catalog.append(queue.forget_missing)  # a reload or rescan that removes a model ends its jobs
         # TODO(manager): expose the runtime dir; it is the manager's (read here for the lock and the sweep)

@@ -320,6 +320,18 @@ class ModelConfig:
         """Whether its backend's worker serves this (``capabilities`` is what the model advertises)."""
         return capability in self.facts.capabilities
 
+    @property
+    def listed_capabilities(self) -> list[str]:
+        """What model lists (Ollama's, a cluster's registry) say it can do: its own capabilities,
+        ``embedding`` where its worker makes embeddings for it (a chat model on llama.cpp serves /api/embed
+        too), ``vision`` where configured."""
+        caps = list(self.capabilities)
+        if "completion" in caps and self.backend_can("embed") and "embedding" not in caps:
+            caps.append("embedding")
+        if self.vision and "vision" not in caps:
+            caps.append("vision")
+        return caps
+
 
 @dataclass(frozen=True)
 class Settings:

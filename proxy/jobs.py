@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import hashlib
 import json
 import logging
 import sqlite3
@@ -39,6 +40,22 @@ from proxy.clock import Clock
 from proxy.errors import Conflict, ModelNotFound, NotFound, PayloadTooLarge, QueueFull, TooManyRequests
 
 log = logging.getLogger("proxy.jobs")
+
+# In a cluster a job's id names the node that stores it: ``<node>~<uuid>`` (a node's name has no '~', and
+# '~' needs no escaping in a URL), so a poll that reaches another node is forwarded there (proxy.api.jobs).
+NODE_MARK = "~"
+
+
+def node_of(job_id: str) -> str | None:
+    """The node a job's id names (None: an id made without a cluster)."""
+    node, mark, _ = job_id.rpartition(NODE_MARK)
+    return node if mark and node else None
+
+
+def owner_of_key(key: str) -> str:
+    """Who owns the jobs a key makes: the key's sha256, in hex (what ``?owner=`` names)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -320,8 +337,10 @@ class Jobs:
         ttl: float,
         max_queued_per_key: int = 100,
         max_bytes_per_key: int = 64 * 1024 * 1024,
+        node: str | None = None,  # a cluster's node: its jobs' ids name it (node_of)
     ) -> None:
         self._store = store
+        self._id_prefix = node + NODE_MARK if node else ""
         self._execute = execute
         self._clock = clock
         self._parallel_of = parallel_of
@@ -438,7 +457,7 @@ class Jobs:
         size = len(text.encode())
         self.check_room(owner, size)
         job = Job(
-            id=str(uuid.uuid4()),
+            id=self._id_prefix + str(uuid.uuid4()),
             model=model,
             owner=owner,
             role=role,

@@ -112,6 +112,10 @@ def _scripted_chunks(message: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield {**head, "choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
 
 
+# a 1x1 PNG: what the fake "image model" makes
+FAKE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
+
 def build(args: argparse.Namespace) -> Starlette:
     state = {"in_flight": 0, "generated": 0, "requests": 0}
 
@@ -223,12 +227,33 @@ def build(args: argparse.Namespace) -> Starlette:
         data = [{"object": "embedding", "index": i, "embedding": vector} for i in range(len(inputs))]
         return JSONResponse({"object": "list", "data": data, "model": "fake", "usage": {"prompt_tokens": 1}})
 
+    async def images(request: Request) -> Response:  # a model configured as kind: image
+        body = json.loads(await request.body())
+        seed = int(body.get("seed") or 0)
+        image = {"base64": FAKE_PNG, "seed": seed, "width": 1, "height": 1}
+        return JSONResponse({"images": [image] * int(body.get("batch_size") or 1), "processing_time": 0.01})
+
+    async def speech(request: Request) -> Response:  # kind: speech; the text back as the "audio"
+        body = json.loads(await request.body())
+        return Response(("fake audio: " + str(body.get("input"))).encode(), media_type="application/octet-stream")
+
+    async def transcriptions(request: Request) -> Response:  # kind: transcription; the upload's size as text
+        async with request.form() as form:
+            upload = form["file"]
+            size = len(await upload.read()) if not isinstance(upload, str) else 0
+        text = f"fake transcript of {size} bytes"
+        return JSONResponse({"language": "en", "duration": 1.0, "text": text, "segments": []})
+
     return Starlette(
         routes=[
             Route("/health", health),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", chat, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/images", images, methods=["POST"]),
+            Route("/v1/audio/speech", speech, methods=["POST"]),
+            Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+            Route("/v1/audio/translations", transcriptions, methods=["POST"]),
         ]
     )
 

@@ -3,6 +3,8 @@ probe with set figures, the ManualClock)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from proxy.cluster.local import local_state, quick_state
 from proxy.cluster.view import ModelPresence
 from proxy.memory import Need
@@ -22,15 +24,18 @@ async def test_models_states_and_free_memory() -> None:
     before = local_state(manager)
     assert before.catalog == ("a", "b") and before.weights == ("a", "b")
     assert before.aliases == (("a1", "a"), ("a2", "a"))
+    llm = ("completion", "embedding")  # what the lists show it can do (published with its kind)
     assert before.models == (
-        ModelPresence("a", "stopped", ram=4 * GiB, parallel=2),
-        ModelPresence("b", "stopped", ram=2 * GiB),
+        ModelPresence("a", "stopped", ram=4 * GiB, parallel=2, kind="llm", capabilities=llm),
+        ModelPresence("b", "stopped", ram=2 * GiB, kind="llm", capabilities=llm),
     )
     assert before.free_ram == before.ram_budget == 16 * GiB - reserve
     lease = await manager.acquire("a")
     try:
         after = local_state(manager)
-        assert after.models[0] == ModelPresence("a", "ready", in_flight=1, ram=4 * GiB, parallel=2)
+        assert after.models[0] == ModelPresence(
+            "a", "ready", in_flight=1, ram=4 * GiB, parallel=2, kind="llm", capabilities=llm
+        )
         # what the loaded model is counted at is no longer free, by the budget, though the probe shows no change
         assert after.free_ram == 16 * GiB - reserve - 4 * GiB
         assert after.config_hash == before.config_hash != ""
@@ -61,7 +66,7 @@ async def test_quick_state_reads_states_and_counts_without_the_probe() -> None:
         reads = manager.probe.reads  # type: ignore[attr-defined]
         quick = quick_state(manager, before)
         assert manager.probe.reads == reads  # type: ignore[attr-defined]
-        assert quick.models == (ModelPresence("a", "ready", in_flight=1, ram=4 * GiB, parallel=2),)
+        assert quick.models == (dataclasses.replace(before.models[0], state="ready", in_flight=1),)
         assert quick.free_ram == before.free_ram  # memory stays the last heartbeat's
     finally:
         lease.release()

@@ -123,6 +123,7 @@ def guarded(role: Role) -> Callable[[Handler], Handler]:
                 if principal.role < role:
                     raise Forbidden(f"this needs {role.name.lower()} rights")
                 request.state.caller = accepted.caller.id  # counted on the node it came to
+                request.state.owner = accepted.caller.owner  # whose jobs (proxy.api.jobs.owner_of)
             else:
                 key = key_from_headers(request.headers)
                 principal = svc.keys.authenticate(key, role)
@@ -299,6 +300,31 @@ async def read_json(request: Request) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(parse_large, raw, svc.settings.max_json_values)
 
 
+async def kept(request: Request, limit: int | None = None) -> Request:
+    """The request, its body bounded as ``size_limited`` bounds it; with a cluster, that body read whole and
+    kept as the client sent it (``forwarding.RAW``: forwarded as it came if another node serves it, as
+    ``read_json`` keeps a JSON body), and given again. Routes whose body is not JSON (multipart
+    transcription) or that route before reading it (jobs) call this first."""
+    limited = size_limited(request, limit)
+    svc = services(request)
+    scope = request.scope
+    if svc.cluster is None or INTERNAL_PRINCIPAL in scope or forwarding.FORWARDED in scope:
+        return limited
+    raw = b"".join([chunk async for chunk in limited.stream()])
+    scope[forwarding.RAW] = raw
+    return forwarding.given_again(request, raw)
+
+
+def routed(request: Request, name: str) -> ModelConfig:
+    """The model ``name`` names, in the caller's view; with a cluster, ``forwarding.Routing`` when another
+    node serves it (or a load lease must be taken first), ModelNotFound when no live node has it."""
+    view = caller(request)
+    net = services(request).cluster
+    if net is None:
+        return view.resolve(name)
+    return forwarding.route_model(net, request.scope, name, view.resolve, lambda n: view.principal.allows((n,)))
+
+
 def checked_keep_alive(request: Request, keep_alive: float | None) -> float | None:
     """A keep_alive the caller may ask for: 0 (unload now) and forever need an admin key (403); a user
     key's is capped at ``limits.max_user_keep_alive``."""
@@ -317,12 +343,7 @@ def model_for(
     """The model a body names and its keep_alive (taken out of the body), if it can do one of ``needs``."""
     model = require_model(body)
     keep_alive = checked_keep_alive(request, keep_alive_of(body))
-    view = caller(request)
-    net = services(request).cluster
-    if net is None:
-        cfg = view.resolve(model)
-    else:  # served here, or Routing (proxy.api.forwarding)
-        cfg = forwarding.route_model(net, request.scope, model, view.resolve, lambda n: view.principal.allows((n,)))
+    cfg = routed(request, model)  # served here, or Routing (proxy.api.forwarding)
     note = RequestNote.of(request.scope)
     if note is not None:
         note.for_model(cfg.name)

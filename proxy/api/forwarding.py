@@ -26,15 +26,17 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.api.perkey import SLOTS
-from proxy.auth import Principal
+from proxy.auth import Principal, key_from_headers
 from proxy.clock import Clock
 from proxy.cluster.hop import SERVED_BY, TOOK
-from proxy.cluster.net import ClusterNet
+from proxy.cluster.net import ClusterNet, Target
 from proxy.cluster.routing import Forward, Here, NotFound, Route
 from proxy.cluster.signing import FORWARD, Caller
 from proxy.cluster.signing import Forward as Accepted
 from proxy.config import ModelConfig
-from proxy.errors import ModelNotFound, PayloadTooLarge
+from proxy.errors import ModelNotFound, PayloadTooLarge, Unavailable
+from proxy.errors import NotFound as NotFoundError
+from proxy.jobs import owner_of_key
 
 RAW = "proxy.cluster.raw_body"  # in the ASGI scope: the body as the client sent it (read_json keeps it)
 FORWARDED = "proxy.cluster.forwarded"  # the node a verified forward came from
@@ -45,12 +47,13 @@ ARRIVED = "proxy.cluster.arrived"  # when a forward arrived (the clock's monoton
 class Routing(Exception):
     """Not served here as it is: ``follow`` takes the lease, forwards, or runs the handler again."""
 
-    def __init__(self, model: str, asked: str, decision: Route, replicas: int = 1) -> None:
+    def __init__(self, model: str, asked: str, decision: Route, replicas: int = 1, *, pinned: bool = False) -> None:
         super().__init__(model)
         self.model = model
         self.asked = asked
         self.decision = decision
         self.replicas = replicas  # its YAML's replicas where this node has it, else 1
+        self.pinned = pinned  # only the decision's node has it (a job it stores): no other node is tried
 
 
 def target_of(request: Request) -> str:
@@ -88,6 +91,25 @@ def route_model(
     if isinstance(decision, NotFound):
         raise ModelNotFound(name)
     raise Routing(model, name, decision, replicas)
+
+
+def route_to_node(net: ClusterNet, scope: Scope, node: str, what: str) -> None:
+    """Routing to ``node``, which alone has ``what`` (a job it stores), unless it is this node or the request
+    came from another node; NotFound when no node of that name is known, Unavailable (503) when it is not
+    alive (its jobs come back with it)."""
+    if node == net.node or scope.get(FORWARDED) is not None or scope.get(ROUTED) or RAW not in scope:
+        return
+    info = net.view().nodes.get(node)
+    if info is None:
+        raise NotFoundError(f"{what} not found (no node '{node}' in the cluster)")
+    if not info.alive:
+        raise Unavailable(f"{what} is on node '{node}', which is not reachable now", retry_after=net.heartbeat * 3)
+    raise Routing(what, what, Forward(node, info.advertise, "holds"), pinned=True)
+
+
+def given_again(request: Request, body: bytes) -> Request:
+    """The request, its body (already read) given again to whoever reads it next."""
+    return _replayed(request, body)
 
 
 async def accept(net: ClusterNet, request: Request, max_bytes: int) -> tuple[Request, Accepted]:
@@ -145,8 +167,9 @@ async def follow(
         request.scope[ROUTED] = True
         return await handler(_replayed(request, body))
     assert isinstance(decision, Forward)
-    targets = net.targets(routing.model, decision)
-    caller = Caller(principal, who)
+    targets = [Target(decision.node, decision.advertise)] if routing.pinned else net.targets(routing.model, decision)
+    key = key_from_headers(request.headers)
+    caller = Caller(principal, who, owner_of_key(key or ""))  # the owner: the jobs it makes and sees there
     return await net.hop.forward(request.method, target_of(request), request.headers, body, caller, targets)
 
 

@@ -20,7 +20,6 @@ import asyncio
 import base64
 import binascii
 import dataclasses
-import hashlib
 import json
 import uuid
 from typing import Any, NoReturn, cast
@@ -33,13 +32,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
-from proxy.api.common import INTERNAL_PRINCIPAL, Services, caller, guarded, read_json, role_of, services
+from proxy.api.common import INTERNAL_PRINCIPAL, Services, caller, guarded, kept, read_json, role_of, routed, services
+from proxy.api.forwarding import route_to_node
 from proxy.api.media import fetcher, inline_images
 from proxy.auth import Principal, Role, key_from_headers
 from proxy.config import ModelConfig
 from proxy.dialects import service
-from proxy.errors import BadRequest, Forbidden
-from proxy.jobs import FINAL, Job, Jobs, Outcome, Status
+from proxy.errors import BadRequest, Forbidden, ModelNotFound
+from proxy.jobs import FINAL, Job, Jobs, Outcome, Status, node_of, owner_of_key
 from proxy.manager import ModelManager
 
 RUNSYNC_WAIT_MS = 90_000  # RunPod's default ?wait, and its bounds
@@ -52,11 +52,40 @@ def jobs_of(request: Request) -> Jobs:
 
 
 def owner_of(request: Request) -> str:
-    """Who owns the jobs a request makes or sees: a hash of its key; everyone alike in open mode."""
+    """Who owns the jobs a request makes or sees: a hash of its key (a forward's: as its entry node found
+    it); everyone alike in open mode."""
     if services(request).keys.open:
         return ""
-    key = key_from_headers(request.headers) or ""
-    return hashlib.sha256(key.encode()).hexdigest()
+    carried = getattr(request.state, "owner", None)
+    if isinstance(carried, str):
+        return carried
+    return owner_of_key(key_from_headers(request.headers) or "")
+
+
+async def follow_job(request: Request) -> Request:
+    """With a cluster, a request about a job another node stores (its id names the node: proxy.jobs.node_of)
+    is forwarded there, whole (``forwarding.Routing``); else the request, to serve here."""
+    net = services(request).cluster
+    node = node_of(request.path_params["job_id"])
+    if net is None or node is None or node == net.node:
+        return request
+    request = await kept(request, services(request).settings.max_json_bytes)
+    route_to_node(net, request.scope, node, f"job '{request.path_params['job_id']}'")
+    return request
+
+
+async def model_here(request: Request) -> ModelConfig:
+    """The model the path names, served here; with a cluster, a model only other nodes serve routes the
+    request there (``forwarding.Routing``), its body as the client sent it."""
+    name = request.path_params["model"]
+    view = caller(request)
+    if services(request).cluster is None:
+        return view.resolve(name)
+    try:
+        return view.resolve(name)
+    except ModelNotFound:
+        request = await kept(request, services(request).settings.max_json_bytes)
+        return routed(request, name)
 
 
 def viewer_of(request: Request) -> str | None:
@@ -293,7 +322,10 @@ async def _input(request: Request) -> dict[str, Any]:
 
 
 async def _submit(request: Request) -> Job:
-    cfg = caller(request).resolve(request.path_params["model"])  # a scoped key's other models are 404
+    request = await kept(request, services(request).settings.max_json_bytes)  # with a cluster: as sent
+    # a scoped key's other models are 404; with a cluster, the job goes whole to where routing sends the
+    # model's requests (stored and run there: its id names that node)
+    cfg = routed(request, request.path_params["model"])
     job_input = await _input(request)
     if isinstance(job_input.get("messages"), list):  # image URLs fetched once, now: stored as data URLs
         await inline_images(job_input, cfg, fetcher(request))
@@ -345,26 +377,31 @@ async def runsync(request: Request) -> Response:
     return JSONResponse(view)
 
 
-def _model_name(request: Request) -> str:
-    return caller(request).resolve(request.path_params["model"]).name
+async def _model_name(request: Request) -> str:
+    return (await model_here(request)).name
 
 
 @guarded(Role.USER)
 async def status(request: Request) -> Response:
-    job = await jobs_of(request).get(request.path_params["job_id"], viewer_of(request), _model_name(request))
+    request = await follow_job(request)
+    job = await jobs_of(request).get(request.path_params["job_id"], viewer_of(request), await _model_name(request))
     return JSONResponse(job.view())
 
 
 @guarded(Role.USER)
 async def cancel(request: Request) -> Response:
-    job = await jobs_of(request).cancel(request.path_params["job_id"], viewer_of(request), _model_name(request))
+    request = await follow_job(request)
+    jobs = jobs_of(request)
+    job = await jobs.cancel(request.path_params["job_id"], viewer_of(request), await _model_name(request))
     return JSONResponse({"id": job.id, "status": job.status.value})
 
 
 @guarded(Role.USER)
 async def retry(request: Request) -> Response:
     """RunPod's /retry: a FAILED job back in the queue, same id and input (409 for a job in another state)."""
-    job = await jobs_of(request).retry(request.path_params["job_id"], viewer_of(request), _model_name(request))
+    request = await follow_job(request)
+    jobs = jobs_of(request)
+    job = await jobs.retry(request.path_params["job_id"], viewer_of(request), await _model_name(request))
     return JSONResponse({"id": job.id, "status": job.status.value})
 
 
@@ -372,14 +409,14 @@ async def retry(request: Request) -> Response:
 async def purge_queue(request: Request) -> Response:
     """RunPod's /purge-queue: the caller's jobs waiting for this model are cancelled; running ones go on. An
     admin's purges every key's (``?owner=``: one key's)."""
-    removed = await jobs_of(request).purge_queue(_owner_param(request), _model_name(request))
+    removed = await jobs_of(request).purge_queue(_owner_param(request), await _model_name(request))
     return JSONResponse({"removed": removed, "status": "completed"})
 
 
 @guarded(Role.USER)
 async def health(request: Request) -> Response:
     """RunPod's endpoint health: job counts, and the model's worker as idle or running."""
-    name = _model_name(request)
+    name = await _model_name(request)
     jobs = jobs_of(request)
     waiting, running = jobs.counts(name)
     done = await jobs.finished_counts(name)

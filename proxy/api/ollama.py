@@ -163,17 +163,6 @@ async def embeddings(request: Request) -> Response:
     return Response(shaped, media_type="application/json")
 
 
-def _capabilities(cfg: ModelConfig) -> list[str]:
-    """What Ollama's lists say a model can do: its own capabilities, ``embedding`` where its worker makes
-    embeddings for it (a chat model on llama.cpp serves /api/embed too), ``vision`` where configured."""
-    caps = list(cfg.capabilities)
-    if "completion" in caps and cfg.backend_can("embed") and "embedding" not in caps:
-        caps.append("embedding")
-    if cfg.vision and "vision" not in caps:
-        caps.append("vision")
-    return caps
-
-
 async def _model_info(request: Request, cfg: ModelConfig, family: str, file_type: str) -> dict[str, Any]:
     """The GGUF's own metadata where there is one; else what the config says."""
     metadata = await services(request).manager.gguf_metadata(cfg)
@@ -196,7 +185,7 @@ def _tag(cfg: ModelConfig) -> dict[str, Any]:
         "size": e.size,
         "digest": e.digest,
         "details": e.details,
-        "capabilities": _capabilities(cfg),
+        "capabilities": cfg.listed_capabilities,
     }
 
 
@@ -207,7 +196,10 @@ def _llm_configs(request: Request) -> list[ModelConfig]:
 @guarded(Role.USER)
 async def tags(request: Request) -> Response:
     models = [_tag(cfg) for cfg in _llm_configs(request)]
-    models += [_remote_tag(name, node.model(name)) for name, node in cluster.other_models(request)]
+    for name, node in cluster.other_models(request):  # another node's: listed when it is a language model
+        presence = node.model(name)
+        if presence is None or presence.language_model:
+            models.append(_remote_tag(name, presence))
     return JSONResponse({"models": models})
 
 
@@ -222,6 +214,7 @@ def _remote_tag(name: str, presence: ModelPresence | None) -> dict[str, Any]:
         "size": size,
         "digest": "",
         "details": {},
+        **({"capabilities": list(presence.capabilities)} if presence and presence.capabilities is not None else {}),
     }
 
 
@@ -254,6 +247,8 @@ async def ps(request: Request) -> Response:
             }
         )
     for presence, _node in cluster.loaded_elsewhere(request):  # ready on another node of the cluster
+        if not presence.language_model:
+            continue
         tag = _remote_tag(presence.name, presence)
         models.append({**tag, "expires_at": dialect.rfc3339(), "size_vram": presence.vram, "context_length": 0})
     return JSONResponse({"models": models})
@@ -283,7 +278,7 @@ async def show(request: Request) -> Response:
             "system": cfg.system or "",
             "details": e.details,
             "model_info": await _model_info(request, cfg, e.details["family"], e.details["quantization_level"]),
-            "capabilities": _capabilities(cfg),
+            "capabilities": cfg.listed_capabilities,
             "modified_at": dialect.rfc3339(e.modified_at or None),
         }
     )

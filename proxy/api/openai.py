@@ -188,7 +188,9 @@ async def list_models(request: Request) -> Response:
     for name, node in cluster.other_models(request):  # a cluster's other nodes' models (none on a single host)
         state = node.state_of(name) or "stopped"
         loaded = {"id": name, "object": "model", "created": created, "owned_by": node.node, "loaded": state == "ready"}
-        data.append({**loaded, "status": {"value": _ROUTER_STATUS.get(state, "unloaded")}})
+        presence = node.model(name)
+        kind = {"kind": presence.kind} if presence is not None and presence.kind is not None else {}
+        data.append({**loaded, **kind, "status": {"value": _ROUTER_STATUS.get(state, "unloaded")}})
     return JSONResponse({"object": "list", "data": data})
 
 

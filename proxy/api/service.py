@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import caller, guarded, read_json
-from proxy.api.jobs import jobs_of, submit, viewer_of, wait_seconds
+from proxy.api.common import guarded, read_json, routed
+from proxy.api.jobs import follow_job, jobs_of, submit, viewer_of, wait_seconds
 from proxy.api.media import fetcher
 from proxy.auth import Principal, Role
 from proxy.config import ModelConfig
@@ -78,7 +78,9 @@ async def _submit(request: Request) -> Job:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' must name the model that serves the request", param="model")
-    cfg = caller(request).resolve(model)  # a scoped key's other models are 404, whatever the input
+    # a scoped key's other models are 404, whatever the input; with a cluster, the job goes whole to where
+    # routing sends the model's requests (stored and run there: its id names that node)
+    cfg = routed(request, model)
     given = body.get("input")
     if not isinstance(given, dict):
         shapes = service.SHAPES
@@ -108,6 +110,7 @@ async def runsync(request: Request) -> Response:
 @guarded(Role.USER)
 async def status(request: Request) -> Response:
     """A job's status and, once it ended, its output or error: the caller's own jobs (an admin's: any)."""
+    request = await follow_job(request)  # a job another node stores: forwarded there
     job_id = request.path_params["job_id"]
     job = await jobs_of(request).get(job_id, viewer_of(request))
     principal: Principal = request.state.principal

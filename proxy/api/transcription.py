@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.api.common import caller, checked_keep_alive, guarded, services, size_limited
+from proxy.api.common import checked_keep_alive, guarded, kept, routed, services
 from proxy.auth import Role
 from proxy.dialects.transcripts import MEDIA_TYPES, check_request, render
 from proxy.errors import BadRequest, PayloadTooLarge
@@ -23,7 +23,7 @@ from proxy.relay import LeasedCall
 
 
 async def _form(request: Request) -> FormData:
-    limited = size_limited(request)
+    limited = await kept(request)  # with a cluster, the body as sent: forwarded whole if another node serves it
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise BadRequest("the request must be multipart/form-data with the audio in 'file'", param="file")
@@ -56,7 +56,7 @@ def transcribe_route(task: str) -> Any:
             if not model:
                 raise BadRequest("'model' is required", param="model")
             manager = services(request).manager
-            cfg = caller(request).resolve(model)
+            cfg = routed(request, model)  # with a cluster: Routing when another node serves it
             if "transcription" not in cfg.capabilities:
                 raise BadRequest(f"model '{cfg.name}' does not transcribe audio", param="model")
             send = {k: v for k, v in fields.items() if k in ("language", "prompt", "temperature")}

@@ -37,6 +37,8 @@ def presence(st: ModelStatus) -> ModelPresence:
         ram=need.ram if need is not None else 0,
         vram=need.vram if need is not None else 0,
         parallel=st.config.parallel,
+        kind=st.config.kind,
+        capabilities=tuple(st.config.listed_capabilities),
     )
 
 

@@ -510,6 +510,8 @@ def reserve(info: NodeInfo, model: str, lease: LeaseInfo) -> NodeInfo:
         ram=lease.ram or (old.ram if old else 0),
         vram=lease.vram or (old.vram if old else 0),
         parallel=old.parallel if old else 1,
+        kind=old.kind if old else None,
+        capabilities=old.capabilities if old else None,
     )
     models = tuple(m for m in info.models if m.name != model) + (starting,)
     free_vram = list(info.free_vram)

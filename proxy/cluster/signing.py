@@ -42,6 +42,7 @@ class Caller:
 
     principal: Principal
     id: str  # perkey.caller_id: a hash of the key or token, or the client's address
+    owner: str | None = None  # whose jobs it makes and sees (proxy.jobs.owner_of_key); None: not said
 
     def encode(self) -> str:
         return _encoded(self)
@@ -53,18 +54,24 @@ class Caller:
             role = Role(data["role"])
             models = data["models"]
             who = data["id"]
+            owner = data.get("owner")  # a node that does not say: None
             if not isinstance(who, str) or not (models is None or all(isinstance(m, str) for m in models)):
                 raise ValueError("bad caller fields")
+            if owner is not None and not isinstance(owner, str):
+                raise ValueError("bad caller owner")
         except (binascii.Error, ValueError, KeyError, TypeError) as exc:
             raise Unauthorized(f"malformed cluster forward: caller ({type(exc).__name__})") from None
-        return cls(Principal(role, frozenset(models) if models is not None else None), who)
+        return cls(Principal(role, frozenset(models) if models is not None else None), who, owner)
 
 
 @functools.lru_cache(maxsize=4096)  # the same few callers forward again and again: encoded once each
 def _encoded(caller: Caller) -> str:
     principal = caller.principal
     models = sorted(principal.models) if principal.models is not None else None
-    raw = json.dumps({"role": int(principal.role), "models": models, "id": caller.id}, separators=(",", ":"))
+    data = {"role": int(principal.role), "models": models, "id": caller.id}
+    if caller.owner is not None:
+        data["owner"] = caller.owner
+    raw = json.dumps(data, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 

@@ -29,6 +29,10 @@ class ModelPresence:
     ram: int = 0
     vram: int = 0
     parallel: int = 1  # requests it serves at once
+    # what it is (llm, embedding, image, speech, transcription) and what the model lists say it can do, as
+    # its node's config knows it; None: published by a node that does not say (listed as before: an LLM)
+    kind: str | None = None
+    capabilities: tuple[str, ...] | None = None
 
     @property
     def outstanding(self) -> int:
@@ -45,7 +49,7 @@ class ModelPresence:
         return self.outstanding > 0 or self.state == "starting"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "name": self.name,
             "state": self.state,
             "in_flight": self.in_flight,
@@ -54,9 +58,16 @@ class ModelPresence:
             "vram": self.vram,
             "parallel": self.parallel,
         }
+        if self.kind is not None:
+            d["kind"] = self.kind
+        if self.capabilities is not None:
+            d["capabilities"] = list(self.capabilities)
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ModelPresence:
+        kind = d.get("kind")
+        caps = d.get("capabilities")
         return cls(
             name=str(d["name"]),
             state=str(d["state"]),
@@ -65,7 +76,15 @@ class ModelPresence:
             ram=int(d.get("ram", 0)),
             vram=int(d.get("vram", 0)),
             parallel=max(1, int(d.get("parallel", 1))),
+            kind=str(kind) if kind is not None else None,
+            capabilities=tuple(str(c) for c in caps) if isinstance(caps, list) else None,
         )
+
+    @property
+    def language_model(self) -> bool:
+        """Listed by Ollama's /api/tags and /api/ps (it chats, completes or embeds), as a local model is;
+        a model whose node published no capabilities is taken for one (as before they were published)."""
+        return self.capabilities is None or bool({"completion", "embedding"} & set(self.capabilities))
 
 
 @dataclass(frozen=True)

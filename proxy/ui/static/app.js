@@ -21,6 +21,8 @@ const ui = {
   refreshAgain: false,
   pollTimer: null,
   follows: [], // names whose log is followed, oldest first
+  node: null, // this node's name when the proxy is in a cluster (its answers' X-Served-By), else null
+  clusterTimer: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -347,6 +349,7 @@ async function connectEvents() {
   ui.admin = true;
   setLive("on", "live");
   notice("");
+  startCluster(); // the nodes: GET /cluster is an admin's
   try {
     await readSSE(resp, onEvent);
   } catch (e) {
@@ -443,6 +446,70 @@ function renderRequests() {
   body.replaceChildren(...rows);
 }
 
+// ---- the cluster (GET /cluster, an admin's: shown only when the proxy is a node of one) ----
+
+const CLUSTER_EVERY = 2000; // ms between two GET /cluster
+
+function freeText(n) {
+  const parts = [bytes(n.free_ram) + " RAM"];
+  (n.free_vram || []).forEach((v, i) => parts.push(bytes(v) + " VRAM on GPU " + i));
+  return parts.join(" · ");
+}
+
+function modelsText(n) {
+  // every model the node can serve, with its state where it is not stopped
+  const states = new Map((n.models || []).map((m) => [m.name, m.state]));
+  return (n.catalog || [])
+    .map((name) => {
+      const state = states.get(name);
+      return state && state !== "stopped" ? name + " (" + state + ")" : name;
+    })
+    .join(", ");
+}
+
+function renderCluster(data) {
+  const rows = data.nodes.map((n) =>
+    el(
+      "tr",
+      { "data-node": n.node, "data-alive": String(n.alive) },
+      el("td", { class: "node" }, n.node + (n.node === data.here ? " (this node)" : "")),
+      el("td", { class: "alive" }, n.alive ? "alive" : "dead"),
+      el("td", { class: "age" }, n.age.toFixed(1) + " s"),
+      el("td", { class: "models" }, modelsText(n)),
+      el("td", { class: "free" }, freeText(n)),
+      el("td", { class: "advertise" }, n.advertise),
+    ),
+  );
+  $("cluster").tBodies[0].replaceChildren(...rows);
+  $("cluster-section").hidden = false;
+}
+
+async function loadCluster() {
+  let resp;
+  try {
+    resp = await api("cluster");
+  } catch (e) {
+    return; // the next round tries again
+  }
+  if (!resp.ok) {
+    stopCluster();
+    $("cluster-section").hidden = true;
+    return;
+  }
+  renderCluster(await resp.json());
+}
+
+function startCluster() {
+  if (!ui.node || ui.clusterTimer !== null) return;
+  loadCluster();
+  ui.clusterTimer = setInterval(loadCluster, CLUSTER_EVERY);
+}
+
+function stopCluster() {
+  if (ui.clusterTimer !== null) clearInterval(ui.clusterTimer);
+  ui.clusterTimer = null;
+}
+
 // ---- keys and start ----
 
 function askKey(why) {
@@ -460,6 +527,7 @@ function stop() {
   ui.events = null;
   if (ui.pollTimer !== null) clearInterval(ui.pollTimer);
   ui.pollTimer = null;
+  stopCluster();
   for (const name of ui.follows.slice()) stopFollow(name);
 }
 
@@ -475,6 +543,7 @@ async function start() {
   $("forget").hidden = !key();
   const date = resp.headers.get("date");
   if (date) ui.offset = Date.parse(date) / 1000 - Date.now() / 1000;
+  ui.node = resp.headers.get("x-served-by"); // only a node of a cluster sends it
   setModels((await resp.json()).models);
   connectEvents();
 }
