@@ -101,6 +101,11 @@ def _free_ram(limits: MemoryLimits, snap: Snapshot, occupants: Sequence[Occupant
     return min(booked, physical)
 
 
+def free_ram(limits: MemoryLimits, snap: Snapshot, occupants: Sequence[Occupant]) -> int:
+    """The RAM free beside ``occupants`` (the smaller of the budget's and the box's, less the reserve)."""
+    return _free_ram(limits, snap, occupants)
+
+
 def _free_vram(limits: MemoryLimits, gpu: GpuMemory, occupants: Sequence[Occupant]) -> int:
     here = [o for o in occupants if o.gpu == gpu.index]
     booked = _vram_whole(limits, gpu) - sum(o.need.vram for o in here)

@@ -154,6 +154,7 @@ def create_app(
             if reload.watch:
                 reloader.watch()
         await queue.start()
+        manager.start_spares()  # in the background: a warm spare per configured backend (proxy/spares.py)
         try:
             yield
         finally:

@@ -41,7 +41,7 @@ from proxy.errors import (
 )
 from proxy.events import EventBus, StateChanged, UnloadReason
 from proxy.lifecycle import Lifecycle
-from proxy.memory import MemoryProbe, MemoryStore, Need, SystemProbe
+from proxy.memory import PROCESS_BASE, MemoryProbe, MemoryStore, Need, SystemProbe
 from proxy.needs import Needs
 from proxy.nvml import Nvml
 from proxy.registry import Registry
@@ -76,7 +76,7 @@ from proxy.scheduler import (
     next_move,
     shown,
 )
-from proxy.spares import SpareKey, Spares
+from proxy.spares import HEADROOM, SpareKey, Spares
 from proxy.supervisor import Worker, worker_env
 from proxy.upstream import Upstream
 
@@ -433,6 +433,31 @@ class ModelManager:
         key = SpareKey.of(placed) if self.spares is not None and not rt.retired else None
         if self.spares is not None and key is not None:
             self.spares.replenish(key, worker_env(placed.env))
+
+    def start_spares(self) -> None:
+        """At start-up: a warm spare for each backend (interpreter, environment) of the catalog, so that the
+        first load of each pays for its weights only; in the catalog's order, one at a time, in the background
+        (``Spares.prestart``), each while the RAM admission counts as free leaves ``HEADROOM`` beside it."""
+        if self.spares is None:
+            return
+        wanted: dict[SpareKey, Mapping[str, str]] = {}
+        backends: dict[SpareKey, str] = {}
+        for rt in self._runtimes.values():
+            if rt.retired:
+                continue
+            decision = self._decide(rt)  # where its load would go now (a spare's CUDA_VISIBLE_DEVICES is its worker's)
+            placed = rt.placed_on(decision.gpu, decision.split) if decision.kind == "start" else rt.placed
+            key = SpareKey.of(placed)
+            if key is not None and key not in wanted:
+                wanted[key], backends[key] = worker_env(placed.env), placed.backend
+
+        def room_for(key: SpareKey) -> bool:
+            now = self.clock.monotonic()
+            models = room.occupants(None, self._runtimes.values(), self.world(), now, self.settings.memory.evict_pinned)
+            free = room.ram_free(models, self.probe, self.spares, self.settings)
+            return free >= PROCESS_BASE.get(backends[key], 0) + HEADROOM
+
+        self.spares.prestart(list(wanted.items()), room_for)
 
     def _dismiss_spares(self, rt: Runtime) -> bool:
         """Stop the spares that are not ``rt``'s (their memory is wanted); True when there were any."""

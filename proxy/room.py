@@ -8,7 +8,7 @@ import dataclasses
 import math
 from collections.abc import Iterable
 
-from proxy.admission import Decision, Occupant, Snapshot, decide
+from proxy.admission import Decision, Occupant, Snapshot, decide, free_ram
 from proxy.config import Settings
 from proxy.memory import MemoryProbe, Need
 from proxy.runtime import Runtime, per_gpu
@@ -16,8 +16,11 @@ from proxy.scheduler import World, overdue, overtaken
 from proxy.spares import Spares
 
 
-def occupants(rt: Runtime, runtimes: Iterable[Runtime], world: World, now: float, evict_pinned: bool) -> list[Occupant]:
-    """The models other than ``rt`` that hold a slot, as admission sees them (one per GPU when split)."""
+def occupants(
+    rt: Runtime | None, runtimes: Iterable[Runtime], world: World, now: float, evict_pinned: bool
+) -> list[Occupant]:
+    """The models other than ``rt`` (None: every one) that hold a slot, as admission sees them (one per GPU
+    when split)."""
     late = overdue(world)
     out = []
     for o in runtimes:
@@ -70,3 +73,10 @@ def admit(
         recovering,
         span=rt.config.span_gpus,
     )
+
+
+def ram_free(others: list[Occupant], probe: MemoryProbe, spares: Spares | None, settings: Settings) -> int:
+    """The RAM admission counts as free beside ``others`` and every warm spare (the budget and what the box
+    has now, less the reserve): what a new warm spare is weighed against."""
+    held = spares.occupants(None, probe)[0] if spares is not None else []
+    return free_ram(settings.memory, snapshot(probe), [*others, *held])

@@ -163,16 +163,20 @@ class Runtime:
     def placed(self) -> ModelConfig:
         """Its config, with CUDA_VISIBLE_DEVICES naming its GPU when it was placed on one; spread over
         several, naming them all, and llama.cpp's ``tensor_split`` set to its shares (in that order)."""
+        return self.placed_on(self.gpu, self.split)
+
+    def placed_on(self, gpu: int | None, split: tuple[tuple[int, int], ...] = ()) -> ModelConfig:
+        """``placed`` for a placement that is not (yet) its own: a warm spare's at start-up."""
         cfg = self.effective
-        if self.split:
-            total = sum(share for _, share in self.split) or 1
-            visible = ",".join(str(index) for index, _ in self.split)
-            split = [round(share / total, 4) for _, share in self.split]
+        if split:
+            total = sum(share for _, share in split) or 1
+            visible = ",".join(str(index) for index, _ in split)
+            shares = [round(share / total, 4) for _, share in split]
             env = {**self.config.env, "CUDA_VISIBLE_DEVICES": visible}
-            return dataclasses.replace(cfg, env=env, options={**cfg.options, "tensor_split": split})
-        if self.gpu is None:
+            return dataclasses.replace(cfg, env=env, options={**cfg.options, "tensor_split": shares})
+        if gpu is None:
             return cfg
-        return dataclasses.replace(cfg, env={**self.config.env, "CUDA_VISIBLE_DEVICES": str(self.gpu)})
+        return dataclasses.replace(cfg, env={**self.config.env, "CUDA_VISIBLE_DEVICES": str(gpu)})
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,11 @@ Spares live like workers: their own process group, ``PR_SET_PDEATHSIG`` to the p
 a proxy killed by SIGKILL leaves none; ``close`` at shutdown, ``kill_sync`` at interpreter exit. Their memory
 is the manager's to count (``waiting``: pid and key; the manager reads their RSS and VRAM with its probe and
 kills them first when a model needs the room: ``dismiss_except``). ``limits.warm_spare: false`` makes none.
+
+At start-up (``prestart``), the manager asks for one spare per key of its catalog, so that even the first load
+of a backend pays for its weights only: started one at a time, in the catalog's order, each once the one
+before has done its imports (on a small box two would contend for the CPU), and each only while the manager's
+``room`` says the memory allows one more (it stops the round there).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from proxy.admission import Occupant
@@ -32,6 +37,10 @@ from proxy.memory import MemoryProbe, Need
 from proxy.wire import output_lines
 
 log = logging.getLogger("proxy.spares")
+
+# a spare at start-up only while the RAM free for models (as admission counts it) stays at least this much
+# beside it: spares must not leave a small box without room for a first load
+HEADROOM = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class Spare:
     process: asyncio.subprocess.Process
     ready: bool = False  # its imports are done (it said so)
     readers: list[asyncio.Task[None]] = field(default_factory=list)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # ready, taken or gone
 
     @property
     def pid(self) -> int:
@@ -74,6 +84,7 @@ class Spares:
         self._starting: set[SpareKey] = set()
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._prestart: asyncio.Task[None] | None = None
 
     # -- what the manager reads ---------------------------------------------------------------------
     def waiting(self) -> list[Spare]:
@@ -91,14 +102,14 @@ class Spares:
         mine = SpareKey.of(config)
         return mine is not None and (mine.python, mine.entry) == (key.python, key.entry)
 
-    def occupants(self, config: ModelConfig, probe: MemoryProbe) -> tuple[list[Occupant], int]:
+    def occupants(self, config: ModelConfig | None, probe: MemoryProbe) -> tuple[list[Occupant], int]:
         """The other backends' spares as occupants (their RSS and VRAM now, from ``probe``), and the RSS of
         this model's own spare: that memory is already taken on the box but becomes its worker, so it is not
-        missing."""
+        missing. ``config`` None: every spare is an occupant."""
         out, mine = [], 0
         for spare in self.waiting():
             ram = probe.rss(spare.pid) or 0
-            if self.is_for(config, spare.key):
+            if config is not None and self.is_for(config, spare.key):
                 mine += ram
                 continue
             held: list[tuple[int | None, int]] = [*sorted(probe.vram(spare.pid).items())] or [(None, 0)]
@@ -124,6 +135,31 @@ class Spares:
         spare.readers = []
         log.info("warm spare %s (pid %s) taken", key.describe(), spare.pid)
         return spare
+
+    def prestart(self, wanted: Sequence[tuple[SpareKey, Mapping[str, str]]], room: Callable[[SpareKey], bool]) -> None:
+        """In the background: a spare for each key of ``wanted`` in turn, each once the one before has done
+        its imports (or is gone), while ``room(key)`` says the memory allows it (the first no ends the round)."""
+        if self._closed or not wanted:
+            return
+        self._prestart = asyncio.get_running_loop().create_task(self._start_each(list(wanted), room))
+
+    async def _start_each(
+        self, wanted: list[tuple[SpareKey, Mapping[str, str]]], room: Callable[[SpareKey], bool]
+    ) -> None:
+        for index, (key, env) in enumerate(wanted):
+            if self._closed:
+                return
+            if key in self._spares or key in self._starting:
+                continue
+            if not room(key):
+                rest = ", ".join(k.describe() for k, _ in wanted[index:])
+                log.info("no warm spare at start-up for %s: the memory is short", rest)
+                return
+            self._starting.add(key)
+            await self._spawn(key, env)
+            spare = self._spares.get(key)
+            if spare is not None:
+                await spare.settled.wait()
 
     def replenish(self, key: SpareKey, env: Mapping[str, str]) -> None:
         """Start a spare of this key in the background, unless one is there or on its way."""
@@ -165,12 +201,16 @@ class Spares:
         """Its output until it is taken (import warnings, its "spare" line); at EOF, it is gone."""
         if stream is None:
             return
-        async for text in output_lines(stream):
-            if text.startswith('{"event": "spare"'):
-                spare.ready = True
-                log.info("warm spare %s ready (pid %s)", spare.key.describe(), spare.pid)
-            else:
-                log.debug("[spare %s] %s", spare.key.describe(), text)
+        try:
+            async for text in output_lines(stream):
+                if text.startswith('{"event": "spare"'):
+                    spare.ready = True
+                    spare.settled.set()
+                    log.info("warm spare %s ready (pid %s)", spare.key.describe(), spare.pid)
+                else:
+                    log.debug("[spare %s] %s", spare.key.describe(), text)
+        finally:
+            spare.settled.set()  # at its end, or taken (its readers cancelled)
         if self._spares.get(spare.key) is spare:  # it exited before it was taken
             del self._spares[spare.key]
             code = await spare.process.wait()
@@ -192,6 +232,9 @@ class Spares:
 
     async def close(self) -> None:
         self._closed = True
+        if self._prestart is not None:
+            self._prestart.cancel()
+            await asyncio.gather(self._prestart, return_exceptions=True)
         spares, self._spares = list(self._spares.values()), {}
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(_end(s) for s in spares), return_exceptions=True)

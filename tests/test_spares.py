@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 from proxy.admission import Occupant, Snapshot, decide
 from proxy.clock import ManualClock
@@ -58,3 +59,28 @@ async def test_the_warm_spares_are_closed_at_shutdown() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_at_start_up_spares_come_one_at_a_time_in_order_while_there_is_room(tmp_path: Path) -> None:
+    # issue 23, item 3 (Spares.prestart): the real path is tests/test_spares_real.py; here the order, the
+    # one-at-a-time and the end of the round at the first "no room", with a stand-in interpreter
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho \'{"event": "spare"}\'\nread line\n')  # says it is ready, waits for stdin
+    fake.chmod(0o755)
+    keys = [SpareKey(str(fake), f"proxy.worker.backends.b{i}:B", ()) for i in range(4)]
+    asked: list[tuple[str, list[bool]]] = []
+    spares = Spares()
+
+    def room(key: SpareKey) -> bool:
+        asked.append((key.entry, [s.ready for s in spares.waiting()]))
+        return key is not keys[2]  # the third does not fit: it and those after it get none
+
+    try:
+        spares.prestart([(k, {}) for k in keys], room)
+        assert spares._prestart is not None
+        await asyncio.wait_for(spares._prestart, timeout=30)
+        assert [s.key for s in spares.waiting()] == keys[:2] and all(s.ready for s in spares.waiting())
+        # each asked for once the ones before it were ready; none after the first no
+        assert asked == [(keys[0].entry, []), (keys[1].entry, [True]), (keys[2].entry, [True, True])]
+    finally:
+        await spares.close()

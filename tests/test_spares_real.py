@@ -11,8 +11,9 @@ import httpx
 import openai
 import psutil
 import pytest
+import yaml
 
-from tests.harness import LiveProxy, gone, running, smollm2_config, wait_until
+from tests.harness import REPO, LiveProxy, gone, running, smollm2_config, wait_until
 
 pytestmark = pytest.mark.real
 
@@ -86,3 +87,38 @@ def test_off_starts_workers_as_before(tmp_path: Path) -> None:
         pid = proxy.status()[B]["pid"]
         assert "--spec" in _cmdline(pid) and "--spare" not in _cmdline(pid)
         assert [p.pid for p in proxy.workers()] == [pid]  # the worker alone: nothing waits beside it
+
+
+def _piper() -> dict[str, Any]:
+    """The shipped Piper voice: another backend, whose spare imports onnxruntime and piper (no model)."""
+    cfg: dict[str, Any] = yaml.safe_load((REPO / "configs" / "piper.yaml").read_text())
+    return cfg
+
+
+def test_at_start_up_a_spare_per_backend_serves_its_first_load(tmp_path: Path) -> None:
+    # issue 23, item 3: two llama.cpp configs (one spare for both) and a Piper voice, nothing asked yet
+    proxy = LiveProxy(tmp_path, [*_models(), _piper()], limits={"warm_spare": True}).start()
+    try:
+
+        def both() -> dict[str, dict[str, Any]] | None:
+            waiting = {s["backend"]: s for s in _spares(proxy) if s["state"] == "waiting"}
+            return waiting if len(waiting) == 2 else None
+
+        spares = wait_until(both, timeout=120)
+        assert sorted(spares) == ["llama_cpp", "piper"] and len(_spares(proxy)) == 2
+        assert all(s["rss_bytes"] > 0 and "--spare" in _cmdline(s["pid"]) for s in spares.values())
+        _ask(proxy, A)  # the first load of llama.cpp: its spare, imports done, becomes A's worker
+        assert proxy.status()[A]["pid"] == spares["llama_cpp"]["pid"]
+        below = [p.pid for p in proxy.workers()]
+        assert spares["piper"]["pid"] in below and spares["llama_cpp"]["pid"] in below
+    finally:
+        proxy.stop(signal.SIGKILL)  # no shutdown of its own: the kernel's parent-death signal must do it
+    wait_until(lambda: gone(below), timeout=30)  # every spare and worker goes with it
+
+
+def test_no_spare_at_start_up_when_the_memory_is_short(tmp_path: Path) -> None:
+    # a budget of 256 MiB: a llama.cpp spare (~50 MiB) would leave less than HEADROOM (512 MiB) for models
+    memory = {"ram": "256MiB", "reserve_ram": 0}
+    with running(tmp_path, _models(), limits={"warm_spare": True, "memory": memory}) as proxy:
+        wait_until(lambda: "no warm spare at start-up for llama_cpp: the memory is short" in proxy.log(), timeout=60)
+        assert _spares(proxy) == [] and proxy.workers() == []

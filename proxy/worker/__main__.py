@@ -121,7 +121,7 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     state = WorkerState(backend, parallel=parallel)
     app = create_worker_app(state)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
+    server = _server(config, state)
     loaded = asyncio.wrap_future(loading)
     # uvicorn takes SIGTERM while it serves and raises it again once it has stopped: with the default handler
     # that kills the process there, before a backend that keeps something across loads saves it (persist below)
@@ -141,7 +141,7 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
         return 1
     state.ready = True
     say(json.dumps({"event": "ready", "pid": os.getpid()}))
-    await serving
+    await asyncio.wait({serving, asyncio.ensure_future(server.quit.wait())}, return_when=asyncio.FIRST_COMPLETED)
     persist = getattr(backend, "persist", None)
     if persist is not None:  # what the backend keeps across loads (llama.cpp's prompt cache), bounded in time
         try:
@@ -149,7 +149,36 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
         except Exception:
             log.exception("saving the backend's state at unload failed")
     backend.close()
+    if server.quit.is_set():  # nothing in flight, the state saved: the interpreter's teardown is not waited for
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def _server(config: Any, state: Any) -> Any:
+    """uvicorn's server, but a SIGTERM while no request is in flight ends it at once (``quit``): uvicorn's own
+    stop waits for its next 100 ms tick and then sleeps 100 ms more for connections that are only idle
+    keep-alives here, and a switch (unload one model, load the next) waits for that stop. With a request in
+    flight, uvicorn's graceful stop as before."""
+    import asyncio
+    from types import FrameType
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def __init__(self, config: uvicorn.Config) -> None:
+            super().__init__(config)
+            self.quit = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if sig == signal.SIGTERM and state.ready and state.in_flight == 0:
+                self._loop.call_soon_threadsafe(self.quit.set)  # wakes the loop (a handler's set would not)
+                return
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def _import_backend(entry: str | None) -> None:
