@@ -116,12 +116,13 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
 
     import uvicorn
 
+    from proxy.ticks import QuietServer
     from proxy.worker.server import WorkerState, create_worker_app
 
     state = WorkerState(backend, parallel=parallel)
     app = create_worker_app(state)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
+    server = QuietServer(config)  # wakes once a second when idle, not ten times (proxy/ticks.py)
     loaded = asyncio.wrap_future(loading)
     # uvicorn takes SIGTERM while it serves and raises it again once it has stopped: with the default handler
     # that kills the process there, before a backend that keeps something across loads saves it (persist below)
