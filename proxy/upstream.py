@@ -79,8 +79,13 @@ class UpstreamStream:
         self.response = response
         self._hung = hung
 
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Around a read of the answer: aiohttp's errors become the domain's (for a reader of ``response``
+        that wants no generator layer of its own between it and aiohttp: ``relay.ObservedStream``)."""
+        return _translated(self._hung, _mid_answer)
+
     async def raw(self) -> AsyncIterator[bytes]:
-        with _translated(self._hung, _mid_answer):
+        with self.reading():
             async for chunk in self.response.content.iter_any():
                 yield chunk
 

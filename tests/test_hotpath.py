@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import psutil
 import pytest
-from starlette.types import Message
+import uvicorn
+from starlette.types import Message, Receive, Scope, Send
 
-from proxy import proctree
+from proxy import proctree, ticks
 from proxy.streaming import DIRECT_SEND, ClosingStream
+from proxy.ticks import QuietServer
 
 # a parent whose child starts a grandchild that burns CPU, then all three sleep; the parent prints its
 # descendants' pids once the grandchild has burned what it should
@@ -152,3 +154,42 @@ async def test_a_client_that_goes_away_stops_the_body_and_closes_once() -> None:
     await asyncio.wait_for(ClosingStream(body(), on_close=close)({"type": "http"}, receive, send), 5)
     assert time.monotonic() - started < 5
     assert sent == [b"first"] and ended.is_set() and closed == [True]
+
+
+async def _app(scope: Scope, receive: Receive, send: Send) -> None:
+    pass
+
+
+def _quiet_server() -> QuietServer:
+    config = uvicorn.Config(_app, lifespan="off", log_level="warning")
+    config.load()
+    return QuietServer(config)
+
+
+async def test_an_idle_server_wakes_at_once_when_told_to_exit() -> None:
+    server = _quiet_server()
+    loop = asyncio.create_task(server.main_loop())
+    await asyncio.sleep(0)  # it has ticked once and waits for the next tick, a second away
+    assert not loop.done() and ticks.TICK >= 1.0
+    start = time.monotonic()
+    server.should_exit = True  # what uvicorn's signal handler does
+    await asyncio.wait_for(loop, 0.5)
+    assert time.monotonic() - start < 0.5
+
+
+async def test_an_idle_server_renews_its_date_header_on_each_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ticks, "TICK", 0.001)
+    server = _quiet_server()
+    seen: list[int] = []
+    on_tick = server.on_tick
+
+    async def counted(counter: int) -> bool:
+        seen.append(counter)
+        if len(seen) == 3:
+            server.should_exit = True
+        return await on_tick(counter)
+
+    monkeypatch.setattr(server, "on_tick", counted)
+    await asyncio.wait_for(server.main_loop(), 5)
+    assert seen == [0, 10, 20]  # uvicorn renews the date header when the counter is a multiple of 10
+    assert server.server_state.default_headers[0][0] == b"date"

@@ -56,8 +56,8 @@ def test_running_proxy_maps_no_backend_library(smollm2_proxy: LiveProxy) -> None
 
 
 # What a worker may import of this package: its own modules, the wire contract, and the shared
-# response class (Starlette only, which a worker serves with anyway).
-WORKER_MAY_IMPORT = ("proxy.worker", "proxy.wire", "proxy.streaming")
+# response class (Starlette only, which a worker serves with anyway), the quiet uvicorn server (uvicorn only).
+WORKER_MAY_IMPORT = ("proxy.worker", "proxy.wire", "proxy.streaming", "proxy.ticks")
 
 
 def _proxy_imports(path: Path) -> list[str]:
@@ -76,7 +76,7 @@ def test_a_worker_imports_nothing_of_the_proxy_side_but_the_wire_contract() -> N
     found = {str(p.relative_to(REPO)): _proxy_imports(p) for p in sorted(worker.rglob("*.py"))}
     wrong = {f: [n for n in names if not n.startswith(WORKER_MAY_IMPORT)] for f, names in found.items()}
     assert not {f: n for f, n in wrong.items() if n}, wrong
-    for shared in ("wire.py", "streaming.py"):
+    for shared in ("wire.py", "streaming.py", "ticks.py"):
         assert _proxy_imports(REPO / "proxy" / shared) == [], f"proxy/{shared} must not import the proxy side"
     # and at run time: the worker's server and entry point load no proxy-side dependency
     code = (

@@ -68,11 +68,14 @@ async def _without_usage(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     carry = b""
     async for chunk in chunks:
         data = carry + chunk if carry else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            carry = data
-            continue
-        whole, carry = data[: end + 2], data[end + 2 :]
+        if data.endswith(b"\n\n"):  # a token's event, whole (the usual case): no copy
+            whole, carry = data, b""
+        else:
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                carry = data
+                continue
+            whole, carry = data[: end + 2], data[end + 2 :]
         if USAGE_MARKER in whole:
             whole = b"\n\n".join(e for e in whole.split(b"\n\n") if not _is_usage_chunk(e))
         if whole:

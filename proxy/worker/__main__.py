@@ -121,7 +121,7 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     state = WorkerState(backend, parallel=parallel)
     app = create_worker_app(state)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
-    server = _server(config, state)
+    server = _server(config, state)  # QuietServer: wakes once a second when idle, not ten times (proxy/ticks.py)
     loaded = asyncio.wrap_future(loading)
     # uvicorn takes SIGTERM while it serves and raises it again once it has stopped: with the default handler
     # that kills the process there, before a backend that keeps something across loads saves it (persist below)
@@ -157,24 +157,26 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
 
 
 def _server(config: Any, state: Any) -> Any:
-    """uvicorn's server, but a SIGTERM while no request is in flight ends it at once (``quit``): uvicorn's own
-    stop waits for its next 100 ms tick and then sleeps 100 ms more for connections that are only idle
-    keep-alives here, and a switch (unload one model, load the next) waits for that stop. With a request in
-    flight, uvicorn's graceful stop as before."""
+    """uvicorn's server (``proxy.ticks.QuietServer``), but a SIGTERM while no request is in flight ends it at
+    once (``quit``): uvicorn's own stop waits for its next tick and then sleeps 100 ms more for connections
+    that are only idle keep-alives here, and a switch (unload one model, load the next) waits for that stop.
+    With a request in flight, uvicorn's graceful stop as before."""
     import asyncio
     from types import FrameType
 
     import uvicorn
 
-    class Server(uvicorn.Server):
+    from proxy.ticks import QuietServer
+
+    class Server(QuietServer):
         def __init__(self, config: uvicorn.Config) -> None:
             super().__init__(config)
             self.quit = asyncio.Event()
-            self._loop = asyncio.get_running_loop()
+            self._running = asyncio.get_running_loop()
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if sig == signal.SIGTERM and state.ready and state.in_flight == 0:
-                self._loop.call_soon_threadsafe(self.quit.set)  # wakes the loop (a handler's set would not)
+                self._running.call_soon_threadsafe(self.quit.set)  # wakes the loop (a handler's set would not)
                 return
             super().handle_exit(sig, frame)
 
