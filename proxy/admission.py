@@ -94,16 +94,13 @@ def budgets(limits: MemoryLimits, snap: Snapshot) -> dict[str, object]:
     }
 
 
-def _free_ram(limits: MemoryLimits, snap: Snapshot, occupants: Sequence[Occupant]) -> int:
+def free_ram(limits: MemoryLimits, snap: Snapshot, occupants: Sequence[Occupant]) -> int:
+    """The RAM free beside ``occupants`` (the smaller of the budget's and the box's, less the reserve and what
+    the models starting will still take)."""
     booked = _ram_whole(limits, snap) - sum(o.need.ram for o in occupants)
     loading = sum(o.need.ram for o in occupants if o.state == "starting")
     physical = snap.ram_available - limits.reserve_ram - loading
     return min(booked, physical)
-
-
-def free_ram(limits: MemoryLimits, snap: Snapshot, occupants: Sequence[Occupant]) -> int:
-    """The RAM free beside ``occupants`` (the smaller of the budget's and the box's, less the reserve)."""
-    return _free_ram(limits, snap, occupants)
 
 
 def _free_vram(limits: MemoryLimits, gpu: GpuMemory, occupants: Sequence[Occupant]) -> int:
@@ -246,11 +243,11 @@ def _make_room(
 ) -> Decision:
     """Start on ``gpu`` (``vram_need`` there), or what to unload or wait for first, or refuse."""
     # -- what is missing --------------------------------------------------------------------------------------
-    free_ram = _free_ram(limits, snap, occupants)
+    ram_free = free_ram(limits, snap, occupants)
     free_vram = _free_vram(limits, next(g for g in gpus if g.index == gpu), occupants) if gpu is not None else 0
     count = len(_names(o for o in occupants if o.state != "spare"))  # a model spread over GPUs: one
     missing = Deficit(
-        ram=need.ram - free_ram,
+        ram=need.ram - ram_free,
         vram=vram_need - free_vram if gpu is not None else 0,
         slots=count + 1 - max_loaded if max_loaded else 0,
     )
@@ -262,7 +259,7 @@ def _make_room(
         vram=missing.vram - sum(o.need.vram for o in stopping if o.gpu == gpu),
         slots=missing.slots - len(_names(stopping)),
     )
-    short = _shortfall(need, vram_need, free_ram, free_vram, gpu)
+    short = _shortfall(need, vram_need, ram_free, free_vram, gpu)
     if after.nothing:
         names = ", ".join(_names(stopping))
         return Decision("wait", gpu=gpu, reason=f"waiting for memory: {short}; unloading {names}")
