@@ -107,11 +107,6 @@ def route_to_node(net: ClusterNet, scope: Scope, node: str, what: str) -> None:
     raise Routing(what, what, Forward(node, info.advertise, "holds"), pinned=True)
 
 
-def given_again(request: Request, body: bytes) -> Request:
-    """The request, its body (already read) given again to whoever reads it next."""
-    return _replayed(request, body)
-
-
 async def accept(net: ClusterNet, request: Request, max_bytes: int) -> tuple[Request, Accepted]:
     """A forward from another node, verified (Unauthorized otherwise), and the request to serve it with:
     its body read (to check its digest) and given again to the handler."""
@@ -126,10 +121,11 @@ async def accept(net: ClusterNet, request: Request, max_bytes: int) -> tuple[Req
     accepted = net.signer.verify(request.method, target_of(request), body, request.headers, net.clock.time())
     request.scope[FORWARDED] = accepted.node
     request.scope[ARRIVED] = net.clock.monotonic()
-    return _replayed(request, body), accepted
+    return given_again(request, body), accepted
 
 
-def _replayed(request: Request, body: bytes) -> Request:
+def given_again(request: Request, body: bytes) -> Request:
+    """The request, its body (already read) given again to whoever reads it next."""
     sent = False
     receive = request.receive
 
@@ -165,7 +161,7 @@ async def follow(
         raise ModelNotFound(routing.asked)
     if isinstance(decision, Here):
         request.scope[ROUTED] = True
-        return await handler(_replayed(request, body))
+        return await handler(given_again(request, body))
     assert isinstance(decision, Forward)
     targets = [Target(decision.node, decision.advertise)] if routing.pinned else net.targets(routing.model, decision)
     key = key_from_headers(request.headers)
