@@ -72,6 +72,9 @@ class ServerSection(_Strict):
     # open connections at most; past it a new connection closes the oldest one that is waiting for its
     # headers or idle between requests, else it is answered 503 and closed (0: no cap)
     max_connections: int = 1000
+    # a streamed /v1/chat/completions or /v1/completions of a local worker: the worker writes its tokens to the
+    # client's connection itself (the proxy is off the token path: proxy.handoff); false: relayed by the proxy
+    stream_handoff: bool = True
 
 
 class DefaultsSection(_Strict):
@@ -380,6 +383,7 @@ class Settings:
     jwt_secret: str | None = None  # auth.jwt_secret, else $SECRET_KEY; None: no JWTs
     header_timeout: float = 10.0  # seconds for a request's headers, and the longest pause in its body; 0: off
     max_connections: int = 1000  # open connections at most (proxy.connections); 0: no cap
+    stream_handoff: bool = True  # workers write streamed chat tokens to the client themselves (proxy.handoff)
     max_concurrent_per_key: int = 256  # requests in flight per key (waiting ones included); 0: no limit
     cluster: ClusterSettings | None = None  # cluster: in config.yml (proxy/cluster/); None: this host alone
     prompt_cache_disk: int = 10 * 1024**3  # bytes of prompt states under models/.cache/prompts/, all models
@@ -729,6 +733,7 @@ def load_settings(path: str | os.PathLike[str] = "config.yml", **overrides: Any)
         jwt_secret=raw.auth.jwt_secret or os.environ.get("SECRET_KEY") or None,
         header_timeout=_off_or_seconds(raw.server.header_timeout, file, "server.header_timeout"),
         max_connections=_at_least_zero(raw.server.max_connections, file, "server.max_connections"),
+        stream_handoff=raw.server.stream_handoff,
         max_concurrent_per_key=(
             max(0, raw.limits.max_queue) // 2
             if raw.limits.max_concurrent_per_key is None

@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from proxy.handoff import CONNECTION
+
 log = logging.getLogger("proxy.connections")
 
 FD_HEADROOM = 512  # file descriptors kept for the rest of the proxy: workers' sockets and pipes, logs, sqlite
@@ -85,6 +87,21 @@ class BoundedHttp(HttpToolsProtocol):
             return
         self._wait()
         self._arm()  # the first request's headers are due from now
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[CONNECTION] = self  # type: ignore[literal-required]  # the stream handoff's (proxy.handoff)
+
+    async def flushed(self) -> None:
+        """Until what the transport holds of this connection's answer has gone to the kernel (at once when it
+        holds nothing, the usual case): the stream handoff's worker writes after the head."""
+        if self.transport.get_write_buffer_size() == 0:
+            return
+        self.transport.set_write_buffer_limits(high=0)  # paused now; resumed (flow.drain returns) once empty
+        try:
+            await self.flow.drain()
+        finally:
+            self.transport.set_write_buffer_limits()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

@@ -138,6 +138,7 @@ class RequestEnded(Event):
     seconds: float
     tokens: int | None  # generated tokens, where the answer said (its usage)
     ttft: float | None  # seconds to the worker's first byte of a streamed answer
+    handed_off: bool = False  # its worker wrote the streamed answer to the client itself (proxy.handoff)
 
 
 class Feed(Generic[T]):
@@ -242,6 +243,7 @@ class RequestNote:
         self.model = ""
         self.tokens: int | None = None
         self.first_byte: float | None = None
+        self.handed_off = False  # the worker writes the answer (proxy.handoff)
         self._started = False
         self._ended = False
 
@@ -291,5 +293,6 @@ class RequestNote:
                 seconds=self._clock() - self.began,
                 tokens=self.tokens,
                 ttft=ttft,
+                handed_off=self.handed_off,
             )
         )

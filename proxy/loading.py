@@ -29,6 +29,7 @@ from starlette.responses import Response
 
 from proxy.config import ModelConfig
 from proxy.errors import ClientGone, ProxyError, Unavailable
+from proxy.handoff import Handoff
 from proxy.manager import ModelManager
 from proxy.relay import LeasedCall
 from proxy.streaming import ClosingStream
@@ -58,12 +59,14 @@ async def leased_stream(
     relay: Relay,
     on_error: Callable[[ProxyError], bytes],
     interval: float,
+    handoff: Handoff | None = None,
 ) -> Response:
-    """Lease the model and stream its answer (``LeasedCall.stream``); if the request waits for a load first,
-    answer at once with the load's comments, then the answer, or ``on_error``'s event if the load fails."""
+    """Lease the model and stream its answer (``LeasedCall.stream``, handed off to the worker where it can:
+    ``handoff``); if the request waits for a load first, answer at once with the load's comments, then the
+    answer (relayed), or ``on_error``'s event if the load fails."""
     if not cfg.loading_feedback:
         async with LeasedCall(manager, cfg.name, keep_alive, client=client) as call:
-            return await call.stream(path, body, relay, SSE)
+            return await call.stream(path, body, relay, SSE, handoff)
     loading = asyncio.Event()
     call = LeasedCall(manager, cfg.name, keep_alive, client=client, on_loading=loading.set)
     entering = asyncio.ensure_future(call.acquire())
@@ -83,7 +86,7 @@ async def leased_stream(
     if entering.done():  # leased (or refused) without waiting for a load: the usual path, errors as statuses
         entering.result()
         async with call:
-            return await call.stream(path, body, relay, SSE)
+            return await call.stream(path, body, relay, SSE, handoff)
     fed = _fed(manager, cfg.name, entering, call, path, body, relay, on_error, interval)
     return ClosingStream(
         fed, on_close=lambda: _abandon(entering, call), media_type=SSE, headers=STREAM_HEADERS, on_writing=call.writing

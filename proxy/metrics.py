@@ -142,6 +142,13 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("proxy_generated_tokens_total", "Tokens generated (from usage)", ["model"], registry=r)
+        # streamed answers written by the worker straight to the client (proxy.handoff); not on the dashboard
+        self.handoffs = Counter(
+            "proxy_stream_handoffs_total",
+            "Streamed answers whose worker wrote the tokens to the client itself",
+            ["model"],
+            registry=r,
+        )
         # a cluster's forwards to other nodes (proxy.cluster.hop); not on the dashboard, so not in NAMES
         self.forwards = Counter(
             "proxy_cluster_forwards_total",
@@ -178,6 +185,8 @@ class Metrics:
                 self.ttft.labels(event.model, event.route).observe(event.ttft)
             if event.tokens:
                 self.tokens.labels(event.model).inc(event.tokens)
+            if event.handed_off:
+                self.handoffs.labels(event.model).inc()
         elif isinstance(event, LoadEnded):
             if event.ok:
                 self.loads.labels(event.model).inc()

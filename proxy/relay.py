@@ -27,11 +27,13 @@ from types import TracebackType
 from typing import Any, BinaryIO, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from proxy import largejson
 from proxy.auth import Role
 from proxy.errors import ClientGone
 from proxy.events import RequestNote
+from proxy.handoff import HandedStream, Handoff, connection, offer
 from proxy.manager import Lease, ModelManager
 from proxy.streaming import ClosingStream
 from proxy.upstream import Upstream, UpstreamStream
@@ -245,10 +247,20 @@ class LeasedCall:
         return self._stream
 
     async def stream(
-        self, path: str, body: bytes, relay: Callable[[UpstreamStream], AsyncIterator[bytes]], media_type: str
-    ) -> ClosingStream:
+        self,
+        path: str,
+        body: bytes,
+        relay: Callable[[UpstreamStream], AsyncIterator[bytes]],
+        media_type: str,
+        handoff: Handoff | None = None,
+    ) -> Response:
         """Open a streamed answer and hand it, with the lease, to the response: ``relay`` turns the
-        worker's stream into the client's bytes; the response's close releases both however it ends."""
+        worker's stream into the client's bytes; the response's close releases both however it ends.
+        ``handoff``: the stream may go to the worker with the client's socket instead (``proxy.handoff``)."""
+        if handoff is not None:
+            handed = await self._hand_off(path, body, media_type, handoff)
+            if handed is not None:
+                return handed
         upstream = await self.open(path, body, timed=True)
         self._handed_over = True
         self._stop_watching()  # the response watches its own client
@@ -258,6 +270,30 @@ class LeasedCall:
             media_type=media_type,
             headers=STREAM_HEADERS,
             on_writing=self.lease.writing,  # the stall watchdog's sign of a client that is not reading
+        )
+
+    async def _hand_off(self, path: str, body: bytes, media_type: str, handoff: Handoff) -> HandedStream | None:
+        """The stream handed off to the worker, when this request and its worker can (else None: relay it)."""
+        client, uds = self._client, self.upstream.uds
+        if client is None or not uds or not self._manager.settings.stream_handoff:
+            return None
+        conn = connection(client.scope)
+        if conn is None:
+            return None
+        offered = await offer(uds, conn, path, body, handoff.drop_usage)
+        if offered is None:
+            return None
+        self._handed_over = True
+        self._stop_watching()  # the response watches its own client
+        return HandedStream(
+            offered,
+            conn,
+            on_close=self._close,
+            on_writing=self.lease.writing,
+            on_error=handoff.on_error,
+            note=self._note,
+            media_type=media_type,
+            headers=STREAM_HEADERS,
         )
 
     def writing(self, pending: bool) -> None:

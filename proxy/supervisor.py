@@ -24,7 +24,7 @@ from proxy.errors import LoadTimeout, ModelLoadFailed
 from proxy.modellogs import ModelLog
 from proxy.spares import SpareKey, Spares, handoff_line
 from proxy.upstream import Upstream
-from proxy.wire import output_lines, read_progress
+from proxy.wire import handoff_path, output_lines, read_progress
 
 log = logging.getLogger("proxy.supervisor")
 
@@ -263,9 +263,10 @@ class Worker:
         await asyncio.gather(*self._readers, return_exceptions=True)
         if self.upstream is not None:
             await self.upstream.aclose()
-        if self.socket_path is not None:  # the worker cannot remove it when it was killed
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+        if self.socket_path is not None:  # the worker cannot remove them when it was killed
+            for path in (self.socket_path, handoff_path(self.socket_path)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()
 

@@ -27,7 +27,7 @@ _GONE = (aiohttp.ClientError, ConnectionError, asyncio.IncompleteReadError)
 _SILENT = aiohttp.SocketTimeoutError  # no byte from the worker for sock_read seconds (caught before _GONE)
 
 
-def _error_of(status: int, body: bytes) -> ProxyError:
+def error_of(status: int, body: bytes) -> ProxyError:
     """The worker's error answer as the domain's: a prompt too long for the context (ours, or llama-server's
     ``n_prompt_tokens`` / ``n_ctx``) is ContextLengthExceeded, anything else UpstreamError with its message."""
     try:
@@ -177,7 +177,7 @@ class Upstream:
         """POST and return the body of a 2xx answer; an error status becomes UpstreamError."""
         status, content = await self.request("POST", path, body)
         if status >= 400:
-            raise _error_of(status, content)
+            raise error_of(status, content)
         return content
 
     async def post_json(self, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,7 +201,7 @@ class Upstream:
             async with self.session.post(self.base_url + path, data=form) as response:
                 status, content = response.status, await response.read()
         if status >= 400:
-            raise _error_of(status, content)
+            raise error_of(status, content)
         data = json.loads(content)
         if not isinstance(data, dict):
             raise UpstreamError(502, "the worker answered something other than a JSON object")
@@ -216,7 +216,7 @@ class Upstream:
                     content = await response.read()
             finally:
                 response.close()
-            raise _error_of(response.status, content)
+            raise error_of(response.status, content)
         return UpstreamStream(response, self._hung)
 
     async def health_report(self, path: str = "/health") -> dict[str, Any] | None:

@@ -253,3 +253,44 @@ async def client_gone(receive: Receive) -> None:
     """Return when the client has gone away (an ASGI ``receive``, once the body has been read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+# -- the stream handoff (ARCHITECTURE.md, "Streamed tokens without the proxy on their path") ------------------
+# A streamed /v1/chat/completions or /v1/completions whose client speaks plain HTTP/1.1 to the proxy: the proxy
+# writes the answer's head, then sends the client's socket (SCM_RIGHTS) with the request to the worker's second
+# Unix socket (its HTTP socket's path + HANDOFF_SUFFIX); the worker writes the body's chunks to the client itself
+# (HTTP/1.1 chunked framing: the proxy's server still owns the connection, and writes the last chunk when the
+# worker says it has ended, so the connection is kept alive). One connection per stream, lines of JSON:
+#   proxy -> worker: HandoffRequest + "\n" (with the fd) and ``length`` bytes of body; later HANDOFF_GO once
+#                    the head is out, HANDOFF_STOP when the client has gone
+#   worker -> proxy: {"ok": true} once the stream has begun (else {"status": N, "body": {error}}: the proxy
+#                    answers it as any worker's error, the client's socket untouched); then {"first": true} at the
+#                    first chunk written, {"writing": bool} when a write to the client blocks (a client not
+#                    reading) and when it goes on, and one HandoffEnd
+HANDOFF_SUFFIX = ".handoff"
+HANDOFF_GO = b"go\n"
+HANDOFF_STOP = b"stop\n"
+
+
+class HandoffRequest(TypedDict):
+    path: str  # the worker's route: /v1/chat/completions or /v1/completions
+    length: int  # bytes of body that follow the line
+    drop_usage: bool  # the proxy asked for usage the client did not: count it, do not send its chunk
+
+
+class HandoffEnd(TypedDict):
+    end: bool
+    tokens: int  # completion tokens, from the stream's usage (0 when it had none)
+    bytes: int  # of body written to the client
+    client_gone: bool  # a write failed, or the proxy said stop: the client went away
+    complete: bool  # the stream ended with [DONE] (or its error event) written whole
+
+
+def handoff_path(socket_path: str) -> str:
+    """The worker's handoff socket, beside its HTTP socket."""
+    return socket_path + HANDOFF_SUFFIX
+
+
+def chunk_frame(data: bytes) -> bytes:
+    """``data`` as one chunk of an HTTP/1.1 chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from proxy.errors import ContextLengthExceeded, UpstreamError
-from proxy.upstream import _error_of
+from proxy.upstream import error_of
 from tests.harness import LiveProxy, fake_config
 
 MODEL = "smollm2:135m"
@@ -191,7 +191,7 @@ def test_a_worker_or_llama_server_saying_the_prompt_does_not_fit_is_typed() -> N
         }
     }
     for body, n in ((ours, 30), (server, 31)):
-        exc = _error_of(400, json.dumps(body).encode())
+        exc = error_of(400, json.dumps(body).encode())
         assert isinstance(exc, ContextLengthExceeded) and (exc.prompt_tokens, exc.n_ctx) == (n, 16)
-    other = _error_of(400, json.dumps({"error": {"message": "bad"}}).encode())
+    other = error_of(400, json.dumps({"error": {"message": "bad"}}).encode())
     assert isinstance(other, UpstreamError) and other.message == "bad"

@@ -30,6 +30,7 @@ from proxy.dialects.shaping import require_model
 from proxy.digests import Digests
 from proxy.errors import BadRequest, Forbidden, ModelNotFound, PayloadTooLarge, ProxyError, UnsupportedMediaType
 from proxy.events import EventBus, RequestNote
+from proxy.handoff import Handoff
 from proxy.jsonbody import OFF_LOOP_BYTES, parse_large, parse_small
 from proxy.keepalive import keep_alive_of
 from proxy.manager import ModelManager, ModelStatus
@@ -360,11 +361,15 @@ async def leased_stream(
     body: bytes,
     relay: Callable[[UpstreamStream], AsyncIterator[bytes]],
     on_error: Callable[[ProxyError], bytes],
+    handoff: Handoff | None = None,
 ) -> Response:
-    """A streamed SSE answer from the model's worker, with loading feedback while it loads (``proxy.loading``)."""
+    """A streamed SSE answer from the model's worker, with loading feedback while it loads (``proxy.loading``);
+    ``handoff``: the worker may write it to the client itself (``proxy.handoff``)."""
     svc = services(request)
     interval = svc.settings.loading_comment_interval
-    return await loading.leased_stream(svc.manager, cfg, keep_alive, request, path, body, relay, on_error, interval)
+    return await loading.leased_stream(
+        svc.manager, cfg, keep_alive, request, path, body, relay, on_error, interval, handoff
+    )
 
 
 def json_bytes(data: Any) -> bytes:

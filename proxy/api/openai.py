@@ -26,6 +26,7 @@ from proxy.config import ModelConfig
 from proxy.dialects.gate import check_chat, check_embeddings
 from proxy.dialects.shaping import apply_model_defaults, pop_encoding_format
 from proxy.errors import ProxyError, WorkerUnavailable
+from proxy.handoff import Handoff
 from proxy.relay import USAGE_MARKER, LeasedCall
 from proxy.upstream import UpstreamStream
 from proxy.wire import SSE_DONE, error_body, sse_event
@@ -110,8 +111,10 @@ async def forward(
 ) -> Response:
     """Lease the model, send ``body`` to its worker, relay the answer; the lease ends with it."""
     if stream:
-        relay = _relay_without_usage if _count_usage(body, cfg) else _relay
-        return await leased_stream(request, cfg, keep_alive, path, json_bytes(body), relay, sse_error)
+        drop_usage = _count_usage(body, cfg)
+        relay = _relay_without_usage if drop_usage else _relay
+        handoff = Handoff(drop_usage, sse_error)  # the worker may write it to the client itself (proxy.handoff)
+        return await leased_stream(request, cfg, keep_alive, path, json_bytes(body), relay, sse_error, handoff)
     async with LeasedCall(services(request).manager, cfg.name, keep_alive, client=request) as call:
         content = await call.post(path, json_bytes(body))
     return Response(content, media_type="application/json")

@@ -116,9 +116,13 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
 
     import uvicorn
 
+    from proxy.wire import handoff_path
+    from proxy.worker import handoff
     from proxy.worker.server import WorkerState, create_worker_app
 
     state = WorkerState(backend, parallel=parallel)
+    # streamed answers written straight to the proxy's clients (proxy.worker.handoff)
+    handoffs = asyncio.create_task(handoff.serve(handoff.listen(handoff_path(sock.getsockname())), state))
     app = create_worker_app(state)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
     server = _server(config, state)  # QuietServer: wakes once a second when idle, not ten times (proxy/ticks.py)
@@ -148,6 +152,7 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
             persist()
         except Exception:
             log.exception("saving the backend's state at unload failed")
+    handoffs.cancel()
     backend.close()
     if server.quit.is_set():  # nothing in flight, the state saved: the interpreter's teardown is not waited for
         sys.stdout.flush()

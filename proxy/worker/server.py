@@ -56,7 +56,7 @@ from proxy.worker.backends.base import (
 )
 from proxy.worker.pump import pump
 
-_encode = msgspec.json.Encoder().encode
+encode = msgspec.json.Encoder().encode
 
 
 class NotReady(BackendError):
@@ -127,14 +127,18 @@ def _ready(request: Request) -> WorkerState:
 
 
 def _json(data: Any) -> Response:
-    return Response(_encode(data), media_type="application/json")
+    return Response(encode(data), media_type="application/json")
 
 
 async def _body(request: Request) -> dict[str, Any]:
     """The request's JSON object, once the model is ready."""
     _ready(request)
+    return _parsed(await request.body())
+
+
+def _parsed(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except ValueError as exc:
         raise InvalidRequest(f"invalid JSON: {exc}") from exc
     if not isinstance(body, dict):
@@ -142,20 +146,37 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
+_STREAMED = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+
+
+async def begin(state: WorkerState, path: str, raw: bytes) -> Iterator[dict[str, Any]] | dict[str, Any]:
+    """Begin a handed-off generation (``proxy.worker.handoff``): the checks and the backend's call of the HTTP
+    route, in a slot the caller holds; its chunks, or its answer when the request was not streamed."""
+    if not state.ready:
+        raise NotReady("model is still loading")
+    method = _STREAMED.get(path)
+    if method is None:
+        raise InvalidRequest(f"no streamed route {path!r}")
+    result: Iterator[dict[str, Any]] | dict[str, Any] = await run_in_threadpool(
+        getattr(state.backend, method), _parsed(raw)
+    )
+    return result
+
+
 # -- streams ---------------------------------------------------------------------------------------
 async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     items = pump(chunks)
     try:
         async for chunk in items:
-            yield sse_event(_encode(chunk))
+            yield sse_event(encode(chunk))
         yield SSE_DONE
     except Exception as exc:  # the stream has started: the error can only travel as an event
         if not isinstance(exc, BackendError):
             report_failure(exc, "stream failed")
         if isinstance(exc, BackendError):
-            yield sse_event(_encode(error_body(exc.message, code=exc.code, extra=exc.extra)))
+            yield sse_event(encode(error_body(exc.message, code=exc.code, extra=exc.extra)))
         else:
-            yield sse_event(_encode(error_body(f"{type(exc).__name__}: {exc}")))
+            yield sse_event(encode(error_body(f"{type(exc).__name__}: {exc}")))
     finally:
         await items.aclose()
 
