@@ -90,7 +90,7 @@ class Conn:
         headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
         status = int(status_line.split()[1])
         if headers.get("transfer-encoding") == "chunked":
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self._until(b"\r\n").split(b";")[0], 16)
                 data = self._exactly(size)
