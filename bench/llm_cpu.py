@@ -3,7 +3,10 @@ worker's) CPU over a few streams one after another, and the proxy's CPU while id
 slow stream's per-token figure also carries). ``bench.llm_stream`` is the full comparison; this is its proxy
 column, for before/after runs on a busy machine.
 
-    .venv/bin/python -m bench.llm_cpu [--streams N] [--tokens N] [--threads N]
+    .venv/bin/python -m bench.llm_cpu [--streams N] [--tokens N] [--threads N] [--relay]
+
+``--relay``: ``server.stream_handoff: false``, the path every streamed token took before the handoff (run it
+alternately with the default for a before/after on the same machine).
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    parser.add_argument(
+        "--relay", action="store_true", help="server.stream_handoff off: the proxy relays every token (the old path)"
+    )
     args = parser.parse_args()
 
     cfg = smollm2_config()
     cfg["model"]["n_threads"] = args.threads
-    proxy = start_proxy([cfg])
+    proxy = start_proxy([cfg], server={"stream_handoff": not args.relay})
     try:
         status = load(proxy, MODEL)
         assert proxy.proc is not None
@@ -68,6 +74,8 @@ def main() -> None:
 
     summary = {
         "streams": args.streams,
+        "handoff": not args.relay,
+        "proxy_cpu_us_per_stream": proxy_cpu / args.streams * 1e6,
         "threads": args.threads,
         "tokens": tokens,
         "tokens_per_s": tokens / seconds,
@@ -81,7 +89,9 @@ def main() -> None:
         table(
             [
                 ("tokens, tokens/s", f"{tokens}, {summary['tokens_per_s']:.1f}"),
+                ("path", "relay" if args.relay else "handoff"),
                 ("proxy CPU per streamed token (user + system)", f"{summary['proxy_cpu_us_per_token']:.0f} us"),
+                ("proxy CPU per stream", f"{summary['proxy_cpu_us_per_stream']:.0f} us"),
                 ("worker CPU per token (llama.cpp included)", f"{summary['worker_cpu_us_per_token']:.0f} us"),
                 ("proxy CPU idle, model loaded", f"{summary['proxy_idle_cpu_percent']:.3f}% of a core"),
                 ("worker CPU idle, model loaded", f"{summary['worker_idle_cpu_percent']:.3f}% of a core"),

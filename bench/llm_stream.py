@@ -5,7 +5,10 @@ the ratios taken round by round (adjacent runs share the host's slow drift; on t
 single rounds scatter by +-10%). Goals: proxy/direct >= 0.99,
 proxy/in-process >= 0.97.
 
-    .venv/bin/python -m bench.llm_stream [--rounds N] [--tokens N] [--threads N] [--quick]
+    .venv/bin/python -m bench.llm_stream [--rounds N] [--tokens N] [--threads N] [--quick] [--relay]
+
+The proxy path hands each stream off to the worker (``proxy.handoff``: the worker writes its tokens to the
+client); ``--relay`` turns that off (``server.stream_handoff: false``), the path every token took before.
 
 ``--threads 1`` leaves one of this machine's two cores to the proxy and the client: the gap between
 ``--threads 2`` and ``--threads 1`` shows how much of the loss is CPU contention rather than the proxy's work.
@@ -80,6 +83,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads, worker and in-process alike")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 48 tokens")
+    parser.add_argument(
+        "--relay", action="store_true", help="server.stream_handoff off: the proxy relays every token (the old path)"
+    )
     args = parser.parse_args()
     rounds, tokens = (3, 48) if args.quick else (args.rounds, args.tokens)
 
@@ -87,7 +93,7 @@ def main() -> None:
 
     cfg = smollm2_config()
     cfg["model"]["n_threads"] = args.threads
-    proxy = start_proxy([cfg])
+    proxy = start_proxy([cfg], server={"stream_handoff": not args.relay})
     try:
         status = load(proxy, MODEL)
         sock = worker_arg(status["pid"], "--socket")
@@ -111,11 +117,15 @@ def main() -> None:
             # this process's (llama.cpp alone) in-process
             measured = {"proxy": proxy_process, "direct": psutil.Process(status["pid"]), "in_process": psutil.Process()}
             cpu = dict.fromkeys(runs, 0.0)
+            worker_via_proxy = 0.0  # the worker's CPU on the proxy path (the handoff's writes are the worker's)
             for _ in range(rounds):
                 for name, run in runs.items():
                     before = sum(measured[name].cpu_times()[:2])
+                    worker_before = sum(measured["direct"].cpu_times()[:2])
                     start, times = run()
                     cpu[name] += sum(measured[name].cpu_times()[:2]) - before
+                    if name == "proxy":
+                        worker_via_proxy += sum(measured["direct"].cpu_times()[:2]) - worker_before
                     results[name].append((*rates(start, times), len(times)))
         llm.close()
     finally:
@@ -136,6 +146,8 @@ def main() -> None:
         "paired_ratio_quartiles": paired,
         "proxy_cpu_us_per_token": cpu["proxy"] / sum(r[2] for r in results["proxy"]) * 1e6,
         "worker_cpu_us_per_token": cpu["direct"] / sum(r[2] for r in results["direct"]) * 1e6,
+        "worker_cpu_us_per_token_via_proxy": worker_via_proxy / sum(r[2] for r in results["proxy"]) * 1e6,
+        "handoff": not args.relay,
         "in_process_cpu_us_per_token": cpu["in_process"] / sum(r[2] for r in results["in_process"]) * 1e6,
         "raw": results,
     }
@@ -157,6 +169,11 @@ def main() -> None:
                 (
                     "  the worker's own per token (the difference)",
                     f"{summary['worker_cpu_us_per_token'] - summary['in_process_cpu_us_per_token']:.0f} us",
+                ),
+                (
+                    f"worker CPU per token via the proxy ({'relay' if args.relay else 'handoff'}); its own",
+                    f"{summary['worker_cpu_us_per_token_via_proxy']:.0f} us, "
+                    f"{summary['worker_cpu_us_per_token_via_proxy'] - summary['in_process_cpu_us_per_token']:.0f} us",
                 ),
                 ("results", str(path)),
             ]

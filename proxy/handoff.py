@@ -37,11 +37,13 @@ from typing import Any, Protocol
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import ProxyError, WorkerUnavailable
+from proxy.errors import ProxyError, WorkerHung, WorkerUnavailable
 from proxy.events import RequestNote
-from proxy.upstream import error_of
+from proxy.upstream import Upstream, error_of
 from proxy.wire import HANDOFF_GO, HANDOFF_STOP, HandoffRequest, client_gone, handoff_path
 
+PROGRESS_MAX = 5.0  # seconds between a writing worker's progress lines at most
+DEATH_GRACE = 10.0  # seconds a worker killed as hung has to be seen gone before the connection is aborted
 CONNECTION = "proxy.connection"  # in the ASGI scope: the HTTP connection serving it (``connections.BoundedHttp``)
 
 
@@ -79,17 +81,22 @@ class Offered:
 
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    idle_timeout: float  # 0: none
+    hung: Callable[[], WorkerHung]  # tells the supervisor, which kills the worker; the error to end with
 
 
-async def offer(uds: str, conn: Connection, path: str, body: bytes, drop_usage: bool) -> Offered | None:
-    """Offer the stream to the worker at ``uds``; None when it takes no handoffs (relay it then). A refusal is
-    raised as the worker's error (``upstream.error_of``)."""
+async def offer(upstream: Upstream, conn: Connection, path: str, body: bytes, drop_usage: bool) -> Offered | None:
+    """Offer the stream to the worker (``upstream``: a local worker's, over its Unix socket); None when it takes
+    no handoffs (relay it then). A refusal is raised as the worker's error (``upstream.error_of``)."""
+    assert upstream.uds is not None
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
-    head: HandoffRequest = {"path": path, "length": len(body), "drop_usage": drop_usage}
+    idle = upstream.idle_timeout  # no line from a writing worker for this long: it is hung (as the relay's reads)
+    progress = min(idle / 4, PROGRESS_MAX) if idle > 0 else 0.0
+    head: HandoffRequest = {"path": path, "length": len(body), "drop_usage": drop_usage, "progress": progress}
     try:
-        await loop.sock_connect(sock, handoff_path(uds))
+        await loop.sock_connect(sock, handoff_path(upstream.uds))
         socket.send_fds(sock, [json.dumps(head).encode() + b"\n"], [conn.transport.get_extra_info("socket").fileno()])
         reader, writer = await asyncio.open_unix_connection(sock=sock)
     except OSError:  # no handoff socket (an older worker), or it is not listening
@@ -107,7 +114,7 @@ async def offer(uds: str, conn: Connection, path: str, body: bytes, drop_usage: 
         if isinstance(answer, dict) and isinstance(answer.get("status"), int):
             raise error_of(answer["status"], json.dumps(answer.get("body")).encode())
         raise WorkerUnavailable("the worker went away as its stream began")
-    return Offered(reader, writer)
+    return Offered(reader, writer, idle, upstream.hung)
 
 
 class HandedStream(Response):
@@ -137,6 +144,7 @@ class HandedStream(Response):
         self._on_error = on_error
         self._note = note
         self._blocked = False  # the worker is in the middle of a write the client does not take
+        self._failed: ProxyError = WorkerUnavailable("the worker ended the answer early")  # what ends it early
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         writer = self._offered.writer
@@ -152,7 +160,7 @@ class HandedStream(Response):
                 return
             last = b""
             if end is None:
-                last = self._on_error(WorkerUnavailable("the worker ended the answer early"))
+                last = self._on_error(self._failed)
             elif self._note is not None:
                 self._note.add_tokens(int(end.get("tokens") or 0))
             await send({"type": "http.response.body", "body": last, "more_body": False})
@@ -169,8 +177,17 @@ class HandedStream(Response):
             writer.write(HANDOFF_STOP)
 
         watch = asyncio.ensure_future(stop_when_gone())
+        idle = self._offered.idle_timeout or None
         try:
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), None if self._blocked else idle)
+                except TimeoutError:  # nothing from a worker that was not waiting on its client: hung
+                    self._failed = self._offered.hung()  # its supervisor kills it
+                    await self._seen_dead(reader)
+                    return None
+                if not line:
+                    return None
                 message = json.loads(line)
                 if message.get("end"):
                     return dict(message)
@@ -179,7 +196,6 @@ class HandedStream(Response):
                 if "writing" in message:
                     self._blocked = bool(message["writing"])
                     self._on_writing(self._blocked)
-            return None
         except (OSError, ValueError):
             return None
         finally:
@@ -187,3 +203,11 @@ class HandedStream(Response):
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
             self._on_writing(False)
+
+    async def _seen_dead(self, reader: asyncio.StreamReader) -> None:
+        """Until the killed worker's end of the connection closes (it can write no more then); past
+        ``DEATH_GRACE``, the client's connection is aborted instead of ended with an event."""
+        try:
+            await asyncio.wait_for(reader.read(), DEATH_GRACE)
+        except (TimeoutError, OSError):
+            self._blocked = True  # cannot know where its writes stopped

@@ -274,13 +274,13 @@ class LeasedCall:
 
     async def _hand_off(self, path: str, body: bytes, media_type: str, handoff: Handoff) -> HandedStream | None:
         """The stream handed off to the worker, when this request and its worker can (else None: relay it)."""
-        client, uds = self._client, self.upstream.uds
-        if client is None or not uds or not self._manager.settings.stream_handoff:
+        client, upstream = self._client, self.upstream
+        if client is None or not upstream.uds or not self._manager.settings.stream_handoff:
             return None
         conn = connection(client.scope)
         if conn is None:
             return None
-        offered = await offer(uds, conn, path, body, handoff.drop_usage)
+        offered = await offer(upstream, conn, path, body, handoff.drop_usage)
         if offered is None:
             return None
         self._handed_over = True

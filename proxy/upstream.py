@@ -136,7 +136,7 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
-    def _hung(self) -> WorkerHung:
+    def hung(self) -> WorkerHung:
         """The worker sent nothing for ``idle_timeout``: tell the owner (who kills it), and the error to raise."""
         why = f"model '{self.name}' sent nothing for {self.idle_timeout:g}s (limits.worker_idle_timeout)"
         if self._on_hung is not None:
@@ -167,7 +167,7 @@ class Upstream:
         return self._session
 
     async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        with _translated(self._hung, self._unreachable):
+        with _translated(self.hung, self._unreachable):
             async with self.session.request(
                 method, self.base_url + path, data=body, headers=_JSON if body else None
             ) as response:
@@ -197,7 +197,7 @@ class Upstream:
         name, filename, fileobj, content_type = file
         fileobj.seek(0)
         form.add_field(name, fileobj, filename=filename, content_type=content_type or "application/octet-stream")
-        with _translated(self._hung, self._unreachable):
+        with _translated(self.hung, self._unreachable):
             async with self.session.post(self.base_url + path, data=form) as response:
                 status, content = response.status, await response.read()
         if status >= 400:
@@ -208,16 +208,16 @@ class Upstream:
         return data
 
     async def open_stream(self, path: str, body: bytes, content_type: str = "application/json") -> UpstreamStream:
-        with _translated(self._hung, self._unreachable):
+        with _translated(self.hung, self._unreachable):
             response = await self.session.post(self.base_url + path, data=body, headers={"content-type": content_type})
         if response.status >= 400:
             try:
-                with _translated(self._hung, _mid_answer):
+                with _translated(self.hung, _mid_answer):
                     content = await response.read()
             finally:
                 response.close()
             raise error_of(response.status, content)
-        return UpstreamStream(response, self._hung)
+        return UpstreamStream(response, self.hung)
 
     async def health_report(self, path: str = "/health") -> dict[str, Any] | None:
         """What the worker says of itself (state, progress, device, ...); None if it cannot say."""

@@ -266,7 +266,8 @@ async def client_gone(receive: Receive) -> None:
 #   worker -> proxy: {"ok": true} once the stream has begun (else {"status": N, "body": {error}}: the proxy
 #                    answers it as any worker's error, the client's socket untouched); then {"first": true} at the
 #                    first chunk written, {"writing": bool} when a write to the client blocks (a client not
-#                    reading) and when it goes on, and one HandoffEnd
+#                    reading) and when it goes on, {"sent": bytes} every ``progress`` seconds while it writes,
+#                    and one HandoffEnd
 HANDOFF_SUFFIX = ".handoff"
 HANDOFF_GO = b"go\n"
 HANDOFF_STOP = b"stop\n"
@@ -276,6 +277,7 @@ class HandoffRequest(TypedDict):
     path: str  # the worker's route: /v1/chat/completions or /v1/completions
     length: int  # bytes of body that follow the line
     drop_usage: bool  # the proxy asked for usage the client did not: count it, do not send its chunk
+    progress: float  # seconds between two {"sent": bytes} lines while it writes (the proxy's idle watch); 0: none
 
 
 class HandoffEnd(TypedDict):

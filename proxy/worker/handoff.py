@@ -22,6 +22,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -101,8 +102,8 @@ async def _handle(conn: socket.socket, state: WorkerState) -> None:
             await _stream(reader, writer, client, request, body, state)
         finally:
             writer.close()
-    except (OSError, ValueError, KeyError, asyncio.IncompleteReadError) as exc:
-        log.warning("a handoff failed before its stream: %s", exc)
+    except Exception as exc:  # the proxy went away, or sent what it never sends: this handoff ends here
+        log.warning("a handoff failed: %s: %s", type(exc).__name__, exc)
     finally:
         if client is not None:
             client.close()  # the worker's descriptor only: the proxy still holds the connection
@@ -153,7 +154,8 @@ async def _stream(
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
                 loop.call_soon_threadsafe(writer.write, _line(data))
 
-        writing = loop.run_in_executor(None, write_stream, chunks, client, stop, request["drop_usage"], tell)
+        progress = float(request.get("progress") or 0.0)
+        writing = _in_thread(lambda: write_stream(chunks, client, stop, request["drop_usage"], tell, progress))
         listening = asyncio.ensure_future(_until_stop(reader))
         either: set[asyncio.Future[Any]] = {writing, listening}
         try:
@@ -167,6 +169,31 @@ async def _stream(
         writer.write(_line(end))
         with contextlib.suppress(OSError):
             await writer.drain()
+
+
+def _in_thread(work: Callable[[], HandoffEnd]) -> asyncio.Future[HandoffEnd]:
+    """``work`` in a thread of its own (as ``pump``'s: a pool's threads could all be held by streams)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[HandoffEnd] = loop.create_future()
+
+    def settle(result: HandoffEnd | None, error: BaseException | None) -> None:
+        if not done.done():
+            if error is not None:
+                done.set_exception(error)
+            else:
+                assert result is not None
+                done.set_result(result)
+
+    def run() -> None:
+        try:
+            result = work()
+        except BaseException as exc:  # handed to the loop, raised there
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="generate", daemon=True).start()
+    return done
 
 
 def _close(chunks: Iterator[Any]) -> None:
@@ -194,12 +221,15 @@ def write_stream(
     stop: threading.Event,
     drop_usage: bool,
     tell: Callable[[dict[str, Any]], None],
+    progress: float = 0.0,
 ) -> HandoffEnd:
     """Generate and write each chunk to the client as it is made (in this thread), then ``[DONE]``; an error
-    mid-way ends the stream with its error event, as ``server._sse`` does. Closes the generation."""
+    mid-way ends the stream with its error event, as ``server._sse`` does. Closes the generation. Every
+    ``progress`` seconds while it writes, ``tell`` hears how far it is (the proxy's watch for a hung worker)."""
     out = _Out(client, stop, tell)
     tokens = 0
     complete = False
+    last = time.monotonic()
     try:
         try:
             for chunk in chunks:
@@ -212,6 +242,9 @@ def write_stream(
                 if out.sent_first:
                     out.sent_first = False
                     tell({"first": True})
+                if progress and (now := time.monotonic()) - last >= progress:
+                    last = now
+                    tell({"sent": out.bytes})
                 if stop.is_set():
                     out.gone = True
                     break
