@@ -37,18 +37,12 @@ from proxy.handoff import HandedStream, Handoff, connection, offer
 from proxy.manager import Lease, ModelManager
 from proxy.streaming import ClosingStream
 from proxy.upstream import Upstream, UpstreamStream
-from proxy.wire import STREAM_HEADERS, client_gone
+from proxy.wire import STREAM_HEADERS, client_gone, completion_tokens
 
 T = TypeVar("T")
 
 USAGE_MARKER = b'"completion_tokens"'  # in a usage object that counts generated tokens (not an embedding's)
 _USAGE = USAGE_MARKER
-
-
-def _completion_tokens(data: Any) -> int:
-    usage = data.get("usage") if isinstance(data, dict) else None
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return tokens if isinstance(tokens, int) and tokens > 0 else 0
 
 
 def _tokens_in_sse(chunk: bytes) -> int:
@@ -57,7 +51,7 @@ def _tokens_in_sse(chunk: bytes) -> int:
     for line in chunk.split(b"\n"):
         if line.startswith(b"data: {") and _USAGE in line:
             try:
-                total += _completion_tokens(json.loads(line[6:]))
+                total += completion_tokens(json.loads(line[6:]))
             except ValueError:
                 pass
     return total
@@ -95,7 +89,7 @@ class ObservedStream(UpstreamStream):
         note = self._note
         async for chunk in super().events():
             if "usage" in chunk:
-                note.add_tokens(_completion_tokens(chunk))
+                note.add_tokens(completion_tokens(chunk))
             yield chunk
 
 
@@ -219,7 +213,7 @@ class LeasedCall:
         content = await self.upstream.post(path, body)
         if self._note is not None and _USAGE in content:
             try:
-                self._note.add_tokens(_completion_tokens(await largejson.loads(content, only=("usage",))))
+                self._note.add_tokens(completion_tokens(await largejson.loads(content, only=("usage",))))
             except ValueError:
                 pass
         return content
@@ -227,7 +221,7 @@ class LeasedCall:
     async def post_json(self, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         data = await self.upstream.post_json(path, payload)
         if self._note is not None:
-            self._note.add_tokens(_completion_tokens(data))
+            self._note.add_tokens(completion_tokens(data))
         return data
 
     async def post_file(

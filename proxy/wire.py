@@ -223,6 +223,13 @@ def context_exceeded(error: Any) -> tuple[int, int] | None:
     return None
 
 
+def completion_tokens(data: Any) -> int:
+    """The generated tokens an answer's (or a chunk's) usage counts; 0 when it has none."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) and tokens > 0 else 0
+
+
 def sse_event(data: bytes) -> bytes:
     """One SSE event carrying ``data`` (a JSON document, on one line)."""
     return b"data: " + data + b"\n\n"

@@ -35,6 +35,7 @@ from proxy.wire import (
     HandoffEnd,
     HandoffRequest,
     chunk_frame,
+    completion_tokens,
     error_body,
     sse_event,
 )
@@ -209,12 +210,6 @@ async def _until_stop(reader: asyncio.StreamReader) -> None:
             return
 
 
-def _completion_tokens(chunk: dict[str, Any]) -> int:
-    usage = chunk.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return tokens if isinstance(tokens, int) and tokens > 0 else 0
-
-
 def write_stream(
     chunks: Iterator[dict[str, Any]],
     client: socket.socket,
@@ -234,7 +229,7 @@ def write_stream(
         try:
             for chunk in chunks:
                 if "usage" in chunk and chunk.get("usage"):
-                    tokens += _completion_tokens(chunk)
+                    tokens += completion_tokens(chunk)
                     if drop_usage and chunk.get("choices") == []:
                         continue
                 if not out.send(chunk_frame(sse_event(encode(chunk)))):
