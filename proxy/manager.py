@@ -422,7 +422,7 @@ class ModelManager:
 
     def _measure_after_request(self, rt: Runtime, worker: WorkerHandle) -> None:
         """The worker's memory after a request: read now when the last read is ``MEASURE_EVERY`` old, else
-        once when it is (a read walks its process tree in /proc, 0.5-1 ms: a burst of short requests is read
+        once when it is (a read walks its process tree in /proc, about 1 ms: a burst of short requests is read
         once a ``MEASURE_EVERY``, the last of them included). A stop takes a read still put off at once
         (``Lifecycle.begin_stop``), so no request's peak is lost to an unload."""
         if rt.measure_timer is not None:
