@@ -210,6 +210,8 @@ class Lifecycle:
         if rt.stop_task is not None:
             return rt.stop_task
         self.cancel_idle(rt)
+        if rt.measure_timer is not None and rt.worker is not None and rt.state is State.READY:
+            self.host._measure(rt, rt.worker)  # a read put off at a release: now, while the worker is still there
         rt.stop_cause = cause
         self.host._transition(rt, State.STOPPING, reason)
         # the next load is a first load again: its keep_alive is the config's until a request is served

@@ -82,6 +82,10 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy.manager")
 
+# a loaded model's memory (RSS and VRAM of its worker's process tree) is read after its load, then at most once
+# this many seconds after its requests (ModelManager._measure_after_request), not at every release
+MEASURE_EVERY = 1.0
+
 
 @dataclass
 class _Place:
@@ -412,9 +416,28 @@ class ModelManager:
         rt.in_flight -= 1
         rt.last_used = self.clock.monotonic()
         if rt.worker is not None and rt.state is State.READY:
-            self._measure(rt, rt.worker)
+            self._measure_after_request(rt, rt.worker)
         self.lifecycle.maybe_idle(rt)
         self._notify()
+
+    def _measure_after_request(self, rt: Runtime, worker: WorkerHandle) -> None:
+        """The worker's memory after a request: read now when the last read is ``MEASURE_EVERY`` old, else
+        once when it is (a read walks its process tree in /proc, about 1 ms: a burst of short requests is read
+        once a ``MEASURE_EVERY``, the last of them included). A stop takes a read still put off at once
+        (``Lifecycle.begin_stop``), so no request's peak is lost to an unload."""
+        if rt.measure_timer is not None:
+            return  # a read is already due, after this request
+        wait = rt.measured_at + MEASURE_EVERY - self.clock.monotonic()
+        if wait <= 0:
+            self._measure(rt, worker)
+            return
+
+        def due() -> None:
+            rt.measure_timer = None
+            if rt.worker is worker and rt.state is State.READY:
+                self._measure(rt, worker)
+
+        rt.measure_timer = self.clock.call_later(wait, due)
 
     async def _wait(self, seconds: float) -> None:
         """Until something changes or ``seconds`` pass on the manager's clock."""
@@ -480,6 +503,10 @@ class ModelManager:
 
     def _measure(self, rt: Runtime, worker: WorkerHandle) -> None:
         """The worker's RSS (process tree) and VRAM now; the peak of this load is remembered."""
+        if rt.measure_timer is not None:  # this read is the one that was put off
+            rt.measure_timer.cancel()
+            rt.measure_timer = None
+        rt.measured_at = self.clock.monotonic()
         rt.peak = self.needs.measure(rt.config, rt.effective, rt.peak, worker.pid)
 
     def estimate_soon(self) -> None:

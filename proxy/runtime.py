@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import math
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -129,6 +130,8 @@ class Runtime:
         self.split: tuple[tuple[int, int], ...] = ()  # or the GPUs it is spread over, with its VRAM share on each
         self.waiting: str | None = None  # why a request for it waits, while one does
         self.peak = Need(0, 0, "measured")  # the most its worker used, this load
+        self.measured_at = -math.inf  # when its worker's memory was last read (ModelManager._measure)
+        self.measure_timer: Timer | None = None  # a read put off at a release (ModelManager._measure_after_request)
         self.tickets: list[Ticket] = []  # its requests inside ``acquire``, in arrival order
         self.blockers: tuple[str, ...] = ()  # busy models it must wait for (its last decision)
         self.progress: float | None = None  # while it starts: its load's fraction done (0..1), and the phase

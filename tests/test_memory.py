@@ -355,6 +355,55 @@ async def test_a_later_load_that_uses_less_does_not_shrink_the_remembered_need(t
     assert next(s.need for s in manager.status()) == Need(4 * GiB, 0, "measured")
 
 
+@dataclasses.dataclass
+class CountingProbe(FakeProbe):
+    """A FakeProbe that counts its reads of a worker's RSS (each a walk of its process tree in /proc)."""
+
+    rss_reads: int = 0
+
+    def rss(self, pid: int) -> int | None:
+        self.rss_reads += 1
+        return super().rss(pid)
+
+
+async def test_memory_is_read_at_most_once_a_second_after_requests_the_last_one_included(tmp_path: Path) -> None:
+    probe = CountingProbe()
+    manager, clock, _ = make(model("e"), probe=probe)
+    manager.store = MemoryStore(tmp_path / "memory.json")
+    probe.rss_of[1000] = 1 * GiB
+    (await manager.acquire("e")).release()
+    assert probe.rss_reads == 1  # after its load; the release right after it waits its turn
+    for _ in range(10):  # a burst of requests: no read each
+        (await manager.acquire("e")).release()
+    probe.rss_of[1000] = 3 * GiB  # the last one of the burst made it grow
+    (await manager.acquire("e")).release()
+    assert probe.rss_reads == 1
+    clock.advance(0.99)
+    assert probe.rss_reads == 1
+    clock.advance(0.01)  # a second after the last read: the read put off, once
+    assert probe.rss_reads == 2
+    clock.advance(5)
+    assert probe.rss_reads == 2  # nothing to read while no request comes
+    (await manager.acquire("e")).release()  # the last read is old: this release reads at once
+    assert probe.rss_reads == 3
+    assert next(s.need for s in manager.status()) == Need(3 * GiB, 0, "measured")  # the burst's peak
+
+
+async def test_an_unload_takes_the_read_that_a_release_put_off(tmp_path: Path) -> None:
+    probe = CountingProbe()
+    manager, _, _ = make(model("e"), probe=probe)
+    manager.store = MemoryStore(tmp_path / "memory.json")
+    probe.rss_of[1000] = 1 * GiB
+    (await manager.acquire("e")).release()
+    probe.rss_of[1000] = 2 * GiB
+    (await manager.acquire("e")).release()  # its read put off
+    await manager.unload("e")  # within the second: read as the stop begins, not lost
+    assert probe.rss_reads == 2  # (before /status reads it too)
+    stored = MemoryStore(tmp_path / "memory.json").measured("e", manager.needs.fingerprint(manager.resolve("e")))
+    assert stored == Need(2 * GiB, 0, "measured")
+    assert next(s.need for s in manager.status()) == Need(2 * GiB, 0, "measured")
+
+
 # -- a model spread over GPUs (span_gpus: llama.cpp's tensor split) ------------------------------------------
 
 
