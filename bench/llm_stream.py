@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.common import load, median, quartiles, save, start_proxy, table, worker_arg
+from bench.common import load, median, quartiles, runtime, save, start_proxy, table, worker_arg
 from tests.harness import smollm2_config, smollm2_path
 
 MODEL = "smollm2:135m"
@@ -120,10 +120,10 @@ def main() -> None:
             worker_via_proxy = 0.0  # the worker's CPU on the proxy path (the handoff's writes are the worker's)
             for _ in range(rounds):
                 for name, run in runs.items():
-                    before = sum(measured[name].cpu_times()[:2])
+                    before = runtime(measured[name].pid)
                     worker_before = sum(measured["direct"].cpu_times()[:2])
                     start, times = run()
-                    cpu[name] += sum(measured[name].cpu_times()[:2]) - before
+                    cpu[name] += runtime(measured[name].pid) - before
                     if name == "proxy":
                         worker_via_proxy += sum(measured["direct"].cpu_times()[:2]) - worker_before
                     results[name].append((*rates(start, times), len(times)))
