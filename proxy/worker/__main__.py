@@ -118,6 +118,7 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
 
     from proxy.worker.server import WorkerState, create_worker_app
 
+    _import_http_stack()  # (imported already by a spare; here, while the weights load)
     state = WorkerState(backend, parallel=parallel)
     app = create_worker_app(state)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
@@ -192,11 +193,25 @@ def _import_backend(entry: str | None) -> None:
         prepare = getattr(cls, "prepare", None)
         if prepare is not None:
             prepare()
+    _import_http_stack()
+
+
+def _import_http_stack() -> None:
+    """The HTTP stack the worker serves with, and what its first request would import: anyio (Starlette's)
+    imports its parts when one of its names is first used (since anyio 4.x), which put ~30 ms of imports
+    (its task groups, streams, sockets) between a cold model's ready line and its first token. Here they are
+    imported while the weights load (or while a spare waits)."""
     import asyncio  # noqa: F401
 
+    import anyio
     import uvicorn  # noqa: F401
 
     import proxy.worker.server  # noqa: F401
+
+    for name in dir(anyio):  # each name resolved once: its module imported (older anyio: already there)
+        getattr(anyio, name, None)
+    for sub in ("lowlevel", "to_thread", "streams.memory"):
+        importlib.import_module(f"anyio.{sub}")
 
 
 def _wait_for_spec() -> tuple[str, dict[str, Any]] | None:
