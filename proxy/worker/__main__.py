@@ -208,10 +208,9 @@ def _import_http_stack() -> None:
 
     import proxy.worker.server  # noqa: F401
 
-    for name in dir(anyio):  # each name resolved once: its module imported (older anyio: already there)
+    # the names whose modules a streamed request's first use imports (older anyio: imported already)
+    for name in ("create_task_group", "create_memory_object_stream", "TaskInfo", "connect_unix", "lowlevel"):
         getattr(anyio, name, None)
-    for sub in ("lowlevel", "to_thread", "streams.memory"):
-        importlib.import_module(f"anyio.{sub}")
 
 
 def _wait_for_spec() -> tuple[str, dict[str, Any]] | None:
