@@ -120,6 +120,7 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     from proxy.worker import handoff
     from proxy.worker.server import WorkerState, create_worker_app
 
+    _import_http_stack()  # (imported already by a spare; here, while the weights load)
     state = WorkerState(backend, parallel=parallel)
     # streamed answers written straight to the proxy's clients (proxy.worker.handoff)
     handoffs = asyncio.create_task(handoff.serve(handoff.listen(handoff_path(sock.getsockname())), state))
@@ -197,11 +198,24 @@ def _import_backend(entry: str | None) -> None:
         prepare = getattr(cls, "prepare", None)
         if prepare is not None:
             prepare()
+    _import_http_stack()
+
+
+def _import_http_stack() -> None:
+    """The HTTP stack the worker serves with, and what its first request would import: anyio (Starlette's)
+    imports its parts when one of its names is first used (since anyio 4.x), which put ~30 ms of imports
+    (its task groups, streams, sockets) between a cold model's ready line and its first token. Here they are
+    imported while the weights load (or while a spare waits)."""
     import asyncio  # noqa: F401
 
+    import anyio
     import uvicorn  # noqa: F401
 
     import proxy.worker.server  # noqa: F401
+
+    # the names whose modules a streamed request's first use imports (older anyio: imported already)
+    for name in ("create_task_group", "create_memory_object_stream", "TaskInfo", "connect_unix", "lowlevel"):
+        getattr(anyio, name, None)
 
 
 def _wait_for_spec() -> tuple[str, dict[str, Any]] | None:

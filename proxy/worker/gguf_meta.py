@@ -1,8 +1,10 @@
 """What a GGUF file says of its memory, read without loading the weights: ``python -m proxy.worker.gguf_meta FILE...``.
 
 Runs in its own process (the proxy spawns it with the model's interpreter, once per file; the result is
-cached in ``models/.cache/memory.json``), because ``gguf`` (llama.cpp's own reader) needs numpy, which
-the proxy process never imports. Prints one JSON object per file, a line each.
+cached in ``models/.cache/memory.json``), so a file that is slow or hostile to read costs a process the proxy
+can kill, never the proxy. The header is read by ``gguf_header`` (the standard library: no numpy, no gguf;
+a long tokenizer array is skipped, not decoded), in milliseconds where gguf-py's reader took seconds. Prints
+one JSON object per file, a line each.
 """
 
 from __future__ import annotations
@@ -12,28 +14,24 @@ import re
 import sys
 from typing import Any
 
+from proxy.worker.gguf_header import ARRAY, Header, Skipped, Unreadable, read_file
+
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _SHOWN_LIST = 64  # longer arrays (the tokenizer's vocabulary) are shown as null, as Ollama's /api/show does
 _NOT_SHOWN = ("GGUF.", "tokenizer.chat_template")
 
 
-def _shown(reader: Any) -> dict[str, Any]:
+def _shown(header: Header) -> dict[str, Any]:
     """The metadata as Ollama's /api/show ``model_info`` has it: every key, long arrays as null, and
     ``general.parameter_count`` from the tensors."""
-    from gguf import GGUFValueType
-
     info: dict[str, Any] = {}
-    for key, field in reader.fields.items():
+    for key, value in header.fields.items():
         if key.startswith(_NOT_SHOWN):
             continue
-        if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > _SHOWN_LIST:
-            info[key] = None
-            continue
-        try:
-            info[key] = field.contents()
-        except Exception:  # a field type this reader cannot render
-            info[key] = None
-    info["general.parameter_count"] = sum(int(t.n_elements) for t in reader.tensors)
+        long_array = header.types[key] == ARRAY and (header.array_length(key) or 0) > _SHOWN_LIST
+        readable = not isinstance(value, Skipped | Unreadable)
+        info[key] = value if readable and not long_array else None
+    info["general.parameter_count"] = sum(t.n_elements for t in header.tensors)
     return dict(sorted(info.items()))
 
 
@@ -42,17 +40,12 @@ def _scalar(value: Any) -> Any:
 
 
 def read(path: str) -> dict[str, Any]:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    header = read_file(path)
     fields: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.") or key.startswith("GGUF."):
+    for key, value in header.fields.items():
+        if key.startswith("tokenizer.") or isinstance(value, Skipped | Unreadable):
             continue
-        try:
-            fields[key] = field.contents()
-        except Exception:  # a field type this reader cannot render: not one we need
-            continue
+        fields[key] = value
     arch = str(fields.get("general.architecture", "llama"))
 
     def get(name: str, default: Any = None) -> Any:
@@ -62,8 +55,8 @@ def read(path: str) -> dict[str, Any]:
     layers = [0] * n_layer
     other = 0
     output = 0
-    for tensor in reader.tensors:
-        size = int(tensor.n_bytes)
+    for tensor in header.tensors:
+        size = tensor.n_bytes
         m = _LAYER.match(tensor.name)
         if m and int(m.group(1)) < n_layer:
             layers[int(m.group(1))] += size
@@ -85,12 +78,12 @@ def read(path: str) -> dict[str, Any]:
         "n_head_kv": kv_heads,
         "key_length": int(get("attention.key_length", head_dim) or head_dim),
         "value_length": int(get("attention.value_length", head_dim) or head_dim),
-        "n_vocab": int(get("vocab_size", 0) or len(_scalar(reader.fields["tokenizer.ggml.tokens"].contents()) or [])),
+        "n_vocab": int(get("vocab_size", 0) or header.array_length("tokenizer.ggml.tokens") or 0),
         "context_length": int(get("context_length", 0) or 0),
         "layer_bytes": layers,
         "other_bytes": other,  # token embeddings, output norm and head
         "output_bytes": output,
-        "metadata": _shown(reader),
+        "metadata": _shown(header),
     }
 
 
