@@ -155,14 +155,17 @@ class HandedStream(Response):
             if self._note is not None:
                 self._note.handed_off = True
             end = await self._follow(receive)
-            if end is None and self._blocked:  # died in a write: a chunk may be cut, so the stream is broken
-                self._conn.transport.abort()
+            if (end is None and self._blocked) or (end is not None and end.get("cut")):
+                self._conn.transport.abort()  # it stopped inside a chunk: the stream is broken, and says so
                 return
             last = b""
             if end is None:
                 last = self._on_error(self._failed)
-            elif self._note is not None:
-                self._note.add_tokens(int(end.get("tokens") or 0))
+            else:
+                if self._note is not None:
+                    self._note.add_tokens(int(end.get("tokens") or 0))
+                if not end.get("complete"):  # stopped early (the worker is stopping): never a silent end
+                    last = self._on_error(WorkerUnavailable("the worker ended the answer early"))
             await send({"type": "http.response.body", "body": last, "more_body": False})
         finally:
             writer.close()

@@ -293,6 +293,7 @@ class HandoffEnd(TypedDict):
     bytes: int  # of body written to the client
     client_gone: bool  # a write failed, or the proxy said stop: the client went away
     complete: bool  # the stream ended with [DONE] (or its error event) written whole
+    cut: bool  # it stopped inside a chunk (told to stop while a write waited): the client's framing is broken
 
 
 def handoff_path(socket_path: str) -> str:

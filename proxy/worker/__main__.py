@@ -123,7 +123,8 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     _import_http_stack()  # (imported already by a spare; here, while the weights load)
     state = WorkerState(backend, parallel=parallel)
     # streamed answers written straight to the proxy's clients (proxy.worker.handoff)
-    handoffs = asyncio.create_task(handoff.serve(handoff.listen(handoff_path(sock.getsockname())), state))
+    handoffs = handoff.Handoffs(handoff.listen(handoff_path(sock.getsockname())), state)
+    taking = asyncio.create_task(handoffs.serve())
     app = create_worker_app(state)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1)
     server = _server(config, state)  # QuietServer: wakes once a second when idle, not ten times (proxy/ticks.py)
@@ -147,13 +148,14 @@ async def _serve(backend: Any, loading: concurrent.futures.Future[None], paralle
     state.ready = True
     say(json.dumps({"event": "ready", "pid": os.getpid()}))
     await asyncio.wait({serving, asyncio.ensure_future(server.quit.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    taking.cancel()
+    await handoffs.close()  # the streams written to the proxy's clients let go of the model first
     persist = getattr(backend, "persist", None)
     if persist is not None:  # what the backend keeps across loads (llama.cpp's prompt cache), bounded in time
         try:
             persist()
         except Exception:
             log.exception("saving the backend's state at unload failed")
-    handoffs.cancel()
     backend.close()
     if server.quit.is_set():  # nothing in flight, the state saved: the interpreter's teardown is not waited for
         sys.stdout.flush()

@@ -46,6 +46,9 @@ log = logging.getLogger("proxy.worker.handoff")
 
 MAX_HEAD = 4096  # bytes of the request's line (its body follows it, ``length`` bytes)
 POLL_MS = 500  # a blocked write looks at ``stop`` this often
+# never blocks (whatever the descriptor's own flag) and never raises SIGPIPE: a full socket waits in ``poll``
+_SEND_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
+CLOSE_WAIT = 5.0  # seconds a stopping worker waits for its handoffs before it cancels those still waiting
 
 
 def listen(path: str) -> socket.socket:
@@ -59,15 +62,36 @@ def listen(path: str) -> socket.socket:
     return sock
 
 
-async def serve(listener: socket.socket, state: WorkerState) -> None:
-    """Take the proxy's handoffs until cancelled, each in its own task."""
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
-    while True:
-        conn, _ = await loop.sock_accept(listener)
-        task = asyncio.create_task(_handle(conn, state))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+class Handoffs:
+    """The worker's handoff socket and the streams being written from it."""
+
+    def __init__(self, listener: socket.socket, state: WorkerState) -> None:
+        self.listener = listener
+        self.state = state
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stops: set[threading.Event] = set()  # one per stream being written
+
+    async def serve(self) -> None:
+        """Take the proxy's handoffs until cancelled, each in its own task."""
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self.listener)
+            task = asyncio.create_task(_handle(conn, self))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        """Before the worker stops: the streams being written end after the token being made (the proxy ends
+        each with an error event: it was not complete), and their threads have let go of the model."""
+        self.listener.close()
+        for stop in self.stops:
+            stop.set()
+        if self.tasks:  # a handoff still waiting for the proxy's "go" is not waited for long
+            _, waiting = await asyncio.wait(self.tasks, timeout=CLOSE_WAIT)
+            for task in waiting:
+                task.cancel()  # a writing one still waits for its thread (shielded)
+            if waiting:
+                await asyncio.wait(waiting)
 
 
 async def _recv_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
@@ -86,7 +110,7 @@ async def _recv_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
                 loop.remove_reader(conn.fileno())
 
 
-async def _handle(conn: socket.socket, state: WorkerState) -> None:
+async def _handle(conn: socket.socket, handoffs: Handoffs) -> None:
     conn.setblocking(False)
     client: socket.socket | None = None
     try:
@@ -100,7 +124,7 @@ async def _handle(conn: socket.socket, state: WorkerState) -> None:
         try:
             length = int(request["length"])
             body = rest + await reader.readexactly(length - len(rest)) if length > len(rest) else rest
-            await _stream(reader, writer, client, request, body, state)
+            await _stream(reader, writer, client, request, body, handoffs)
         finally:
             writer.close()
     except Exception as exc:  # the proxy went away, or sent what it never sends: this handoff ends here
@@ -121,8 +145,9 @@ async def _stream(
     client: socket.socket,
     request: HandoffRequest,
     body: bytes,
-    state: WorkerState,
+    handoffs: Handoffs,
 ) -> None:
+    state = handoffs.state
     async with state.slot():
         try:
             chunks = await begin(state, request["path"], body)
@@ -149,6 +174,7 @@ async def _stream(
             _close(chunks)
             return
         stop = threading.Event()
+        handoffs.stops.add(stop)
         loop = asyncio.get_running_loop()
 
         def tell(data: dict[str, Any]) -> None:
@@ -167,6 +193,7 @@ async def _stream(
             listening.cancel()
             with anyio.CancelScope(shield=True):  # the slot is held until the model is free (as ``pump``)
                 end = await writing
+            handoffs.stops.discard(stop)
         writer.write(_line(end))
         with contextlib.suppress(OSError):
             await writer.drain()
@@ -254,7 +281,14 @@ def write_stream(
             complete = out.send(chunk_frame(sse_event(encode(error))))
     finally:
         _close(chunks)
-    return {"end": True, "tokens": tokens, "bytes": out.bytes, "client_gone": out.gone, "complete": complete}
+    return {
+        "end": True,
+        "tokens": tokens,
+        "bytes": out.bytes,
+        "client_gone": out.gone,
+        "complete": complete,
+        "cut": out.cut,
+    }
 
 
 class _Out:
@@ -265,7 +299,8 @@ class _Out:
         self.stop = stop
         self.tell = tell
         self.bytes = 0
-        self.gone = False
+        self.gone = False  # a write failed, or it was told to stop
+        self.cut = False  # it stopped inside a chunk: the client's body is no longer well framed
         self.first = True
         self.sent_first = False
         self._poll: select.poll | None = None
@@ -277,13 +312,14 @@ class _Out:
         try:
             while view:
                 try:
-                    n = self.client.send(view, socket.MSG_NOSIGNAL)
+                    n = self.client.send(view, _SEND_FLAGS)
                 except BlockingIOError:
                     if not waiting:
                         waiting = True
                         self.tell({"writing": True})
                     if not self._wait():
                         self.gone = True
+                        self.cut = len(view) < len(data)
                         return False
                     continue
                 self.bytes += n
