@@ -204,6 +204,7 @@ async def test_a_stream_goes_over_the_protocol_to_the_client(worker: tuple[Hando
         events = unframe(data)
         assert events[-1] == b"data: [DONE]\n\n" and len(events) == 5  # 3 tokens, the usage asked for, [DONE]
         writer.close()
+        await writer.wait_closed()
 
 
 async def test_a_refusal_is_answered_as_a_status_and_the_client_is_untouched(worker: tuple[Handoffs, str]) -> None:
@@ -219,6 +220,7 @@ async def test_a_refusal_is_answered_as_a_status_and_the_client_is_untouched(wor
         with pytest.raises(BlockingIOError):
             theirs.recv(1)  # nothing was written to the client
         writer.close()
+        await writer.wait_closed()
 
 
 async def test_a_stopping_worker_ends_its_streams_before_it_lets_go_of_the_model(worker: tuple[Handoffs, str]) -> None:
@@ -233,10 +235,12 @@ async def test_a_stopping_worker_ends_its_streams_before_it_lets_go_of_the_model
         assert json.loads(await reader.readline()) == {"first": True}
         await handoffs.close()  # the worker stops (SIGTERM): close() returns once its thread is done
         assert backend.closed.is_set()
-        end = json.loads(await reader.readline())
+        lines = [json.loads(line) async for line in reader]  # "writing" ones too, if the client's socket filled
+        end = lines[-1]
         assert end["end"] and not end["complete"]  # the proxy ends it with an error event, never silently
         assert handoffs.state.in_flight == 0
         writer.close()
+        await writer.wait_closed()
 
 
 # -- the proxy's side at the stream's end (proxy.handoff.HandedStream), the worker's lines given by the test ------

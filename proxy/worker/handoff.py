@@ -40,7 +40,7 @@ from proxy.wire import (
     sse_event,
 )
 from proxy.worker.backends.base import BackendError, BackendFailure
-from proxy.worker.server import WorkerState, begin, encode, report_failure
+from proxy.worker.server import WorkerState, begin, encode, refusal, report_failure, stream_error
 
 log = logging.getLogger("proxy.worker.handoff")
 
@@ -152,14 +152,12 @@ async def _stream(
         try:
             chunks = await begin(state, request["path"], body)
         except BackendError as exc:
-            kind = "invalid_request_error" if exc.status < 500 else "server_error"
-            error = error_body(exc.message, kind=kind, param=exc.param, code=exc.code, extra=exc.extra)
-            writer.write(_line({"status": exc.status, "body": error}))
+            writer.write(_line({"status": exc.status, "body": refusal(exc)}))
             return
         except Exception as exc:  # a backend bug: reported, answered 500 (as ``server._reported``)
             report_failure(exc, "request failed")
             failure = BackendFailure(f"{type(exc).__name__}: {exc}")
-            writer.write(_line({"status": failure.status, "body": error_body(failure.message)}))
+            writer.write(_line({"status": failure.status, "body": refusal(failure)}))
             return
         if isinstance(chunks, dict):  # not a stream (the proxy hands off streamed requests only)
             writer.write(_line({"status": 400, "body": error_body("a handed-off request must be streamed")}))
@@ -273,12 +271,7 @@ def write_stream(
             else:
                 complete = out.send(chunk_frame(SSE_DONE))
         except Exception as exc:  # the stream has started: the error can only travel as an event
-            if isinstance(exc, BackendError):
-                error = error_body(exc.message, code=exc.code, extra=exc.extra)
-            else:
-                report_failure(exc, "stream failed")
-                error = error_body(f"{type(exc).__name__}: {exc}")
-            complete = out.send(chunk_frame(sse_event(encode(error))))
+            complete = out.send(chunk_frame(sse_event(encode(stream_error(exc)))))
     finally:
         _close(chunks)
     return {

@@ -171,14 +171,17 @@ async def _sse(chunks: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
             yield sse_event(encode(chunk))
         yield SSE_DONE
     except Exception as exc:  # the stream has started: the error can only travel as an event
-        if not isinstance(exc, BackendError):
-            report_failure(exc, "stream failed")
-        if isinstance(exc, BackendError):
-            yield sse_event(encode(error_body(exc.message, code=exc.code, extra=exc.extra)))
-        else:
-            yield sse_event(encode(error_body(f"{type(exc).__name__}: {exc}")))
+        yield sse_event(encode(stream_error(exc)))
     finally:
         await items.aclose()
+
+
+def stream_error(exc: Exception) -> dict[str, Any]:
+    """The error event's body for a stream that failed once begun (a bug is reported to the proxy first)."""
+    if isinstance(exc, BackendError):
+        return error_body(exc.message, code=exc.code, extra=exc.extra)
+    report_failure(exc, "stream failed")
+    return error_body(f"{type(exc).__name__}: {exc}")
 
 
 async def _audio(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
@@ -326,11 +329,15 @@ def _transcription(task: str) -> Callable[[Request], Awaitable[Response]]:
 
 
 # -- errors ----------------------------------------------------------------------------------------
+def refusal(exc: BackendError) -> dict[str, Any]:
+    """The error body a refused request is answered with (its status is ``exc.status``)."""
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    return error_body(exc.message, kind=kind, param=exc.param, code=exc.code, extra=exc.extra)
+
+
 async def _backend_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BackendError)
-    kind = "invalid_request_error" if exc.status < 500 else "server_error"
-    body = error_body(exc.message, kind=kind, param=exc.param, code=exc.code, extra=exc.extra)
-    return JSONResponse(body, exc.status)
+    return JSONResponse(refusal(exc), exc.status)
 
 
 def _reported(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
