@@ -36,10 +36,9 @@ from proxy.wire import (
     HandoffRequest,
     chunk_frame,
     completion_tokens,
-    error_body,
     sse_event,
 )
-from proxy.worker.backends.base import BackendError, BackendFailure
+from proxy.worker.backends.base import BackendError, BackendFailure, InvalidRequest
 from proxy.worker.server import WorkerState, begin, encode, refusal, report_failure, stream_error
 
 log = logging.getLogger("proxy.worker.handoff")
@@ -160,7 +159,8 @@ async def _stream(
             writer.write(_line({"status": failure.status, "body": refusal(failure)}))
             return
         if isinstance(chunks, dict):  # not a stream (the proxy hands off streamed requests only)
-            writer.write(_line({"status": 400, "body": error_body("a handed-off request must be streamed")}))
+            refused = InvalidRequest("a handed-off request must be streamed", param="stream")
+            writer.write(_line({"status": refused.status, "body": refusal(refused)}))
             return
         try:
             writer.write(_line({"ok": True}))
